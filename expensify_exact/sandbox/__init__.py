@@ -1,0 +1,1 @@
+"""Local simulators of the Expensify Integration Server and Exact Online, quirks included."""
