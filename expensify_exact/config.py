@@ -1,0 +1,270 @@
+"""The one config schema for `mappings/`: pydantic models, loaded once and validated fully, errors at file:line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from expensify_exact.errors import ConfigError
+
+EXPENSIFY_ENDPOINT = "https://integrations.expensify.com/Integration-Server/ExpensifyIntegrations"
+CONNECTIONS_FILE = "connections.yaml"
+CATEGORIES_FILE = "categories.yaml"
+TAGS_FILE = "tags.yaml"
+VAT_FILE = "vat.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpensifySettings(_Strict):
+    policy_ids: list[str] = Field(min_length=1)
+    endpoint_url: str = EXPENSIFY_ENDPOINT  # only the sandbox and tests change this
+    card_domain: str | None = None  # the domain whose company cards feed unreported-spend reporting
+    # Expensify prints report timestamps without a zone; the sheet does not say which (expensify.md §3 [INF]).
+    timestamp_timezone: str = "UTC"
+    poll_interval_seconds: float = Field(5.0, gt=0)
+    poll_timeout_seconds: float = Field(300.0, gt=0)
+    mark_exported_label: str | None = None  # off by default: Expensify labels at export time (expensify.md §2.2)
+
+    @field_validator("timestamp_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        return _check_timezone(value)
+
+
+ExactRegion = Literal["netherlands", "belgium", "united_kingdom", "germany", "france", "spain", "usa"]
+
+
+class ExactSettings(_Strict):
+    region: ExactRegion = "netherlands"
+    division: int = Field(gt=0)
+    base_url: str | None = None  # overrides the region's host; only the sandbox and tests set it
+    redirect_uri: str | None = None  # as registered in Exact's App Center; needed by `expensify-exact authorize`
+    journal: str = Field(min_length=1, description="code of a type-90 general journal")
+    employee_payable_account: str = Field(min_length=1)
+    card_liability_account: str = Field(min_length=1, description="default credit account for company-card spend")
+    card_accounts: dict[str, str] = Field(default_factory=dict, description="card feed (bank) or card ID -> account")
+    rounding_account: str | None = None
+    division_currency: str = "EUR"
+
+
+class PostingRules(_Strict):
+    date_policy: Literal["approval_date", "submitted_date", "last_expense_date", "reimbursed_date", "run_date"] = "approval_date"
+    closed_period_policy: Literal["quarantine", "next_open_period"] = "quarantine"
+    closed_through: str | None = Field(None, description="YYYY-MM: periods up to and including this one are closed")
+    fallback_to_category_gl_code: bool = False
+
+    @field_validator("closed_through")
+    @classmethod
+    def _year_month(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", value):
+            raise ValueError("must look like 2025-12")
+        return value
+
+
+class Connection(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    timezone: str = "Europe/Amsterdam"
+    expensify: ExpensifySettings
+    exact: ExactSettings
+    posting: PostingRules = PostingRules()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        return _check_timezone(value)
+
+
+class CategoryMapping(_Strict):
+    category: str = Field(min_length=1)
+    gl_account: str = Field(min_length=1)
+    policy_id: str | None = None  # restricts the row to one Expensify policy
+
+
+class TagLevel(_Strict):
+    level: int = Field(ge=1, le=3)
+    dimension: Literal["cost_center", "cost_unit"]
+    values: dict[str, str] = Field(description="tag name -> dimension code")
+    default: str | None = None  # used when an expense has no tag at this level
+
+
+class ProjectConfig(_Strict):
+    connections: list[Connection] = Field(min_length=1)
+    categories: list[CategoryMapping] = Field(default_factory=list)
+    tags: list[TagLevel] = Field(default_factory=list)
+    vat_codes: dict[str, str] = Field(default_factory=dict, description="Expensify tax name -> Exact VAT code")
+    source_dir: str = ""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ProjectConfig":
+        names = [c.name for c in self.connections]
+        if len(names) != len(set(names)):
+            raise ValueError(f"connection names must be unique, got {names}")
+        return self
+
+    def connection(self, name: str) -> Connection:
+        for conn in self.connections:
+            if conn.name == name:
+                return conn
+        raise ConfigError(f"no connection named {name!r}; configured: {', '.join(c.name for c in self.connections)}",
+                          path=str(Path(self.source_dir) / CONNECTIONS_FILE))
+
+    def gl_account_for(self, category: str, policy_id: str) -> str | None:
+        """The GL account code mapped to a category; a policy-specific row wins over a general one."""
+        general = None
+        for row in self.categories:
+            if row.category == category:
+                if row.policy_id == policy_id:
+                    return row.gl_account
+                if row.policy_id is None:
+                    general = row.gl_account
+        return general
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown timezone {value!r}") from exc
+    return value
+
+
+# --- YAML with line numbers -------------------------------------------------------------------------
+
+class _LineDict(dict):
+    lines: dict[Any, int]
+
+
+class _LineList(list):
+    lines: list[int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    """Remembers the line of every mapping key and list item, so errors can point at them."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
+    result = _LineDict()
+    result.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            raise ConfigError(f"duplicate key {key!r}", line=key_node.start_mark.line + 1)
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> _LineList:
+    result = _LineList(loader.construct_object(child, deep=True) for child in node.value)
+    result.lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError("file not found", path=str(path)) from exc
+    try:
+        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+    except ConfigError as exc:
+        raise ConfigError(str(exc).split(": ", 1)[-1], path=str(path), line=exc.line) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        context = f" ({exc.context} on line {exc.context_mark.line + 1})" if exc.context and exc.context_mark else ""
+        raise ConfigError(f"invalid YAML: {exc.problem}{context}", path=str(path),
+                          line=mark.line + 1 if mark else None) from None
+
+
+def _line_of(data: Any, loc: tuple) -> int | None:
+    """The deepest line known along a pydantic error location."""
+    line = None
+    node = data
+    for part in loc:
+        if isinstance(node, _LineDict) and part in node:
+            line = node.lines.get(part, line)
+            node = node[part]
+        elif isinstance(node, _LineList) and isinstance(part, int) and part < len(node):
+            line = node.lines[part]
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def load_project_config(mappings_dir: str | Path) -> ProjectConfig:
+    """Load and validate every file in `mappings/`.
+
+    Args:
+        mappings_dir: the folder holding connections.yaml, categories.yaml, tags.yaml and optionally vat.yaml.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: naming the file and line of the first problem found.
+    """
+    folder = Path(mappings_dir)
+    if not folder.is_dir():
+        raise ConfigError("mappings folder not found", path=str(folder))
+    sources: dict[str, tuple[Path, Any]] = {}
+    for key, filename, required in (("connections", CONNECTIONS_FILE, True), ("categories", CATEGORIES_FILE, False),
+                                    ("tags", TAGS_FILE, False), ("vat_codes", VAT_FILE, False)):
+        path = folder / filename
+        if not path.exists() and not required:
+            continue
+        document = _read_yaml(path)
+        if not isinstance(document, dict) or key not in document:
+            raise ConfigError(f"expected a top-level key {key!r}", path=str(path), line=1)
+        extra = set(document) - {key}
+        if extra:
+            raise ConfigError(f"unknown top-level key {sorted(extra)[0]!r}", path=str(path),
+                              line=document.lines.get(sorted(extra)[0]))
+        sources[key] = (path, document)
+
+    combined = {key: document[key] for key, (_, document) in sources.items()}
+    try:
+        config = ProjectConfig(**combined, source_dir=str(folder))
+    except ValidationError as exc:
+        # An unknown key points at its own line, a missing one only at its parent: report the precise one first.
+        error = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+        key = error["loc"][0]
+        path, document = sources.get(key, (folder / CONNECTIONS_FILE, {}))
+        where = ".".join(str(p) for p in error["loc"])
+        raise ConfigError(f"{where}: {error['msg']}", path=str(path), line=_line_of(document, error["loc"])) from None
+    _check_cross_references(config, sources)
+    return config
+
+
+def _check_cross_references(config: ProjectConfig, sources: dict[str, tuple[Path, Any]]) -> None:
+    if "categories" in sources:
+        path, document = sources["categories"]
+        seen: dict[tuple[str, str | None], int] = {}
+        for index, row in enumerate(config.categories):
+            key = (row.category, row.policy_id)
+            line = document["categories"].lines[index]
+            if key in seen:
+                raise ConfigError(f"category {row.category!r} is mapped twice (first on line {seen[key]})",
+                                  path=str(path), line=line)
+            seen[key] = line
+    if "tags" in sources:
+        path, document = sources["tags"]
+        levels: dict[int, int] = {}
+        for index, level in enumerate(config.tags):
+            line = document["tags"].lines[index]
+            if level.level in levels:
+                raise ConfigError(f"tag level {level.level} is configured twice (first on line {levels[level.level]})",
+                                  path=str(path), line=line)
+            levels[level.level] = line

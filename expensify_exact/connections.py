@@ -1,0 +1,51 @@
+"""Builds the API clients of one configured connection from its settings and the encrypted credentials."""
+
+from __future__ import annotations
+
+from expensify_exact.clock import Clock, SystemClock
+from expensify_exact.config import Connection
+from expensify_exact.exact.auth import ExactAuth, TokenRefresher
+from expensify_exact.exact.client import ExactClient
+from expensify_exact.exact.regions import resolve_base_url, token_url
+from expensify_exact.expensify.client import ExpensifyClient
+from expensify_exact.state import StateStore
+from expensify_exact.vault import CredentialVault, VaultTokenStore
+
+# Names of the secrets kept per connection in the vault.
+EXPENSIFY_USER_ID = "expensify_partner_user_id"
+EXPENSIFY_USER_SECRET = "expensify_partner_user_secret"
+EXACT_CLIENT_ID = "exact_client_id"
+EXACT_CLIENT_SECRET = "exact_client_secret"
+SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT_CLIENT_SECRET)
+
+
+def exact_base_url(conn: Connection) -> str:
+    return resolve_base_url(conn.exact.region.replace("_", " "), conn.exact.base_url)
+
+
+def build_expensify_client(conn: Connection, vault: CredentialVault, clock: Clock | None = None,
+                           transport=None) -> ExpensifyClient:
+    return ExpensifyClient(
+        conn.expensify.endpoint_url,
+        vault.get(conn.name, EXPENSIFY_USER_ID),
+        vault.get(conn.name, EXPENSIFY_USER_SECRET),
+        clock or SystemClock(),
+        transport=transport,
+        poll_interval_seconds=conn.expensify.poll_interval_seconds,
+        poll_timeout_seconds=conn.expensify.poll_timeout_seconds,
+    )
+
+
+def build_token_refresher(conn: Connection, vault: CredentialVault, store: StateStore,
+                          clock: Clock | None = None) -> TokenRefresher:
+    return TokenRefresher(
+        VaultTokenStore(store, vault), conn.name, token_url(exact_base_url(conn)),
+        vault.get(conn.name, EXACT_CLIENT_ID), vault.get(conn.name, EXACT_CLIENT_SECRET), clock or SystemClock(),
+    )
+
+
+def build_exact_client(conn: Connection, vault: CredentialVault, store: StateStore, clock: Clock | None = None,
+                       transport=None) -> ExactClient:
+    clock = clock or SystemClock()
+    refresher = build_token_refresher(conn, vault, store, clock)
+    return ExactClient(exact_base_url(conn), conn.exact.division, ExactAuth(refresher), clock, transport=transport)

@@ -1,0 +1,401 @@
+"""The connector's own state: SQLite by default, PostgreSQL in production, through one SQLAlchemy Core schema.
+
+Holds lease locks, encrypted secrets and Exact tokens, the posted ledger, the quarantine and the append-only audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from expensify_exact.errors import StateStoreError
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+locks = sa.Table(
+    "locks", metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+)
+secrets = sa.Table(
+    "secrets", metadata,
+    sa.Column("scope", sa.String(100), primary_key=True),
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("ciphertext", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+exact_tokens = sa.Table(
+    "exact_tokens", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("ciphertext", sa.Text, nullable=False),
+    sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("refresh_issued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+posted_ledger = sa.Table(
+    "posted_ledger", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("report_id", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | posted
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("entry_id", sa.String(36), nullable=False),
+    sa.Column("entry_number", sa.Integer, nullable=True),
+    sa.Column("partition_date", sa.String(10), nullable=True),
+    sa.Column("transaction_ids", sa.Text, nullable=False),
+    sa.Column("total_cents", sa.BigInteger, nullable=False),
+    sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("run_id", sa.String(64), nullable=True),
+)
+quarantine = sa.Table(
+    "quarantine", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("report_id", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),  # open | resolved | ignored | replayed
+    sa.Column("partition_date", sa.String(10), nullable=True),
+    sa.Column("reasons", sa.Text, nullable=False),  # JSON list of {code, transaction_id, dimension, value, message}
+    sa.Column("transaction_ids", sa.Text, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=True),
+    sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("resolution_note", sa.Text, nullable=True),
+)
+audit_log = sa.Table(
+    "audit_log", metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("connection", sa.String(100), nullable=True),
+    sa.Column("event", sa.String(40), nullable=False),
+    sa.Column("report_id", sa.String(64), nullable=True),
+    sa.Column("transaction_ids", sa.Text, nullable=True),
+    sa.Column("entry_id", sa.String(36), nullable=True),
+    sa.Column("entry_number", sa.Integer, nullable=True),
+    sa.Column("run_id", sa.String(64), nullable=True),
+    sa.Column("partition_date", sa.String(10), nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+)
+
+# Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
+MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
+    (1, "locks, secrets, tokens, ledger, quarantine, audit log",
+     [locks, secrets, exact_tokens, posted_ledger, quarantine, audit_log]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    connection: str
+    report_id: str
+    status: str
+    content_hash: str
+    entry_id: str
+    entry_number: int | None
+    partition_date: str | None
+    transaction_ids: list[str]
+    total_cents: int
+    posted_at: datetime | None
+
+
+@dataclass(frozen=True)
+class QuarantineItem:
+    connection: str
+    report_id: str
+    status: str
+    partition_date: str | None
+    reasons: list[dict]
+    transaction_ids: list[str]
+    content_hash: str | None
+    first_seen_at: datetime
+    updated_at: datetime
+    resolution_note: str | None
+
+
+def default_state_url() -> str:
+    """`EXPENSIFY_EXACT_STATE_URL`, else a SQLite file under `$DAGSTER_HOME` (or the working directory)."""
+    if url := os.environ.get("EXPENSIFY_EXACT_STATE_URL"):
+        return url
+    home = os.environ.get("DAGSTER_HOME") or os.path.join(os.getcwd(), ".dagster_home")
+    os.makedirs(home, exist_ok=True)
+    return f"sqlite:///{os.path.join(home, 'expensify_exact_state.db')}"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything we store is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+class StateStore:
+    """All reads and writes of the connector's state. Safe to share across threads and processes."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or default_state_url()
+        kwargs: dict[str, Any] = {"future": True}
+        if self.url.startswith("sqlite"):
+            # Several processes write the same file: wait for a writer instead of failing with "database is locked".
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = sa.create_engine(self.url, **kwargs)
+        if self.url.startswith("sqlite"):
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.migrate()
+
+    # --- schema -------------------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Apply pending migrations; returns the schema version now in force."""
+        with self.engine.begin() as conn:
+            schema_migrations.create(conn, checkfirst=True)
+            applied = {row.version for row in conn.execute(sa.select(schema_migrations.c.version))}
+            for version, description, tables in MIGRATIONS:
+                if version in applied:
+                    continue
+                for table in tables:
+                    table.create(conn, checkfirst=True)
+                conn.execute(schema_migrations.insert().values(version=version, description=description,
+                                                               applied_at=_utcnow()))
+            newest = max(applied | {v for v, _, _ in MIGRATIONS})
+        if newest > SCHEMA_VERSION:
+            raise StateStoreError(f"the state database has schema version {newest}, newer than this connector "
+                                  f"({SCHEMA_VERSION}); upgrade expensify-exact")
+        return newest
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(schema_migrations.c.version))).scalar_one()
+
+    # --- lease locks (work the same on SQLite and PostgreSQL, and expire if their holder dies) -------
+    @contextmanager
+    def lock(self, name: str, ttl_seconds: float = 120.0, wait_seconds: float = 300.0) -> Iterator[None]:
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + wait_seconds
+        delay = 0.02
+        while not self._try_lock(name, owner, ttl_seconds):
+            if time.monotonic() > deadline:
+                raise StateStoreError(f"could not take the lock {name!r} within {wait_seconds:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        try:
+            yield
+        finally:
+            with self.engine.begin() as conn:
+                conn.execute(locks.update().where(locks.c.name == name, locks.c.owner == owner)
+                             .values(owner=None, expires_at=None))
+
+    def _try_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        now = _utcnow()
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                locks.update()
+                .where(locks.c.name == name, sa.or_(locks.c.owner.is_(None), locks.c.expires_at < now))
+                .values(owner=owner, expires_at=now + timedelta(seconds=ttl_seconds))
+            ).rowcount
+            if taken:
+                return True
+            try:
+                with conn.begin_nested():
+                    conn.execute(locks.insert().values(name=name, owner=owner,
+                                                       expires_at=now + timedelta(seconds=ttl_seconds)))
+                return True
+            except sa.exc.IntegrityError:
+                return False
+
+    # --- secrets and tokens (ciphertext only; vault.py encrypts) -------------------------------------
+    def put_secret(self, scope: str, name: str, ciphertext: str) -> None:
+        self._upsert(secrets, {"scope": scope, "name": name},
+                     {"ciphertext": ciphertext, "updated_at": _utcnow()})
+
+    def get_secret(self, scope: str, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(secrets.c.ciphertext)
+                                .where(secrets.c.scope == scope, secrets.c.name == name)).scalar_one_or_none()
+
+    def list_secrets(self) -> list[tuple[str, str, datetime]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(secrets.c.scope, secrets.c.name, secrets.c.updated_at)
+                                .order_by(secrets.c.scope, secrets.c.name))
+            return [(r.scope, r.name, _aware(r.updated_at)) for r in rows]
+
+    def put_token_blob(self, connection: str, ciphertext: str, issued_at: datetime, refresh_issued_at: datetime) -> None:
+        self._upsert(exact_tokens, {"connection": connection},
+                     {"ciphertext": ciphertext, "issued_at": issued_at, "refresh_issued_at": refresh_issued_at,
+                      "updated_at": _utcnow()})
+
+    def get_token_blob(self, connection: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(exact_tokens.c.ciphertext)
+                                .where(exact_tokens.c.connection == connection)).scalar_one_or_none()
+
+    def token_ages(self) -> dict[str, tuple[datetime, datetime]]:
+        """connection -> (access token issued at, refresh token issued at); no secrets."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(exact_tokens.c.connection, exact_tokens.c.issued_at,
+                                          exact_tokens.c.refresh_issued_at))
+            return {r.connection: (_aware(r.issued_at), _aware(r.refresh_issued_at)) for r in rows}
+
+    def reencrypt_all(self, transform) -> int:
+        """Rewrite every ciphertext through `transform` in one transaction (key rotation)."""
+        count = 0
+        with self.engine.begin() as conn:
+            for row in conn.execute(sa.select(secrets)).all():
+                conn.execute(secrets.update().where(secrets.c.scope == row.scope, secrets.c.name == row.name)
+                             .values(ciphertext=transform(row.ciphertext)))
+                count += 1
+            for row in conn.execute(sa.select(exact_tokens)).all():
+                conn.execute(exact_tokens.update().where(exact_tokens.c.connection == row.connection)
+                             .values(ciphertext=transform(row.ciphertext)))
+                count += 1
+        return count
+
+    # --- posted ledger -------------------------------------------------------------------------------
+    def ledger_get(self, connection: str, report_id: str) -> LedgerRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(posted_ledger).where(posted_ledger.c.connection == connection,
+                                                              posted_ledger.c.report_id == report_id)).first()
+        return _ledger_row(row) if row else None
+
+    def ledger_rows(self, connection: str | None = None, status: str | None = None) -> list[LedgerRow]:
+        query = sa.select(posted_ledger).order_by(posted_ledger.c.connection, posted_ledger.c.report_id)
+        if connection:
+            query = query.where(posted_ledger.c.connection == connection)
+        if status:
+            query = query.where(posted_ledger.c.status == status)
+        with self.engine.connect() as conn:
+            return [_ledger_row(r) for r in conn.execute(query)]
+
+    def ledger_write_intent(self, connection: str, report_id: str, *, content_hash: str, entry_id: str,
+                            partition_date: str | None, transaction_ids: list[str], total_cents: int,
+                            run_id: str | None) -> None:
+        """Record that `entry_id` is about to be posted. Refuses to overwrite a posted row."""
+        with self.engine.begin() as conn:
+            existing = conn.execute(sa.select(posted_ledger.c.status).where(
+                posted_ledger.c.connection == connection, posted_ledger.c.report_id == report_id)).scalar_one_or_none()
+            if existing == "posted":
+                raise StateStoreError(f"report {report_id} is already posted for {connection}; refusing a new intent")
+            values = {"status": "pending", "content_hash": content_hash, "entry_id": entry_id,
+                      "partition_date": partition_date, "transaction_ids": json.dumps(transaction_ids),
+                      "total_cents": total_cents, "intent_at": _utcnow(), "run_id": run_id, "entry_number": None,
+                      "posted_at": None}
+            if existing is None:
+                conn.execute(posted_ledger.insert().values(connection=connection, report_id=report_id, **values))
+            else:
+                conn.execute(posted_ledger.update().where(posted_ledger.c.connection == connection,
+                                                          posted_ledger.c.report_id == report_id).values(**values))
+
+    def ledger_mark_posted(self, connection: str, report_id: str, entry_id: str, entry_number: int | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(posted_ledger.update().where(
+                posted_ledger.c.connection == connection, posted_ledger.c.report_id == report_id,
+                posted_ledger.c.entry_id == entry_id,
+            ).values(status="posted", entry_number=entry_number, posted_at=_utcnow()))
+
+    def ledger_drop_intent(self, connection: str, report_id: str, entry_id: str) -> None:
+        """Forget a pending intent that Exact is known not to hold (it refused the entry)."""
+        with self.engine.begin() as conn:
+            conn.execute(posted_ledger.delete().where(
+                posted_ledger.c.connection == connection, posted_ledger.c.report_id == report_id,
+                posted_ledger.c.entry_id == entry_id, posted_ledger.c.status == "pending"))
+
+    # --- quarantine ----------------------------------------------------------------------------------
+    def quarantine_put(self, connection: str, report_id: str, *, partition_date: str | None, reasons: list[dict],
+                       transaction_ids: list[str], content_hash: str | None) -> None:
+        """Open (or refresh) the quarantine item of a report. One row per report, never duplicated."""
+        now = _utcnow()
+        values = {"status": "open", "partition_date": partition_date, "reasons": json.dumps(reasons),
+                  "transaction_ids": json.dumps(transaction_ids), "content_hash": content_hash, "updated_at": now,
+                  "resolution_note": None}
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(quarantine.c.report_id).where(
+                quarantine.c.connection == connection, quarantine.c.report_id == report_id)).first()
+            if exists:
+                conn.execute(quarantine.update().where(quarantine.c.connection == connection,
+                                                       quarantine.c.report_id == report_id).values(**values))
+            else:
+                conn.execute(quarantine.insert().values(connection=connection, report_id=report_id,
+                                                        first_seen_at=now, **values))
+
+    def quarantine_set_status(self, connection: str, report_id: str, status: str, note: str | None = None) -> bool:
+        with self.engine.begin() as conn:
+            return bool(conn.execute(quarantine.update().where(
+                quarantine.c.connection == connection, quarantine.c.report_id == report_id,
+            ).values(status=status, resolution_note=note, updated_at=_utcnow())).rowcount)
+
+    def quarantine_items(self, connection: str | None = None, status: str | None = "open") -> list[QuarantineItem]:
+        query = sa.select(quarantine).order_by(quarantine.c.partition_date, quarantine.c.report_id)
+        if connection:
+            query = query.where(quarantine.c.connection == connection)
+        if status:
+            query = query.where(quarantine.c.status == status)
+        with self.engine.connect() as conn:
+            return [QuarantineItem(r.connection, r.report_id, r.status, r.partition_date, json.loads(r.reasons),
+                                   json.loads(r.transaction_ids), r.content_hash, _aware(r.first_seen_at),
+                                   _aware(r.updated_at), r.resolution_note) for r in conn.execute(query)]
+
+    # --- audit log (append-only: there is no update or delete here) ----------------------------------
+    def audit(self, event: str, *, connection: str | None = None, report_id: str | None = None,
+              transaction_ids: list[str] | None = None, entry_id: str | None = None, entry_number: int | None = None,
+              run_id: str | None = None, partition_date: str | None = None, detail: dict | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(audit_log.insert().values(
+                at=_utcnow(), connection=connection, event=event, report_id=report_id,
+                transaction_ids=json.dumps(transaction_ids) if transaction_ids is not None else None,
+                entry_id=entry_id, entry_number=entry_number, run_id=run_id, partition_date=partition_date,
+                detail=json.dumps(detail, default=str, sort_keys=True) if detail else None))
+
+    def audit_rows(self, connection: str | None = None, report_id: str | None = None,
+                   since: datetime | None = None) -> list[dict]:
+        query = sa.select(audit_log).order_by(audit_log.c.id)
+        if connection:
+            query = query.where(audit_log.c.connection == connection)
+        if report_id:
+            query = query.where(audit_log.c.report_id == report_id)
+        if since:
+            query = query.where(audit_log.c.at >= since)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) | {"at": _aware(r.at)} for r in conn.execute(query)]
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _upsert(self, table: sa.Table, keys: dict, values: dict) -> None:
+        where = [table.c[k] == v for k, v in keys.items()]
+        with self.engine.begin() as conn:
+            if not conn.execute(table.update().where(*where).values(**values)).rowcount:
+                conn.execute(table.insert().values(**keys, **values))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # an intent must survive a crash the moment it is written
+    cursor.close()
+
+
+def _ledger_row(row) -> LedgerRow:
+    return LedgerRow(row.connection, row.report_id, row.status, row.content_hash, row.entry_id, row.entry_number,
+                     row.partition_date, json.loads(row.transaction_ids), row.total_cents, _aware(row.posted_at))

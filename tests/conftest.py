@@ -1,0 +1,68 @@
+"""Shared fixtures: a Fernet key per test session, state stores, the sandbox on 127.0.0.1, mappings pointed at it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+REPO = Path(__file__).resolve().parent.parent
+MAPPINGS = REPO / "mappings"
+POSTGRES_URL = os.environ.get("EXPENSIFY_EXACT_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(autouse=True)
+def _fernet_key(monkeypatch):
+    """Every test gets its own key through the environment, never a key file in the home directory."""
+    monkeypatch.setenv("EXPENSIFY_EXACT_KEY", Fernet.generate_key().decode())
+
+
+@pytest.fixture
+def state_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture
+def store(state_url):
+    from expensify_exact.state import StateStore
+
+    store = StateStore(state_url)
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def sandbox():
+    from expensify_exact.sandbox.server import SandboxServer
+
+    with SandboxServer() as server:
+        yield server
+
+
+def write_mappings(target: Path, sandbox=None, **connection_overrides) -> Path:
+    """A copy of the shipped mappings/, pointed at `sandbox`, with optional overrides of connection keys."""
+    import yaml
+
+    shutil.copytree(MAPPINGS, target)
+    path = target / "connections.yaml"
+    document = yaml.safe_load(path.read_text())
+    conn = document["connections"][0]
+    if sandbox is not None:
+        conn["expensify"]["endpoint_url"] = sandbox.expensify_url
+        conn["exact"]["base_url"] = sandbox.exact_url
+    for dotted, value in connection_overrides.items():
+        node = conn
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return target
+
+
+@pytest.fixture
+def sandbox_mappings(tmp_path, sandbox) -> Path:
+    return write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)

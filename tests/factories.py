@@ -1,0 +1,54 @@
+"""Builders for test data: Exact dimension snapshots from the sandbox seed, and expense lines by hand."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+
+import pandas as pd
+
+from expensify_exact.sandbox import seed
+from expensify_exact.transform.journal import Dimensions
+
+
+def seed_dimensions() -> Dimensions:
+    gl = pd.DataFrame([{"id": a.id, "code": a.code, "description": a.description, "type": a.type,
+                        "is_blocked": a.blocked, "use_costcenter": a.use_costcenter, "use_costunit": a.use_costunit}
+                       for a in seed.GL_ACCOUNTS])
+    centers = pd.DataFrame([{"id": d.id("costcenter"), "code": d.code, "description": d.description,
+                             "end_date": d.end_date} for d in seed.COST_CENTERS])
+    units = pd.DataFrame([{"id": d.id("costunit"), "code": d.code, "description": d.description,
+                           "end_date": d.end_date} for d in seed.COST_UNITS])
+    journals = pd.DataFrame([{"id": seed.stable_guid("journal", j.code), "code": j.code, "description": j.description,
+                              "type": j.type, "allow_vat": j.allow_vat,
+                              "allow_variable_currency": j.allow_variable_currency, "is_blocked": False}
+                             for j in seed.JOURNALS])
+    vat = pd.DataFrame([{"id": seed.stable_guid("vat", v.code), "code": v.code, "description": v.description,
+                         "type": v.type, "percentage": v.percentage, "is_blocked": False} for v in seed.VAT_CODES])
+    periods = pd.DataFrame([{"fin_year": y, "fin_period": m, "start_date": date(y, m, 1),
+                             "end_date": (date(y + (m == 12), m % 12 + 1, 1) - pd.Timedelta(days=1))}
+                            for y in seed.FINANCIAL_YEARS for m in range(1, 13)])
+    periods["end_date"] = periods["end_date"].map(lambda v: v.date() if hasattr(v, "date") else v)
+    return Dimensions(gl_accounts=gl, cost_centers=centers, cost_units=units, journals=journals, vat_codes=vat,
+                      financial_periods=periods)
+
+
+def expense_line(report_id: str = "R00TEST00001", transaction_id: str = "1001", **overrides) -> dict:
+    """One normalized expense line (docs/architecture.md), a cash expense in EUR unless overridden."""
+    approved = datetime(2026, 11, 10, 9, 30, tzinfo=timezone.utc)
+    row = {
+        "report_id": report_id, "transaction_id": transaction_id, "policy_id": seed.POLICY_ID,
+        "report_name": "Test report", "employee_email": "anna.devries@vermeerhals.nl", "report_state": "APPROVED",
+        "report_currency": "EUR", "approved_at": approved, "submitted_at": approved, "reimbursed_at": pd.NaT,
+        "partition_date": "2026-11-10", "expense_date": "2026-11-08", "merchant": "NS Reizigers",
+        "category": "Travel", "category_gl_code": "4500", "tag": "Amsterdam:P1001 Rijkswaterstaat",
+        "tag_1": "Amsterdam", "tag_2": "P1001 Rijkswaterstaat", "tag_3": "", "amount_cents": 2340,
+        "currency": "EUR", "converted_amount_cents": 2340, "exchange_rate": 1.0, "reimbursable": True,
+        "billable": True, "tax_name": "", "tax_code": "", "tax_amount_cents": 0, "card_bank": "", "card_id": "",
+        "card_number_masked": "", "comment": "", "receipt_url": "",
+    }
+    row.update(overrides)
+    return row
+
+
+def lines(*rows: dict) -> pd.DataFrame:
+    return pd.DataFrame(list(rows))

@@ -1,0 +1,66 @@
+"""The mappings/ loader: the shipped config loads, and every kind of mistake is named with its file and line."""
+
+from pathlib import Path
+
+import pytest
+
+from expensify_exact.config import load_project_config
+from expensify_exact.errors import ConfigError
+from tests.conftest import MAPPINGS
+
+
+def test_shipped_mappings_load_and_cover_the_demo_categories():
+    config = load_project_config(MAPPINGS)
+    assert [c.name for c in config.connections] == ["vermeerhals-nl"]
+    assert config.gl_account_for("Hotel", "any-policy") == "4510"
+    assert config.gl_account_for("Gifts", "any-policy") is None  # the seeded unmapped category
+    assert config.vat_codes["Laag 9%"] == "2"
+
+
+def _copy(tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("filename", "find", "replace", "line", "message"),
+    [
+        # A typo in a key must not be silently ignored.
+        ("connections.yaml", "      journal: \"90\"", "      jurnal: \"90\"", 15, "jurnal"),
+        # A division is a positive integer.
+        ("connections.yaml", "division: 123456", "division: abc", 13, "division"),
+        # An unknown timezone would shift every partition.
+        ("connections.yaml", "timezone: Europe/Amsterdam ", "timezone: Europe/Amstrdam ", 5, "unknown timezone"),
+        # A category mapped twice is ambiguous.
+        ("categories.yaml", "  - {category: Hotel, gl_account: \"4510\"}",
+         "  - {category: Hotel, gl_account: \"4510\"}\n  - {category: Hotel, gl_account: \"4520\"}", 5, "mapped twice"),
+        # Broken YAML points at the line the parser stopped on and names where the construct began.
+        ("tags.yaml", "      Rotterdam: RTM", "      Rotterdam: [RTM", 8, "flow sequence on line 7"),
+        # A dimension name that does not exist.
+        ("tags.yaml", "dimension: cost_unit", "dimension: project", 11, "dimension"),
+        # The second of two duplicate keys is an error, not "last one wins".
+        ("tags.yaml", "      Utrecht: UTR", "      Utrecht: UTR\n      Utrecht: AMS", 9, "duplicate key"),
+    ],
+)
+def test_config_errors_name_file_and_line(tmp_path, filename, find, replace, line, message):
+    folder = _copy(tmp_path)
+    path = folder / filename
+    text = path.read_text()
+    assert find in text, "the case no longer matches the shipped file"
+    path.write_text(text.replace(find, replace, 1))
+    with pytest.raises(ConfigError) as error:
+        load_project_config(folder)
+    assert error.value.path == str(path)
+    assert error.value.line == line, str(error.value)
+    assert message in str(error.value)
+    assert str(error.value).startswith(f"{path}:{line}: ")
+
+
+def test_missing_connections_file_is_reported(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "connections.yaml").unlink()
+    with pytest.raises(ConfigError, match="connections.yaml: file not found"):
+        load_project_config(folder)
