@@ -77,7 +77,7 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
         try:
             outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run, run_id))
         except RateLimitExhausted as exc:
-            # Not a failure: the rest waits for tomorrow's budget, nothing is lost (their intents were never written).
+            # Not a failure: the rest waits for the next run's budget; nothing is lost and no intent is left open.
             stopped = f"Exact's daily call budget is used up; {len(report_ids) - index} report(s) wait for the next run"
             for waiting in report_ids[index:]:
                 waiting_lines = lines[lines["report_id"] == waiting]
@@ -151,6 +151,10 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
     store.audit("validated", entry_id=entry_id, detail={"lines": len(report_lines)}, **audit)
     try:
         answer = client.post_general_journal_entry(body | {"EntryID": entry_id})
+    except RateLimitExhausted:
+        # The budget check refuses before sending (and a 429 was not processed): the entry is not in Exact.
+        store.ledger_drop_intent(connection, report_id, entry_id)
+        raise
     except RejectedByApi as exc:
         # Exact refused the entry, so it does not hold it: forget the intent and quarantine with Exact's words.
         store.ledger_drop_intent(connection, report_id, entry_id)

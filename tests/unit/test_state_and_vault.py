@@ -1,0 +1,117 @@
+"""State store and vault: locks that span processes, a ledger that refuses double posting, secrets that stay secret."""
+
+import multiprocessing
+import time
+
+import pytest
+from cryptography.fernet import Fernet
+
+from expensify_exact.errors import StateStoreError, VaultError
+from expensify_exact.exact.tokens import ExactTokens
+from expensify_exact.state import StateStore
+from expensify_exact.vault import CredentialVault, Secret, VaultTokenStore
+
+
+def _enter_and_leave_under_lock(url: str, rounds: int) -> None:
+    store = StateStore(url)
+    for _ in range(rounds):
+        with store.lock("shared"):
+            store.audit("enter")
+            time.sleep(0.005)
+            store.audit("leave")
+
+
+def test_lease_lock_is_exclusive_across_processes(state_url):
+    StateStore(state_url)
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_enter_and_leave_under_lock, args=(state_url, 15)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    events = [r["event"] for r in StateStore(state_url).audit_rows()]
+    assert len(events) == 90
+    # Under the lock, every "enter" is followed by its own "leave" before anyone else enters.
+    assert events == ["enter", "leave"] * 45
+
+
+def test_an_expired_lease_can_be_taken_over(store):
+    assert store._try_lock("job", "crashed-owner", ttl_seconds=-1)
+    with store.lock("job", wait_seconds=2):
+        pass
+
+
+def test_a_held_lock_times_out_with_a_clear_error(store):
+    assert store._try_lock("job", "other", ttl_seconds=60)
+    with pytest.raises(StateStoreError, match="could not take the lock 'job'"):
+        with store.lock("job", wait_seconds=0.2):
+            pass
+
+
+def test_ledger_refuses_a_new_intent_for_a_posted_report(store):
+    store.ledger_write_intent("c", "R1", content_hash="h", entry_id="e1", partition_date="2026-11-01",
+                              transaction_ids=["t1"], total_cents=100, run_id="run")
+    assert store.ledger_get("c", "R1").status == "pending"
+    store.ledger_mark_posted("c", "R1", "e1", 26900001)
+    row = store.ledger_get("c", "R1")
+    assert (row.status, row.entry_number, row.transaction_ids) == ("posted", 26900001, ["t1"])
+    with pytest.raises(StateStoreError, match="already posted"):
+        store.ledger_write_intent("c", "R1", content_hash="h2", entry_id="e2", partition_date=None,
+                                  transaction_ids=[], total_cents=0, run_id=None)
+
+
+def test_quarantine_keeps_one_row_per_report(store):
+    for _ in range(3):
+        store.quarantine_put("c", "R1", partition_date="2026-11-01", reasons=[{"code": "UNMAPPED_CATEGORY"}],
+                             transaction_ids=["t1"], content_hash=None)
+    items = store.quarantine_items("c")
+    assert len(items) == 1 and items[0].reasons == [{"code": "UNMAPPED_CATEGORY"}]
+    assert store.quarantine_set_status("c", "R1", "resolved", "fixed mapping")
+    assert store.quarantine_items("c") == []
+
+
+def test_vault_round_trip_and_secrets_never_stored_in_plaintext(store):
+    vault = CredentialVault(store)
+    vault.set("conn", "exact_client_secret", "s3cr3t-value")
+    assert vault.get("conn", "exact_client_secret") == "s3cr3t-value"
+    assert "s3cr3t-value" not in store.get_secret("conn", "exact_client_secret")
+    assert "s3cr3t" not in repr(vault.get("conn", "exact_client_secret"))
+    assert repr(Secret("x")) == "Secret('***')"
+
+
+def test_wrong_key_and_tampering_give_clear_errors(store):
+    CredentialVault(store).set("conn", "name", "value")
+    with pytest.raises(VaultError, match="key is wrong or the stored value was tampered"):
+        CredentialVault(store, keys=[Fernet.generate_key()]).get("conn", "name")
+    ciphertext = store.get_secret("conn", "name")
+    store.put_secret("conn", "name", ciphertext[:-4] + "AAAA")
+    with pytest.raises(VaultError, match="tampered"):
+        CredentialVault(store).get("conn", "name")
+    with pytest.raises(VaultError, match="is not set"):
+        CredentialVault(store).get("conn", "missing")
+
+
+def test_key_rotation_reencrypts_everything_and_old_key_alone_no_longer_needed(store):
+    old = CredentialVault(store)
+    old.set("conn", "a", "value-a")
+    tokens = VaultTokenStore(store, old)
+    from datetime import datetime, timezone
+    now = datetime(2026, 11, 25, tzinfo=timezone.utc)
+    tokens.save("conn", ExactTokens("acc", "ref", now, now))
+    new_key = Fernet.generate_key()
+    assert old.rotate(new_key) == 2
+    only_new = CredentialVault(store, keys=[new_key])
+    assert only_new.get("conn", "a") == "value-a"
+    assert VaultTokenStore(store, only_new).load("conn").refresh_token == "ref"
+
+
+def test_missing_key_is_reported_with_what_to_do(monkeypatch, tmp_path):
+    from expensify_exact.vault import load_keys
+
+    monkeypatch.delenv("EXPENSIFY_EXACT_KEY")
+    monkeypatch.setenv("EXPENSIFY_EXACT_KEY_FILE", str(tmp_path / "nope"))
+    with pytest.raises(VaultError, match="secrets init-key"):
+        load_keys()
+    monkeypatch.setenv("EXPENSIFY_EXACT_KEY", "not-a-key")
+    with pytest.raises(VaultError, match="not a valid Fernet key"):
+        load_keys()
