@@ -213,7 +213,7 @@ class UnreportedCardTransaction:
     transaction_id: str
     card: Card
     merchant: str
-    amount: int  # cents, positive for spend (the reconciliation renders it negative)
+    amount: int  # cents, positive for spend; the simulator serves it negated, as Expensify's reconciliation data is (expensify.md §6.3)
     currency: str
     created: date
     category: str = ""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from expensify_exact.sandbox.clock import SandboxClock
 from expensify_exact.sandbox.exact_app import ExactSimulator
@@ -21,9 +23,41 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
 
 
+class _DroppingServerHandler(ServerHandler):
+    """An app exception with `drop_connection = True` means: write nothing, the socket just closes."""
+
+    dropped = False
+
+    def handle_error(self):
+        if getattr(sys.exc_info()[1], "drop_connection", False):
+            self.dropped = True
+            return
+        super().handle_error()
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class
         pass
+
+    def handle(self):
+        # wsgiref's own handle(), with a ServerHandler that can hang up without answering (the *_drop faults)
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        handler = _DroppingServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(),
+                                         multithread=True)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+        if handler.dropped:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _clock_app(clock: SandboxClock, inner):
