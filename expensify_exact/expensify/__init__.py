@@ -1,0 +1,23 @@
+"""Expensify Integration Server: the client and the FreeMarker templates it sends."""
+
+from expensify_exact.expensify.client import (
+    ExpensifyClient,
+    ExportWindow,
+    PolicyCategory,
+    PolicyEmployee,
+    PolicyInfo,
+    PolicyTag,
+    PolicyTaxRate,
+    export_windows,
+)
+
+__all__ = [
+    "ExpensifyClient",
+    "ExportWindow",
+    "PolicyCategory",
+    "PolicyEmployee",
+    "PolicyInfo",
+    "PolicyTag",
+    "PolicyTaxRate",
+    "export_windows",
+]

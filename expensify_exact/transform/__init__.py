@@ -1,0 +1,1 @@
+"""Pure transformations of DataFrames: Expensify reports to expense lines, lines to journal drafts."""
