@@ -1,4 +1,5 @@
 """The connector's own state: SQLite by default, PostgreSQL in production, through one SQLAlchemy Core schema.
+Tables are prefixed `ee_` so they can share a database with Dagster's own storage.
 
 Holds lease locks, encrypted secrets and Exact tokens, the posted ledger, the quarantine and the append-only audit log.
 """
@@ -24,26 +25,26 @@ from expensify_exact.errors import StateStoreError
 metadata = sa.MetaData()
 
 schema_migrations = sa.Table(
-    "schema_migrations", metadata,
+    "ee_schema_migrations", metadata,
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("description", sa.String(200), nullable=False),
     sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
 )
 locks = sa.Table(
-    "locks", metadata,
+    "ee_locks", metadata,
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("owner", sa.String(200), nullable=True),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
 )
 secrets = sa.Table(
-    "secrets", metadata,
+    "ee_secrets", metadata,
     sa.Column("scope", sa.String(100), primary_key=True),
     sa.Column("name", sa.String(100), primary_key=True),
     sa.Column("ciphertext", sa.Text, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 exact_tokens = sa.Table(
-    "exact_tokens", metadata,
+    "ee_exact_tokens", metadata,
     sa.Column("connection", sa.String(100), primary_key=True),
     sa.Column("ciphertext", sa.Text, nullable=False),
     sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
@@ -51,7 +52,7 @@ exact_tokens = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 posted_ledger = sa.Table(
-    "posted_ledger", metadata,
+    "ee_posted_ledger", metadata,
     sa.Column("connection", sa.String(100), primary_key=True),
     sa.Column("report_id", sa.String(64), primary_key=True),
     sa.Column("status", sa.String(16), nullable=False),  # pending | posted
@@ -66,7 +67,7 @@ posted_ledger = sa.Table(
     sa.Column("run_id", sa.String(64), nullable=True),
 )
 quarantine = sa.Table(
-    "quarantine", metadata,
+    "ee_quarantine", metadata,
     sa.Column("connection", sa.String(100), primary_key=True),
     sa.Column("report_id", sa.String(64), primary_key=True),
     sa.Column("status", sa.String(16), nullable=False),  # open | resolved | ignored | replayed
@@ -79,7 +80,7 @@ quarantine = sa.Table(
     sa.Column("resolution_note", sa.Text, nullable=True),
 )
 audit_log = sa.Table(
-    "audit_log", metadata,
+    "ee_audit_log", metadata,
     sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("connection", sa.String(100), nullable=True),

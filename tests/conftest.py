@@ -66,3 +66,33 @@ def write_mappings(target: Path, sandbox=None, **connection_overrides) -> Path:
 @pytest.fixture
 def sandbox_mappings(tmp_path, sandbox) -> Path:
     return write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
+
+
+def _postgres_admin_connection():
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise  # CI must test production mode for real (.ci/run starts the server)
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def pg_database():
+    """A fresh PostgreSQL database for one test, dropped afterwards; yields its SQLAlchemy URL."""
+    import uuid
+
+    name = f"expensify_exact_{uuid.uuid4().hex[:12]}"
+    admin = _postgres_admin_connection()
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -30,7 +30,7 @@ DraftLineSchema = pa.DataFrameSchema(
         # Per entry, debits and credits cancel to the cent (the balance rule of exact-online.md §5.10).
         pa.Check(lambda df: df.groupby("report_id")["amount_cents"].transform("sum") == 0,
                  name="entry_balances", error="entry does not sum to zero"),
-        pa.Check(lambda df: df["amount"].round(2) * 100 == df["amount_cents"].astype(float),
+        pa.Check(lambda df: (df["amount"] * 100).round().astype("int64") == df["amount_cents"],
                  name="amount_matches_cents", error="amount and amount_cents disagree"),
     ],
     strict=False,

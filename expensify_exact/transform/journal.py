@@ -77,6 +77,8 @@ DRAFT_COLUMNS = [
     "gl_account_id", "amount_cents", "amount", "currency", "cost_center", "cost_unit", "vat_code", "entry_date",
     "financial_year", "financial_period", "journal_code", "description", "notes",
 ]
+DRAFT_DTYPES = {"amount_cents": "int64", "line_no": "int64", "amount": "float64", "financial_year": "int64",
+                "financial_period": "int64"}
 REJECTION_COLUMNS = ["connection", "partition_date", "report_id", "transaction_id", "code", "dimension", "value",
                      "message"]
 
@@ -169,8 +171,7 @@ def build_journal_drafts(lines: pd.DataFrame, connection: Connection, config: Pr
             rejection_rows.extend(problems)
         else:
             draft_rows.extend(rows)
-    drafts = pd.DataFrame(draft_rows, columns=DRAFT_COLUMNS)
-    drafts = drafts.astype({"amount_cents": "int64", "line_no": "int64"}) if len(drafts) else drafts
+    drafts = pd.DataFrame(draft_rows, columns=DRAFT_COLUMNS).astype(DRAFT_DTYPES)
     return JournalDrafts(lines=drafts, rejections=pd.DataFrame(rejection_rows, columns=REJECTION_COLUMNS))
 
 

@@ -1,0 +1,1 @@
+"""What Dagster loads: assets, checks, jobs, schedules and resources of the connector."""

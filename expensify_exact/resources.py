@@ -1,0 +1,48 @@
+"""Dagster resources: they only build the plain-Python config, state store, vault and API clients."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import dagster as dg
+
+from expensify_exact.config import Connection, ProjectConfig, load_project_config
+from expensify_exact.connections import build_exact_client, build_expensify_client
+from expensify_exact.exact.client import ExactClient
+from expensify_exact.expensify.client import ExpensifyClient
+from expensify_exact.state import StateStore
+from expensify_exact.vault import CredentialVault
+
+
+@lru_cache(maxsize=8)
+def _store(url: str | None) -> StateStore:
+    return StateStore(url)
+
+
+class ConnectorResource(dg.ConfigurableResource):
+    """Where the mappings and the connector's state live; hands out clients per connection."""
+
+    mappings_dir: str = "mappings"
+    state_url: str | None = None  # default: $EXPENSIFY_EXACT_STATE_URL, else SQLite under $DAGSTER_HOME
+
+    def project(self) -> ProjectConfig:
+        return load_project_config(self.mappings_dir)
+
+    def store(self) -> StateStore:
+        return _store(self.state_url or os.environ.get("EXPENSIFY_EXACT_STATE_URL"))
+
+    def vault(self) -> CredentialVault:
+        return CredentialVault(self.store())
+
+    def expensify_client(self, conn: Connection) -> ExpensifyClient:
+        return build_expensify_client(conn, self.vault())
+
+    def exact_client(self, conn: Connection) -> ExactClient:
+        return build_exact_client(conn, self.vault(), self.store())
+
+
+def default_connector() -> ConnectorResource:
+    return ConnectorResource(
+        mappings_dir=dg.EnvVar("EXPENSIFY_EXACT_MAPPINGS").get_value("mappings"),
+    )

@@ -1,0 +1,115 @@
+"""Runs the main job for one day or a date range on the current Dagster instance and summarizes the outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+
+import dagster as dg
+import pandas as pd
+
+from expensify_exact.defs.assets import POSTED
+from expensify_exact.defs.jobs import MAIN_JOB_NAME
+from expensify_exact.resources import ConnectorResource
+
+
+@dataclass
+class RunSummary:
+    start: date
+    end: date
+    dry_run: bool
+    success: bool
+    run_id: str
+    outcomes: pd.DataFrame
+    failure: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        connections: dict[str, dict] = {}
+        for conn, frame in self.outcomes.groupby("connection") if len(self.outcomes) else []:
+            by = {o: frame[frame["outcome"] == o] for o in ("posted", "quarantined", "already_posted", "dry_run",
+                                                             "deferred")}
+            connections[conn] = {
+                "posted": {r.report_id: {"entry_id": r.entry_id, "entry_number": _int(r.entry_number)}
+                           for r in by["posted"].itertuples()},
+                "quarantined": {r.report_id: list(r.reason_codes) for r in by["quarantined"].itertuples()},
+                "skipped_already_posted": {r.report_id: {"entry_id": r.entry_id,
+                                                         "entry_number": _int(r.entry_number)}
+                                           for r in by["already_posted"].itertuples()},
+                "deferred": sorted(by["deferred"]["report_id"]),
+                **({"dry_run": {r.report_id: {"entry_id": r.entry_id, "total": r.total_cents / 100}
+                                for r in by["dry_run"].itertuples()}} if self.dry_run else {}),
+            }
+        return {"start": self.start.isoformat(), "end": self.end.isoformat(), "dry_run": self.dry_run,
+                "success": self.success, "run_id": self.run_id, "failure": self.failure, "notes": self.notes,
+                "connections": connections}
+
+    def as_text(self) -> str:
+        out = [f"Run {self.run_id} for {self.start}..{self.end}{' (dry run: nothing posted)' if self.dry_run else ''}"]
+        if not self.success:
+            out.append(f"FAILED: {self.failure}")
+        counts = self.outcomes["outcome"].value_counts().to_dict() if len(self.outcomes) else {}
+        out.append(f"posted: {counts.get('posted', 0)}  already posted: {counts.get('already_posted', 0)}  "
+                   f"quarantined: {counts.get('quarantined', 0)}  deferred: {counts.get('deferred', 0)}"
+                   + (f"  previewed: {counts.get('dry_run', 0)}" if self.dry_run else ""))
+        for r in self.outcomes.sort_values(["partition_date", "report_id"]).itertuples() if len(self.outcomes) else []:
+            if r.outcome == "posted":
+                out.append(f"  posted       {r.partition_date} {r.report_id} -> entry {_int(r.entry_number)} "
+                           f"({r.total_cents / 100:.2f})")
+            elif r.outcome == "quarantined":
+                detail = "; ".join(f"{x.get('code')}: {x.get('message')}" for x in r.reasons)
+                out.append(f"  quarantined  {r.partition_date} {r.report_id}: {detail}")
+            elif r.outcome == "dry_run":
+                out.append(f"  would post   {r.partition_date} {r.report_id} ({r.total_cents / 100:.2f})")
+        out.extend(self.notes)
+        return "\n".join(out)
+
+
+def _int(value) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: str = "mappings",
+              state_url: str | None = None, instance: dg.DagsterInstance | None = None) -> RunSummary:
+    """Materialize the main job for the approval days start..end in one run (a single-run backfill)."""
+    from expensify_exact.definitions import defs
+
+    job = defs.resolve_job_def(MAIN_JOB_NAME)
+    connector = ConnectorResource(mappings_dir=mappings_dir, state_url=state_url)
+    run_config = {"ops": {"exact__journal_entries_posted": {"config": {"dry_run": dry_run}}}}
+    instance = instance or dg.DagsterInstance.get()
+    kwargs: dict = {"partition_key": start.isoformat()} if start == end else {
+        "tags": {"dagster/asset_partition_range_start": start.isoformat(),
+                 "dagster/asset_partition_range_end": end.isoformat()}}
+    result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False,
+                                    resources={"connector": connector}, **kwargs)
+    outcomes = pd.DataFrame()
+    if result.success or not _failed(result, "exact__journal_entries_posted"):
+        try:
+            value = result.output_for_node("exact__journal_entries_posted")
+            outcomes = pd.concat(value.values(), ignore_index=True) if isinstance(value, dict) else value
+        except Exception:  # noqa: BLE001 - the step did not run; the failure below says why
+            outcomes = pd.DataFrame()
+    failure = None
+    if not result.success:
+        failure = "; ".join(_failure_messages(result)) or "the run failed"
+    notes = []
+    if len(outcomes) and (outcomes["outcome"] == "deferred").any():
+        notes.append("Exact's daily call budget ran out; deferred reports are posted by the next run.")
+    return RunSummary(start, end, dry_run, result.success, result.run_id, outcomes, failure, notes)
+
+
+def _failed(result, node: str) -> bool:
+    return node in set(result.get_failed_step_keys()) if hasattr(result, "get_failed_step_keys") else False
+
+
+def _failure_messages(result) -> list[str]:
+    messages = []
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            error = event.step_failure_data.error
+            cause = error.cause.message.strip() if error and error.cause else ""
+            messages.append(f"{event.step_key}: {(cause or (error.message if error else '')).strip()}")
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.event_specific_data.passed:
+            messages.append(f"check {event.event_specific_data.check_name} failed")
+    return messages

@@ -1,0 +1,54 @@
+"""Production mode: the connector's own state on the real PostgreSQL server, with the same code as SQLite."""
+
+import multiprocessing
+import time
+
+import pytest
+
+from expensify_exact.errors import StateStoreError
+from expensify_exact.state import SCHEMA_VERSION, StateStore
+from expensify_exact.vault import CredentialVault
+
+pytestmark = pytest.mark.postgres
+
+
+def _enter_and_leave_under_lock(url: str, rounds: int) -> None:
+    store = StateStore(url)
+    for _ in range(rounds):
+        with store.lock("shared"):
+            store.audit("enter")
+            time.sleep(0.005)
+            store.audit("leave")
+
+
+def test_migrations_apply_once_and_are_recorded(pg_database):
+    assert StateStore(pg_database).schema_version() == SCHEMA_VERSION
+    assert StateStore(pg_database).migrate() == SCHEMA_VERSION  # idempotent on a second start
+
+
+def test_lease_lock_is_exclusive_across_processes_on_postgres(pg_database):
+    StateStore(pg_database)
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_enter_and_leave_under_lock, args=(pg_database, 10)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    events = [r["event"] for r in StateStore(pg_database).audit_rows()]
+    assert events == ["enter", "leave"] * 30
+
+
+def test_ledger_quarantine_and_vault_on_postgres(pg_database):
+    store = StateStore(pg_database)
+    store.ledger_write_intent("c", "R1", content_hash="h", entry_id="e1", partition_date="2026-11-01",
+                              transaction_ids=["t1"], total_cents=100, run_id=None)
+    store.ledger_mark_posted("c", "R1", "e1", 7)
+    with pytest.raises(StateStoreError):
+        store.ledger_write_intent("c", "R1", content_hash="x", entry_id="e2", partition_date=None,
+                                  transaction_ids=[], total_cents=0, run_id=None)
+    store.quarantine_put("c", "R2", partition_date=None, reasons=[{"code": "UNMAPPED_TAG"}], transaction_ids=[],
+                         content_hash=None)
+    assert [i.report_id for i in store.quarantine_items("c")] == ["R2"]
+    vault = CredentialVault(store)
+    vault.set("c", "exact_client_secret", "pg-secret")
+    assert vault.get("c", "exact_client_secret") == "pg-secret"
