@@ -262,7 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="build and show the drafts; post nothing")
     p.add_argument("--json", action="store_true", help="print one JSON summary object")
     p.set_defaults(func=cmd_run)
+
+    for module in _command_modules():
+        module.register(sub)
     return parser
+
+
+def _command_modules():
+    import importlib
+    import pkgutil
+
+    from expensify_exact import commands
+
+    return [importlib.import_module(f"{commands.__name__}.{info.name}")
+            for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name)]
 
 
 def main(argv: list[str] | None = None) -> int:

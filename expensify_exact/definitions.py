@@ -1,15 +1,12 @@
-"""The code location: composes the connector's assets, job, schedule and resources."""
+"""The code location: everything under `expensify_exact/defs/` (assets, checks, jobs, schedules, sensors, resources)."""
+
+from pathlib import Path
 
 import dagster as dg
 
-from expensify_exact.defs import assets, jobs
-from expensify_exact.io_manager import PerDayPickleIOManager
-from expensify_exact.resources import default_connector
 
-defs = dg.Definitions(
-    assets=[assets.raw_reports, assets.expense_lines, assets.exact_dimensions, assets.journal_drafts,
-            assets.journal_entries_posted, assets.quarantine],
-    jobs=[jobs.post_approved_expenses],
-    schedules=[jobs.daily_schedule],
-    resources={"connector": default_connector(), "io_manager": PerDayPickleIOManager()},
-)
+def build_defs() -> dg.Definitions:
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent / "defs")
+
+
+defs = build_defs()

@@ -39,6 +39,8 @@ def sandbox():
     from expensify_exact.sandbox.server import SandboxServer
 
     with SandboxServer() as server:
+        # Real Expensify renders take seconds; the tests keep the quirk (a first poll finds nothing) but not the wait.
+        server.expensify.set_knobs(render_delay_seconds=0.3)
         yield server
 
 
