@@ -33,7 +33,7 @@ def _ensure_dagster_home() -> Path:
     return home
 
 
-def _connector(args):
+def connector_from_args(args):
     from expensify_exact.resources import ConnectorResource
 
     return ConnectorResource(mappings_dir=args.mappings, state_url=args.state_url)
@@ -76,7 +76,7 @@ def cmd_secrets_init_key(args) -> int:
 def cmd_secrets_set(args) -> int:
     from expensify_exact.connections import SECRET_NAMES
 
-    connector = _connector(args)
+    connector = connector_from_args(args)
     connector.project().connection(args.connection)  # fails early on an unknown connection
     vault = connector.vault()
     values: dict[str, str] = {}
@@ -130,7 +130,7 @@ def _store_refresh_token(connector, connection: str, refresh_token: str) -> None
 
 
 def cmd_secrets_list(args) -> int:
-    connector = _connector(args)
+    connector = connector_from_args(args)
     rows = connector.store().list_secrets()
     tokens = connector.store().token_ages()
     for scope, name, updated in rows:
@@ -147,7 +147,7 @@ def cmd_secrets_rotate_key(args) -> int:
 
     from expensify_exact.vault import KEY_ENV, key_file_path, load_keys
 
-    connector = _connector(args)
+    connector = connector_from_args(args)
     vault = connector.vault()
     new_key = Fernet.generate_key()
     count = vault.rotate(new_key)
@@ -171,7 +171,7 @@ def cmd_authorize(args) -> int:
     from expensify_exact.exact import oauth
     from expensify_exact.vault import VaultTokenStore
 
-    connector = _connector(args)
+    connector = connector_from_args(args)
     conn = connector.project().connection(args.connection)
     if not conn.exact.redirect_uri:
         print(f"set exact.redirect_uri for {conn.name} in mappings/connections.yaml (as registered in Exact's "
