@@ -40,9 +40,3 @@ class ConnectorResource(dg.ConfigurableResource):
 
     def exact_client(self, conn: Connection) -> ExactClient:
         return build_exact_client(conn, self.vault(), self.store())
-
-
-def default_connector() -> ConnectorResource:
-    return ConnectorResource(
-        mappings_dir=dg.EnvVar("EXPENSIFY_EXACT_MAPPINGS").get_value("mappings"),
-    )

@@ -8,8 +8,12 @@ from datetime import date
 import dagster as dg
 import pandas as pd
 
-from expensify_exact.defs.assets import POSTED
+from expensify_exact.posting import OUTCOME_COLUMNS
+
+from expensify_exact.config import load_project_config
+from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
+from expensify_exact.definitions import build_defs
 from expensify_exact.resources import ConnectorResource
 
 
@@ -72,24 +76,26 @@ def _int(value) -> int | None:
 def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: str = "mappings",
               state_url: str | None = None, instance: dg.DagsterInstance | None = None) -> RunSummary:
     """Materialize the main job for the approval days start..end in one run (a single-run backfill)."""
-    from expensify_exact.definitions import defs
-
-    job = defs.resolve_job_def(MAIN_JOB_NAME)
+    config = load_project_config(mappings_dir)
+    job = build_defs(mappings_dir).resolve_job_def(MAIN_JOB_NAME)
     connector = ConnectorResource(mappings_dir=mappings_dir, state_url=state_url)
-    run_config = {"ops": {"exact__journal_entries_posted": {"config": {"dry_run": dry_run}}}}
+    posting_ops = [posting_op_name(c.name) for c in config.connections]
+    run_config = {"ops": {op: {"config": {"dry_run": dry_run}} for op in posting_ops},
+                  # The per-event DEBUG lines belong in the UI's run view, not on the operator's terminal.
+                  "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     instance = instance or dg.DagsterInstance.get()
     kwargs: dict = {"partition_key": start.isoformat()} if start == end else {
         "tags": {"dagster/asset_partition_range_start": start.isoformat(),
                  "dagster/asset_partition_range_end": end.isoformat()}}
     result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False,
                                     resources={"connector": connector}, **kwargs)
-    outcomes = pd.DataFrame()
-    if result.success or not _failed(result, "exact__journal_entries_posted"):
-        try:
-            value = result.output_for_node("exact__journal_entries_posted")
-            outcomes = pd.concat(value.values(), ignore_index=True) if isinstance(value, dict) else value
-        except Exception:  # noqa: BLE001 - the step did not run; the failure below says why
-            outcomes = pd.DataFrame()
+    frames = []
+    for op in posting_ops:
+        if op not in _executed_steps(result):
+            continue  # the step did not run; the failure below says why
+        value = result.output_for_node(op)
+        frames.extend(v for v in (value.values() if isinstance(value, dict) else [value]) if len(v))
+    outcomes = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OUTCOME_COLUMNS)
     failure = None
     if not result.success:
         failure = "; ".join(_failure_messages(result)) or "the run failed"
@@ -99,8 +105,8 @@ def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: st
     return RunSummary(start, end, dry_run, result.success, result.run_id, outcomes, failure, notes)
 
 
-def _failed(result, node: str) -> bool:
-    return node in set(result.get_failed_step_keys()) if hasattr(result, "get_failed_step_keys") else False
+def _executed_steps(result) -> set[str]:
+    return {e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
 
 
 def _failure_messages(result) -> list[str]:

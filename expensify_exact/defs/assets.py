@@ -1,9 +1,10 @@
-"""The asset chain: raw reports → expense lines → dimension snapshots → journal drafts → posted entries → quarantine.
+"""The asset chain of each connection: raw reports → expense lines → dimension snapshots → journal drafts →
+posted entries → quarantine, plus company-card spend that is not on a report yet.
 
-Each asset only wires plain-Python functions; a run over a date range handles every day in one go
-(single-run backfills), and each day keeps its own stored value.
+Every connection (one Exact division) gets its own asset group, so lineage and backfills read per division and
+each division's API calls go through its own pool. Assets only wire plain-Python functions; a run over a date
+range handles every day in one go (single-run backfills), and each day keeps its own stored value.
 """
-
 
 from datetime import date
 from typing import Any
@@ -11,8 +12,12 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pandas as pd
+from pandera.errors import SchemaErrors
 
+from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
 from expensify_exact.defs.partitions import DAILY_APPROVALS
+from expensify_exact.errors import ConnectorError
 from expensify_exact.expensify.client import parse_report_timestamp
 from expensify_exact.posting import OUTCOME_COLUMNS, post_drafts
 from expensify_exact.resources import ConnectorResource
@@ -26,17 +31,27 @@ from expensify_exact.transform.journal import (
 SINGLE_RUN = dg.BackfillPolicy.single_run()
 LINES_SCHEMA_CHECK = "expense_lines_schema"
 DRAFTS_BALANCED_CHECK = "drafts_balanced_and_traceable"
-RAW_REPORTS = dg.AssetKey(["expensify", "raw_reports"])
-EXPENSE_LINES = dg.AssetKey(["expensify", "expense_lines"])
-DRAFTS = dg.AssetKey(["exact", "journal_drafts"])
-POSTED = dg.AssetKey(["exact", "journal_entries_posted"])
-QUARANTINE = dg.AssetKey(["quarantine"])
-DIMENSION_KEYS = {name: dg.AssetKey(["exact", name]) for name in DIMENSION_QUERIES}
+QUARANTINE_COLUMNS = ["connection", "partition_date", "report_id", "transaction_id", "code", "dimension", "value",
+                      "message", "fix"]
 
 
 class PostingConfig(dg.Config):
     dry_run: bool = False  # build and show every draft; write nothing to Exact, the ledger or the quarantine
 
+
+def posting_op_name(connection_name: str) -> str:
+    """The op of a connection's posting asset: where run config sets `dry_run`."""
+    return asset_key(connection_name, "exact", "journal_entries_posted").to_python_identifier()
+
+
+def build(config: ProjectConfig) -> dg.Definitions:
+    assets: list = []
+    for conn in config.connections:
+        assets.extend(connection_assets(conn, config))
+    return dg.Definitions(assets=assets)
+
+
+# --- helpers ------------------------------------------------------------------------------------------
 
 def _per_partition(context: dg.AssetExecutionContext, value: Any) -> dict[str, Any]:
     """An upstream value keyed by partition: the IO manager hands a dict only when a run spans several days."""
@@ -58,32 +73,19 @@ def _md(frame: pd.DataFrame, limit: int = 50) -> dg.MetadataValue:
     return dg.MetadataValue.md(text)
 
 
-@dg.asset(
-    key=RAW_REPORTS, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool="expensify",
-    group_name="expensify", kinds={"expensify", "python"}, owners=["team:data"],
-    description="Approved and reimbursed Expensify reports, as exported by the connector's own JSON template, "
-                "one list per approval day. A date range is fetched in as few export jobs as Expensify allows.",
-)
-def raw_reports(context: dg.AssetExecutionContext, connector: ConnectorResource):
-    keys = context.partition_keys
-    start, end = date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
-    by_day: dict[str, list[dict]] = {key: [] for key in keys}
-    calls = 0
-    for conn in connector.project().connections:
-        with connector.expensify_client(conn) as client:
-            reports = client.export_reports(start, end, conn.expensify.policy_ids, timezone=conn.timezone,
-                                            source_timezone=conn.expensify.timestamp_timezone)
-            calls += client.requests_sent
-        for report in reports:
-            day = _approval_day(report, conn.timezone, conn.expensify.timestamp_timezone) or keys[0]
-            by_day.setdefault(day, []).append({"connection": conn.name, "report": report})
-    counts = {key: len(by_day[key]) for key in keys}
-    context.log.info(f"exported {sum(counts.values())} report(s) over {len(keys)} day(s) with {calls} request(s)")
-    return dg.MaterializeResult(
-        value=_result(context, by_day),
-        metadata={"reports": sum(counts.values()), "days": len(keys), "expensify_requests": calls,
-                  "dagster/row_count": sum(counts.values())},
-    )
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _schema_errors(schema, frame: pd.DataFrame) -> pd.DataFrame | None:
+    if frame.empty:
+        return None
+    try:
+        schema.validate(frame, lazy=True)
+        return None
+    except SchemaErrors as errors:
+        return errors.failure_cases
 
 
 def _approval_day(report: dict, timezone: str, source_timezone: str) -> str | None:
@@ -94,205 +96,8 @@ def _approval_day(report: dict, timezone: str, source_timezone: str) -> str | No
     return approved.astimezone(ZoneInfo(timezone)).date().isoformat() if approved else None
 
 
-@dg.asset(
-    key=EXPENSE_LINES, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name="expensify",
-    kinds={"pandas", "pandera"}, owners=["team:data"],
-    description="One row per expense on an approved report, amounts in integer cents, every row carrying its "
-                "report ID and transaction ID. Rows that break the schema are set aside as malformed, never dropped.",
-    check_specs=[dg.AssetCheckSpec(LINES_SCHEMA_CHECK, asset=EXPENSE_LINES, blocking=True,
-                                   description="The expense lines satisfy the pandera ExpenseLineSchema.")],
-)
-def expense_lines(context: dg.AssetExecutionContext, connector: ConnectorResource, raw_reports):
-    project = connector.project()
-    results: dict[str, NormalizedLines] = {}
-    for key, entries in _per_partition(context, raw_reports).items():
-        frames, malformed = [], []
-        for conn in project.connections:
-            reports = [e["report"] for e in entries if e["connection"] == conn.name]
-            normalized = normalize_reports(reports, conn.timezone, source_timezone=conn.expensify.timestamp_timezone)
-            frames.append(normalized.lines.assign(connection=conn.name))
-            malformed.append(normalized.malformed.assign(connection=conn.name))
-        results[key] = NormalizedLines(lines=pd.concat(frames, ignore_index=True),
-                                       malformed=pd.concat(malformed, ignore_index=True))
-    all_lines = pd.concat([r.lines for r in results.values()], ignore_index=True)
-    all_malformed = pd.concat([r.malformed for r in results.values()], ignore_index=True)
-    check_errors = _schema_errors(ExpenseLineSchema, all_lines.drop(columns=["connection"]))
-    return dg.MaterializeResult(
-        value=_result(context, results),
-        metadata={"lines": len(all_lines), "reports": all_lines["report_id"].nunique(),
-                  "malformed_lines": len(all_malformed), "dagster/row_count": len(all_lines),
-                  **{f"total_{cur}": float(v) / 100 for cur, v in
-                     all_lines.groupby("report_currency")["converted_amount_cents"].sum().items()}},
-        check_results=[dg.AssetCheckResult(
-            check_name=LINES_SCHEMA_CHECK, passed=check_errors is None, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"failures": _md(check_errors) if check_errors is not None else dg.MetadataValue.md("_none_"),
-                      "malformed_lines_set_aside": len(all_malformed)})],
-    )
-
-
-def _schema_errors(schema, frame: pd.DataFrame) -> pd.DataFrame | None:
-    from pandera.errors import SchemaErrors
-
-    if frame.empty:
-        return None
-    try:
-        schema.validate(frame, lazy=True)
-        return None
-    except SchemaErrors as errors:
-        return errors.failure_cases
-
-
-@dg.multi_asset(
-    outs={name: dg.AssetOut(key=key, group_name="exact_dimensions", kinds={"exactonline", "pandas"},
-                            owners=["team:data"],
-                            description=f"Snapshot of Exact's {DIMENSION_QUERIES[name][0]} for each connection's "
-                                        f"division, taken at the start of the run and kept per approval day it "
-                                        f"validated.")
-          for name, key in DIMENSION_KEYS.items()},
-    partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool="exact",
-)
-def exact_dimensions(context: dg.AssetExecutionContext, connector: ConnectorResource):
-    snapshots: dict[str, list[pd.DataFrame]] = {name: [] for name in DIMENSION_KEYS}
-    for conn in connector.project().connections:
-        client = connector.exact_client(conn)
-        client.check_division()
-        for name in DIMENSION_KEYS:
-            snapshots[name].append(fetch_dimension(client, name).assign(connection=conn.name))
-    for name, key in DIMENSION_KEYS.items():
-        frame = pd.concat(snapshots[name], ignore_index=True)
-        yield dg.MaterializeResult(asset_key=key, value=_result(context, {k: frame for k in context.partition_keys}),
-                                   metadata={"rows": len(frame), "dagster/row_count": len(frame)})
-
-
-def _dimensions_for(conn_name: str, frames: dict[str, pd.DataFrame]) -> Dimensions:
-    return Dimensions(**{name: frame[frame["connection"] == conn_name].drop(columns=["connection"])
-                         for name, frame in frames.items()})
-
-
-@dg.asset(
-    key=DRAFTS, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name="journal",
-    kinds={"pandas", "pandera"}, owners=["team:finance"],
-    ins={"expense_lines": dg.AssetIn(EXPENSE_LINES),
-         **{name: dg.AssetIn(key) for name, key in DIMENSION_KEYS.items()}},
-    description="Balanced general journal entries, one per report, mapped to GL accounts, cost centers and cost "
-                "units and validated against the dimension snapshots. A report with any failing line is rejected "
-                "whole, with a reason code per problem.",
-    check_specs=[dg.AssetCheckSpec(DRAFTS_BALANCED_CHECK, asset=DRAFTS, blocking=True,
-                                   description="Every draft entry sums to zero, has an account on every line, "
-                                               "two-decimal amounts and both Expensify IDs on every line.")],
-)
-def journal_drafts(context: dg.AssetExecutionContext, connector: ConnectorResource, expense_lines,
-                   **dimension_inputs):
-    project = connector.project()
-    lines_by_day = _per_partition(context, expense_lines)
-    dims_by_day = {name: _per_partition(context, value) for name, value in dimension_inputs.items()}
-    results: dict[str, JournalDrafts] = {}
-    for key, normalized in lines_by_day.items():
-        line_frames, rejection_frames = [], []
-        for conn in project.connections:
-            lines = normalized.lines[normalized.lines["connection"] == conn.name].drop(columns=["connection"])
-            malformed = normalized.malformed[normalized.malformed["connection"] == conn.name]
-            bad = set(malformed["report_id"])
-            dims = _dimensions_for(conn.name, {name: by_day[key] for name, by_day in dims_by_day.items()})
-            drafts = build_journal_drafts(lines[~lines["report_id"].isin(bad)], conn, project, dims,
-                                          run_date=date.today())
-            drafts, _failures = split_invalid_drafts(drafts)
-            line_frames.append(drafts.lines)
-            rejection_frames.extend([drafts.rejections, _malformed_rejections(malformed, lines, conn.name, key)])
-        results[key] = JournalDrafts(lines=pd.concat(line_frames, ignore_index=True),
-                                     rejections=pd.concat(rejection_frames, ignore_index=True))
-    all_lines = pd.concat([d.lines for d in results.values()], ignore_index=True).reindex(columns=DRAFT_COLUMNS)
-    all_rejections = pd.concat([d.rejections for d in results.values()], ignore_index=True)
-    check_errors = _schema_errors(DraftLineSchema, all_lines) if len(all_lines) else None
-    preview = all_lines[["report_id", "transaction_id", "side", "gl_account_code", "amount", "currency",
-                         "cost_center", "cost_unit", "vat_code", "entry_date", "description"]]
-    return dg.MaterializeResult(
-        value=_result(context, results),
-        metadata={"entries": all_lines["report_id"].nunique(), "lines": len(all_lines),
-                  "rejected_reports": all_rejections["report_id"].nunique(),
-                  "debit_total": float(all_lines.loc[all_lines["side"] == "debit", "amount"].sum()),
-                  "preview": _md(preview, limit=100),
-                  "rejections": _md(all_rejections[["report_id", "transaction_id", "code", "value", "message"]]),
-                  "dagster/row_count": len(all_lines)},
-        check_results=[dg.AssetCheckResult(
-            check_name=DRAFTS_BALANCED_CHECK, passed=check_errors is None, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"failures": _md(check_errors) if check_errors is not None else dg.MetadataValue.md("_none_"),
-                      "reports_sent_to_quarantine": all_rejections["report_id"].nunique()})],
-    )
-
-
-def _malformed_rejections(malformed: pd.DataFrame, lines: pd.DataFrame, connection: str, day: str) -> pd.DataFrame:
-    rows = [{"connection": connection, "partition_date": day, "report_id": r.report_id,
-             "transaction_id": r.transaction_id or "", "code": Reason.MALFORMED_SOURCE.value,
-             "dimension": "source", "value": r.reason, "message": r.detail}
-            for r in malformed.itertuples(index=False)]
-    return pd.DataFrame(rows, columns=REJECTION_COLUMNS)
-
-
-@dg.asset(
-    key=POSTED, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool="exact", group_name="journal",
-    kinds={"exactonline"}, owners=["team:finance"], ins={"journal_drafts": dg.AssetIn(DRAFTS)},
-    description="What happened to each report: posted to Exact (entry ID and number), already posted, "
-                "quarantined with reasons, or (dry run) previewed. Posting is exactly-once per report.",
-)
-def journal_entries_posted(context: dg.AssetExecutionContext, config: PostingConfig, connector: ConnectorResource,
-                           journal_drafts):
-    project = connector.project()
-    store = connector.store()
-    clients = {} if config.dry_run else {c.name: connector.exact_client(c) for c in project.connections}
-    results: dict[str, pd.DataFrame] = {}
-    stopped = []
-    for key, drafts in _per_partition(context, journal_drafts).items():
-        frames = []
-        for conn in project.connections:
-            mine = JournalDrafts(lines=drafts.lines[drafts.lines["connection"] == conn.name],
-                                 rejections=drafts.rejections[drafts.rejections["connection"] == conn.name])
-            run = post_drafts(mine, connection=conn.name, store=store, client=clients.get(conn.name),
-                              dry_run=config.dry_run, run_id=context.run_id)
-            frames.append(run.frame())
-            if run.stopped_reason:
-                stopped.append(run.stopped_reason)
-        results[key] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OUTCOME_COLUMNS)
-    outcomes = pd.concat(results.values(), ignore_index=True)
-    for reason in stopped:
-        context.log.warning(reason)
-    counts = outcomes["outcome"].value_counts().to_dict()
-    exact_calls = sum(getattr(c, "calls_made", 0) for c in clients.values())
-    return dg.MaterializeResult(
-        value=_result(context, results),
-        metadata={"posted": counts.get("posted", 0), "already_posted": counts.get("already_posted", 0),
-                  "quarantined": counts.get("quarantined", 0), "dry_run": counts.get("dry_run", 0),
-                  "deferred": counts.get("deferred", 0), "is_dry_run": config.dry_run,
-                  "posted_total": float(outcomes.loc[outcomes["outcome"] == "posted", "total_cents"].sum()) / 100,
-                  "exact_calls": exact_calls,
-                  "outcomes": _md(outcomes[["report_id", "outcome", "entry_number", "reason_codes"]], limit=100)},
-    )
-
-
-@dg.asset(
-    key=QUARANTINE, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name="journal",
-    kinds={"pandas"}, owners=["team:finance"], ins={"journal_entries_posted": dg.AssetIn(POSTED)},
-    description="Reports held back, one row per problem: the reason code, the transaction, the missing or invalid "
-                "dimension and value, and what to do about it. Replay posts them once fixed.",
-)
-def quarantine(context: dg.AssetExecutionContext, journal_entries_posted):
-    results = {key: quarantine_rows(outcomes) for key, outcomes in
-               _per_partition(context, journal_entries_posted).items()}
-    rows = pd.concat(results.values(), ignore_index=True)
-    return dg.MaterializeResult(
-        value=_result(context, results),
-        metadata={"quarantined_reports": rows["report_id"].nunique(), "problems": len(rows),
-                  **{f"reason_{code}": int(n) for code, n in rows.groupby("code")["report_id"].nunique().items()},
-                  "items": _md(rows[["report_id", "transaction_id", "code", "value", "message", "fix"]], limit=100),
-                  "dagster/row_count": len(rows)},
-    )
-
-
-QUARANTINE_COLUMNS = ["connection", "partition_date", "report_id", "transaction_id", "code", "dimension", "value",
-                      "message", "fix"]
-
-
 def quarantine_rows(outcomes: pd.DataFrame) -> pd.DataFrame:
+    """One row per problem of every quarantined report, with what to do about it."""
     rows = []
     for o in outcomes[outcomes["outcome"] == "quarantined"].itertuples(index=False):
         for reason in o.reasons:
@@ -302,3 +107,243 @@ def quarantine_rows(outcomes: pd.DataFrame) -> pd.DataFrame:
                          "dimension": reason.get("dimension", ""), "value": reason.get("value", ""),
                          "message": reason.get("message", ""), "fix": REASON_FIXES.get(Reason(code), "")})
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+
+
+def _malformed_rejections(malformed: pd.DataFrame, connection: str, day: str) -> pd.DataFrame:
+    rows = [{"connection": connection, "partition_date": day, "report_id": r.report_id,
+             "transaction_id": r.transaction_id or "", "code": Reason.MALFORMED_SOURCE.value,
+             "dimension": "source", "value": r.reason, "message": r.detail}
+            for r in malformed.itertuples(index=False)]
+    return pd.DataFrame(rows, columns=REJECTION_COLUMNS)
+
+
+# --- the chain of one connection ----------------------------------------------------------------------
+
+def connection_assets(conn: Connection, config: ProjectConfig) -> list:
+    """Every asset of one connection, keyed `<connection>/...` and grouped under the connection's name."""
+    group = group_name(conn.name)
+    raw_key = asset_key(conn.name, "expensify", "raw_reports")
+    lines_key = asset_key(conn.name, "expensify", "expense_lines")
+    dimension_keys = {name: asset_key(conn.name, "exact", name) for name in DIMENSION_QUERIES}
+    drafts_key = asset_key(conn.name, "exact", "journal_drafts")
+    posted_key = asset_key(conn.name, "exact", "journal_entries_posted")
+    quarantine_key = asset_key(conn.name, "quarantine")
+    division = f"division {conn.exact.division}"
+
+    @dg.asset(
+        key=raw_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=expensify_pool(conn),
+        group_name=group, kinds={"expensify", "python"}, owners=["team:data"],
+        description=f"Approved and reimbursed Expensify reports of policies {', '.join(conn.expensify.policy_ids)}, "
+                    f"exported with the connector's own JSON template, one list per approval day "
+                    f"({conn.timezone}). A date range is fetched in as few export jobs as Expensify allows.",
+    )
+    def raw_reports(context: dg.AssetExecutionContext, connector: ConnectorResource):
+        keys = context.partition_keys
+        start, end = date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
+        by_day: dict[str, list[dict]] = {key: [] for key in keys}
+        with connector.expensify_client(conn) as client:
+            reports = client.export_reports(start, end, conn.expensify.policy_ids, timezone=conn.timezone,
+                                            source_timezone=conn.expensify.timestamp_timezone)
+            calls = dict(client.calls)
+        for report in reports:
+            day = _approval_day(report, conn.timezone, conn.expensify.timestamp_timezone) or keys[0]
+            by_day.setdefault(day, []).append(report)
+        total = sum(len(by_day[key]) for key in keys)
+        context.log.info(f"exported {total} report(s) over {len(keys)} day(s) with {sum(calls.values())} request(s)")
+        return dg.MaterializeResult(
+            value=_result(context, by_day),
+            metadata={"reports": total, "days": len(keys), "expensify_requests": sum(calls.values()),
+                      "export_jobs": calls.get("export", 0), "download_polls": calls.get("download", 0),
+                      "dagster/row_count": total},
+        )
+
+    @dg.asset(
+        key=lines_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
+        kinds={"pandas", "pandera"}, owners=["team:data"], ins={"raw_reports": dg.AssetIn(raw_key)},
+        description="One row per expense on an approved report, amounts in integer cents, every row carrying its "
+                    "report ID and transaction ID. Rows that break the schema are set aside as malformed (the "
+                    "whole report is quarantined), never dropped.",
+        check_specs=[dg.AssetCheckSpec(LINES_SCHEMA_CHECK, asset=lines_key, blocking=True,
+                                       description="The expense lines satisfy the pandera ExpenseLineSchema.")],
+    )
+    def expense_lines(context: dg.AssetExecutionContext, raw_reports):
+        results = {key: normalize_reports(reports, conn.timezone, source_timezone=conn.expensify.timestamp_timezone)
+                   for key, reports in _per_partition(context, raw_reports).items()}
+        lines = _concat([r.lines for r in results.values()], [])
+        malformed = _concat([r.malformed for r in results.values()], ["report_id", "transaction_id", "reason",
+                                                                      "detail"])
+        errors = _schema_errors(ExpenseLineSchema, lines)
+        totals = lines.groupby("report_currency")["converted_amount_cents"].sum() if len(lines) else {}
+        return dg.MaterializeResult(
+            value=_result(context, results),
+            metadata={"lines": len(lines), "reports": int(lines["report_id"].nunique()) if len(lines) else 0,
+                      "malformed_lines": len(malformed), "dagster/row_count": len(lines),
+                      **{f"total_{cur}": float(v) / 100 for cur, v in dict(totals).items()}},
+            check_results=[dg.AssetCheckResult(
+                check_name=LINES_SCHEMA_CHECK, passed=errors is None, severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"failures": _md(errors) if errors is not None else dg.MetadataValue.md("_none_"),
+                          "malformed_lines_set_aside": len(malformed)})],
+        )
+
+    @dg.multi_asset(
+        name=f"{slug(conn.name)}__exact_dimensions",
+        outs={name: dg.AssetOut(key=key, group_name=group, kinds={"exactonline", "pandas"}, owners=["team:data"],
+                                description=f"Snapshot of Exact's {DIMENSION_QUERIES[name][0]} in {division}, "
+                                            f"taken at the start of the run and kept for each approval day it "
+                                            f"validated.")
+              for name, key in dimension_keys.items()},
+        partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=exact_pool(conn),
+    )
+    def exact_dimensions(context: dg.AssetExecutionContext, connector: ConnectorResource):
+        client = connector.exact_client(conn)
+        client.check_division()
+        for name in dimension_keys:
+            frame = fetch_dimension(client, name)
+            yield dg.Output(_result(context, {k: frame for k in context.partition_keys}), output_name=name,
+                            metadata={"rows": len(frame), "dagster/row_count": len(frame)})
+
+    @dg.asset(
+        key=drafts_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
+        kinds={"pandas", "pandera"}, owners=["team:finance"],
+        ins={"expense_lines": dg.AssetIn(lines_key), **{name: dg.AssetIn(key) for name, key in dimension_keys.items()}},
+        description=f"Balanced general journal entries for journal {conn.exact.journal} in {division}, one per "
+                    f"report, mapped to GL accounts, cost centers and cost units and validated against the dimension "
+                    f"snapshots. A report with any failing line is rejected whole, with a reason code per problem.",
+        check_specs=[dg.AssetCheckSpec(DRAFTS_BALANCED_CHECK, asset=drafts_key, blocking=True,
+                                       description="Every draft entry sums to zero, has an account on every line, "
+                                                   "two-decimal amounts and both Expensify IDs on every line.")],
+    )
+    def journal_drafts(context: dg.AssetExecutionContext, expense_lines, **dimension_inputs):
+        dims_by_day = {name: _per_partition(context, value) for name, value in dimension_inputs.items()}
+        results: dict[str, JournalDrafts] = {}
+        for key, normalized in _per_partition(context, expense_lines).items():
+            bad = set(normalized.malformed["report_id"])
+            dims = Dimensions(**{name: by_day[key] for name, by_day in dims_by_day.items()})
+            lines = normalized.lines[~normalized.lines["report_id"].isin(bad)]
+            drafts, _failures = split_invalid_drafts(
+                build_journal_drafts(lines, conn, config, dims, run_date=date.today()))
+            rejections = _concat([drafts.rejections, _malformed_rejections(normalized.malformed, conn.name, key)],
+                                 REJECTION_COLUMNS)
+            results[key] = JournalDrafts(lines=drafts.lines, rejections=rejections)
+        lines = _concat([d.lines for d in results.values()], DRAFT_COLUMNS)
+        rejections = _concat([d.rejections for d in results.values()], REJECTION_COLUMNS)
+        errors = _schema_errors(DraftLineSchema, lines)
+        preview = lines[["report_id", "transaction_id", "side", "gl_account_code", "amount", "currency",
+                         "cost_center", "cost_unit", "vat_code", "entry_date", "description"]]
+        return dg.MaterializeResult(
+            value=_result(context, results),
+            metadata={"entries": int(lines["report_id"].nunique()), "lines": len(lines),
+                      "rejected_reports": int(rejections["report_id"].nunique()),
+                      "debit_total": float(lines.loc[lines["side"] == "debit", "amount"].sum()),
+                      "preview": _md(preview, limit=100),
+                      "rejections": _md(rejections[["report_id", "transaction_id", "code", "value", "message"]]),
+                      "dagster/row_count": len(lines)},
+            check_results=[dg.AssetCheckResult(
+                check_name=DRAFTS_BALANCED_CHECK, passed=errors is None, severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"failures": _md(errors) if errors is not None else dg.MetadataValue.md("_none_"),
+                          "reports_sent_to_quarantine": int(rejections["report_id"].nunique())})],
+        )
+
+    @dg.asset(
+        key=posted_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=exact_pool(conn),
+        group_name=group, kinds={"exactonline"}, owners=["team:finance"],
+        ins={"journal_drafts": dg.AssetIn(drafts_key)},
+        description=f"What happened to each report in {division}: posted (entry ID and number), already posted, "
+                    f"quarantined with reasons, or (dry run) previewed. Posting is exactly-once per report.",
+    )
+    def journal_entries_posted(context: dg.AssetExecutionContext, config: PostingConfig,
+                               connector: ConnectorResource, journal_drafts):
+        store = connector.store()
+        client = None if config.dry_run else connector.exact_client(conn)
+        results: dict[str, pd.DataFrame] = {}
+        stopped = []
+        for key, drafts in _per_partition(context, journal_drafts).items():
+            run = post_drafts(drafts, connection=conn.name, store=store, client=client, dry_run=config.dry_run,
+                              run_id=context.run_id)
+            results[key] = run.frame()
+            if run.stopped_reason:
+                stopped.append(run.stopped_reason)
+        outcomes = _concat(list(results.values()), OUTCOME_COLUMNS)
+        for reason in stopped:
+            context.log.warning(reason)
+        newly_posted = sorted(outcomes.loc[outcomes["outcome"] == "posted", "report_id"])
+        if newly_posted and conn.expensify.mark_exported_label:
+            _mark_exported(context, connector, newly_posted, store)
+        counts = outcomes["outcome"].value_counts().to_dict()
+        return dg.MaterializeResult(
+            value=_result(context, results),
+            metadata={"posted": counts.get("posted", 0), "already_posted": counts.get("already_posted", 0),
+                      "quarantined": counts.get("quarantined", 0), "previewed_dry_run": counts.get("dry_run", 0),
+                      "deferred": counts.get("deferred", 0), "is_dry_run": config.dry_run,
+                      "posted_total": float(outcomes.loc[outcomes["outcome"] == "posted", "total_cents"].sum()) / 100,
+                      "exact_calls": client.calls_made if client is not None else 0,
+                      "exact_daily_calls_left": (client.rate_limits.remaining_daily or -1) if client else -1,
+                      "outcomes": _md(outcomes[["partition_date", "report_id", "outcome", "entry_number",
+                                                "reason_codes"]], limit=100)},
+        )
+
+    def _mark_exported(context, connector: ConnectorResource, report_ids: list[str], store) -> None:
+        """Label in Expensify only what reached the ledger; a failed label never undoes a posting."""
+        label = conn.expensify.mark_exported_label
+        try:
+            with connector.expensify_client(conn) as client:
+                client.mark_exported(report_ids, label)
+            store.audit("marked_exported", connection=conn.name, run_id=context.run_id,
+                        detail={"label": label, "reports": report_ids})
+        except ConnectorError as exc:
+            context.log.error(f"posted, but labelling {len(report_ids)} report(s) as {label!r} failed: {exc}")
+            store.audit("mark_exported_failed", connection=conn.name, run_id=context.run_id,
+                        detail={"label": label, "reports": report_ids, "error": str(exc)})
+
+    @dg.asset(
+        key=quarantine_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
+        kinds={"pandas"}, owners=["team:finance"], ins={"journal_entries_posted": dg.AssetIn(posted_key)},
+        description="Reports held back, one row per problem: the reason code, the transaction, the missing or "
+                    "invalid dimension and value, and what to do about it. `expensify-exact quarantine replay` "
+                    "posts them once fixed.",
+    )
+    def quarantine(context: dg.AssetExecutionContext, journal_entries_posted):
+        results = {key: quarantine_rows(outcomes)
+                   for key, outcomes in _per_partition(context, journal_entries_posted).items()}
+        rows = _concat(list(results.values()), QUARANTINE_COLUMNS)
+        by_reason = rows.groupby("code")["report_id"].nunique().to_dict() if len(rows) else {}
+        return dg.MaterializeResult(
+            value=_result(context, results),
+            metadata={"quarantined_reports": int(rows["report_id"].nunique()), "problems": len(rows),
+                      **{f"reason_{code}": int(n) for code, n in by_reason.items()},
+                      "items": _md(rows[["report_id", "transaction_id", "code", "value", "message", "fix"]], 100),
+                      "dagster/row_count": len(rows)},
+        )
+
+    assets = [raw_reports, expense_lines, exact_dimensions, journal_drafts, journal_entries_posted, quarantine]
+    if conn.expensify.card_domain:
+        assets.append(_unreported_card_spend(conn, group))
+    return assets
+
+
+def _unreported_card_spend(conn: Connection, group: str):
+    key = asset_key(conn.name, "expensify", "unreported_card_spend")
+
+    @dg.asset(
+        key=key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=expensify_pool(conn),
+        group_name=group, kinds={"expensify", "pandas"}, owners=["team:finance"],
+        description=f"Company-card transactions of {conn.expensify.card_domain} that are on no report yet (from "
+                    f"Expensify's reconciliation). Not posted — they are not approved — but shown so accountants "
+                    f"see card spend that is still missing from the books.",
+    )
+    def unreported_card_spend(context: dg.AssetExecutionContext, connector: ConnectorResource):
+        keys = context.partition_keys
+        start, end = date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
+        with connector.expensify_client(conn) as client:
+            rows = client.unreported_card_transactions(start, end, conn.expensify.card_domain)
+        frame = pd.DataFrame(rows)
+        by_day = {k: frame[frame["transaction_date"] == k] if len(frame) else frame for k in keys}
+        totals = frame.groupby("currency")["amount_cents"].sum().to_dict() if len(frame) else {}
+        return dg.MaterializeResult(
+            value=_result(context, by_day),
+            metadata={"transactions": len(frame), "dagster/row_count": len(frame),
+                      **{f"total_{cur}": float(v) / 100 for cur, v in totals.items()},
+                      "items": _md(frame)},
+        )
+
+    return unreported_card_spend

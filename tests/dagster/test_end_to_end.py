@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 
 from expensify_exact.cli import main
+from expensify_exact.defs.keys import asset_key
 from expensify_exact.runs import run_range
 from expensify_exact.sandbox import seed
 
@@ -114,9 +115,10 @@ def test_demo_window_posts_every_approved_report_once_and_quarantines_the_two_se
 
     # Every asset of the chain was materialized for the window's days, and the checks ran and passed.
     days = [start + timedelta(days=n) for n in range((end - start).days + 1)]
-    for key in (["expensify", "raw_reports"], ["exact", "journal_drafts"], ["quarantine"]):
-        materialized = instance.get_materialized_partitions(dg.AssetKey(key))
-        assert {d.isoformat() for d in days} <= materialized, key
+    for parts in (["expensify", "raw_reports"], ["exact", "journal_drafts"], ["quarantine"],
+                  ["expensify", "unreported_card_spend"]):
+        materialized = instance.get_materialized_partitions(asset_key(CONNECTION, *parts))
+        assert {d.isoformat() for d in days} <= materialized, parts
 
 
 def test_dry_run_shows_full_drafts_and_posts_nothing(sandbox, authorized, state_url, instance):

@@ -1,0 +1,100 @@
+"""The `refresh_on_exact_webhooks` sensor: Exact said a GL account, cost center or cost unit changed, so the
+quarantine is replayed against fresh dimensions. `expensify-exact webhooks serve` records the notifications."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from expensify_exact.config import ProjectConfig
+from expensify_exact.resources import ConnectorResource
+from expensify_exact.state import StateStore
+from expensify_exact.webhooks import EVENT_DIMENSIONS_CHANGED, EVENT_POSTED_ENTRY_DELETED, webhook_events_after
+
+SENSOR_NAME = "refresh_on_exact_webhooks"
+REPLAY_JOB_NAME = "replay_quarantine"
+MAIN_JOB_NAME = "post_approved_expenses"  # the lead's main job, by name (see target_job_name)
+EVENTS_PER_EVALUATION = 1000
+CONNECTION_TAG = "expensify_exact/connection"
+TRIGGER_TAG = "expensify_exact/trigger"
+
+
+def target_job_name() -> str:
+    """`replay_quarantine` once `defs/replay.py` provides it; until then the main job, which re-validates too."""
+    return REPLAY_JOB_NAME if importlib.util.find_spec("expensify_exact.defs.replay") else MAIN_JOB_NAME
+
+
+@dataclass
+class WebhookPlan:
+    """What one evaluation decided: runs to request, where the cursor moves, and what to tell the operator."""
+
+    run_requests: list[dg.RunRequest] = field(default_factory=list)
+    cursor: int = 0
+    notes: list[str] = field(default_factory=list)
+    deleted_entries: list[dict] = field(default_factory=list)
+
+
+def plan_runs(store: StateStore, cursor: int, connections: list[str], job_name: str) -> WebhookPlan:
+    """Read the webhook audit events after `cursor` and decide which runs to request.
+
+    One run per connection whose dimensions changed and that has open quarantine items (fresh dimensions can
+    only help reports that were held back). The run key is the newest event's id, so a re-evaluation after a
+    crash never asks twice. Deleted posted entries request nothing: a person decides (they are noted).
+    """
+    events = webhook_events_after(store, cursor, limit=EVENTS_PER_EVALUATION)
+    plan = WebhookPlan(cursor=max([cursor, *(e["id"] for e in events)]))
+    changed: dict[str, list[dict]] = {}
+    for event in events:
+        if event["connection"] not in connections:
+            continue
+        if event["event"] == EVENT_DIMENSIONS_CHANGED:
+            changed.setdefault(event["connection"], []).append(event)
+        elif event["event"] == EVENT_POSTED_ENTRY_DELETED:
+            plan.deleted_entries.append(event)
+            plan.notes.append(f"{event['connection']}: entry {event['entry_number']} ({event['entry_id']}) of report "
+                              f"{event['report_id']} was deleted in Exact; the ledger still counts it as posted")
+    for connection, found in changed.items():
+        open_items = store.quarantine_items(connection, status="open")
+        what = ", ".join(sorted({f"{e['detail'].get('topic')} {e['detail'].get('key', '')}".strip() for e in found}))
+        if not open_items:
+            plan.notes.append(f"{connection}: dimensions changed ({what}); nothing is quarantined, so nothing to replay")
+            continue
+        tags = {CONNECTION_TAG: connection, TRIGGER_TAG: "exact_webhooks"}
+        partition_key = None
+        if job_name == MAIN_JOB_NAME:
+            days = sorted({i.partition_date for i in open_items if i.partition_date})
+            if len(days) == 1:
+                partition_key = days[0]
+            elif days:
+                tags |= {"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[-1]}
+        plan.run_requests.append(dg.RunRequest(run_key=f"exact_webhooks:{connection}:{found[-1]['id']}",
+                                               job_name=job_name, partition_key=partition_key, tags=tags))
+        plan.notes.append(f"{connection}: dimensions changed ({what}); replaying {len(open_items)} quarantined "
+                          f"report(s) with {job_name}")
+    return plan
+
+
+def build(config: ProjectConfig) -> dg.Definitions:
+    job_name = target_job_name()
+    connections = [c.name for c in config.connections]
+
+    @dg.sensor(
+        name=SENSOR_NAME, job_name=job_name, default_status=dg.DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=60,
+        description="Reads the Exact webhook events that `expensify-exact webhooks serve` recorded. When a GL "
+                    "account, cost center or cost unit changed in a connection's division and that connection has "
+                    f"quarantined reports, requests a run of `{job_name}` to re-validate them against fresh "
+                    "dimensions. A deleted entry the connector posted is logged for a person; it requests nothing. "
+                    "Off by default: turn it on once Exact's webhooks point at the receiver.",
+    )
+    def refresh_on_exact_webhooks(context: dg.SensorEvaluationContext, connector: ConnectorResource):
+        plan = plan_runs(connector.store(), int(context.cursor or 0), connections, job_name)
+        for note in plan.notes:
+            (context.log.warning if "deleted" in note else context.log.info)(note)
+        if plan.run_requests:
+            return dg.SensorResult(run_requests=plan.run_requests, cursor=str(plan.cursor))
+        return dg.SensorResult(skip_reason="; ".join(plan.notes) or "no new webhook events", cursor=str(plan.cursor))
+
+    return dg.Definitions(sensors=[refresh_on_exact_webhooks])
