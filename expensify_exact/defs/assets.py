@@ -189,18 +189,19 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         name=f"{slug(conn.name)}__exact_dimensions",
         outs={name: dg.AssetOut(key=key, group_name=group, kinds={"exactonline", "pandas"}, owners=["team:data"],
                                 description=f"Snapshot of Exact's {DIMENSION_QUERIES[name][0]} in {division}, "
-                                            f"taken at the start of the run and kept for each approval day it "
-                                            f"validated.")
+                                            f"taken at the start of every run. Not partitioned: it is the state "
+                                            f"of Exact now, and each day's drafts record which snapshot validated "
+                                            f"them through their lineage.")
               for name, key in dimension_keys.items()},
-        partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=exact_pool(conn),
+        pool=exact_pool(conn),
     )
     def exact_dimensions(context: dg.AssetExecutionContext, connector: ConnectorResource):
         client = connector.exact_client(conn)
         client.check_division()
         for name in dimension_keys:
             frame = fetch_dimension(client, name)
-            yield dg.Output(_result(context, {k: frame for k in context.partition_keys}), output_name=name,
-                            metadata={"rows": len(frame), "dagster/row_count": len(frame)})
+            yield dg.Output(frame, output_name=name, metadata={"rows": len(frame), "dagster/row_count": len(frame),
+                                                               "preview": _md(frame, limit=30)})
 
     @dg.asset(
         key=drafts_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
@@ -214,11 +215,10 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                                                    "two-decimal amounts and both Expensify IDs on every line.")],
     )
     def journal_drafts(context: dg.AssetExecutionContext, expense_lines, **dimension_inputs):
-        dims_by_day = {name: _per_partition(context, value) for name, value in dimension_inputs.items()}
+        dims = Dimensions(**dimension_inputs)
         results: dict[str, JournalDrafts] = {}
         for key, normalized in _per_partition(context, expense_lines).items():
             bad = set(normalized.malformed["report_id"])
-            dims = Dimensions(**{name: by_day[key] for name, by_day in dims_by_day.items()})
             lines = normalized.lines[~normalized.lines["report_id"].isin(bad)]
             drafts, _failures = split_invalid_drafts(
                 build_journal_drafts(lines, conn, config, dims, run_date=date.today()))
