@@ -35,3 +35,20 @@ class SandboxClock:
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             self.advance(seconds)
+
+
+class RemoteSandboxClock:
+    """The Clock protocol over a running sandbox's `/_sandbox/clock`, for client processes other than the
+    sandbox's own: their waits move the shared simulated time instead of sleeping."""
+
+    def __init__(self, sandbox_url: str):
+        import httpx
+
+        self._http = httpx.Client(base_url=sandbox_url.rstrip("/"), timeout=10)
+
+    def now(self) -> datetime:
+        return datetime.fromisoformat(self._http.get("/_sandbox/clock").json()["now"])
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._http.post("/_sandbox/clock", json={"advance": seconds})
