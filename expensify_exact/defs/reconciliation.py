@@ -1,0 +1,289 @@
+"""Reconciliation and the daily digest, per connection: the read-back of each approval day, a monthly rollup, and
+the accountants' digest. Their checks are the reconciliation's invariants: a red check means the books and
+Expensify disagree.
+
+These assets sit in their own group per connection (`<connection>_reconciliation`) and run in their own jobs,
+after the posting job: reconciling never slows posting down, and a finding never fails a posting run.
+"""
+
+
+import calendar
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.defs.keys import asset_key, exact_pool, group_name
+from expensify_exact.defs.partitions import DAILY_APPROVALS
+from expensify_exact.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
+from expensify_exact.posting import OUTCOME_COLUMNS
+from expensify_exact.reconcile import (
+    FINDING_COLUMNS, FINDING_FIXES, Finding, Reconciliation, reconcile_connection_month, reconcile_days,
+)
+from expensify_exact.resources import ConnectorResource
+
+MONTHLY = dg.MonthlyPartitionsDefinition(start_date="2024-01-01", timezone="Europe/Amsterdam")
+SINGLE_RUN = dg.BackfillPolicy.single_run()
+DAILY_JOB_NAME = "reconcile_and_digest"
+MONTHLY_JOB_NAME = "reconcile_month"
+
+# Daily invariants: check name → the findings that break it, and what it promises.
+DAILY_CHECKS: dict[str, tuple[tuple[Finding, ...], str]] = {
+    "every_approved_report_posted_or_quarantined": (
+        (Finding.NOT_POSTED, Finding.POSTED_NOT_APPROVED),
+        "Every report Expensify approved that day is posted or waits in quarantine, and nothing else is posted."),
+    "ledger_matches_expensify": (
+        (Finding.LEDGER_DIFFERS_FROM_EXPENSIFY,),
+        "What the ledger recorded as posted still matches the report in Expensify (or the change is quarantined)."),
+    "posted_entries_unchanged_in_exact": (
+        (Finding.MISSING_IN_EXACT, Finding.AMOUNT_CHANGED_IN_EXACT, Finding.ACCOUNT_CHANGED_IN_EXACT,
+         Finding.DIMENSION_CHANGED_IN_EXACT),
+        "Every posted entry is still in Exact with the posted amounts, GL accounts, cost centers and cost units."),
+    "each_report_in_exact_once": (
+        (Finding.POSTED_TWICE,), "No report is in Exact more than once."),
+    "totals_match_per_account_and_cost_center": (
+        (Finding.TOTALS_DIFFER,), "Totals per GL account, cost center and currency agree between Expensify and Exact."),
+}
+MONTHLY_CHECKS: dict[str, tuple[tuple[Finding, ...], str]] = {
+    "card_liability_nets_to_zero": (
+        (Finding.CARD_LIABILITY_NOT_NETTED,),
+        "Each card liability account nets to zero over the month once the card settlements are booked."),
+    "month_reconciles": (
+        tuple(Finding), "The month has no findings at all: every day reconciled clean and nothing is posted twice."),
+}
+
+
+def reconciliation_group(conn: Connection) -> str:
+    return f"{group_name(conn.name)}_reconciliation"
+
+
+def daily_key(conn: Connection) -> dg.AssetKey:
+    return asset_key(conn.name, "reconciliation", "daily")
+
+
+def monthly_key(conn: Connection) -> dg.AssetKey:
+    return asset_key(conn.name, "reconciliation", "monthly")
+
+
+def digest_key(conn: Connection) -> dg.AssetKey:
+    return asset_key(conn.name, "reconciliation", "daily_digest")
+
+
+def build(config: ProjectConfig) -> dg.Definitions:
+    assets: list = []
+    for conn in config.connections:
+        assets.extend(connection_reconciliation_assets(conn, config))
+    daily_job = dg.define_asset_job(
+        DAILY_JOB_NAME, selection=dg.AssetSelection.assets(*[k for c in config.connections
+                                                              for k in (daily_key(c), digest_key(c))]),
+        partitions_def=DAILY_APPROVALS,
+        description="Read the day's posted entries back from Exact, compare them with Expensify and the ledger, "
+                    "and write the accountants' digest.")
+    monthly_job = dg.define_asset_job(
+        MONTHLY_JOB_NAME, selection=dg.AssetSelection.assets(*[monthly_key(c) for c in config.connections]),
+        partitions_def=MONTHLY, description="Roll the month's daily reconciliations up; check card liabilities.")
+    schedules = [
+        dg.build_schedule_from_partitioned_job(
+            daily_job, name="reconcile_yesterday", hour_of_day=7, minute_of_hour=15,
+            description="Every morning after posting, reconciles yesterday and writes its digest.",
+            default_status=dg.DefaultScheduleStatus.RUNNING),
+        dg.build_schedule_from_partitioned_job(
+            monthly_job, name="reconcile_last_month", day_of_month=3, hour_of_day=7, minute_of_hour=45,
+            description="On the 3rd, once card statements are usually booked, reconciles the previous month.",
+            default_status=dg.DefaultScheduleStatus.RUNNING),
+    ]
+    return dg.Definitions(assets=assets, jobs=[daily_job, monthly_job], schedules=schedules)
+
+
+def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) -> list:
+    group = reconciliation_group(conn)
+    lines_key = asset_key(conn.name, "expensify", "expense_lines")
+    posted_key = asset_key(conn.name, "exact", "journal_entries_posted")
+    day_key, month_key, mail_key = daily_key(conn), monthly_key(conn), digest_key(conn)
+
+    @dg.asset(
+        key=day_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=exact_pool(conn),
+        group_name=group, kinds={"exactonline", "pandas"}, owners=["team:finance"],
+        ins={"expense_lines": dg.AssetIn(lines_key)}, deps=[posted_key],
+        description=f"Reads the day's posted entries back from Exact (division {conn.exact.division}) and compares "
+                    f"three sides per report, GL account, cost center and currency: Expensify's approved reports, "
+                    f"the connector's ledger and quarantine, and Exact's transaction lines. Each difference is a "
+                    f"finding with a reason code.",
+        check_specs=[dg.AssetCheckSpec(name, asset=day_key, blocking=False, description=text)
+                     for name, (_codes, text) in DAILY_CHECKS.items()],
+    )
+    def reconciliation_daily(context: dg.AssetExecutionContext, connector: ConnectorResource, expense_lines):
+        client = connector.exact_client(conn)
+        results = reconcile_days(conn, config, _per_partition(context, expense_lines), connector.store(), client)
+        findings = _concat([r.findings for r in results.values()], FINDING_COLUMNS)
+        for result in results.values():
+            (context.log.info if result.clean else context.log.warning)(result.summary())
+        return dg.MaterializeResult(
+            value=_result(context, results),
+            metadata={**_finding_metadata(findings), "days": len(results),
+                      "reports_approved": sum(r.stats["reports_approved"] for r in results.values()),
+                      "entries_checked": sum(r.stats["entries_checked"] for r in results.values()),
+                      "exact_calls": client.calls_made,
+                      "exact_daily_calls_left": client.rate_limits.remaining_daily
+                      if client.rate_limits.remaining_daily is not None else -1},
+            check_results=_check_results(DAILY_CHECKS, findings),
+        )
+
+    @dg.asset(
+        key=mail_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
+        kinds={"markdown", "html"}, owners=["team:finance"],
+        ins={"reconciliation": dg.AssetIn(day_key), "journal_entries_posted": dg.AssetIn(posted_key)},
+        description=f"The accountants' daily summary for {conn.name}: what was posted, what waits in quarantine and "
+                    f"how to fix it, what the reconciliation found, and Exact's rate and token health. Written as "
+                    f"Markdown and e-mail-ready HTML under $DAGSTER_HOME/digests/{conn.name}/ "
+                    f"(or ${DIGEST_DIR_ENV}/{conn.name}/).",
+    )
+    def daily_digest(context: dg.AssetExecutionContext, connector: ConnectorResource, reconciliation,
+                     journal_entries_posted):
+        store = connector.store()
+        ledger = store.ledger_rows(conn.name)
+        quarantine = store.quarantine_items(conn.name, status="open")
+        token_ages = store.token_ages()
+        recon_by_day = _per_partition(context, reconciliation)
+        outcomes_by_day = _per_partition(context, journal_entries_posted)
+        base = _digest_base(context)
+        paths: dict[str, str] = {}
+        last = None
+        for day in context.partition_keys:
+            digest = build_digest(connection=conn.name, day=day, ledger=ledger, quarantine=quarantine,
+                                  outcomes=_own_outcomes(outcomes_by_day.get(day), conn.name),
+                                  reconciliation=recon_by_day.get(day), token_ages=token_ages,
+                                  currency=conn.exact.division_currency)
+            written = write_digest(digest, base)
+            paths[day] = str(written["md"])
+            last = digest
+        values = {day: str(Path(p).with_suffix("")) for day, p in paths.items()}
+        return dg.MaterializeResult(
+            value=_result(context, values),
+            metadata={"digest": dg.MetadataValue.md(last.render("md")) if last else dg.MetadataValue.md("_none_"),
+                      "path_md": dg.MetadataValue.path(paths[context.partition_keys[-1]]),
+                      "days": len(paths), "headline": last.headline if last else ""},
+        )
+
+    @dg.asset(
+        key=month_key, partitions_def=MONTHLY, group_name=group, pool=exact_pool(conn),
+        kinds={"exactonline", "pandas"}, owners=["team:finance"],
+        ins={"daily": dg.AssetIn(day_key, metadata={"allow_missing_partitions": True})},
+        description=f"The month's reconciliation for {conn.name}: the daily findings rolled up, totals per GL "
+                    f"account and cost center, reports posted twice anywhere in the month's financial period, and "
+                    f"whether each card liability account nets to zero once the card settlements are booked.",
+        check_specs=[dg.AssetCheckSpec(name, asset=month_key, blocking=False, description=text)
+                     for name, (_codes, text) in MONTHLY_CHECKS.items()],
+    )
+    def reconciliation_monthly(context: dg.AssetExecutionContext, connector: ConnectorResource, daily):
+        month = context.partition_key[:7]
+        days = _days_of(daily, context)
+        expected_days = _month_days(month)
+        result = reconcile_connection_month(conn, month, days, expected_days, connector.store(),
+                                            connector.exact_client(conn))
+        context.log.info(result.summary())
+        cards = result.card_accounts if result.card_accounts is not None else pd.DataFrame()
+        return dg.MaterializeResult(
+            value=result,
+            metadata={**_finding_metadata(result.findings), "summary": result.summary(),
+                      "days_reconciled": result.stats["days_reconciled"],
+                      "days_missing": dg.MetadataValue.json(result.stats["days_missing"]),
+                      "financial_period": result.stats.get("financial_period", ""),
+                      "card_accounts": _md(_money_frame(cards, ["ours_cents", "settlements_cents", "balance_cents"])),
+                      "totals": _md(_money_frame(result.totals, ["expected_cents", "actual_cents",
+                                                                 "difference_cents"]), limit=200)},
+            check_results=_check_results(MONTHLY_CHECKS, result.findings,
+                                         extra={"days_missing": len(result.stats["days_missing"])}),
+        )
+
+    return [reconciliation_daily, daily_digest, reconciliation_monthly]
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+def _per_partition(context: dg.AssetExecutionContext, value: Any) -> dict[str, Any]:
+    keys = context.partition_keys
+    return {keys[0]: value} if len(keys) == 1 else dict(value)
+
+
+def _result(context: dg.AssetExecutionContext, values: dict[str, Any]) -> Any:
+    keys = context.partition_keys
+    return values[keys[0]] if len(keys) == 1 else values
+
+
+def _days_of(daily: Any, context: dg.AssetExecutionContext) -> dict[str, Reconciliation]:
+    if isinstance(daily, Reconciliation):  # a month whose days map to a single stored partition
+        return {daily.period: daily}
+    return {day: value for day, value in (daily or {}).items() if isinstance(value, Reconciliation)}
+
+
+def _month_days(month: str) -> list[str]:
+    year, number = int(month[:4]), int(month[5:7])
+    today = datetime.now(timezone.utc).date()
+    days = [date(year, number, d) for d in range(1, calendar.monthrange(year, number)[1] + 1)]
+    return [d.isoformat() for d in days if d < today]
+
+
+def _own_outcomes(outcomes: Any, connection: str) -> pd.DataFrame | None:
+    if outcomes is None or not isinstance(outcomes, pd.DataFrame):
+        return None
+    frame = outcomes.reindex(columns=OUTCOME_COLUMNS)
+    return frame[frame["connection"].isin([connection]) | frame["connection"].isna()]
+
+
+def _digest_base(context: dg.AssetExecutionContext) -> Path:
+    import os
+
+    if os.environ.get(DIGEST_DIR_ENV):
+        return digest_dir()
+    # The instance's home, so a test instance (or a second deployment) keeps its digests to itself.
+    return Path(context.instance.root_directory) / "digests"
+
+
+def _finding_metadata(findings: pd.DataFrame) -> dict[str, Any]:
+    counts = findings["code"].value_counts().to_dict() if len(findings) else {}
+    shown = findings[["period", "code", "report_id", "entry_number", "gl_account_code", "cost_center", "message"]]
+    return {"findings": len(findings), **{f"finding_{code}": int(n) for code, n in sorted(counts.items())},
+            "findings_table": _md(shown, limit=100) if len(findings) else dg.MetadataValue.md(
+                "**0 findings** — Exact matches Expensify."),
+            "dagster/row_count": len(findings)}
+
+
+def _check_results(checks: dict[str, tuple[tuple[Finding, ...], str]], findings: pd.DataFrame,
+                   extra: dict[str, Any] | None = None) -> list[dg.AssetCheckResult]:
+    out = []
+    for name, (codes, _text) in checks.items():
+        broken = findings[findings["code"].isin([c.value for c in codes])]
+        fixes = "\n".join(f"- **{c}**: {FINDING_FIXES[Finding(c)]}" for c in sorted(set(broken["code"])))
+        out.append(dg.AssetCheckResult(
+            check_name=name, passed=broken.empty, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"findings": len(broken), **(extra or {}),
+                      "details": _md(broken[["period", "code", "report_id", "entry_number", "message"]])
+                      if len(broken) else dg.MetadataValue.md("_none_"),
+                      "what_to_do": dg.MetadataValue.md(fixes or "_nothing_")}))
+    return out
+
+
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _money_frame(frame: pd.DataFrame, cent_columns: list[str]) -> pd.DataFrame:
+    out = frame.copy()
+    for column in cent_columns:
+        if column in out:
+            out[column.removesuffix("_cents")] = out.pop(column).astype(float) / 100
+    return out
+
+
+def _md(frame: pd.DataFrame, limit: int = 50) -> dg.MetadataValue:
+    if frame.empty:
+        return dg.MetadataValue.md("_none_")
+    text = frame.head(limit).to_markdown(index=False)
+    if len(frame) > limit:
+        text += f"\n\n… and {len(frame) - limit} more"
+    return dg.MetadataValue.md(text)
