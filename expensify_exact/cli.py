@@ -112,7 +112,8 @@ def _sandbox_demo_credentials() -> dict[str, str]:
     return {"expensify_partner_user_id": seed.EXPENSIFY_PARTNER_USER_ID,
             "expensify_partner_user_secret": seed.EXPENSIFY_PARTNER_USER_SECRET,
             "exact_client_id": seed.EXACT_CLIENT_ID, "exact_client_secret": seed.EXACT_CLIENT_SECRET,
-            "exact_refresh_token": seed.EXACT_INITIAL_REFRESH_TOKEN}
+            "exact_refresh_token": seed.EXACT_INITIAL_REFRESH_TOKEN,
+            "exact_webhook_secret": seed.EXACT_WEBHOOK_SECRET}
 
 
 def _store_refresh_token(connector, connection: str, refresh_token: str) -> None:

@@ -16,7 +16,8 @@ EXPENSIFY_USER_ID = "expensify_partner_user_id"
 EXPENSIFY_USER_SECRET = "expensify_partner_user_secret"
 EXACT_CLIENT_ID = "exact_client_id"
 EXACT_CLIENT_SECRET = "exact_client_secret"
-SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT_CLIENT_SECRET)
+SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT_CLIENT_SECRET,
+                "exact_webhook_secret")  # expensify_exact.webhooks.EXACT_WEBHOOK_SECRET
 
 
 def exact_base_url(conn: Connection) -> str:

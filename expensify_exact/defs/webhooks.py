@@ -1,8 +1,6 @@
 """The `refresh_on_exact_webhooks` sensor: Exact said a GL account, cost center or cost unit changed, so the
 quarantine is replayed against fresh dimensions. `expensify-exact webhooks serve` records the notifications."""
 
-from __future__ import annotations
-
 import importlib.util
 from dataclasses import dataclass, field
 
