@@ -234,7 +234,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
             value=_result(context, results),
             metadata={"entries": int(lines["report_id"].nunique()), "lines": len(lines),
                       "rejected_reports": int(rejections["report_id"].nunique()),
-                      "debit_total": float(lines.loc[lines["side"] == "debit", "amount"].sum()),
+                      "debit_total": round(float(lines.loc[lines["side"] == "debit", "amount_cents"].sum()) / 100, 2),
                       "preview": _md(preview, limit=100),
                       "rejections": _md(rejections[["report_id", "transaction_id", "code", "value", "message"]]),
                       "dagster/row_count": len(lines)},
