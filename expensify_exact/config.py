@@ -17,6 +17,7 @@ CONNECTIONS_FILE = "connections.yaml"
 CATEGORIES_FILE = "categories.yaml"
 TAGS_FILE = "tags.yaml"
 VAT_FILE = "vat.yaml"
+DEFAULTS_FILE = "defaults.yaml"
 
 
 class _Strict(BaseModel):
@@ -56,10 +57,36 @@ class ExactSettings(_Strict):
 
 
 class PostingRules(_Strict):
+    """How reports become entries. Every key has a default; see the README's mappings reference.
+
+    - `fallback_to_category_gl_code`: a category without a row in categories.yaml posts to the GL code set on
+      the category in Expensify's policy (if any) instead of being quarantined as UNMAPPED_CATEGORY.
+    - `exchange_rates`: report currency -> division-currency units per one unit of it (the direction of
+      Expensify's own rates: `converted = amount x rate`). Used only for a report in a foreign currency on a
+      journal that does not allow variable currency; such a report without a rate is quarantined as
+      MISSING_EXCHANGE_RATE. On a journal that allows variable currency the entry is posted in the report
+      currency with no `ExchangeRate`, so Exact applies its own rate table.
+    - `require_vat`: when true, an expense whose tax name maps to a VAT code, posted on a journal that does not
+      allow VAT, quarantines the report (VAT_NOT_ALLOWED) instead of posting the gross amount without a code.
+    """
+
     date_policy: Literal["approval_date", "submitted_date", "last_expense_date", "reimbursed_date", "run_date"] = "approval_date"
     closed_period_policy: Literal["quarantine", "next_open_period"] = "quarantine"
     closed_through: str | None = Field(None, description="YYYY-MM: periods up to and including this one are closed")
     fallback_to_category_gl_code: bool = False
+    exchange_rates: dict[str, float] = Field(default_factory=dict,
+                                             description="report currency -> division currency per unit")
+    require_vat: bool = False
+
+    @field_validator("exchange_rates")
+    @classmethod
+    def _positive_rates(cls, value: dict[str, float]) -> dict[str, float]:
+        for currency, rate in value.items():
+            if not re.fullmatch(r"[A-Z]{3}", str(currency)):
+                raise ValueError(f"{currency!r} is not an ISO 4217 currency code")
+            if not rate > 0:
+                raise ValueError(f"the rate for {currency} must be positive, got {rate}")
+        return value
 
     @field_validator("closed_through")
     @classmethod
@@ -95,11 +122,48 @@ class TagLevel(_Strict):
     default: str | None = None  # used when an expense has no tag at this level
 
 
+class DimensionDefaults(_Strict):
+    cost_center: str | None = None
+    cost_unit: str | None = None
+
+
+class Defaults(_Strict):
+    """`mappings/defaults.yaml`: cost center / cost unit for an expense whose tags give none.
+
+    For each dimension, the first of these that gives a code wins: the expense's tag; the employee's row
+    (`employees`, keyed by the submitter's email, case-insensitive); the category's row (`categories`); the tag
+    level's own `default` in tags.yaml. A default that lands on a GL account which does not allow that dimension
+    (UseCostcenter/UseCostunit = 2) is dropped; a tag that does is quarantined as COST_CENTER_NOT_ALLOWED /
+    COST_UNIT_NOT_ALLOWED.
+
+        defaults:
+          employees:
+            anna.devries@vermeerhals.nl: {cost_center: AMS}
+          categories:
+            Software: {cost_unit: INT}
+    """
+
+    employees: dict[str, DimensionDefaults] = Field(default_factory=dict)
+    categories: dict[str, DimensionDefaults] = Field(default_factory=dict)
+
+    def for_expense(self, dimension: str, employee_email: str, category: str) -> str:
+        """The employee's default for `dimension`, else the category's, else ""."""
+        employee = {k.lower(): v for k, v in self.employees.items()}.get((employee_email or "").lower())
+        for row in (employee, self.categories.get(category)):
+            code = getattr(row, dimension) if row is not None else None
+            if code:
+                return code
+        return ""
+
+
 class ProjectConfig(_Strict):
     connections: list[Connection] = Field(min_length=1)
     categories: list[CategoryMapping] = Field(default_factory=list)
     tags: list[TagLevel] = Field(default_factory=list)
+    # Expensify tax name -> Exact VAT code; "" posts that tax name gross without a code. Once the table has rows,
+    # a tax name missing from it quarantines the report (UNMAPPED_TAX_NAME) on a journal that allows VAT.
     vat_codes: dict[str, str] = Field(default_factory=dict, description="Expensify tax name -> Exact VAT code")
+    defaults: Defaults = Defaults()
     source_dir: str = ""
 
     @model_validator(mode="after")
@@ -208,7 +272,8 @@ def load_project_config(mappings_dir: str | Path) -> ProjectConfig:
     """Load and validate every file in `mappings/`.
 
     Args:
-        mappings_dir: the folder holding connections.yaml, categories.yaml, tags.yaml and optionally vat.yaml.
+        mappings_dir: the folder holding connections.yaml, categories.yaml, tags.yaml and optionally vat.yaml
+            and defaults.yaml.
 
     Returns:
         The validated configuration.
@@ -221,7 +286,8 @@ def load_project_config(mappings_dir: str | Path) -> ProjectConfig:
         raise ConfigError("mappings folder not found", path=str(folder))
     sources: dict[str, tuple[Path, Any]] = {}
     for key, filename, required in (("connections", CONNECTIONS_FILE, True), ("categories", CATEGORIES_FILE, False),
-                                    ("tags", TAGS_FILE, False), ("vat_codes", VAT_FILE, False)):
+                                    ("tags", TAGS_FILE, False), ("vat_codes", VAT_FILE, False),
+                                    ("defaults", DEFAULTS_FILE, False)):
         path = folder / filename
         if not path.exists() and not required:
             continue

@@ -14,7 +14,9 @@ import pandas as pd
 
 from expensify_exact.errors import RateLimitExhausted, RejectedByApi, TransientApiError
 from expensify_exact.state import StateStore
-from expensify_exact.transform.journal import JournalDrafts, Reason, content_hash, entry_body, entry_id_for
+from expensify_exact.transform.journal import (
+    JournalDrafts, Reason, content_hash, entry_body, entry_id_for, entry_total_cents,
+)
 
 OUTCOME_COLUMNS = ["connection", "partition_date", "report_id", "outcome", "entry_id", "entry_number",
                    "reason_codes", "reasons", "transaction_ids", "total_cents"]
@@ -123,7 +125,7 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
               client: JournalPoster | None, dry_run: bool, run_id: str | None) -> ReportOutcome:
     partition_date = report_lines.iloc[0]["partition_date"]
     tids = _tids(report_lines)
-    total = int(report_lines.loc[report_lines["side"] == "debit", "amount_cents"].sum())
+    total = entry_total_cents(report_lines)
     body = entry_body(report_lines)
     body_hash = content_hash(body)
     entry_id = entry_id_for(connection, report_id, body_hash)

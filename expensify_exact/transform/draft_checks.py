@@ -13,12 +13,33 @@ def _two_decimals(amount: pd.Series) -> pd.Series:
     return (amount * 100).round(6) == (amount * 100).round(0)
 
 
+def _after_exact_vat(df: pd.DataFrame) -> pd.Series:
+    """What each line adds to the entry once Exact has added the VAT of excluding codes (exact-online.md §5.10)."""
+    vat = df["vat_amount_cents"] if "vat_amount_cents" in df else 0
+    return df["amount_cents"] + vat
+
+
+def _per_entry_constant(column: str):
+    return pa.Check(lambda df: df.groupby("report_id")[column].transform("nunique") == 1,
+                    name=f"one_{column}_per_entry", error=f"lines of one entry disagree on {column}")
+
+
+def _carries_ids(df: pd.DataFrame) -> pd.Series:
+    """Every line leads back to its expense: both IDs in the Description prefix and in the Notes."""
+    return pd.Series([
+        description.startswith(f"{report_id}/{transaction_id}") and report_id in notes and transaction_id in notes
+        for report_id, transaction_id, description, notes in
+        zip(df["report_id"], df["transaction_id"], df["description"], df["notes"], strict=True)], index=df.index)
+
+
 DraftLineSchema = pa.DataFrameSchema(
     {
         "report_id": pa.Column(str, pa.Check.str_length(min_value=1), nullable=False),
         "transaction_id": pa.Column(str, pa.Check.str_length(min_value=1), nullable=False),
+        "side": pa.Column(str, pa.Check.isin(["debit", "credit", "rounding"])),
         "gl_account_id": pa.Column(str, pa.Check.str_length(min_value=1), nullable=False),
         "amount_cents": pa.Column("int64", nullable=False),
+        "vat_amount_cents": pa.Column("int64", nullable=False, required=False),
         "amount": pa.Column(float, pa.Check(_two_decimals, error="more than two decimals"), nullable=False),
         "currency": pa.Column(str, pa.Check.str_matches(r"^[A-Z]{3}$")),
         "financial_year": pa.Column(int),
@@ -27,11 +48,16 @@ DraftLineSchema = pa.DataFrameSchema(
         "notes": pa.Column(str, pa.Check.str_length(max_value=255)),
     },
     checks=[
-        # Per entry, debits and credits cancel to the cent (the balance rule of exact-online.md §5.10).
-        pa.Check(lambda df: df.groupby("report_id")["amount_cents"].transform("sum") == 0,
+        # Per entry, debits and credits cancel to the cent once Exact has added excluding VAT (§5.10).
+        pa.Check(lambda df: _after_exact_vat(df).groupby(df["report_id"]).transform("sum") == 0,
                  name="entry_balances", error="entry does not sum to zero"),
         pa.Check(lambda df: (df["amount"] * 100).round().astype("int64") == df["amount_cents"],
                  name="amount_matches_cents", error="amount and amount_cents disagree"),
+        pa.Check(_carries_ids, name="trace_ids_in_texts", error="description or notes lack the Expensify IDs"),
+        # Only an excluding VAT code makes Exact add a VAT line.
+        pa.Check(lambda df: (df["vat_amount_cents"] == 0) | (df["vat_code"] != "") if "vat_amount_cents" in df
+                 else pd.Series(True, index=df.index), name="vat_only_with_code", error="VAT without a VAT code"),
+        *(_per_entry_constant(c) for c in ("currency", "journal_code", "financial_year", "financial_period")),
     ],
     strict=False,
     coerce=False,

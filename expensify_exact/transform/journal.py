@@ -1,15 +1,42 @@
 """Turns normalized expense lines into balanced journal drafts, one entry per report, or reasoned rejections.
 
 Pure functions of DataFrames and config: no I/O, no clock (the run date is an argument), no Dagster.
+
+The rules, in the order they are applied to a report (README, "Posting rules"):
+
+- **Journal**: `exact.journal` must exist, not be blocked and be a type-90 general journal.
+- **Entry date and period**: from `posting.date_policy`; the period must exist in Exact's FinancialPeriods and
+  not be closed (`posting.closed_through`), or is moved to the first open one (`closed_period_policy`).
+- **Currency**: a report in the division currency posts as is. A report in another currency posts in that
+  currency (`Currency`) when the journal allows variable currency, *without* an `ExchangeRate`: Expensify gives
+  expense→report rates only, never report→division, so the only rate an accountant can stand behind is Exact's
+  own rate table for the entry date. Otherwise every amount is converted with `posting.exchange_rates`, the
+  original amount and rate go into Notes, and the payable per credit account is the converted report total, so
+  the cents lost by converting line by line go to `exact.rounding_account`.
+- **GL account**: categories.yaml (a `policy_id` row wins), else with `posting.fallback_to_category_gl_code`
+  the category's GL code from Expensify.
+- **Cost center / cost unit**: the tag level that sets the dimension, else defaults.yaml (employee, then
+  category), else the tag level's `default`; validated against the snapshots and the account's
+  UseCostcenter/UseCostunit (1 mandatory, 2 not allowed).
+- **VAT**: only with a vat.yaml table and on a journal that allows VAT. Including (I), none (N) and base-only
+  (B) codes post the gross amount. An excluding (E) code posts the net chosen so that net + Exact's VAT line
+  (round-half-up of net × percentage, exact-online.md §5.10) equals the gross; where no net does, the cent
+  goes to the rounding account.
+- **Credit**: per expense, to employee payable (reimbursable) or the card's liability account; refunds are
+  negative amounts on the same side.
+
+Any failure rejects the whole report with one row per problem (reason code, dimension, value).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 
 import pandas as pd
@@ -19,6 +46,7 @@ from expensify_exact.config import Connection, ProjectConfig
 DESCRIPTION_MAX = 60  # GeneralJournalEntryLines.Description length in Exact [?]; IDs go first so they survive
 NOTES_MAX = 255
 ENTRY_ID_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4b8e-9a57-0e4d2b9c8f10")
+DIMENSION_NAMES = ("cost_center", "cost_unit")
 
 
 class Reason(StrEnum):
@@ -30,16 +58,23 @@ class Reason(StrEnum):
     MISSING_COST_CENTER = "MISSING_COST_CENTER"
     UNKNOWN_COST_CENTER = "UNKNOWN_COST_CENTER"
     ENDED_COST_CENTER = "ENDED_COST_CENTER"
+    COST_CENTER_NOT_ALLOWED = "COST_CENTER_NOT_ALLOWED"
     MISSING_COST_UNIT = "MISSING_COST_UNIT"
     UNKNOWN_COST_UNIT = "UNKNOWN_COST_UNIT"
     ENDED_COST_UNIT = "ENDED_COST_UNIT"
+    COST_UNIT_NOT_ALLOWED = "COST_UNIT_NOT_ALLOWED"
+    UNMAPPED_TAX_NAME = "UNMAPPED_TAX_NAME"
     UNKNOWN_VAT_CODE = "UNKNOWN_VAT_CODE"
+    BLOCKED_VAT_CODE = "BLOCKED_VAT_CODE"
     VAT_NOT_ALLOWED = "VAT_NOT_ALLOWED"
     UNKNOWN_JOURNAL = "UNKNOWN_JOURNAL"
+    BLOCKED_JOURNAL = "BLOCKED_JOURNAL"
     INVALID_JOURNAL_TYPE = "INVALID_JOURNAL_TYPE"
     MISSING_PERIOD = "MISSING_PERIOD"
     CLOSED_PERIOD = "CLOSED_PERIOD"
     UNSUPPORTED_CURRENCY = "UNSUPPORTED_CURRENCY"
+    MISSING_EXCHANGE_RATE = "MISSING_EXCHANGE_RATE"
+    MISSING_ROUNDING_ACCOUNT = "MISSING_ROUNDING_ACCOUNT"
     UNBALANCED = "UNBALANCED"
     INVALID_DRAFT = "INVALID_DRAFT"
     REJECTED_BY_EXACT = "REJECTED_BY_EXACT"
@@ -53,32 +88,49 @@ REASON_FIXES: dict[Reason, str] = {
     Reason.UNKNOWN_GL_ACCOUNT: "Fix the GL account code in mappings/categories.yaml or create it in Exact, then replay.",
     Reason.BLOCKED_GL_ACCOUNT: "Unblock the GL account in Exact or map the category elsewhere, then replay.",
     Reason.UNMAPPED_TAG: "Add the tag to mappings/tags.yaml, then replay.",
-    Reason.MISSING_COST_CENTER: "The GL account requires a cost center: tag the expense or set a default in mappings/tags.yaml.",
-    Reason.UNKNOWN_COST_CENTER: "Create the cost center in Exact or fix mappings/tags.yaml, then replay.",
+    Reason.MISSING_COST_CENTER: "The GL account requires a cost center: tag the expense or set a default in "
+                                "mappings/defaults.yaml or mappings/tags.yaml, then replay.",
+    Reason.UNKNOWN_COST_CENTER: "Create the cost center in Exact or fix mappings/tags.yaml / defaults.yaml, "
+                                "then replay.",
     Reason.ENDED_COST_CENTER: "Extend the cost center's end date in Exact or remap the tag, then replay.",
-    Reason.MISSING_COST_UNIT: "Tag the expense or set a default cost unit in mappings/tags.yaml.",
-    Reason.UNKNOWN_COST_UNIT: "Create the cost unit in Exact or fix mappings/tags.yaml, then replay.",
+    Reason.COST_CENTER_NOT_ALLOWED: "The GL account takes no cost center (UseCostcenter = 2): remove the tag or map "
+                                    "the category to another account, then replay.",
+    Reason.MISSING_COST_UNIT: "The GL account requires a cost unit: tag the expense or set a default in "
+                              "mappings/defaults.yaml or mappings/tags.yaml, then replay.",
+    Reason.UNKNOWN_COST_UNIT: "Create the cost unit in Exact or fix mappings/tags.yaml / defaults.yaml, then replay.",
     Reason.ENDED_COST_UNIT: "Extend the cost unit's end date in Exact or remap the tag, then replay.",
+    Reason.COST_UNIT_NOT_ALLOWED: "The GL account takes no cost unit (UseCostunit = 2): remove the tag or map the "
+                                  "category to another account, then replay.",
+    Reason.UNMAPPED_TAX_NAME: "Add the tax name to mappings/vat.yaml (\"\" posts it gross without a code), "
+                              "then replay.",
     Reason.UNKNOWN_VAT_CODE: "Fix mappings/vat.yaml or create the VAT code in Exact, then replay.",
-    Reason.VAT_NOT_ALLOWED: "Use a journal that allows VAT or remove the tax mapping, then replay.",
+    Reason.BLOCKED_VAT_CODE: "Unblock the VAT code in Exact or map the tax name elsewhere in mappings/vat.yaml.",
+    Reason.VAT_NOT_ALLOWED: "Use a journal that allows VAT, or turn off posting.require_vat, then replay.",
     Reason.UNKNOWN_JOURNAL: "Fix `exact.journal` in mappings/connections.yaml.",
+    Reason.BLOCKED_JOURNAL: "Unblock the journal in Exact or point `exact.journal` at another one.",
     Reason.INVALID_JOURNAL_TYPE: "Point `exact.journal` at a type-90 general journal.",
     Reason.MISSING_PERIOD: "Create the financial year in Exact, then replay.",
     Reason.CLOSED_PERIOD: "Reopen the period, or set posting.closed_period_policy: next_open_period, then replay.",
-    Reason.UNSUPPORTED_CURRENCY: "Use a journal that allows variable currency for reports in a foreign currency.",
+    Reason.UNSUPPORTED_CURRENCY: "The report's currency is not an ISO code Exact knows; correct it in Expensify.",
+    Reason.MISSING_EXCHANGE_RATE: "Add the currency to posting.exchange_rates in mappings/connections.yaml, or use a "
+                                  "journal that allows variable currency, then replay.",
+    Reason.MISSING_ROUNDING_ACCOUNT: "Set exact.rounding_account in mappings/connections.yaml, then replay.",
     Reason.UNBALANCED: "A bug or corrupt source data: report it; the report was not posted.",
     Reason.INVALID_DRAFT: "A bug or corrupt source data: report it; the report was not posted.",
     Reason.REJECTED_BY_EXACT: "Read Exact's message, fix the cause in Exact or the mappings, then replay.",
     Reason.CHANGED_AFTER_POSTING: "Review the drafted reversal and correction, then approve or ignore it.",
 }
 
+# side: "debit" (the expense), "credit" (its offset) or "rounding" (a report's residue line).
+# amount_cents is what is posted as AmountFC, in `currency`; vat_amount_cents is the VAT line Exact adds on top
+# of it (excluding VAT codes only), so an entry balances when amount_cents + vat_amount_cents sums to zero.
 DRAFT_COLUMNS = [
     "connection", "partition_date", "report_id", "transaction_id", "line_no", "side", "gl_account_code",
     "gl_account_id", "amount_cents", "amount", "currency", "cost_center", "cost_unit", "vat_code", "entry_date",
-    "financial_year", "financial_period", "journal_code", "description", "notes",
+    "financial_year", "financial_period", "journal_code", "description", "notes", "vat_amount_cents",
 ]
 DRAFT_DTYPES = {"amount_cents": "int64", "line_no": "int64", "amount": "float64", "financial_year": "int64",
-                "financial_period": "int64"}
+                "financial_period": "int64", "vat_amount_cents": "int64"}
 REJECTION_COLUMNS = ["connection", "partition_date", "report_id", "transaction_id", "code", "dimension", "value",
                      "message"]
 
@@ -105,15 +157,58 @@ class JournalDrafts:
         return sorted(set(self.lines["report_id"]))
 
 
+def entry_total_cents(report_lines: pd.DataFrame) -> int:
+    """What the report costs, in the entry's currency: the sum of its offsets (debits may be net of VAT)."""
+    return -int(report_lines.loc[report_lines["side"] == "credit", "amount_cents"].sum())
+
+
+def vat_on_top_cents(net_cents: int, percentage: Decimal) -> int:
+    """The VAT line Exact adds to an excluding-VAT amount: net × percentage, rounded half away from zero to cents.
+
+    The percentage is a fraction (0.21); exact-online.md §5.5 gives no unit, so whole percents (21) are read as 21 %.
+    """
+    return int((Decimal(net_cents) * _fraction(percentage)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def net_for_gross(gross_cents: int, percentage: Decimal) -> tuple[int, int, int]:
+    """(net, vat, residue): the net whose net + VAT-on-top comes closest to the gross without passing it.
+
+    residue = gross − net − vat is 0 for most amounts; where the rounded VAT skips a cent it is ±1 (more for
+    absurd percentages), and belongs on the rounding account.
+    """
+    fraction = _fraction(percentage)
+    guess = int((Decimal(gross_cents) / (1 + fraction)).to_integral_value(rounding=ROUND_HALF_UP))
+    best = None
+    for net in range(guess - 3, guess + 4):
+        total = net + vat_on_top_cents(net, fraction)
+        residue = gross_cents - total
+        if residue * (1 if gross_cents >= 0 else -1) < 0:
+            continue  # never post more than the expense: the residue keeps the sign of the gross
+        if best is None or abs(residue) < abs(best[2]):
+            best = (net, total - net, residue)
+    assert best is not None
+    return best
+
+
+def _fraction(percentage) -> Decimal:
+    value = Decimal(str(percentage))
+    return value / 100 if value > 1 else value
+
+
+def _round_cents(value: Decimal) -> int:
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
 class _Lookup:
     """Dimension snapshots indexed by code for O(1) checks per line."""
 
     def __init__(self, dims: Dimensions):
-        self.gl = {r["code"]: r for r in dims.gl_accounts.to_dict("records")}
-        self.cost_centers = {r["code"]: r for r in dims.cost_centers.to_dict("records")}
-        self.cost_units = {r["code"]: r for r in dims.cost_units.to_dict("records")}
-        self.journals = {r["code"]: r for r in dims.journals.to_dict("records")}
-        self.vat = {r["code"]: r for r in dims.vat_codes.to_dict("records")}
+        # Exact may space-pad codes (exact-online.md §4.5); mappings never are.
+        self.gl = {str(r["code"]).strip(): r for r in dims.gl_accounts.to_dict("records")}
+        self.cost_centers = {str(r["code"]).strip(): r for r in dims.cost_centers.to_dict("records")}
+        self.cost_units = {str(r["code"]).strip(): r for r in dims.cost_units.to_dict("records")}
+        self.journals = {str(r["code"]).strip(): r for r in dims.journals.to_dict("records")}
+        self.vat = {str(r["code"]).strip(): r for r in dims.vat_codes.to_dict("records")}
         periods = dims.financial_periods.sort_values("start_date").to_dict("records")
         self.periods = [(_as_date(p["start_date"]), _as_date(p["end_date"]), int(p["fin_year"]), int(p["fin_period"]))
                         for p in periods]
@@ -147,6 +242,15 @@ def _as_date(value) -> date | None:
     return date.fromisoformat(str(value)[:10])
 
 
+def _flag(value) -> bool:
+    return bool(value) and not (isinstance(value, float) and pd.isna(value))
+
+
+def _use(account: dict | None, field: str) -> int:
+    value = account.get(field) if account is not None else None
+    return 0 if value is None or (isinstance(value, float) and pd.isna(value)) else int(value)
+
+
 def build_journal_drafts(lines: pd.DataFrame, connection: Connection, config: ProjectConfig, dims: Dimensions,
                          run_date: date) -> JournalDrafts:
     """Apply the posting rules to every report in `lines` (all of one connection).
@@ -154,7 +258,7 @@ def build_journal_drafts(lines: pd.DataFrame, connection: Connection, config: Pr
     Args:
         lines: normalized expense lines (docs/architecture.md).
         connection: whose journal, accounts and rules apply.
-        config: the category, tag and VAT mappings.
+        config: the category, tag, VAT and default-dimension mappings.
         dims: the Exact dimension snapshot used to validate every value.
         run_date: today's date, for the `run_date` posting-date policy.
 
@@ -165,8 +269,8 @@ def build_journal_drafts(lines: pd.DataFrame, connection: Connection, config: Pr
     lookup = _Lookup(dims)
     draft_rows: list[dict] = []
     rejection_rows: list[dict] = []
-    for report_id, report in lines.groupby("report_id", sort=True):
-        rows, problems = _draft_report(report, connection, config, lookup, run_date)
+    for _report_id, report in lines.groupby("report_id", sort=True):
+        rows, problems = _ReportDraft(report, connection, config, lookup, run_date).build()
         if problems:
             rejection_rows.extend(problems)
         else:
@@ -175,98 +279,289 @@ def build_journal_drafts(lines: pd.DataFrame, connection: Connection, config: Pr
     return JournalDrafts(lines=drafts, rejections=pd.DataFrame(rejection_rows, columns=REJECTION_COLUMNS))
 
 
-def _draft_report(report: pd.DataFrame, conn: Connection, config: ProjectConfig, lookup: _Lookup,
-                  run_date: date) -> tuple[list[dict], list[dict]]:
-    first = report.iloc[0]
-    report_id = first["report_id"]
-    partition_date = first["partition_date"]
-    problems: list[dict] = []
+class _ReportDraft:
+    """One report's entry: collects lines and problems; `build()` returns both (lines only matter without problems)."""
 
-    def problem(code: Reason, message: str, transaction_id: str = "", dimension: str = "", value: str = "") -> None:
-        problems.append({"connection": conn.name, "partition_date": partition_date, "report_id": report_id,
-                         "transaction_id": transaction_id, "code": code.value, "dimension": dimension,
-                         "value": value, "message": message})
+    def __init__(self, report: pd.DataFrame, conn: Connection, config: ProjectConfig, lookup: _Lookup,
+                 run_date: date):
+        self.report, self.conn, self.config, self.lookup, self.run_date = report, conn, config, lookup, run_date
+        first = report.iloc[0]
+        self.report_id = first["report_id"]
+        self.partition_date = first["partition_date"]
+        self.problems: list[dict] = []
 
-    journal = lookup.journals.get(conn.exact.journal)
-    if journal is None:
-        problem(Reason.UNKNOWN_JOURNAL, f"journal {conn.exact.journal} does not exist in Exact", dimension="journal",
-                value=conn.exact.journal)
-        return [], problems
-    if int(journal["type"]) != 90:
-        problem(Reason.INVALID_JOURNAL_TYPE, f"journal {conn.exact.journal} has type {journal['type']}, not 90",
-                dimension="journal", value=conn.exact.journal)
+    def problem(self, code: Reason, message: str, transaction_id: str = "", dimension: str = "",
+                value: str = "") -> None:
+        self.problems.append({"connection": self.conn.name, "partition_date": self.partition_date,
+                              "report_id": self.report_id, "transaction_id": transaction_id, "code": code.value,
+                              "dimension": dimension, "value": value, "message": message})
 
-    report_currency = first["report_currency"]
-    if report_currency != conn.exact.division_currency:
-        problem(Reason.UNSUPPORTED_CURRENCY, f"report currency {report_currency} differs from the division's "
-                f"{conn.exact.division_currency}", dimension="currency", value=report_currency)
+    # -- the entry ---------------------------------------------------------------------------------------
+    def build(self) -> tuple[list[dict], list[dict]]:
+        conn = self.conn
+        journal = self.lookup.journals.get(conn.exact.journal)
+        if journal is None:
+            self.problem(Reason.UNKNOWN_JOURNAL, f"journal {conn.exact.journal} does not exist in Exact",
+                         dimension="journal", value=conn.exact.journal)
+            return [], self.problems
+        if _flag(journal.get("is_blocked")):
+            self.problem(Reason.BLOCKED_JOURNAL, f"journal {conn.exact.journal} is blocked in Exact",
+                         dimension="journal", value=conn.exact.journal)
+        if int(journal["type"]) != 90:
+            self.problem(Reason.INVALID_JOURNAL_TYPE, f"journal {conn.exact.journal} has type {journal['type']}, "
+                         f"not 90", dimension="journal", value=conn.exact.journal)
+        self.journal = journal
+        if not self._entry_date_and_period():
+            return [], self.problems
+        self._currency()
 
-    entry_date = _entry_date(report, conn, run_date)
-    period = lookup.period_of(entry_date)
-    if period is None:
-        problem(Reason.MISSING_PERIOD, f"no financial period in Exact contains {entry_date}", dimension="period",
-                value=entry_date.isoformat())
-        return [], problems
-    year, fin_period, _ = period
-    if conn.posting.closed_through and (year, fin_period) <= _year_month(conn.posting.closed_through):
-        if conn.posting.closed_period_policy == "next_open_period":
-            moved = lookup.first_period_after(*_year_month(conn.posting.closed_through))
-            if moved is None:
-                problem(Reason.MISSING_PERIOD, "no open financial period after the closed ones", dimension="period",
-                        value=conn.posting.closed_through)
-                return [], problems
-            year, fin_period, entry_date = moved
+        rows: list[dict] = []
+        residues: list[tuple[str, int, str]] = []  # (transaction_id, cents, why)
+        payables: dict[str, list[tuple[int, Decimal]]] = {}  # credit account -> [(row index, report-currency amount)]
+        for expense in self.report.itertuples(index=False):
+            self._expense_lines(expense, rows, residues, payables)
+        if self.rate is not None:
+            self._conversion_residues(rows, residues, payables)
+        if residues and not self.problems:
+            self._rounding_line(rows, residues)
+        for n, row in enumerate(rows, start=1):
+            row["line_no"] = n
+        if not self.problems:
+            total = sum(r["amount_cents"] + r["vat_amount_cents"] for r in rows)
+            if total != 0:
+                self.problem(Reason.UNBALANCED, "debits and credits differ after Exact's VAT", dimension="amount",
+                             value=str(total))
+        return rows, self.problems
+
+    def _entry_date_and_period(self) -> bool:
+        conn = self.conn
+        entry_date = _entry_date(self.report, conn, self.run_date)
+        period = self.lookup.period_of(entry_date)
+        if period is None:
+            self.problem(Reason.MISSING_PERIOD, f"no financial period in Exact contains {entry_date}",
+                         dimension="period", value=entry_date.isoformat())
+            return False
+        year, fin_period, _ = period
+        if conn.posting.closed_through and (year, fin_period) <= _year_month(conn.posting.closed_through):
+            if conn.posting.closed_period_policy == "next_open_period":
+                moved = self.lookup.first_period_after(*_year_month(conn.posting.closed_through))
+                if moved is None:
+                    self.problem(Reason.MISSING_PERIOD, "no open financial period after the closed ones",
+                                 dimension="period", value=conn.posting.closed_through)
+                    return False
+                year, fin_period, entry_date = moved
+            else:
+                self.problem(Reason.CLOSED_PERIOD, f"period {year}/{fin_period:02d} is closed", dimension="period",
+                             value=f"{year}/{fin_period:02d}")
+        self.entry_date, self.year, self.fin_period = entry_date, year, fin_period
+        return True
+
+    def _currency(self) -> None:
+        """Sets the entry currency and, for a converted report, the report→division rate."""
+        report_currency = str(self.report.iloc[0]["report_currency"])
+        division_currency = self.conn.exact.division_currency
+        self.report_currency, self.rate = report_currency, None
+        if not re.fullmatch(r"[A-Z]{3}", report_currency):
+            self.problem(Reason.UNSUPPORTED_CURRENCY, f"report currency {report_currency!r} is not an ISO code",
+                         dimension="currency", value=report_currency)
+            self.currency = report_currency
+        elif report_currency == division_currency or _flag(self.journal.get("allow_variable_currency")):
+            # A foreign report goes in as is and Exact converts at its own rate for the entry date: Expensify has
+            # no report→division rate to offer, and ExchangeRate's direction is itself unclear (§5.7, §5.8 [?]).
+            self.currency = report_currency
         else:
-            problem(Reason.CLOSED_PERIOD, f"period {year}/{fin_period:02d} is closed", dimension="period",
-                    value=f"{year}/{fin_period:02d}")
+            self.currency = division_currency
+            rate = self.conn.posting.exchange_rates.get(report_currency)
+            if rate is None:
+                self.problem(Reason.MISSING_EXCHANGE_RATE, f"journal {self.conn.exact.journal} posts only in "
+                             f"{division_currency} and posting.exchange_rates has no rate for {report_currency}",
+                             dimension="currency", value=report_currency)
+            else:
+                self.rate = Decimal(str(rate))
 
-    credit_codes = {conn.exact.employee_payable_account, conn.exact.card_liability_account,
-                    *conn.exact.card_accounts.values()}
-    for code in sorted(credit_codes):
-        _check_account(code, lookup, problem, "")
-
-    rows: list[dict] = []
-    line_no = 0
-    for expense in report.itertuples(index=False):
+    # -- one expense -------------------------------------------------------------------------------------
+    def _expense_lines(self, expense, rows: list[dict], residues: list, payables: dict) -> None:
         tid = expense.transaction_id
-        gl_code = config.gl_account_for(expense.category, expense.policy_id)
-        if gl_code is None and conn.posting.fallback_to_category_gl_code and expense.category_gl_code:
-            gl_code = expense.category_gl_code
+        gl_code = self.config.gl_account_for(expense.category, expense.policy_id)
+        if gl_code is None and self.conn.posting.fallback_to_category_gl_code and expense.category_gl_code:
+            gl_code = str(expense.category_gl_code).strip()
         if gl_code is None:
-            problem(Reason.UNMAPPED_CATEGORY, f"category {expense.category!r} maps to no GL account",
-                    tid, "category", expense.category)
-            continue
-        account = _check_account(gl_code, lookup, problem, tid)
-        cost_center, cost_unit = _dimensions_for(expense, config, lookup, entry_date, problem)
-        # "" means no tag gave one; None means the tag's value was already reported as invalid.
-        if account is not None and int(account.get("use_costcenter") or 0) == 1 and cost_center == "":
-            problem(Reason.MISSING_COST_CENTER, f"GL account {gl_code} requires a cost center", tid, "cost_center", "")
-        if account is not None and int(account.get("use_costunit") or 0) == 1 and cost_unit == "":
-            problem(Reason.MISSING_COST_UNIT, f"GL account {gl_code} requires a cost unit", tid, "cost_unit", "")
-        vat_code = _vat_code_for(expense, config, journal, lookup, problem)
-        credit_code = _credit_account(expense, conn)
-        amount = int(expense.converted_amount_cents)
-        description, notes = _trace_texts(expense)
-        common = {"connection": conn.name, "partition_date": partition_date, "report_id": report_id,
-                  "transaction_id": tid, "currency": report_currency, "entry_date": entry_date.isoformat(),
-                  "financial_year": year, "financial_period": fin_period, "journal_code": conn.exact.journal,
-                  "description": description, "notes": notes}
-        line_no += 1
-        rows.append(common | {"line_no": line_no, "side": "debit", "gl_account_code": gl_code,
+            self.problem(Reason.UNMAPPED_CATEGORY, f"category {expense.category!r} maps to no GL account",
+                         tid, "category", expense.category)
+            return
+        account = self._account(gl_code, tid)
+        cost_center, cost_unit = self._dimensions(expense, account, gl_code)
+        vat = self._vat(expense)
+        credit_code = _credit_account(expense, self.conn)
+        credit_account = self._account(credit_code, tid)
+        self._no_mandatory_dimensions(credit_account, credit_code, tid)
+
+        report_amount = int(expense.converted_amount_cents)
+        gross = report_amount if self.rate is None else _round_cents(Decimal(report_amount) * self.rate)
+        net, vat_on_top = gross, 0
+        if vat is not None and str(vat.get("type")) == "E":
+            net, vat_on_top, residue = net_for_gross(gross, Decimal(str(vat.get("percentage") or 0)))
+            if residue:
+                residues.append((tid, residue, f"VAT {vat['code']} on {gross / 100:.2f}"))
+        description, notes = _trace_texts(expense, self.rate, self.currency, gross)
+        common = {"connection": self.conn.name, "partition_date": self.partition_date, "report_id": self.report_id,
+                  "transaction_id": tid, "currency": self.currency, "entry_date": self.entry_date.isoformat(),
+                  "financial_year": self.year, "financial_period": self.fin_period,
+                  "journal_code": self.conn.exact.journal, "description": description, "notes": notes}
+        rows.append(common | {"side": "debit", "gl_account_code": gl_code,
                               "gl_account_id": account["id"] if account is not None else None,
-                              "amount_cents": amount, "amount": amount / 100, "cost_center": cost_center or "",
-                              "cost_unit": cost_unit or "", "vat_code": vat_code})
-        credit_account = lookup.gl.get(credit_code)
-        line_no += 1
+                              "amount_cents": net, "amount": net / 100, "cost_center": cost_center or "",
+                              "cost_unit": cost_unit or "", "vat_code": vat["code"] if vat is not None else "",
+                              "vat_amount_cents": vat_on_top})
         # The offset carries the same trace IDs: every line must lead back to its expense (invariant 4).
-        rows.append(common | {"line_no": line_no, "side": "credit", "gl_account_code": credit_code,
+        payables.setdefault(credit_code, []).append((len(rows), Decimal(report_amount)))
+        rows.append(common | {"side": "credit", "gl_account_code": credit_code,
                               "gl_account_id": credit_account["id"] if credit_account is not None else None,
-                              "amount_cents": -amount, "amount": -amount / 100, "cost_center": "",
-                              "cost_unit": "", "vat_code": ""})
-    if not problems and sum(r["amount_cents"] for r in rows) != 0:
-        problem(Reason.UNBALANCED, "debits and credits differ", dimension="amount",
-                value=str(sum(r["amount_cents"] for r in rows)))
-    return rows, problems
+                              "amount_cents": -gross, "amount": -gross / 100, "cost_center": "", "cost_unit": "",
+                              "vat_code": "", "vat_amount_cents": 0})
+
+    def _account(self, code: str, tid: str) -> dict | None:
+        account = self.lookup.gl.get(code)
+        if account is None:
+            self.problem(Reason.UNKNOWN_GL_ACCOUNT, f"GL account {code} does not exist in Exact", tid, "gl_account",
+                         code)
+        elif _flag(account.get("is_blocked")):
+            self.problem(Reason.BLOCKED_GL_ACCOUNT, f"GL account {code} is blocked in Exact", tid, "gl_account", code)
+            return None
+        return account
+
+    def _no_mandatory_dimensions(self, account: dict | None, code: str, tid: str) -> None:
+        """Offsets and rounding lines carry no cost center or unit, so their accounts must not demand one."""
+        for dimension, field, reason in (("cost_center", "use_costcenter", Reason.MISSING_COST_CENTER),
+                                         ("cost_unit", "use_costunit", Reason.MISSING_COST_UNIT)):
+            if _use(account, field) == 1:
+                self.problem(reason, f"GL account {code} requires a {dimension.replace('_', ' ')}, which its "
+                             f"lines never carry", tid, dimension, "")
+
+    def _dimensions(self, expense, account: dict | None, gl_code: str) -> tuple[str | None, str | None]:
+        """Cost center and cost unit codes: "" when none applies, None when the value was reported as invalid."""
+        found: dict[str, str | None] = {}
+        for dimension in DIMENSION_NAMES:
+            code, source = self._dimension_code(expense, dimension)
+            use = _use(account, "use_costcenter" if dimension == "cost_center" else "use_costunit")
+            label = dimension.replace("_", " ")
+            reasons = {"cost_center": (Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER,
+                                       Reason.COST_CENTER_NOT_ALLOWED, Reason.MISSING_COST_CENTER),
+                       "cost_unit": (Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT,
+                                     Reason.COST_UNIT_NOT_ALLOWED, Reason.MISSING_COST_UNIT)}[dimension]
+            unknown, ended, not_allowed, missing = reasons
+            tid = expense.transaction_id
+            if code and use == 2:
+                if source == "tag":
+                    self.problem(not_allowed, f"GL account {gl_code} takes no {label}, but the tag gives {code}",
+                                 tid, dimension, code)
+                    code = None
+                else:
+                    code = ""  # a blanket default does not apply where the account forbids the dimension
+            if code:
+                snapshot = self.lookup.cost_centers if dimension == "cost_center" else self.lookup.cost_units
+                row = snapshot.get(code)
+                end = _as_date(row.get("end_date")) if row is not None else None
+                if row is None:
+                    self.problem(unknown, f"{label} {code} (from {source}) does not exist in Exact", tid, dimension,
+                                 code)
+                    code = None
+                elif end is not None and end < self.entry_date:
+                    self.problem(ended, f"{label} {code} ended on {end}", tid, dimension, code)
+                    code = None
+            if code == "" and use == 1:
+                self.problem(missing, f"GL account {gl_code} requires a {label}", tid, dimension, "")
+            found[dimension] = code
+        return found["cost_center"], found["cost_unit"]
+
+    def _dimension_code(self, expense, dimension: str) -> tuple[str | None, str]:
+        """(code, source): the tag's code, else a default; None when the tag maps to nothing (reported)."""
+        level_default = ""
+        for level in self.config.tags:
+            if level.dimension != dimension:
+                continue
+            tag_value = getattr(expense, f"tag_{level.level}", "") or ""
+            if tag_value:
+                if tag_value in level.values:
+                    return level.values[tag_value], "tag"
+                self.problem(Reason.UNMAPPED_TAG, f"tag {tag_value!r} (level {level.level}) maps to no {dimension}",
+                             expense.transaction_id, dimension, tag_value)
+                return None, "tag"
+            level_default = level_default or (level.default or "")
+        code = self.config.defaults.for_expense(dimension, expense.employee_email, expense.category)
+        if code:
+            return code, "defaults.yaml"
+        return level_default, "tags.yaml default"
+
+    def _vat(self, expense) -> dict | None:
+        """The VAT code row for the expense, or None to post the gross amount without a code."""
+        table = self.config.vat_codes
+        tax_name = expense.tax_name or ""
+        if not table or not tax_name:
+            return None  # without a VAT table, gross amounts
+        tid = expense.transaction_id
+        code = table.get(tax_name)
+        if not _flag(self.journal.get("allow_vat")):
+            # Exact refuses a VAT code here (§5.11 "Not allowed: VAT-code"): post gross unless told to insist.
+            if code and self.conn.posting.require_vat:
+                self.problem(Reason.VAT_NOT_ALLOWED, f"journal {self.conn.exact.journal} does not allow VAT, but "
+                             f"tax {tax_name!r} maps to VAT code {code}", tid, "vat_code", code)
+            return None
+        if code is None:
+            self.problem(Reason.UNMAPPED_TAX_NAME, f"tax {tax_name!r} is not in mappings/vat.yaml", tid, "tax_name",
+                         tax_name)
+            return None
+        if code == "":
+            return None
+        vat = self.lookup.vat.get(code)
+        if vat is None:
+            self.problem(Reason.UNKNOWN_VAT_CODE, f"VAT code {code} (tax {tax_name!r}) does not exist in Exact",
+                         tid, "vat_code", code)
+            return None
+        if _flag(vat.get("is_blocked")):
+            self.problem(Reason.BLOCKED_VAT_CODE, f"VAT code {code} is blocked in Exact", tid, "vat_code", code)
+            return None
+        return vat | {"code": code}
+
+    # -- residues ----------------------------------------------------------------------------------------
+    def _conversion_residues(self, rows: list[dict], residues: list, payables: dict) -> None:
+        """Each payable is its expenses' report-currency total converted once, as the employee or card is owed;
+        the difference to the line-by-line conversion is the conversion residue."""
+        for _code, items in payables.items():
+            owed = _round_cents(sum(amount for _, amount in items) * self.rate)
+            credited = -sum(rows[index]["amount_cents"] for index, _ in items)
+            residue = owed - credited
+            if residue:
+                last = rows[items[-1][0]]
+                last["amount_cents"] -= residue
+                last["amount"] = last["amount_cents"] / 100
+                residues.append((last["transaction_id"], residue, f"conversion at {self.rate:f}"))
+
+    def _rounding_line(self, rows: list[dict], residues: list[tuple[str, int, str]]) -> None:
+        code = self.conn.exact.rounding_account
+        tid = residues[-1][0]
+        total = sum(cents for _, cents, _ in residues)
+        if total == 0:
+            return  # residues that cancel out need no line
+        if not code:
+            self.problem(Reason.MISSING_ROUNDING_ACCOUNT, f"a rounding residue of {total / 100:.2f} needs "
+                         f"exact.rounding_account", tid, "rounding_account", "")
+            return
+        account = self._account(code, tid)
+        self._no_mandatory_dimensions(account, code, tid)
+        if self.problems:
+            return
+        why = "; ".join(f"{t}: {c / 100:+.2f} ({w})" for t, c, w in residues)
+        rows.append({"connection": self.conn.name, "partition_date": self.partition_date,
+                     "report_id": self.report_id, "transaction_id": tid, "side": "rounding",
+                     "gl_account_code": code, "gl_account_id": account["id"], "amount_cents": total,
+                     "amount": total / 100, "currency": self.currency, "cost_center": "", "cost_unit": "",
+                     "vat_code": "", "entry_date": self.entry_date.isoformat(), "financial_year": self.year,
+                     "financial_period": self.fin_period, "journal_code": self.conn.exact.journal,
+                     "description": f"{self.report_id}/{tid} rounding"[:DESCRIPTION_MAX],
+                     "notes": f"Expensify report {self.report_id}, transaction {tid}: rounding residue {why}"
+                              [:NOTES_MAX],
+                     "vat_amount_cents": 0})
 
 
 def _entry_date(report: pd.DataFrame, conn: Connection, run_date: date) -> date:
@@ -288,71 +583,6 @@ def _year_month(value: str) -> tuple[int, int]:
     return int(year), int(month)
 
 
-def _check_account(code: str, lookup: _Lookup, problem, tid: str) -> dict | None:
-    account = lookup.gl.get(code)
-    if account is None:
-        problem(Reason.UNKNOWN_GL_ACCOUNT, f"GL account {code} does not exist in Exact", tid, "gl_account", code)
-    elif bool(account.get("is_blocked")):
-        problem(Reason.BLOCKED_GL_ACCOUNT, f"GL account {code} is blocked in Exact", tid, "gl_account", code)
-        return None
-    return account
-
-
-def _dimensions_for(expense, config: ProjectConfig, lookup: _Lookup, entry_date: date,
-                    problem) -> tuple[str | None, str | None]:
-    """Cost center and cost unit codes: "" when no tag gives one, None when the tag's value is invalid."""
-    found: dict[str, str | None] = {"cost_center": "", "cost_unit": ""}
-    for level in config.tags:
-        tag_value = getattr(expense, f"tag_{level.level}") or ""
-        if not tag_value:
-            code = level.default or ""
-        elif tag_value in level.values:
-            code = level.values[tag_value]
-        else:
-            problem(Reason.UNMAPPED_TAG, f"tag {tag_value!r} (level {level.level}) maps to no {level.dimension}",
-                    expense.transaction_id, level.dimension, tag_value)
-            found[level.dimension] = None
-            continue
-        if not code:
-            continue
-        snapshot = lookup.cost_centers if level.dimension == "cost_center" else lookup.cost_units
-        row = snapshot.get(code)
-        unknown, ended = ((Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER) if level.dimension == "cost_center"
-                          else (Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT))
-        label = level.dimension.replace("_", " ")
-        if row is None:
-            problem(unknown, f"{label} {code} (from tag {tag_value!r}) does not exist in Exact",
-                    expense.transaction_id, level.dimension, code)
-            found[level.dimension] = None
-            continue
-        end = _as_date(row.get("end_date"))
-        if end is not None and end < entry_date:
-            problem(ended, f"{label} {code} ended on {end}", expense.transaction_id, level.dimension, code)
-            found[level.dimension] = None
-            continue
-        found[level.dimension] = code
-    return found["cost_center"], found["cost_unit"]
-
-
-def _vat_code_for(expense, config: ProjectConfig, journal: dict, lookup: _Lookup, problem) -> str:
-    if not config.vat_codes or not expense.tax_name or not bool(journal.get("allow_vat")):
-        return ""  # without a VAT table or on a journal without VAT, gross amounts are posted
-    code = config.vat_codes.get(expense.tax_name)
-    if code is None:
-        return ""
-    vat = lookup.vat.get(code)
-    if vat is None:
-        problem(Reason.UNKNOWN_VAT_CODE, f"VAT code {code} (tax {expense.tax_name!r}) does not exist in Exact",
-                expense.transaction_id, "vat_code", code)
-        return ""
-    if bool(vat.get("is_blocked")) or str(vat.get("type")) not in ("I", "N", "B"):
-        # Excluding codes make Exact add VAT on top of the amount, which would unbalance a gross expense.
-        problem(Reason.VAT_NOT_ALLOWED, f"VAT code {code} cannot be used on gross expense amounts",
-                expense.transaction_id, "vat_code", code)
-        return ""
-    return code
-
-
 def _credit_account(expense, conn: Connection) -> str:
     if expense.reimbursable or not expense.card_bank:
         return conn.exact.employee_payable_account
@@ -361,13 +591,19 @@ def _credit_account(expense, conn: Connection) -> str:
             or conn.exact.card_liability_account)
 
 
-def _trace_texts(expense) -> tuple[str, str]:
+def _trace_texts(expense, rate: Decimal | None, entry_currency: str, entry_cents: int) -> tuple[str, str]:
+    """Description (IDs first, so truncation keeps them) and Notes (IDs, then the money trail, then the merchant)."""
     ids = f"{expense.report_id}/{expense.transaction_id}"
     description = f"{ids} {expense.merchant}"[:DESCRIPTION_MAX]
-    notes = f"Expensify report {expense.report_id}, transaction {expense.transaction_id}: {expense.merchant} | " \
-            f"{expense.category}"
+    trail = []
     if expense.currency != expense.report_currency:
-        notes += f" | original {int(expense.amount_cents) / 100:.2f} {expense.currency} @ {expense.exchange_rate:g}"
+        trail.append(f"original {int(expense.amount_cents) / 100:.2f} {expense.currency} @ {expense.exchange_rate:g}")
+    if rate is not None:
+        trail.append(f"report {int(expense.converted_amount_cents) / 100:.2f} {expense.report_currency} @ {rate:f} "
+                     f"= {entry_cents / 100:.2f} {entry_currency}")
+    money = "".join(f" | {t}" for t in trail)
+    notes = (f"Expensify report {expense.report_id}, transaction {expense.transaction_id}{money}: "
+             f"{expense.merchant} | {expense.category}")
     return description, notes[:NOTES_MAX]
 
 

@@ -146,3 +146,64 @@ def test_schema_check_moves_an_unbalanced_report_to_the_rejections_whole():
     assert list(kept.rejections["report_id"]) == ["R2"]
     assert kept.rejections.iloc[0]["code"] == "UNBALANCED"
     assert not failures.empty
+
+
+@pytest.mark.parametrize(
+    ("gross", "percentage", "expected"),
+    [
+        # 121.00 at 21 % excluding: exactly 100.00 net + 21.00 VAT.
+        (12100, "0.21", (10000, 2100, 0)),
+        # 10.00 has no exact net: 8.26 + 1.73 = 9.99, so one cent is left for the rounding account.
+        (1000, "0.21", (826, 173, 1)),
+        # A refund mirrors it (Exact rounds half away from zero).
+        (-1000, "0.21", (-826, -173, -1)),
+        # A percentage given in whole percents is read as a fraction.
+        (1000, "21", (826, 173, 1)),
+        # 0 % leaves the gross untouched.
+        (4599, "0", (4599, 0, 0)),
+    ],
+)
+def test_excluding_vat_net_is_chosen_so_exacts_vat_line_lands_on_the_gross(gross, percentage, expected):
+    from decimal import Decimal
+
+    from expensify_exact.transform.journal import net_for_gross, vat_on_top_cents
+
+    net, vat, residue = net_for_gross(gross, Decimal(percentage))
+    assert (net, vat, residue) == expected
+    assert vat == vat_on_top_cents(net, Decimal(percentage)) and net + vat + residue == gross
+
+
+@pytest.mark.parametrize(
+    ("filename", "text", "line", "message"),
+    [
+        # A misspelt dimension in defaults.yaml must not be ignored.
+        ("defaults.yaml", "defaults:\n  categories:\n    Software: {cost_centre: AMS}\n", 3, "cost_centre"),
+        # An exchange rate must be positive.
+        ("connections.yaml", None, None, "must be positive"),
+    ],
+)
+def test_new_mapping_keys_report_errors_with_file_and_line(tmp_path, filename, text, line, message):
+    import shutil
+
+    from expensify_exact.errors import ConfigError
+
+    folder = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS, folder)
+    path = folder / filename
+    if text is None:
+        text = path.read_text().replace("      closed_period_policy: quarantine",
+                                        "      closed_period_policy: quarantine\n      exchange_rates: {USD: 0}")
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_project_config(folder)
+    assert error.value.path == str(path) and message in str(error.value)
+    if line is not None:
+        assert error.value.line == line
+    else:
+        assert error.value.line == text.splitlines().index("      exchange_rates: {USD: 0}") + 1
+
+
+def test_rejection_reasons_all_say_what_to_do():
+    from expensify_exact.transform.journal import REASON_FIXES, Reason
+
+    assert set(REASON_FIXES) == set(Reason)
