@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 
 from expensify_exact.errors import ConnectorError
@@ -53,14 +53,19 @@ def cmd_sandbox(args) -> int:
     print(f"  {SECRET_ENV['expensify_partner_user_secret']}=<see expensify_exact/sandbox/seed.py>")
     print(f"  {SECRET_ENV['exact_client_id']}={seed.EXACT_CLIENT_ID}")
     print("Press Ctrl-C to stop.", flush=True)
+    wait_until_stopped()
+    server.stop()
+    return EXIT_OK
+
+
+def wait_until_stopped() -> None:
+    """Block a serving command until Ctrl-C or SIGTERM (how `make demo` and service managers stop it)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
-    server.stop()
-    return EXIT_OK
 
 
 # --- secrets ------------------------------------------------------------------------------------------

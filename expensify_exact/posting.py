@@ -12,7 +12,7 @@ from typing import Protocol
 
 import pandas as pd
 
-from expensify_exact.errors import RateLimitExhausted, RejectedByApi, TransientApiError
+from expensify_exact.errors import RateLimitExhausted, RejectedByApi
 from expensify_exact.state import StateStore
 from expensify_exact.transform.journal import (
     JournalDrafts, Reason, content_hash, entry_body, entry_id_for, entry_total_cents,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -24,7 +22,7 @@ def register(subparsers) -> None:
 
 
 def cmd_serve(args) -> int:
-    from expensify_exact.cli import connector_from_args
+    from expensify_exact.cli import connector_from_args, wait_until_stopped
     from expensify_exact.webhooks import EXACT_WEBHOOK_SECRET, WebhookProcessor, WebhookServer, vault_secrets, webhook_app
 
     connector = connector_from_args(args)
@@ -42,12 +40,7 @@ def cmd_serve(args) -> int:
     server = WebhookServer(webhook_app(processor), host=args.host, port=args.port).start()
     divisions = ", ".join(f"{c.name} (division {c.exact.division})" for c in config.connections if c.name not in missing)
     print(f"listening on {server.url} for {divisions}; Ctrl-C stops", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+    wait_until_stopped()
     server.stop()
     return EXIT_OK
 

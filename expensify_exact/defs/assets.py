@@ -16,6 +16,7 @@ from pandera.errors import SchemaErrors
 
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
+from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.errors import ConnectorError
 from expensify_exact.expensify.client import parse_report_timestamp
@@ -23,7 +24,7 @@ from expensify_exact.posting import OUTCOME_COLUMNS, post_drafts
 from expensify_exact.resources import ConnectorResource
 from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimension
 from expensify_exact.transform.draft_checks import DraftLineSchema, split_invalid_drafts
-from expensify_exact.transform.expense_lines import ExpenseLineSchema, NormalizedLines, normalize_reports
+from expensify_exact.transform.expense_lines import ExpenseLineSchema, normalize_reports
 from expensify_exact.transform.journal import (
     DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, JournalDrafts, Reason, build_journal_drafts,
 )
@@ -62,15 +63,6 @@ def _per_partition(context: dg.AssetExecutionContext, value: Any) -> dict[str, A
 def _result(context: dg.AssetExecutionContext, values: dict[str, Any]) -> Any:
     keys = context.partition_keys
     return values[keys[0]] if len(keys) == 1 else values
-
-
-def _md(frame: pd.DataFrame, limit: int = 50) -> dg.MetadataValue:
-    if frame.empty:
-        return dg.MetadataValue.md("_none_")
-    text = frame.head(limit).to_markdown(index=False)
-    if len(frame) > limit:
-        text += f"\n\n… and {len(frame) - limit} more"
-    return dg.MetadataValue.md(text)
 
 
 def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
@@ -181,7 +173,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                       **{f"total_{cur}": float(v) / 100 for cur, v in dict(totals).items()}},
             check_results=[dg.AssetCheckResult(
                 check_name=LINES_SCHEMA_CHECK, passed=errors is None, severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"failures": _md(errors) if errors is not None else dg.MetadataValue.md("_none_"),
+                metadata={"failures": markdown_table(errors) if errors is not None else dg.MetadataValue.md("_none_"),
                           "malformed_lines_set_aside": len(malformed)})],
         )
 
@@ -201,7 +193,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         for name in dimension_keys:
             frame = fetch_dimension(client, name)
             yield dg.Output(frame, output_name=name, metadata={"rows": len(frame), "dagster/row_count": len(frame),
-                                                               "preview": _md(frame, limit=30)})
+                                                               "preview": markdown_table(frame, limit=30)})
 
     @dg.asset(
         key=drafts_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
@@ -235,12 +227,12 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
             metadata={"entries": int(lines["report_id"].nunique()), "lines": len(lines),
                       "rejected_reports": int(rejections["report_id"].nunique()),
                       "debit_total": round(float(lines.loc[lines["side"] == "debit", "amount_cents"].sum()) / 100, 2),
-                      "preview": _md(preview, limit=100),
-                      "rejections": _md(rejections[["report_id", "transaction_id", "code", "value", "message"]]),
+                      "preview": markdown_table(preview, limit=100),
+                      "rejections": markdown_table(rejections[["report_id", "transaction_id", "code", "value", "message"]]),
                       "dagster/row_count": len(lines)},
             check_results=[dg.AssetCheckResult(
                 check_name=DRAFTS_BALANCED_CHECK, passed=errors is None, severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"failures": _md(errors) if errors is not None else dg.MetadataValue.md("_none_"),
+                metadata={"failures": markdown_table(errors) if errors is not None else dg.MetadataValue.md("_none_"),
                           "reports_sent_to_quarantine": int(rejections["report_id"].nunique())})],
         )
 
@@ -278,7 +270,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                       "posted_total": float(outcomes.loc[outcomes["outcome"] == "posted", "total_cents"].sum()) / 100,
                       "exact_calls": client.calls_made if client is not None else 0,
                       "exact_daily_calls_left": (client.rate_limits.remaining_daily or -1) if client else -1,
-                      "outcomes": _md(outcomes[["partition_date", "report_id", "outcome", "entry_number",
+                      "outcomes": markdown_table(outcomes[["partition_date", "report_id", "outcome", "entry_number",
                                                 "reason_codes"]], limit=100)},
         )
 
@@ -311,7 +303,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
             value=_result(context, results),
             metadata={"quarantined_reports": int(rows["report_id"].nunique()), "problems": len(rows),
                       **{f"reason_{code}": int(n) for code, n in by_reason.items()},
-                      "items": _md(rows[["report_id", "transaction_id", "code", "value", "message", "fix"]], 100),
+                      "items": markdown_table(rows[["report_id", "transaction_id", "code", "value", "message", "fix"]], 100),
                       "dagster/row_count": len(rows)},
         )
 
@@ -343,7 +335,7 @@ def _unreported_card_spend(conn: Connection, group: str):
             value=_result(context, by_day),
             metadata={"transactions": len(frame), "dagster/row_count": len(frame),
                       **{f"total_{cur}": float(v) / 100 for cur, v in totals.items()},
-                      "items": _md(frame)},
+                      "items": markdown_table(frame)},
         )
 
     return unreported_card_spend

@@ -17,6 +17,7 @@ import pandas as pd
 
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.keys import asset_key, exact_pool, group_name
+from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
 from expensify_exact.posting import OUTCOME_COLUMNS
@@ -192,8 +193,8 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
                       "days_reconciled": result.stats["days_reconciled"],
                       "days_missing": dg.MetadataValue.json(result.stats["days_missing"]),
                       "financial_period": result.stats.get("financial_period", ""),
-                      "card_accounts": _md(_money_frame(cards, ["ours_cents", "settlements_cents", "balance_cents"])),
-                      "totals": _md(_money_frame(result.totals, ["expected_cents", "actual_cents",
+                      "card_accounts": markdown_table(_money_frame(cards, ["ours_cents", "settlements_cents", "balance_cents"])),
+                      "totals": markdown_table(_money_frame(result.totals, ["expected_cents", "actual_cents",
                                                                  "difference_cents"]), limit=200)},
             check_results=_check_results(MONTHLY_CHECKS, result.findings,
                                          extra={"days_missing": len(result.stats["days_missing"])}),
@@ -247,7 +248,7 @@ def _finding_metadata(findings: pd.DataFrame) -> dict[str, Any]:
     counts = findings["code"].value_counts().to_dict() if len(findings) else {}
     shown = findings[["period", "code", "report_id", "entry_number", "gl_account_code", "cost_center", "message"]]
     return {"findings": len(findings), **{f"finding_{code}": int(n) for code, n in sorted(counts.items())},
-            "findings_table": _md(shown, limit=100) if len(findings) else dg.MetadataValue.md(
+            "findings_table": markdown_table(shown, limit=100) if len(findings) else dg.MetadataValue.md(
                 "**0 findings** — Exact matches Expensify."),
             "dagster/row_count": len(findings)}
 
@@ -261,7 +262,7 @@ def _check_results(checks: dict[str, tuple[tuple[Finding, ...], str]], findings:
         out.append(dg.AssetCheckResult(
             check_name=name, passed=broken.empty, severity=dg.AssetCheckSeverity.ERROR,
             metadata={"findings": len(broken), **(extra or {}),
-                      "details": _md(broken[["period", "code", "report_id", "entry_number", "message"]])
+                      "details": markdown_table(broken[["period", "code", "report_id", "entry_number", "message"]])
                       if len(broken) else dg.MetadataValue.md("_none_"),
                       "what_to_do": dg.MetadataValue.md(fixes or "_nothing_")}))
     return out
@@ -280,10 +281,3 @@ def _money_frame(frame: pd.DataFrame, cent_columns: list[str]) -> pd.DataFrame:
     return out
 
 
-def _md(frame: pd.DataFrame, limit: int = 50) -> dg.MetadataValue:
-    if frame.empty:
-        return dg.MetadataValue.md("_none_")
-    text = frame.head(limit).to_markdown(index=False)
-    if len(frame) > limit:
-        text += f"\n\n… and {len(frame) - limit} more"
-    return dg.MetadataValue.md(text)

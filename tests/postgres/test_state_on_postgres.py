@@ -1,24 +1,15 @@
 """Production mode: the connector's own state on the real PostgreSQL server, with the same code as SQLite."""
 
 import multiprocessing
-import time
 
 import pytest
 
 from expensify_exact.errors import StateStoreError
 from expensify_exact.state import SCHEMA_VERSION, StateStore
 from expensify_exact.vault import CredentialVault
+from tests.unit.test_state_and_vault import _enter_and_leave_under_lock
 
 pytestmark = pytest.mark.postgres
-
-
-def _enter_and_leave_under_lock(url: str, rounds: int) -> None:
-    store = StateStore(url)
-    for _ in range(rounds):
-        with store.lock("shared"):
-            store.audit("enter")
-            time.sleep(0.005)
-            store.audit("leave")
 
 
 def test_migrations_apply_once_and_are_recorded(pg_database):
