@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean chromium
 
-$(STAMP): pyproject.toml
+# `browser` brings the Playwright driver only; the browser is Debian's Chromium (see `chromium`), never a download.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,browser]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,8 +23,24 @@ demo: install
 # several times faster than on disk.
 TEST_TMP := $(shell test -w /dev/shm && echo /dev/shm || echo /tmp)
 
-## The whole suite (unit, HTTP, sandbox, Dagster end-to-end, PostgreSQL).
-test: install
+## Debian's Chromium for the browser test of the Dagster UI (tests/browser), installed only if missing.
+## Needs root (CI runs as root) or password-less sudo; elsewhere the browser test is skipped, in CI it fails.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null; then \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+	      && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	      || { echo "apt-get install chromium failed" >&2; [ -z "$$CI" ] || exit 1; }; \
+	  else \
+	    echo "note: /usr/bin/chromium is missing and cannot be installed here (needs root and apt-get);" \
+	         "the browser test will be skipped. Install it with: sudo apt-get install chromium" >&2; \
+	    [ -z "$$CI" ] || exit 1; \
+	  fi; \
+	fi
+
+## The whole suite (unit, HTTP, sandbox, Dagster end-to-end, PostgreSQL, the Dagster UI in Chromium).
+test: install chromium
 	TMPDIR=$(TEST_TMP) $(BIN)/python -m pytest -q
 
 clean:
