@@ -94,10 +94,32 @@ audit_log = sa.Table(
     sa.Column("detail", sa.Text, nullable=True),
 )
 
+# The two entries an approved CHANGED_AFTER_POSTING correction posts (the reversal of the posted entry and the
+# corrected entry), as intents written together before either POST, so a crash between them is settled, not redone.
+corrections = sa.Table(
+    "ee_corrections", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("report_id", sa.String(64), primary_key=True),
+    sa.Column("entry_id", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # reversal | correction
+    sa.Column("replaces_entry_id", sa.String(36), nullable=False),  # the ledger's posted entry being corrected
+    sa.Column("status", sa.String(16), nullable=False),  # pending | posted
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # the exact POST body (without EntryID): a retry sends the same entry
+    sa.Column("entry_number", sa.Integer, nullable=True),
+    sa.Column("partition_date", sa.String(10), nullable=True),
+    sa.Column("transaction_ids", sa.Text, nullable=False),
+    sa.Column("total_cents", sa.BigInteger, nullable=False),
+    sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("run_id", sa.String(64), nullable=True),
+)
+
 # Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "locks, secrets, tokens, ledger, quarantine, audit log",
      [locks, secrets, exact_tokens, posted_ledger, quarantine, audit_log]),
+    (2, "correction intents for approved CHANGED_AFTER_POSTING reports", [corrections]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -128,6 +150,23 @@ class QuarantineItem:
     first_seen_at: datetime
     updated_at: datetime
     resolution_note: str | None
+
+
+@dataclass(frozen=True)
+class CorrectionRow:
+    connection: str
+    report_id: str
+    entry_id: str
+    kind: str
+    replaces_entry_id: str
+    status: str
+    content_hash: str
+    body: dict
+    entry_number: int | None
+    partition_date: str | None
+    transaction_ids: list[str]
+    total_cents: int
+    posted_at: datetime | None
 
 
 def default_state_url() -> str:
@@ -292,20 +331,24 @@ class StateStore:
                             partition_date: str | None, transaction_ids: list[str], total_cents: int,
                             run_id: str | None) -> None:
         """Record that `entry_id` is about to be posted. Refuses to overwrite a posted row."""
+        values = {"status": "pending", "content_hash": content_hash, "entry_id": entry_id,
+                  "partition_date": partition_date, "transaction_ids": json.dumps(transaction_ids),
+                  "total_cents": total_cents, "intent_at": _utcnow(), "run_id": run_id, "entry_number": None,
+                  "posted_at": None}
         with self.engine.begin() as conn:
-            existing = conn.execute(sa.select(posted_ledger.c.status).where(
-                posted_ledger.c.connection == connection, posted_ledger.c.report_id == report_id)).scalar_one_or_none()
-            if existing == "posted":
+            # Write first, read after: two runs racing for one report then queue on the write lock instead of both
+            # reading "no row" and one failing on the primary key (overlapping backfills running at once).
+            try:
+                with conn.begin_nested():
+                    conn.execute(posted_ledger.insert().values(connection=connection, report_id=report_id, **values))
+                return
+            except sa.exc.IntegrityError:
+                pass
+            replaced = conn.execute(posted_ledger.update().where(
+                posted_ledger.c.connection == connection, posted_ledger.c.report_id == report_id,
+                posted_ledger.c.status != "posted").values(**values)).rowcount
+            if not replaced:
                 raise StateStoreError(f"report {report_id} is already posted for {connection}; refusing a new intent")
-            values = {"status": "pending", "content_hash": content_hash, "entry_id": entry_id,
-                      "partition_date": partition_date, "transaction_ids": json.dumps(transaction_ids),
-                      "total_cents": total_cents, "intent_at": _utcnow(), "run_id": run_id, "entry_number": None,
-                      "posted_at": None}
-            if existing is None:
-                conn.execute(posted_ledger.insert().values(connection=connection, report_id=report_id, **values))
-            else:
-                conn.execute(posted_ledger.update().where(posted_ledger.c.connection == connection,
-                                                          posted_ledger.c.report_id == report_id).values(**values))
 
     def ledger_mark_posted(self, connection: str, report_id: str, entry_id: str, entry_number: int | None) -> None:
         with self.engine.begin() as conn:
@@ -324,14 +367,20 @@ class StateStore:
     # --- quarantine ----------------------------------------------------------------------------------
     def quarantine_put(self, connection: str, report_id: str, *, partition_date: str | None, reasons: list[dict],
                        transaction_ids: list[str], content_hash: str | None) -> None:
-        """Open (or refresh) the quarantine item of a report. One row per report, never duplicated."""
+        """Open (or refresh) the quarantine item of a report. One row per report, never duplicated.
+
+        An item an operator ignored keeps that status (and note) while its reasons are refreshed: ignoring means
+        "do not ask again about this report", so a rerun of its day must not reopen it.
+        """
         now = _utcnow()
         values = {"status": "open", "partition_date": partition_date, "reasons": json.dumps(reasons),
                   "transaction_ids": json.dumps(transaction_ids), "content_hash": content_hash, "updated_at": now,
                   "resolution_note": None}
         with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(quarantine.c.report_id).where(
+            exists = conn.execute(sa.select(quarantine.c.report_id, quarantine.c.status).where(
                 quarantine.c.connection == connection, quarantine.c.report_id == report_id)).first()
+            if exists and exists.status == "ignored":
+                values = {k: v for k, v in values.items() if k not in ("status", "resolution_note")}
             if exists:
                 conn.execute(quarantine.update().where(quarantine.c.connection == connection,
                                                        quarantine.c.report_id == report_id).values(**values))
@@ -345,16 +394,103 @@ class StateStore:
                 quarantine.c.connection == connection, quarantine.c.report_id == report_id,
             ).values(status=status, resolution_note=note, updated_at=_utcnow())).rowcount)
 
-    def quarantine_items(self, connection: str | None = None, status: str | None = "open") -> list[QuarantineItem]:
+    def quarantine_items(self, connection: str | None = None, status: str | None = "open",
+                         report_ids: list[str] | None = None) -> list[QuarantineItem]:
         query = sa.select(quarantine).order_by(quarantine.c.partition_date, quarantine.c.report_id)
         if connection:
             query = query.where(quarantine.c.connection == connection)
         if status:
             query = query.where(quarantine.c.status == status)
+        if report_ids is not None:
+            query = query.where(quarantine.c.report_id.in_(list(report_ids)))
         with self.engine.connect() as conn:
-            return [QuarantineItem(r.connection, r.report_id, r.status, r.partition_date, json.loads(r.reasons),
-                                   json.loads(r.transaction_ids), r.content_hash, _aware(r.first_seen_at),
-                                   _aware(r.updated_at), r.resolution_note) for r in conn.execute(query)]
+            return [_quarantine_item(r) for r in conn.execute(query)]
+
+    def quarantine_get(self, connection: str, report_id: str) -> QuarantineItem | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(quarantine).where(quarantine.c.connection == connection,
+                                                           quarantine.c.report_id == report_id)).first()
+        return _quarantine_item(row) if row else None
+
+    def quarantine_close(self, connection: str, report_id: str, status: str, note: str,
+                         expected_status: str = "open") -> bool:
+        """Move an item out of `expected_status` (an operator's resolve or ignore); False if it was not in it."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(quarantine.update().where(
+                quarantine.c.connection == connection, quarantine.c.report_id == report_id,
+                quarantine.c.status == expected_status,
+            ).values(status=status, resolution_note=note, updated_at=_utcnow())).rowcount)
+
+    # --- correction intents (reversal + corrected entry of an approved CHANGED_AFTER_POSTING report) ---
+    def corrections_write_intents(self, connection: str, report_id: str, intents: list[dict],
+                                  run_id: str | None = None) -> list[CorrectionRow]:
+        """Record every entry an approval is about to post, in one transaction, before the first POST.
+
+        Each intent has entry_id, kind, replaces_entry_id, content_hash, body, partition_date, transaction_ids and
+        total_cents. An intent already recorded (same entry ID) is kept as it is, posted or not.
+        """
+        now = _utcnow()
+        with self.engine.begin() as conn:
+            for intent in intents:
+                exists = conn.execute(sa.select(corrections.c.entry_id).where(
+                    corrections.c.connection == connection, corrections.c.report_id == report_id,
+                    corrections.c.entry_id == intent["entry_id"])).first()
+                if exists:
+                    continue
+                conn.execute(corrections.insert().values(
+                    connection=connection, report_id=report_id, entry_id=intent["entry_id"], kind=intent["kind"],
+                    replaces_entry_id=intent["replaces_entry_id"], status="pending",
+                    content_hash=intent["content_hash"], body=json.dumps(intent["body"], sort_keys=True),
+                    entry_number=None, partition_date=intent.get("partition_date"),
+                    transaction_ids=json.dumps(intent.get("transaction_ids") or []),
+                    total_cents=int(intent.get("total_cents") or 0), intent_at=now, posted_at=None, run_id=run_id))
+        return self.corrections_for(connection, report_id)
+
+    def corrections_for(self, connection: str, report_id: str,
+                        replaces_entry_id: str | None = None) -> list[CorrectionRow]:
+        query = (sa.select(corrections).where(corrections.c.connection == connection,
+                                              corrections.c.report_id == report_id)
+                 .order_by(corrections.c.intent_at, corrections.c.kind.desc(), corrections.c.entry_id))
+        if replaces_entry_id:
+            query = query.where(corrections.c.replaces_entry_id == replaces_entry_id)
+        with self.engine.connect() as conn:
+            return [_correction_row(r) for r in conn.execute(query)]
+
+    def correction_mark_posted(self, connection: str, report_id: str, entry_id: str, entry_number: int | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(corrections.update().where(
+                corrections.c.connection == connection, corrections.c.report_id == report_id,
+                corrections.c.entry_id == entry_id,
+            ).values(status="posted", entry_number=entry_number, posted_at=_utcnow()))
+
+    def correction_drop_intent(self, connection: str, report_id: str, entry_id: str) -> None:
+        """Forget a pending correction intent that Exact is known not to hold."""
+        with self.engine.begin() as conn:
+            conn.execute(corrections.delete().where(
+                corrections.c.connection == connection, corrections.c.report_id == report_id,
+                corrections.c.entry_id == entry_id, corrections.c.status == "pending"))
+
+    def correction_complete(self, connection: str, report_id: str, *, replaces_entry_id: str, content_hash: str,
+                            entry_id: str, entry_number: int | None, partition_date: str | None,
+                            transaction_ids: list[str], total_cents: int, run_id: str | None, note: str) -> None:
+        """Point the ledger at the posted corrected entry and close the quarantine item, in one transaction.
+
+        Compare-and-set on the ledger's entry: refuses if the ledger no longer holds `replaces_entry_id` as posted.
+        """
+        now = _utcnow()
+        with self.engine.begin() as conn:
+            updated = conn.execute(posted_ledger.update().where(
+                posted_ledger.c.connection == connection, posted_ledger.c.report_id == report_id,
+                posted_ledger.c.entry_id == replaces_entry_id, posted_ledger.c.status == "posted",
+            ).values(content_hash=content_hash, entry_id=entry_id, entry_number=entry_number,
+                     partition_date=partition_date, transaction_ids=json.dumps(transaction_ids),
+                     total_cents=total_cents, posted_at=now, run_id=run_id)).rowcount
+            if not updated:
+                raise StateStoreError(f"report {report_id} of {connection} no longer has entry {replaces_entry_id} "
+                                      f"posted in the ledger; refusing to record its correction")
+            conn.execute(quarantine.update().where(
+                quarantine.c.connection == connection, quarantine.c.report_id == report_id,
+            ).values(status="resolved", resolution_note=note, updated_at=now))
 
     # --- audit log (append-only: there is no update or delete here) ----------------------------------
     def audit(self, event: str, *, connection: str | None = None, report_id: str | None = None,
@@ -395,6 +531,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")  # an intent must survive a crash the moment it is written
     cursor.close()
+
+
+def _quarantine_item(r) -> QuarantineItem:
+    return QuarantineItem(r.connection, r.report_id, r.status, r.partition_date, json.loads(r.reasons),
+                          json.loads(r.transaction_ids), r.content_hash, _aware(r.first_seen_at), _aware(r.updated_at),
+                          r.resolution_note)
+
+
+def _correction_row(r) -> CorrectionRow:
+    return CorrectionRow(r.connection, r.report_id, r.entry_id, r.kind, r.replaces_entry_id, r.status,
+                         r.content_hash, json.loads(r.body), r.entry_number, r.partition_date,
+                         json.loads(r.transaction_ids), r.total_cents, _aware(r.posted_at))
 
 
 def _ledger_row(row) -> LedgerRow:

@@ -219,6 +219,37 @@ class ExpensifyClient:
                 by_id.setdefault(str(report.get("reportID", "")), report)
         return [r for r in by_id.values() if _approved_within(r, lower, upper, source_timezone)]
 
+    def export_reports_by_id(self, report_ids: Sequence[str], policy_ids: Sequence[str], *, approved_since: date,
+                             states: Sequence[str] = DEFAULT_STATES, timezone: str = "UTC",
+                             source_timezone: str = "UTC") -> list[dict]:
+        """The current content of these reports, if they are (still) approved: re-export for a quarantine replay.
+
+        A report may have been reopened and approved again since it was quarantined, so the window runs from
+        `approved_since` to today (the client's clock, in `timezone`), in as many ≤ 1-year jobs as that takes,
+        each narrowed by ``reportIDList``.
+
+        Args:
+            report_ids: the reports to fetch; nothing is sent when empty.
+            policy_ids: the connection's policy IDs (``policyIDList``).
+            approved_since: the earliest approval day (in `timezone`) any of them can have.
+            states: ``reportState`` values; a report in another state (e.g. reopened) is simply not returned.
+            timezone: the connection's timezone.
+            source_timezone: the zone of Expensify's naive timestamps.
+
+        Returns:
+            Report dicts as `export_reports` returns them, only for the requested IDs.
+
+        Raises:
+            AuthenticationError, RejectedByApi, TransientApiError: as for `export_reports`.
+        """
+        wanted = {str(r) for r in report_ids}
+        if not wanted:
+            return []
+        today = self._clock.now().astimezone(ZoneInfo(timezone)).date()
+        reports = self.export_reports(min(approved_since, today), today, policy_ids, states,
+                                      report_ids=sorted(wanted), timezone=timezone, source_timezone=source_timezone)
+        return [r for r in reports if str(r.get("reportID", "")) in wanted]
+
     def mark_exported(self, report_ids: Sequence[str], label: str,
                       states: Sequence[str] = ("APPROVED", "REIMBURSED", "ARCHIVED")) -> None:
         """Label exactly these reports as exported, with a second export job (expensify.md §2.2 safe pattern).

@@ -1,0 +1,139 @@
+"""The `replay_quarantine` job and the `replay_when_dimensions_change` sensor: wiring for `expensify_exact.replay`.
+
+How the sensor notices that a replay could now succeed: on each evaluation, for every connection that has open
+quarantine items a fresh snapshot could help (not only CHANGED_AFTER_POSTING ones), it reads Exact's six dimension
+tables through the connection's Exact client and hashes them together with the mappings in force
+(`replay.replay_fingerprint`). The cursor keeps the last fingerprint per connection; when it differs, one run of
+`replay_quarantine` is requested for that connection (run key = connection + fingerprint, so a re-evaluation never
+asks twice). A first evaluation has no fingerprint to compare with and counts as a change.
+
+Why a fingerprint computed by the sensor rather than the data version of the `<connection>/exact/*` dimension
+assets: those snapshots are only taken when the main job runs (once a day), so a cost center created at 10:00 would
+wait until tomorrow's run; and their data version changes on every materialization, changed or not. The sensor
+instead spends six small GETs per connection per evaluation, only while something is quarantined, once every
+`MINIMUM_INTERVAL_SECONDS` — a sliver of Exact's 60 calls a minute. Mapping fixes (a new category row) count too,
+since they reach the fingerprint through the config.
+"""
+
+
+import json
+
+import dagster as dg
+
+from expensify_exact.config import ProjectConfig
+from expensify_exact.replay import replay_fingerprint, replay_quarantine, replayable
+from expensify_exact.resources import ConnectorResource
+from expensify_exact.snapshots import fetch_dimensions
+
+REPLAY_JOB_NAME = "replay_quarantine"
+SENSOR_NAME = "replay_when_dimensions_change"
+MINIMUM_INTERVAL_SECONDS = 15 * 60
+# The run tag other triggers (e.g. the Exact webhook sensor) use to name the connection to replay.
+CONNECTION_TAG = "expensify_exact/connection"
+TRIGGER_TAG = "expensify_exact/trigger"
+
+
+class ReplayConfig(dg.Config):
+    connection: str | None = None  # default: the run's `expensify_exact/connection` tag, else every connection
+    report_ids: list[str] = []  # default: every open item a replay can help
+    dry_run: bool = False  # validate and show; write nothing to Exact, the ledger or the quarantine
+
+
+def build(config: ProjectConfig) -> dg.Definitions:
+    names = [c.name for c in config.connections]
+
+    @dg.op(
+        name="replay",
+        description="Re-exports the open quarantined reports from Expensify, validates them against a fresh Exact "
+                    "dimension snapshot and the current mappings, and posts those that now pass, exactly once.",
+    )
+    def replay(context: dg.OpExecutionContext, config: ReplayConfig, connector: ConnectorResource) -> dict:
+        project = connector.project()
+        wanted = config.connection or context.run.tags.get(CONNECTION_TAG)
+        connections = [project.connection(wanted)] if wanted else list(project.connections)
+        store = connector.store()
+        summary: dict[str, dict] = {}
+        for conn in connections:
+            with connector.expensify_client(conn) as expensify:
+                result = replay_quarantine(conn, project, store=store, expensify=expensify,
+                                           exact=connector.exact_client(conn), report_ids=config.report_ids or None,
+                                           dry_run=config.dry_run, run_id=context.run_id)
+            if result.stopped_reason:
+                context.log.warning(result.stopped_reason)
+            counts = {o: result.count(o) for o in ("posted", "already_posted", "quarantined", "not_exported",
+                                                   "skipped", "dry_run", "deferred")}
+            context.log.info(f"{conn.name}: replayed {len(result.outcomes)} item(s): "
+                             + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+            summary[conn.name] = result.as_json() | {"counts": counts}
+        context.add_output_metadata({
+            "posted": sum(s["counts"]["posted"] for s in summary.values()),
+            "still_quarantined": sum(s["counts"]["quarantined"] + s["counts"]["not_exported"]
+                                     for s in summary.values()),
+            "dry_run": config.dry_run,
+            "outcomes": dg.MetadataValue.json({c: s["outcomes"] for c, s in summary.items()}),
+        })
+        return summary
+
+    @dg.job(
+        name=REPLAY_JOB_NAME,
+        description="Replay the quarantine: post the held-back reports that pass now (a cost center was created, a "
+                    "mapping fixed), exactly once; the rest stay quarantined with refreshed reasons. Config: "
+                    f"`connection` (one of {', '.join(names)}; default: the run's {CONNECTION_TAG} tag, else all), "
+                    "`report_ids`, `dry_run`.",
+        tags={"dagster/max_retries": "1"},
+    )
+    def replay_quarantine_job():
+        replay()
+
+    @dg.sensor(
+        name=SENSOR_NAME, job=replay_quarantine_job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="Every 15 minutes, for each connection with quarantined reports, fingerprints Exact's GL "
+                    "accounts, cost centers, cost units, journals, VAT codes and financial periods (six GETs) plus "
+                    "the mappings; when the fingerprint changed since the last evaluation, runs "
+                    f"`{REPLAY_JOB_NAME}` for that connection. Off by default: turn it on to post fixed reports "
+                    "without waiting for an operator.",
+    )
+    def replay_when_dimensions_change(context: dg.SensorEvaluationContext, connector: ConnectorResource):
+        plan = plan_replays(connector, json.loads(context.cursor or "{}"), log=context.log)
+        context.update_cursor(json.dumps(plan.cursor, sort_keys=True))
+        if not plan.run_requests:
+            return dg.SkipReason("; ".join(plan.notes) or "nothing quarantined")
+        return plan.run_requests
+
+    return dg.Definitions(jobs=[replay_quarantine_job], sensors=[replay_when_dimensions_change])
+
+
+class ReplayPlan:
+    def __init__(self, cursor: dict[str, str]):
+        self.cursor = dict(cursor)
+        self.run_requests: list[dg.RunRequest] = []
+        self.notes: list[str] = []
+
+
+def plan_replays(connector: ConnectorResource, cursor: dict[str, str], log=None) -> ReplayPlan:
+    """Which connections to replay: those with replayable items whose fingerprint moved since `cursor`."""
+    plan = ReplayPlan(cursor)
+    project = connector.project()
+    store = connector.store()
+    for conn in project.connections:
+        items = [i for i in store.quarantine_items(conn.name, status="open") if replayable(i)]
+        if not items:
+            plan.notes.append(f"{conn.name}: nothing a replay could fix")
+            continue
+        try:
+            fingerprint = replay_fingerprint(fetch_dimensions(connector.exact_client(conn)), project, conn)
+        except Exception as exc:  # noqa: BLE001 - one unreachable division must not stop the others' replays
+            plan.notes.append(f"{conn.name}: could not read Exact's dimensions ({exc})")
+            if log is not None:
+                log.warning(plan.notes[-1])
+            continue
+        if plan.cursor.get(conn.name) == fingerprint:
+            plan.notes.append(f"{conn.name}: dimensions and mappings unchanged; {len(items)} item(s) stay")
+            continue
+        plan.cursor[conn.name] = fingerprint
+        plan.run_requests.append(dg.RunRequest(
+            run_key=f"{conn.name}:{fingerprint}", job_name=REPLAY_JOB_NAME,
+            run_config={"ops": {"replay": {"config": {"connection": conn.name}}}},
+            tags={CONNECTION_TAG: conn.name, TRIGGER_TAG: "dimensions_changed"}))
+    return plan

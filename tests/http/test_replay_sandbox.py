@@ -1,0 +1,140 @@
+"""Replay against the sandbox over real HTTP: fixing the cause in Exact lets the quarantined report through, once.
+
+The demo data quarantines the Eindhoven report (cost center EHV does not exist in Exact) and the Gifts report
+(no mapping). Creating EHV in Exact and replaying must post the Eindhoven report exactly once, leave Gifts
+quarantined with a refreshed reason, and leave the whole story in the audit log and its CSV export.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import timedelta
+
+import pytest
+
+from expensify_exact.cli import main
+from expensify_exact.sandbox import seed as S
+from expensify_exact.state import StateStore
+from tests.crash.driver import post_window, report_of_entry
+
+CONNECTION = "vermeerhals-nl"
+GIFTS, EINDHOVEN = S._report_id(101), S._report_id(102)
+
+
+def _cli(mappings, state_url, *args) -> int:
+    return main(["--mappings", str(mappings), "--state-url", state_url, *args])
+
+
+@pytest.fixture
+def quarantined(sandbox, sandbox_mappings, state_url):
+    """The demo window posted once: everything posted except the two seeded problems."""
+    # Rate limits are not on trial here (tests/http/test_*_client.py): without them each test takes seconds.
+    sandbox.expensify.set_knobs(rate_limiting=False)
+    sandbox.exact.set_knobs(minutely_limit=10_000)
+    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    today = sandbox.seed.today
+    runs = post_window(str(sandbox_mappings), state_url, today - timedelta(days=31), today - timedelta(days=1))
+    outcomes = {o.report_id: o for o in runs[CONNECTION].outcomes}
+    assert outcomes[EINDHOVEN].reason_codes == ["UNKNOWN_COST_CENTER"]
+    assert outcomes[GIFTS].reason_codes == ["UNMAPPED_CATEGORY"]
+    store = StateStore(state_url)
+    yield store
+    store.dispose()
+
+
+def _entries_of(sandbox, report_id: str) -> list[dict]:
+    return [e for e in sandbox.exact.entries(S.DIVISION) if report_of_entry(e) == report_id]
+
+
+def test_creating_the_missing_cost_center_and_replaying_posts_the_eindhoven_report_once(
+        sandbox, sandbox_mappings, state_url, quarantined, tmp_path, capsys):
+    store = quarantined
+    posted_before = len(sandbox.exact.entries(S.DIVISION))
+
+    # Before the fix a replay changes nothing: both stay, exit 5 says so.
+    assert _cli(sandbox_mappings, state_url, "quarantine", "replay") == 5
+    assert len(sandbox.exact.entries(S.DIVISION)) == posted_before
+
+    sandbox.exact.add_cost_center("EHV", "Kantoor Eindhoven")
+    capsys.readouterr()
+    assert _cli(sandbox_mappings, state_url, "quarantine", "replay") == 5  # Gifts still has no mapping
+    out = capsys.readouterr().out
+    assert f"posted         {EINDHOVEN}" in out and f"quarantined    {GIFTS}" in out
+
+    entries = _entries_of(sandbox, EINDHOVEN)
+    assert len(entries) == 1
+    ledger = store.ledger_get(CONNECTION, EINDHOVEN)
+    assert (ledger.status, ledger.entry_id, ledger.entry_number) == \
+        ("posted", entries[0]["EntryID"], entries[0]["EntryNumber"])
+    assert {line.get("CostCenter") for line in entries[0]["lines"]} >= {"EHV"}
+    assert store.quarantine_get(CONNECTION, EINDHOVEN).status == "replayed"
+    gifts = store.quarantine_get(CONNECTION, GIFTS)
+    assert gifts.status == "open" and {r["code"] for r in gifts.reasons} == {"UNMAPPED_CATEGORY"}
+
+    # A second replay and a rerun of the whole window post nothing again.
+    assert _cli(sandbox_mappings, state_url, "quarantine", "replay", "--report", EINDHOVEN) == 0
+    today = sandbox.seed.today
+    post_window(str(sandbox_mappings), state_url, today - timedelta(days=31), today - timedelta(days=1))
+    assert len(_entries_of(sandbox, EINDHOVEN)) == 1
+    assert len(sandbox.exact.entries(S.DIVISION)) == posted_before + 1
+
+    # The audit log tells the story in order, and `audit export` writes it as CSV.
+    events = [r["event"] for r in store.audit_rows(CONNECTION, report_id=EINDHOVEN)]
+    story = ["quarantined", "replayed", "posted"]
+    positions = [events.index("quarantined")]
+    positions.append(events.index("replayed", positions[-1]))
+    positions.append(events.index("posted", positions[-1]))
+    assert positions == sorted(positions), events
+    replayed = [r for r in store.audit_rows(CONNECTION, report_id=EINDHOVEN) if r["event"] == "replayed"]
+    details = [json.loads(r["detail"]) for r in replayed]
+    assert details[0]["before"][0]["code"] == "UNKNOWN_COST_CENTER"
+    assert details[0]["now"] == {"fails": ["UNKNOWN_COST_CENTER"]}  # the replay before EHV existed
+    assert details[-1]["now"] == "passes validation" and details[-1]["dimensions_fingerprint"]
+
+    target = tmp_path / "audit.csv"
+    assert _cli(sandbox_mappings, state_url, "audit", "export", "--csv", str(target), "--connection",
+                CONNECTION, "--since", (today - timedelta(days=1)).isoformat()) == 0
+    with target.open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["report_id"] == EINDHOVEN]
+    exported = [r["event"] for r in rows]
+    assert [e for e in exported if e in story][:1] == ["quarantined"]
+    assert "posted" in exported[exported.index("replayed"):]
+    posted_row = next(r for r in rows if r["event"] == "posted")
+    assert posted_row["entry_number"] == str(entries[0]["EntryNumber"])
+    assert set(posted_row["transaction_ids"].split()) == set(ledger.transaction_ids)
+
+
+def test_dry_run_replay_posts_nothing_and_leaves_the_quarantine_as_it_was(
+        sandbox, sandbox_mappings, state_url, quarantined, capsys):
+    store = quarantined
+    sandbox.exact.add_cost_center("EHV", "Kantoor Eindhoven")
+    before = len(sandbox.exact.entries(S.DIVISION))
+    capsys.readouterr()
+    assert _cli(sandbox_mappings, state_url, "quarantine", "replay", "--dry-run") == 0
+    assert f"dry_run        {EINDHOVEN} passes now: would be posted" in capsys.readouterr().out
+    assert len(sandbox.exact.entries(S.DIVISION)) == before
+    assert store.ledger_get(CONNECTION, EINDHOVEN) is None
+    assert store.quarantine_get(CONNECTION, EINDHOVEN).status == "open"
+
+
+def test_resolving_and_ignoring_need_a_reason_and_are_audited(sandbox_mappings, state_url, quarantined, capsys):
+    store = quarantined
+    with pytest.raises(SystemExit):  # argparse: --reason is required
+        _cli(sandbox_mappings, state_url, "quarantine", "ignore", GIFTS)
+    assert _cli(sandbox_mappings, state_url, "quarantine", "ignore", GIFTS, "--reason", "client gift, booked by hand") == 0
+    assert _cli(sandbox_mappings, state_url, "quarantine", "resolve", GIFTS, "--reason", "again") == 4  # not open
+    assert _cli(sandbox_mappings, state_url, "quarantine", "resolve", "R00NOSUCHONE", "--reason", "x") == 4
+    item = store.quarantine_get(CONNECTION, GIFTS)
+    assert (item.status, item.resolution_note) == ("ignored", "client gift, booked by hand")
+    audit = [r for r in store.audit_rows(CONNECTION, report_id=GIFTS) if r["event"] == "ignored"]
+    assert json.loads(audit[0]["detail"])["reason"] == "client gift, booked by hand"
+
+    capsys.readouterr()
+    assert _cli(sandbox_mappings, state_url, "quarantine", "list", "--json") == 0
+    assert [i["report_id"] for i in json.loads(capsys.readouterr().out)] == [EINDHOVEN]
+    assert _cli(sandbox_mappings, state_url, "quarantine", "list", "--status", "ignored") == 0
+    assert GIFTS in capsys.readouterr().out
+    assert _cli(sandbox_mappings, state_url, "quarantine", "show", EINDHOVEN) == 0
+    shown = capsys.readouterr().out
+    assert "UNKNOWN_COST_CENTER" in shown and "fix: Create the cost center in Exact" in shown

@@ -1,0 +1,383 @@
+"""Replay and operator actions without the network: fingerprints, the reversal draft, and the crash-safety of
+`approve` (both intents are written before the first POST; a rerun asks Exact before posting again).
+
+Exact is a small fake here; the same flows run against the sandbox in tests/http/test_replay_sandbox.py and
+tests/dagster/test_exactly_once_runs.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from expensify_exact.cli import main
+from expensify_exact.config import load_project_config
+from expensify_exact.errors import RejectedByApi, StateStoreError
+from expensify_exact.replay import (
+    QuarantineActionError,
+    approve_correction,
+    close_item,
+    dimensions_fingerprint,
+    replay_fingerprint,
+    replayable,
+    reversal_body,
+    reversal_entry_id,
+)
+from expensify_exact.state import MIGRATIONS, SCHEMA_VERSION, StateStore, metadata, schema_migrations
+from expensify_exact.transform.journal import Dimensions, content_hash, entry_id_for
+from tests.conftest import MAPPINGS
+from tests.factories import seed_dimensions
+
+AMSTERDAM = ZoneInfo("Europe/Amsterdam")
+CONN = "vermeerhals-nl"
+ORIGINAL = "0b8f5f7e-1111-4aaa-8bbb-000000000001"
+GL_COST, GL_PAYABLE = "aaaaaaaa-0000-4000-8000-000000004500", "aaaaaaaa-0000-4000-8000-000000001650"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_store(request, state_url):
+    """The connector's state on the embedded SQLite default and on PostgreSQL."""
+    url = state_url if request.param == "sqlite" else request.getfixturevalue("pg_database")
+    store = StateStore(url)
+    yield store
+    store.dispose()
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+def _changed(dims: Dimensions, name: str, change) -> Dimensions:
+    frame = getattr(dims, name).copy()
+    return Dimensions(**{n: (change(frame) if n == name else getattr(dims, n)) for n in dims.__dataclass_fields__})
+
+
+@pytest.mark.parametrize("change, same", [
+    # Exact pages rows in any order; the order must not look like a change.
+    (lambda d: _changed(d, "cost_centers", lambda f: f.iloc[::-1].reset_index(drop=True)), True),
+    # The seeded fix: cost center EHV created.
+    (lambda d: _changed(d, "cost_centers", lambda f: pd.concat(
+        [f, pd.DataFrame([{"id": "x", "code": "EHV", "description": "Eindhoven", "end_date": None}])],
+        ignore_index=True)), False),
+    # A cost center's end date extended.
+    (lambda d: _changed(d, "cost_centers", lambda f: f.assign(end_date=[None] * len(f))), False),
+    # A GL account unblocked.
+    (lambda d: _changed(d, "gl_accounts", lambda f: f.assign(is_blocked=False)), False),
+    # A financial year added.
+    (lambda d: _changed(d, "financial_periods", lambda f: f.iloc[:-1]), False),
+])
+def test_the_dimension_fingerprint_changes_exactly_when_validation_could_come_out_differently(change, same):
+    dims = seed_dimensions()
+    assert (dimensions_fingerprint(change(dims)) == dimensions_fingerprint(dims)) is same
+
+
+def test_a_mapping_fix_changes_the_replay_fingerprint_too(tmp_path):
+    config = load_project_config(MAPPINGS)
+    conn = config.connection(CONN)
+    dims = seed_dimensions()
+    fixed = config.model_copy(update={"categories": [*config.categories, config.categories[0].model_copy(
+        update={"category": "Gifts"})]})
+    assert replay_fingerprint(dims, config, conn) == replay_fingerprint(dims, config, conn)
+    assert replay_fingerprint(dims, fixed, conn) != replay_fingerprint(dims, config, conn)
+
+
+@pytest.mark.parametrize("codes, expected", [
+    (["UNKNOWN_COST_CENTER"], True),
+    (["CHANGED_AFTER_POSTING"], False),  # waits for a person's approve, not for a snapshot
+    (["CHANGED_AFTER_POSTING", "UNMAPPED_TAG"], True),
+])
+def test_only_items_a_fresh_snapshot_could_fix_are_replayable(store, codes, expected):
+    store.quarantine_put(CONN, "R1", partition_date="2026-11-03", reasons=[{"code": c} for c in codes],
+                         transaction_ids=["t1"], content_hash=None)
+    assert replayable(store.quarantine_get(CONN, "R1")) is expected
+
+
+# ---------------------------------------------------------------------------------------------------- reversal
+
+def _original_lines() -> list[dict]:
+    day = datetime(2026, 11, 3, tzinfo=AMSTERDAM)
+    return [
+        {"EntryID": ORIGINAL, "LineNumber": 2, "GLAccount": GL_PAYABLE, "AmountFC": -25.45, "VATCode": None,
+         "Date": day, "Description": "R1/t1 NS Reizigers", "Notes": "Expensify report R1, transaction t1",
+         "CostCenter": None, "CostUnit": None},
+        {"EntryID": ORIGINAL, "LineNumber": 1, "GLAccount": GL_COST, "AmountFC": 25.45, "VATCode": "2",
+         "Date": day, "Description": "R1/t1 NS Reizigers", "Notes": "x" * 255, "CostCenter": "AMS",
+         "CostUnit": "P1001"},
+    ]
+
+
+ORIGINAL_HEADER = {"EntryID": ORIGINAL, "EntryNumber": 26900001, "JournalCode": "90", "FinancialYear": 2026,
+                   "FinancialPeriod": 11, "Currency": "EUR"}
+
+
+def test_the_reversal_negates_every_line_of_the_posted_entry_and_keeps_its_dimensions():
+    body = reversal_body(ORIGINAL_HEADER, _original_lines())
+    assert body["Reversal"] is True
+    assert (body["JournalCode"], body["FinancialYear"], body["FinancialPeriod"]) == ("90", 2026, 11)
+    first, second = body["GeneralJournalEntryLines"]
+    assert (first["GLAccount"], first["AmountFC"], first["CostCenter"], first["CostUnit"], first["VATCode"]) == \
+        (GL_COST, -25.45, "AMS", "P1001", "2")
+    assert (second["GLAccount"], second["AmountFC"]) == (GL_PAYABLE, 25.45) and "CostCenter" not in second
+    assert first["Date"] == "2026-11-03" and first["Description"] == "R1/t1 NS Reizigers"
+    assert first["Notes"].startswith("Reversal of entry 26900001: ") and len(first["Notes"]) == 255
+    assert sum(round(line["AmountFC"] * 100) for line in body["GeneralJournalEntryLines"]) == 0
+
+
+def test_the_reversal_entry_id_is_deterministic_and_never_an_entry_id_of_report_content():
+    assert reversal_entry_id(CONN, "R1", ORIGINAL) == reversal_entry_id(CONN, "R1", ORIGINAL.upper())
+    assert reversal_entry_id(CONN, "R1", ORIGINAL) != reversal_entry_id(CONN, "R1", ORIGINAL[:-1] + "2")
+    assert reversal_entry_id(CONN, "R1", ORIGINAL) != entry_id_for(CONN, "R1", content_hash({}))
+
+
+# ----------------------------------------------------------------------------------------------------- approve
+
+class Crash(BaseException):
+    """The process dies: nothing after this point runs (not an Exception, so nothing catches it)."""
+
+
+class FakeExact:
+    """Holds entries by EntryID like Exact; can lose the answer of chosen POSTs, or refuse one."""
+
+    def __init__(self, store: StateStore, crash_on: dict[int, str] | None = None, refuse: int | None = None):
+        self.store = store
+        self.entries = {ORIGINAL: ORIGINAL_HEADER | {"lines": _original_lines(), "Reversal": False}}
+        self.crash_on = crash_on or {}  # POST number -> "before_store" | "after_store"
+        self.refuse = refuse
+        self.posts = 0
+        self.intents_at_first_post: list[str] | None = None
+
+    def get_entry(self, entry_id):
+        entry = self.entries.get(entry_id)
+        return None if entry is None else {k: v for k, v in entry.items() if k != "lines"}
+
+    def get_all(self, path, select, filter=None, orderby=None):
+        assert path == "generaljournalentry/GeneralJournalEntryLines" and ORIGINAL in filter
+        return self.entries[ORIGINAL]["lines"]
+
+    def post_general_journal_entry(self, body):
+        self.posts += 1
+        if self.intents_at_first_post is None:
+            self.intents_at_first_post = sorted(r.kind for r in self.store.corrections_for(CONN, "R1"))
+        if self.refuse == self.posts:
+            raise RejectedByApi("exact", "Periode is afgesloten: 2026 / 11", status=500)
+        if self.crash_on.get(self.posts) == "before_store":
+            raise Crash()
+        assert body["EntryID"] not in self.entries, "posted twice"
+        number = 26900001 + len(self.entries)
+        self.entries[body["EntryID"]] = {**body, "EntryNumber": number, "lines": body["GeneralJournalEntryLines"]}
+        if self.crash_on.get(self.posts) == "after_store":
+            raise Crash()  # Exact has it; the poster never hears back
+        return {"EntryID": body["EntryID"], "EntryNumber": number}
+
+
+def _posted_and_changed(store: StateStore) -> dict:
+    """R1 posted as ORIGINAL (25.45), then seen again at 35.45: quarantined with a drafted correction."""
+    store.ledger_write_intent(CONN, "R1", content_hash="h-original", entry_id=ORIGINAL, partition_date="2026-11-03",
+                              transaction_ids=["t1"], total_cents=2545, run_id="r1")
+    store.ledger_mark_posted(CONN, "R1", ORIGINAL, 26900001)
+    corrected = {"JournalCode": "90", "FinancialYear": 2026, "FinancialPeriod": 11, "Currency": "EUR",
+                 "GeneralJournalEntryLines": [
+                     {"GLAccount": GL_COST, "AmountFC": 35.45, "Date": "2026-11-20", "Description": "R1/t1 NS",
+                      "Notes": "n", "CostCenter": "AMS"},
+                     {"GLAccount": GL_PAYABLE, "AmountFC": -35.45, "Date": "2026-11-20", "Description": "R1/t1 NS",
+                      "Notes": "n"}]}
+    reasons = [{"transaction_id": "", "code": "CHANGED_AFTER_POSTING", "dimension": "report", "value": ORIGINAL,
+                "message": "posted as entry 26900001 (25.45); the report now totals 35.45",
+                "correction": json.dumps({"reverse_entry_id": ORIGINAL, "corrected_entry": corrected})}]
+    store.quarantine_put(CONN, "R1", partition_date="2026-11-20", reasons=reasons, transaction_ids=["t1"],
+                         content_hash=content_hash(corrected))
+    return corrected
+
+
+@pytest.mark.parametrize("crash_on", [
+    {},                                              # no crash
+    {1: "before_store"},                             # dies sending the reversal
+    {1: "after_store"},                              # the reversal landed, its answer was lost
+    {2: "after_store"},                              # the correction landed, its answer was lost
+    {1: "after_store", 2: "after_store"},            # both, on two attempts in a row
+])
+def test_approve_posts_the_reversal_and_the_correction_exactly_once_however_often_it_dies(any_store, crash_on):
+    store = any_store
+    corrected = _posted_and_changed(store)
+    conn = load_project_config(MAPPINGS).connection(CONN)
+    exact = FakeExact(store, crash_on=crash_on)
+    for _attempt in range(len(crash_on) + 1):
+        try:
+            result = approve_correction(conn, store=store, exact=exact, report_id="R1", actor="tester")
+            break
+        except Crash:
+            with store.engine.begin() as c:  # the dead process's lease would expire; do not wait for it here
+                c.execute(sa.text("UPDATE ee_locks SET owner = NULL"))
+    else:
+        pytest.fail("approve never completed")
+
+    assert exact.intents_at_first_post == ["correction", "reversal"], "both intents must exist before any POST"
+    correction_id = entry_id_for(CONN, "R1", content_hash(corrected))
+    assert set(exact.entries) == {ORIGINAL, reversal_entry_id(CONN, "R1", ORIGINAL), correction_id}
+    assert exact.entries[result.reversal_entry_id]["Reversal"] is True
+    ledger = store.ledger_get(CONN, "R1")
+    assert (ledger.status, ledger.entry_id, ledger.entry_number, ledger.total_cents, ledger.content_hash) == \
+        ("posted", correction_id, exact.entries[correction_id]["EntryNumber"], 3545, content_hash(corrected))
+    item = store.quarantine_get(CONN, "R1")
+    assert item.status == "resolved" and "reversed by entry" in item.resolution_note
+    assert {(r.kind, r.status) for r in store.corrections_for(CONN, "R1")} == {("reversal", "posted"),
+                                                                                ("correction", "posted")}
+    events = [r["event"] for r in store.audit_rows(CONN, report_id="R1")]
+    assert events.count("reversal_posted") == 1 and events.count("correction_posted") == 1
+    assert events[-1] == "approved"
+
+    with pytest.raises(QuarantineActionError, match="is resolved, not open"):
+        approve_correction(conn, store=store, exact=exact, report_id="R1")
+    assert len(exact.entries) == 3
+
+
+def test_a_refused_reversal_posts_nothing_drops_both_intents_and_leaves_the_item_open(store):
+    _posted_and_changed(store)
+    conn = load_project_config(MAPPINGS).connection(CONN)
+    exact = FakeExact(store, refuse=1)
+    with pytest.raises(QuarantineActionError, match="refused the reversal.*afgesloten"):
+        approve_correction(conn, store=store, exact=exact, report_id="R1")
+    assert list(exact.entries) == [ORIGINAL]
+    assert store.corrections_for(CONN, "R1") == []
+    assert store.quarantine_get(CONN, "R1").status == "open"
+    assert store.ledger_get(CONN, "R1").entry_id == ORIGINAL
+    assert [r["event"] for r in store.audit_rows(CONN, report_id="R1")][-1] == "approve_failed"
+
+
+@pytest.mark.parametrize("setup, message", [
+    # Nothing quarantined for the report.
+    (lambda s: None, "no quarantine item"),
+    # A plain validation failure has nothing to approve.
+    (lambda s: s.quarantine_put(CONN, "R1", partition_date=None, reasons=[{"code": "UNMAPPED_TAG"}],
+                                transaction_ids=[], content_hash=None), "is not CHANGED_AFTER_POSTING"),
+    # The ledger moved on since the correction was drafted (e.g. approved already by another route).
+    (lambda s: (_posted_and_changed(s), s.correction_complete(
+        CONN, "R1", replaces_entry_id=ORIGINAL, content_hash="h", entry_id="other", entry_number=1,
+        partition_date=None, transaction_ids=[], total_cents=0, run_id=None, note="n"),
+        s.quarantine_set_status(CONN, "R1", "open")), "no longer holds entry"),
+])
+def test_approve_refuses_what_it_cannot_carry_out_safely(store, setup, message):
+    setup(store)
+    exact = FakeExact(store)
+    with pytest.raises(QuarantineActionError, match=message):
+        approve_correction(load_project_config(MAPPINGS).connection(CONN), store=store, exact=exact, report_id="R1")
+    assert exact.posts == 0
+
+
+# -------------------------------------------------------------------------------------------- resolve / ignore
+
+def test_an_ignored_item_stays_ignored_when_its_day_runs_again_but_a_resolved_one_reopens(store):
+    for report in ("R1", "R2"):
+        store.quarantine_put(CONN, report, partition_date="2026-11-03", reasons=[{"code": "UNMAPPED_CATEGORY"}],
+                             transaction_ids=["t"], content_hash=None)
+    with pytest.raises(QuarantineActionError, match="reason is required"):
+        close_item(store, CONN, "R1", "ignored", "  ")
+    close_item(store, CONN, "R1", "ignored", "test report", actor="anna")
+    close_item(store, CONN, "R2", "resolved", "booked by hand", actor="anna")
+    for report in ("R1", "R2"):
+        store.quarantine_put(CONN, report, partition_date="2026-11-03", reasons=[{"code": "UNMAPPED_TAG"}],
+                             transaction_ids=["t"], content_hash=None)
+    r1, r2 = store.quarantine_get(CONN, "R1"), store.quarantine_get(CONN, "R2")
+    assert (r1.status, r1.resolution_note, r1.reasons) == ("ignored", "test report", [{"code": "UNMAPPED_TAG"}])
+    assert r2.status == "open"
+    ignored = next(r for r in store.audit_rows(CONN, report_id="R1") if r["event"] == "ignored")
+    assert json.loads(ignored["detail"]) == {"by": "anna", "reason": "test report",
+                                             "reasons": [{"code": "UNMAPPED_CATEGORY"}]}
+
+
+# ------------------------------------------------------------------------------------------------------ state
+
+def test_a_version_1_database_is_migrated_to_the_corrections_table(tmp_path):
+    url = f"sqlite:///{tmp_path / 'v1.db'}"
+    engine = sa.create_engine(url)
+    version_1 = MIGRATIONS[0]
+    with engine.begin() as conn:
+        schema_migrations.create(conn)
+        for table in version_1[2]:
+            table.create(conn)
+        conn.execute(schema_migrations.insert().values(version=1, description=version_1[1],
+                                                       applied_at=datetime.now(timezone.utc)))
+    assert "ee_corrections" not in sa.inspect(engine).get_table_names()
+    store = StateStore(url)
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert "ee_corrections" in sa.inspect(store.engine).get_table_names()
+    assert set(metadata.tables) >= {"ee_corrections", "ee_posted_ledger"}
+    store.dispose()
+
+
+def test_racing_intents_for_one_report_never_fail_on_the_primary_key(any_store):
+    store = any_store
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def write() -> None:
+        barrier.wait()
+        try:
+            store.ledger_write_intent(CONN, "R9", content_hash="h", entry_id="e", partition_date=None,
+                                      transaction_ids=["t"], total_cents=1, run_id=None)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.ledger_get(CONN, "R9").status == "pending"
+    store.ledger_mark_posted(CONN, "R9", "e", 1)
+    with pytest.raises(StateStoreError, match="already posted"):
+        store.ledger_write_intent(CONN, "R9", content_hash="h", entry_id="e", partition_date=None,
+                                  transaction_ids=["t"], total_cents=1, run_id=None)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+def test_audit_export_writes_the_log_as_csv_filtered_by_connection_and_day(store, state_url, tmp_path, capsys):
+    store.audit("quarantined", connection=CONN, report_id="R1", transaction_ids=["t1", "t2"],
+                detail={"reasons": [{"code": "UNKNOWN_COST_CENTER"}]})
+    store.audit("posted", connection=CONN, report_id="R1", entry_id=ORIGINAL, entry_number=26900001)
+    store.audit("posted", connection="other", report_id="R2")
+    with store.engine.begin() as conn:  # an old event, before --since
+        conn.execute(sa.text("UPDATE ee_audit_log SET at = :at WHERE id = 1"),
+                     {"at": datetime.now(timezone.utc) - timedelta(days=10)})
+    target = tmp_path / "audit.csv"
+    since = (datetime.now(timezone.utc) - timedelta(days=1)).date().isoformat()
+    assert main(["--mappings", str(MAPPINGS), "--state-url", state_url, "audit", "export", "--csv", str(target),
+                 "--connection", CONN, "--since", since]) == 0
+    with target.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["event"], r["report_id"], r["entry_number"]) for r in rows] == [("posted", "R1", "26900001")]
+    assert "wrote 1 audit event(s)" in capsys.readouterr().out
+    assert main(["--mappings", str(MAPPINGS), "--state-url", state_url, "audit", "export", "--csv", "-"]) == 0
+    everything = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [r["event"] for r in everything] == ["quarantined", "posted", "posted"]
+    assert everything[0]["transaction_ids"] == "t1 t2"
+    assert json.loads(everything[0]["detail"]) == {"reasons": [{"code": "UNKNOWN_COST_CENTER"}]}
+    assert main(["--mappings", str(MAPPINGS), "--state-url", state_url, "audit", "export", "--csv", "-",
+                 "--since", "yesterday"]) == 2
+
+
+def test_quarantine_commands_answer_with_meaningful_exit_codes(store, state_url, capsys):
+    _posted_and_changed(store)
+    store.quarantine_put("other", "R1", partition_date=None, reasons=[{"code": "UNMAPPED_TAG"}],
+                         transaction_ids=[], content_hash=None)
+    cli = ["--mappings", str(MAPPINGS), "--state-url", state_url, "quarantine"]
+    assert main([*cli, "show", "R404"]) == 4
+    assert main([*cli, "show", "R1"]) == 2  # in two connections: which one?
+    assert main([*cli, "show", "R1", "--connection", CONN]) == 0
+    out = capsys.readouterr().out
+    assert "CHANGED_AFTER_POSTING" in out and "approve with: expensify-exact quarantine approve R1" in out
+    assert main([*cli, "approve", "R1", "--connection", "other"]) == 4  # not a changed report
+    assert main([*cli, "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {(i["connection"], i["report_id"]) for i in listed} == {(CONN, "R1"), ("other", "R1")}
+    assert "correction" not in listed[0]["reasons"][0]  # the drafted body is shown once, not per reason
+    with pytest.raises(SystemExit) as exc:
+        main([*cli, "--help"])
+    assert exc.value.code == 0 and "5 replay ran but reports stay quarantined" in capsys.readouterr().out
