@@ -77,7 +77,14 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
     for index, report_id in enumerate(report_ids):
         report_lines = lines[lines["report_id"] == report_id]
         try:
-            outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run, run_id))
+            if dry_run:
+                outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run, run_id))
+            else:
+                # Overlapping runs (a backfill beside the schedule) may reach the same report: one at a time, and
+                # the second then finds it posted. Short-lived, so a crashed holder's lease soon expires.
+                with store.lock(f"post:{connection}:{report_id}", ttl_seconds=300, wait_seconds=600):
+                    outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run,
+                                              run_id))
         except RateLimitExhausted as exc:
             # Not a failure: the rest waits for the next run's budget; nothing is lost and no intent is left open.
             stopped = f"Exact's daily call budget is used up; {len(report_ids) - index} report(s) wait for the next run"
