@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+import threading
+from datetime import date, datetime, timedelta, timezone
 
 import pandas as pd
 
@@ -52,3 +53,24 @@ def expense_line(report_id: str = "R00TEST00001", transaction_id: str = "1001", 
 
 def lines(*rows: dict) -> pd.DataFrame:
     return pd.DataFrame(list(rows))
+
+
+class FakeClock:
+    """A Clock whose sleeps move its time forward at once and are recorded, so tests can assert the waits."""
+
+    def __init__(self, start: datetime):
+        self.current = start
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self.current
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.current += timedelta(seconds=max(0.0, seconds))
+
+    def advance(self, seconds: float) -> None:
+        self.sleep(seconds)

@@ -17,30 +17,20 @@ from expensify_exact.errors import AuthenticationError, ReconsentRequired, Trans
 from expensify_exact.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.exact.oauth import build_authorize_url, exchange_code, parse_redirect, wait_for_callback
 from expensify_exact.exact.tokens import ExactTokens, InMemoryTokenStore
+from tests.factories import FakeClock as _FakeClock
 
 BASE = "https://start.exactonline.nl"
 TOKEN_URL = f"{BASE}/api/oauth2/token"
 API_URL = f"{BASE}/api/v1/123/financial/GLAccounts?$select=Code"
 T0 = datetime(2024, 5, 13, 8, 0, tzinfo=timezone.utc)
+
+
+def FakeClock(start: datetime = T0) -> _FakeClock:
+    return _FakeClock(start)
+
+
 SECRET = "client-secret-value"
 CONN = "acme"
-
-
-class FakeClock:
-    def __init__(self, start: datetime = T0):
-        self.current = start
-        self._lock = threading.Lock()
-
-    def now(self) -> datetime:
-        with self._lock:
-            return self.current
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.current += timedelta(seconds=max(0.0, seconds))
-
-    def advance(self, seconds: float) -> None:
-        self.sleep(seconds)
 
 
 def tokens(n: int, issued_at: datetime, lifetime: float = 600) -> ExactTokens:

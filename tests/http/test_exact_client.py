@@ -23,25 +23,19 @@ from expensify_exact.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.exact.client import ExactClient
 from expensify_exact.exact.odata import AMSTERDAM
 from expensify_exact.exact.tokens import ExactTokens, InMemoryTokenStore
+from tests.factories import FakeClock as _FakeClock
 
 BASE = "https://start.exactonline.nl"
 DIV = 123456
 T0 = datetime(2024, 5, 13, 8, 0, tzinfo=timezone.utc)
+
+
+def FakeClock(start: datetime = T0) -> _FakeClock:
+    return _FakeClock(start)
+
+
 ENTRY = "8c1f2d3e-0000-4000-8000-000000000001"
 SECRET = "client-secret-value"
-
-
-class FakeClock:
-    def __init__(self, start: datetime = T0):
-        self.current = start
-        self.sleeps: list[float] = []
-
-    def now(self) -> datetime:
-        return self.current
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.current += timedelta(seconds=max(0.0, seconds))
 
 
 def odata_error(status: int, message: str, reason: str | None = None) -> httpx.Response:

@@ -10,25 +10,17 @@ import pytest
 
 from expensify_exact.errors import RateLimitExhausted
 from expensify_exact.http.pacing import ExactRateLimits, PacedTransport, SlidingWindowLimits
+from tests.factories import FakeClock as _FakeClock
 
 T0 = datetime(2024, 5, 13, 8, 18, 25, tzinfo=timezone.utc)
 
 
+def FakeClock(start: datetime = T0) -> _FakeClock:
+    return _FakeClock(start)
+
+
 def ms(dt: datetime) -> str:
     return str(int(dt.timestamp() * 1000))
-
-
-class FakeClock:
-    def __init__(self, start: datetime = T0):
-        self.current = start
-        self.sleeps: list[float] = []
-
-    def now(self) -> datetime:
-        return self.current
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.current += timedelta(seconds=max(0.0, seconds))
 
 
 def at(seconds: float) -> datetime:
