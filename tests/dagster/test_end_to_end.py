@@ -144,3 +144,26 @@ def test_run_json_summary_for_one_day(sandbox, authorized, state_url, instance, 
     summary = json.loads(capsys.readouterr().out)
     assert summary["success"] is True and summary["start"] == day == summary["end"]
     assert summary["connections"][CONNECTION]["quarantined"] == {eindhoven.report_id: ["UNKNOWN_COST_CENTER"]}
+
+
+def test_mark_exported_labels_only_reports_that_reached_the_ledger(sandbox, tmp_path, state_url, instance):
+    from tests.conftest import write_mappings
+
+    mappings = write_mappings(tmp_path / "labelled", sandbox, expensify__poll_interval_seconds=0.2,
+                              expensify__mark_exported_label="Posted to Exact")
+    assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    _, end = _window(sandbox)
+    start = end - timedelta(days=9)  # includes both seeded problems
+    summary = run_range(start, end, mappings_dir=str(mappings), state_url=state_url, instance=instance)
+    assert summary.success, summary.failure
+    outcomes = summary.outcomes.set_index("report_id")["outcome"]
+    posted = set(outcomes[outcomes == "posted"].index)
+    assert posted and (outcomes == "quarantined").sum() == 2
+    labelled = {r.report_id for r in sandbox.seed.reports if "Posted to Exact" in sandbox.expensify.labels(r.report_id)}
+    assert labelled == posted, "labels go on exactly the reports posted, never on quarantined ones"
+    # A dry run labels nothing.
+    sandbox.expensify.set_knobs(render_delay_seconds=0.3)
+    before = {r.report_id: list(sandbox.expensify.labels(r.report_id)) for r in sandbox.seed.reports}
+    run_range(start - timedelta(days=5), start - timedelta(days=1), dry_run=True, mappings_dir=str(mappings),
+              state_url=state_url, instance=instance)
+    assert {r.report_id: list(sandbox.expensify.labels(r.report_id)) for r in sandbox.seed.reports} == before
