@@ -262,7 +262,15 @@ class StateStore:
                                                        expires_at=now + timedelta(seconds=ttl_seconds)))
                 return True
             except sa.exc.IntegrityError:
-                return False
+                pass
+            # A holder killed on this host (SIGKILL, OOM) never releases: take over at once instead of waiting
+            # out its lease. Holders on other hosts can only be outlived by the lease.
+            holder = conn.execute(sa.select(locks.c.owner).where(locks.c.name == name)).scalar_one_or_none()
+            if holder and _holder_is_dead_here(holder):
+                return bool(conn.execute(
+                    locks.update().where(locks.c.name == name, locks.c.owner == holder)
+                    .values(owner=owner, expires_at=now + timedelta(seconds=ttl_seconds))).rowcount)
+            return False
 
     # --- secrets and tokens (ciphertext only; vault.py encrypts) -------------------------------------
     def put_secret(self, scope: str, name: str, ciphertext: str) -> None:
@@ -524,6 +532,28 @@ class StateStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _holder_is_dead_here(owner: str) -> bool:
+    """Whether a lock owner ("host:pid:nonce") is a process of this host that no longer runs (or is a zombie)."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped by its parent
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -41,6 +41,23 @@ def test_an_expired_lease_can_be_taken_over(store):
         pass
 
 
+def test_a_lock_held_by_a_killed_process_is_taken_over_without_waiting_for_its_lease(store):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert store._try_lock("job", f"{socket.gethostname()}:{holder.pid}:abc", ttl_seconds=600)
+    with pytest.raises(StateStoreError):
+        with store.lock("job", wait_seconds=0.2):
+            pass  # the holder is alive: the lease holds
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with store.lock("job", wait_seconds=2):
+        pass
+
+
 def test_a_held_lock_times_out_with_a_clear_error(store):
     assert store._try_lock("job", "other", ttl_seconds=60)
     with pytest.raises(StateStoreError, match="could not take the lock 'job'"):
