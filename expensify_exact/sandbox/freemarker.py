@@ -6,6 +6,7 @@ FreeMarker's sharp edges are kept on purpose (expensify.md §3, §9.2 item 2-3),
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -646,7 +647,7 @@ class _Parser:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _Expr:
+class _Expr(ABC):
     start = 0
     end = 0
 
@@ -656,8 +657,9 @@ class _Expr:
             raise _Fail("The following has evaluated to null or missing:", self, tip=_MISSING_TIP)
         return v
 
+    @abstractmethod
     def ev_maybe(self, env: "_Env"):
-        raise NotImplementedError
+        """The expression's value, or MISSING where FreeMarker would see null or missing."""
 
 
 @dataclass
