@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def _ensure_dagster_home() -> Path:
     """The embedded default: a SQLite Dagster instance inside the project unless DAGSTER_HOME says otherwise."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
+    instance_config = home / "dagster.yaml"
+    if not instance_config.exists():
+        # SQLite storage (Dagster's default); no telemetry from a connector that handles ledgers.
+        instance_config.write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -285,6 +290,10 @@ def _command_modules():
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library notices about Dagster's beta parameters and pandas' future dtype rules are for developers;
+    # they do not belong on an operator's terminal.
+    warnings.filterwarnings("ignore", message=r"Parameter `\w+` of .* is currently in beta")
+    warnings.filterwarnings("ignore", category=FutureWarning, message="The behavior of DataFrame concatenation")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
