@@ -96,42 +96,33 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
         if row.policy_id is None or row.policy_id in conn.expensify.policy_ids:
             account(row.gl_account, f"category {row.category!r}", locations.category(row.category, row.policy_id))
 
+    def dimension(kind: str, code: str, what: str, where) -> None:
+        """A cost center or cost unit code must exist in Exact and not have ended."""
+        table, unknown, ended = ((centers, Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER)
+                                 if kind == "cost_center" else (units, Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT))
+        label = kind.replace("_", " ")
+        row = table.get(code)
+        end = _day(row.get("end_date")) if row is not None else None
+        if row is None:
+            add(ERROR, unknown, where, f"{label} {code} ({what}) does not exist in {division}")
+        elif end is not None and end < today:
+            add(ERROR, ended, where, f"{label} {code} ({what}) ended on {end} in {division}")
+
     # tags.yaml: every code a tag (or a level's default) can set.
     for level in project.tags:
-        table, unknown, ended = ((centers, Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER)
-                                 if level.dimension == "cost_center"
-                                 else (units, Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT))
-        label = level.dimension.replace("_", " ")
-        sources = [(code, f"tag {name!r}, level {level.level}", locations.tag(level.level, name))
-                   for name, code in level.values.items()]
+        for name, code in level.values.items():
+            dimension(level.dimension, code, f"tag {name!r}, level {level.level}", locations.tag(level.level, name))
         if level.default:
-            sources.append((level.default, f"default of level {level.level}", locations.tag_default(level.level)))
-        for code, what, where in sources:
-            row = table.get(code)
-            end = _day(row.get("end_date")) if row is not None else None
-            if row is None:
-                add(ERROR, unknown, where, f"{label} {code} ({what}) does not exist in {division}")
-            elif end is not None and end < today:
-                add(ERROR, ended, where, f"{label} {code} ({what}) ended on {end} in {division}")
+            dimension(level.dimension, level.default, f"default of level {level.level}",
+                      locations.tag_default(level.level))
 
     # defaults.yaml: per-employee and per-category cost centers and cost units.
     defaults = getattr(project, "defaults", None)
     for section in ("employees", "categories"):
         for key, row in (getattr(defaults, section, None) or {}).items():
-            for dimension, table, unknown, ended in (
-                    ("cost_center", centers, Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER),
-                    ("cost_unit", units, Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT)):
-                code = getattr(row, dimension, None)
-                if not code:
-                    continue
-                where = locations.default(section, key, dimension)
-                label = dimension.replace("_", " ")
-                found = table.get(code)
-                end = _day(found.get("end_date")) if found is not None else None
-                if found is None:
-                    add(ERROR, unknown, where, f"{label} {code} (default for {key!r}) does not exist in {division}")
-                elif end is not None and end < today:
-                    add(ERROR, ended, where, f"{label} {code} (default for {key!r}) ended on {end} in {division}")
+            for kind in ("cost_center", "cost_unit"):
+                if code := getattr(row, kind, None):
+                    dimension(kind, code, f"default for {key!r}", locations.default(section, key, kind))
 
     # vat.yaml: the same rules as transform/journal.py. A wrong code is reported even on a journal without VAT,
     # where it is not used yet: it would be the day the journal changes.
