@@ -74,3 +74,10 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.sleep(seconds)
+
+
+def run_cli(mappings, state_url: str, *args: str) -> int:
+    """`expensify-exact --mappings M --state-url S ARGS…` in this process; returns the exit code."""
+    from expensify_exact.cli import main
+
+    return main(["--mappings", str(mappings), "--state-url", state_url, *args])

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 
-from expensify_exact.cli import main
 from expensify_exact.defs.keys import asset_key
 from expensify_exact.runs import run_range
 from expensify_exact.sandbox import seed
+from tests.factories import run_cli as _cli
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 CONNECTION = "vermeerhals-nl"
@@ -32,10 +32,6 @@ def _expected_report_ids(sandbox, start: date, end: date) -> set[str]:
         if start <= day <= end:
             found.add(report.report_id)
     return found
-
-
-def _cli(mappings, state_url, *args) -> int:
-    return main(["--mappings", str(mappings), "--state-url", state_url, *args])
 
 
 @pytest.fixture

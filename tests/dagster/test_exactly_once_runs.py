@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 
-from expensify_exact.cli import main
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.replay import REPLAY_JOB_NAME, SENSOR_NAME
 from expensify_exact.resources import ConnectorResource
@@ -25,15 +24,12 @@ from expensify_exact.runs import run_range
 from expensify_exact.sandbox import seed as S
 from expensify_exact.state import StateStore
 from tests.crash.driver import report_of_entry
+from tests.factories import run_cli as _cli
 
 CONNECTION = "vermeerhals-nl"
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 GIFTS, EINDHOVEN = S._report_id(101), S._report_id(102)
 PROBLEMS = {GIFTS, EINDHOVEN}  # the demo's two seeded problems: quarantined, never posted
-
-
-def _cli(mappings, state_url, *args) -> int:
-    return main(["--mappings", str(mappings), "--state-url", state_url, *args])
 
 
 @pytest.fixture

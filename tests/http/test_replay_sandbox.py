@@ -13,17 +13,13 @@ from datetime import timedelta
 
 import pytest
 
-from expensify_exact.cli import main
 from expensify_exact.sandbox import seed as S
 from expensify_exact.state import StateStore
 from tests.crash.driver import post_window, report_of_entry
+from tests.factories import run_cli as _cli
 
 CONNECTION = "vermeerhals-nl"
 GIFTS, EINDHOVEN = S._report_id(101), S._report_id(102)
-
-
-def _cli(mappings, state_url, *args) -> int:
-    return main(["--mappings", str(mappings), "--state-url", state_url, *args])
 
 
 @pytest.fixture
