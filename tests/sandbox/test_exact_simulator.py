@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import sys
 import threading
-import types
 import xml.etree.ElementTree as ET
 from datetime import date, datetime, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -25,23 +23,7 @@ from expensify_exact.sandbox.clock import SandboxClock
 from expensify_exact.sandbox.exact_app import DropConnection, ExactSimulator
 from expensify_exact.sandbox.faults import FaultSwitches
 
-try:  # the Expensify simulator is written by another helper; stand in for it until it lands
-    import expensify_exact.sandbox.expensify_app  # noqa: F401
-except ImportError:
-    _stub = types.ModuleType("expensify_exact.sandbox.expensify_app")
-
-    class ExpensifySimulator:  # pragma: no cover - only used before the real module exists
-        def __init__(self, seed=None, clock=None, faults=None):
-            pass
-
-        def __call__(self, environ, start_response):
-            start_response("404 Not Found", [("Content-Length", "0")])
-            return [b""]
-
-    _stub.ExpensifySimulator = ExpensifySimulator
-    sys.modules["expensify_exact.sandbox.expensify_app"] = _stub
-
-from expensify_exact.sandbox.server import SandboxServer  # noqa: E402
+from expensify_exact.sandbox.server import SandboxServer
 
 BASE = "https://start.exactonline.nl"
 DIV = S.DIVISION
