@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
+import sqlalchemy as sa
+
 from expensify_exact.clock import Clock, SystemClock
 from expensify_exact.config import Connection
 from expensify_exact.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.exact.client import ExactClient
 from expensify_exact.exact.regions import resolve_base_url, token_url
 from expensify_exact.expensify.client import ExpensifyClient
+from expensify_exact.http.pacing import RateLimitSnapshot
 from expensify_exact.state import StateStore
 from expensify_exact.vault import CredentialVault, VaultTokenStore
 
@@ -18,6 +24,35 @@ EXACT_CLIENT_ID = "exact_client_id"
 EXACT_CLIENT_SECRET = "exact_client_secret"
 SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT_CLIENT_SECRET,
                 "exact_webhook_secret")  # expensify_exact.webhooks.EXACT_WEBHOOK_SECRET
+
+
+logger = logging.getLogger(__name__)
+
+
+class StoredRateLimitBoard:
+    """Shares one Exact division's budgets through the state DB between all runs and processes using it.
+
+    Advisory: if the database cannot be read or written for a moment, pacing carries on with what this
+    process saw itself (and a 429, should one come, is still waited out).
+    """
+
+    def __init__(self, store: StateStore, division: int):
+        self._store = store
+        self.scope = f"exact:division:{division}"
+
+    def load(self) -> RateLimitSnapshot | None:
+        try:
+            values = self._store.rate_limits_get(self.scope)
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("could not read the shared rate-limit budgets of %s: %s", self.scope, type(exc).__name__)
+            return None
+        return RateLimitSnapshot(**values) if values else None
+
+    def save(self, snapshot: RateLimitSnapshot) -> None:
+        try:
+            self._store.rate_limits_put(self.scope, dataclasses.asdict(snapshot))
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("could not publish the rate-limit budgets of %s: %s", self.scope, type(exc).__name__)
 
 
 def exact_base_url(conn: Connection) -> str:
@@ -49,4 +84,5 @@ def build_exact_client(conn: Connection, vault: CredentialVault, store: StateSto
                        transport=None) -> ExactClient:
     clock = clock or SystemClock()
     refresher = build_token_refresher(conn, vault, store, clock)
-    return ExactClient(exact_base_url(conn), conn.exact.division, ExactAuth(refresher), clock, transport=transport)
+    return ExactClient(exact_base_url(conn), conn.exact.division, ExactAuth(refresher), clock, transport=transport,
+                       rate_limit_board=StoredRateLimitBoard(store, conn.exact.division))

@@ -1,7 +1,8 @@
 """The connector's own state: SQLite by default, PostgreSQL in production, through one SQLAlchemy Core schema.
 Tables are prefixed `ee_` so they can share a database with Dagster's own storage.
 
-Holds lease locks, encrypted secrets and Exact tokens, the posted ledger, the quarantine and the append-only audit log.
+Holds lease locks, encrypted secrets and Exact tokens, the posted ledger, the quarantine, the append-only audit log
+and the rate-limit budgets each API last reported, which every process sharing a credential reads before calling.
 """
 
 from __future__ import annotations
@@ -115,11 +116,26 @@ corrections = sa.Table(
     sa.Column("run_id", sa.String(64), nullable=True),
 )
 
+# What an API last said about a credential's budgets (e.g. Exact's X-RateLimit-* headers for one division), so a
+# run that starts in a minute another run used up waits instead of collecting a 429. Advisory, overwritten per call.
+rate_limits = sa.Table(
+    "ee_rate_limits", metadata,
+    sa.Column("scope", sa.String(100), primary_key=True),  # e.g. exact:division:<n>
+    sa.Column("observed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("remaining_minutely", sa.Integer, nullable=True),
+    sa.Column("minutely_limit", sa.Integer, nullable=True),
+    sa.Column("minutely_resets_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("remaining_daily", sa.Integer, nullable=True),
+    sa.Column("daily_limit", sa.Integer, nullable=True),
+    sa.Column("daily_resets_at", sa.DateTime(timezone=True), nullable=True),
+)
+
 # Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "locks, secrets, tokens, ledger, quarantine, audit log",
      [locks, secrets, exact_tokens, posted_ledger, quarantine, audit_log]),
     (2, "correction intents for approved CHANGED_AFTER_POSTING reports", [corrections]),
+    (3, "rate-limit budgets shared by the processes using one credential", [rate_limits]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -522,6 +538,18 @@ class StateStore:
             query = query.where(audit_log.c.at >= since)
         with self.engine.connect() as conn:
             return [dict(r._mapping) | {"at": _aware(r.at)} for r in conn.execute(query)]
+
+    # --- shared rate-limit budgets -------------------------------------------------------------------
+    def rate_limits_get(self, scope: str) -> dict[str, Any] | None:
+        """The budgets last published for `scope` (column name -> value, datetimes in UTC), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(rate_limits).where(rate_limits.c.scope == scope)).one_or_none()
+        if row is None:
+            return None
+        return {k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items() if k != "scope"}
+
+    def rate_limits_put(self, scope: str, values: dict[str, Any]) -> None:
+        self._upsert(rate_limits, {"scope": scope}, values)
 
     # --- helpers -------------------------------------------------------------------------------------
     def _upsert(self, table: sa.Table, keys: dict, values: dict) -> None:

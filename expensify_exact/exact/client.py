@@ -18,7 +18,7 @@ from expensify_exact.errors import (
 from expensify_exact.exact.auth import ExactAuth
 from expensify_exact.exact.odata import clean_record, guid_literal, has_odata_error, parse_error
 from expensify_exact.exact.paging import iter_pages
-from expensify_exact.http.pacing import ExactRateLimits, PacedTransport
+from expensify_exact.http.pacing import ExactRateLimits, PacedTransport, RateLimitBoard
 from expensify_exact.http.redaction import redact_text, redact_url
 
 SERVICE = "exact"
@@ -46,10 +46,11 @@ class ExactClient:
     def __init__(self, base_url: str, division: int, auth: ExactAuth, clock: Clock,
                  transport: httpx.BaseTransport | None = None, timeout: float = 30.0,
                  max_get_retries: int = 3, daily_reserve: int = 50, *,
-                 verify_division: bool = True, backoff_seconds: float = 1.0, max_backoff_seconds: float = 30.0):
+                 verify_division: bool = True, backoff_seconds: float = 1.0, max_backoff_seconds: float = 30.0,
+                 rate_limit_board: RateLimitBoard | None = None):
         self.base_url = base_url.rstrip("/")
         self.division = int(division)
-        self.rate_limits = ExactRateLimits(daily_reserve=daily_reserve)
+        self.rate_limits = ExactRateLimits(daily_reserve=daily_reserve, board=rate_limit_board)
         self._clock = clock
         self._max_get_retries = max_get_retries
         self._backoff = backoff_seconds

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from email.utils import parsedate_to_datetime
 from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
@@ -117,22 +118,56 @@ class SlidingWindowLimits:
             self._sent.popleft()
 
 
+@dataclass(frozen=True)
+class RateLimitSnapshot:
+    """The budgets an API reported in one response, as published on a RateLimitBoard."""
+
+    observed_at: datetime
+    remaining_minutely: int | None
+    minutely_limit: int | None
+    minutely_resets_at: datetime | None
+    remaining_daily: int | None
+    daily_limit: int | None
+    daily_resets_at: datetime | None
+
+
+class RateLimitBoard(Protocol):
+    """Where every process calling with one credential publishes the budgets the API last reported."""
+
+    def load(self) -> RateLimitSnapshot | None:
+        """The newest published snapshot, or None."""
+
+    def save(self, snapshot: RateLimitSnapshot) -> None:
+        """Publish a snapshot (the newest wins)."""
+
+
 class ExactRateLimits:
     """Paces by Exact Online's X-RateLimit-* headers (exact-online.md §6).
 
     A header that is absent means "unknown", never 0: Exact sends only the exceeded window's
     headers on a 429 and none at all on division-less URLs such as current/Me. A known value is
     kept until its reset time passes.
+
+    Exact counts per app and division, not per process: with a board, every response's budgets are
+    published and a newer snapshot from another process (a concurrent run, or the previous step of
+    this one) is adopted before each request, so a run that starts in a minute someone else used up
+    waits for the reset instead of collecting a 429.
     """
 
     SERVICE = "exact"
+    # A snapshot stamped further ahead than this was written on another clock (a sandbox's simulated
+    # time, a skewed host): trusting it could mean waiting for a reset that never comes.
+    CLOCK_TOLERANCE = timedelta(seconds=5)
 
-    def __init__(self, daily_reserve: int = 50):
+    def __init__(self, daily_reserve: int = 50, board: RateLimitBoard | None = None):
         """Args:
             daily_reserve: daily calls to leave unused (for a person's ad-hoc checks); when the
                 next call would dip below it, RateLimitExhausted is raised instead of waiting.
+            board: where the budgets are shared with other processes using the same division.
         """
         self.daily_reserve = daily_reserve
+        self._board = board
+        self._observed_at: datetime | None = None
         self.remaining_daily: int | None = None
         self.daily_limit: int | None = None
         self.daily_resets_at: datetime | None = None
@@ -142,6 +177,8 @@ class ExactRateLimits:
         self.calls_made = 0
 
     def next_slot(self, now: datetime) -> datetime:
+        if self._board is not None:
+            self._adopt(self._board.load(), now)
         self._raise_if_daily_exhausted(now, reserve=self.daily_reserve)
         if self.remaining_minutely is not None and self.remaining_minutely <= 0 and self.minutely_resets_at:
             # "add a second for rounding differences" (picqer Connection.php, exact-online.md §6)
@@ -160,6 +197,27 @@ class ExactRateLimits:
         if response.status_code == 429 and "X-RateLimit-Minutely-Remaining" in headers:
             # The minute allowance is what refused us, whatever the header claims.
             self.remaining_minutely = 0
+        if any(name.lower().startswith("x-ratelimit-") for name in headers):
+            self._observed_at = now
+            if self._board is not None:
+                self._board.save(RateLimitSnapshot(
+                    now, self.remaining_minutely, self.minutely_limit, self.minutely_resets_at,
+                    self.remaining_daily, self.daily_limit, self.daily_resets_at))
+
+    def _adopt(self, shared: RateLimitSnapshot | None, now: datetime) -> None:
+        """Take a newer snapshot published by another process as what we know."""
+        if shared is None or shared.observed_at > now + self.CLOCK_TOLERANCE:
+            return
+        if self._observed_at is not None and shared.observed_at <= self._observed_at:
+            return
+        self._observed_at = shared.observed_at
+        # A window the other process knew nothing about keeps what we know of it.
+        if shared.remaining_minutely is not None:
+            self.remaining_minutely, self.minutely_limit = shared.remaining_minutely, shared.minutely_limit
+            self.minutely_resets_at = shared.minutely_resets_at
+        if shared.remaining_daily is not None:
+            self.remaining_daily, self.daily_limit = shared.remaining_daily, shared.daily_limit
+            self.daily_resets_at = shared.daily_resets_at
 
     def wait_after_429(self, response: httpx.Response, now: datetime) -> float:
         if response.headers.get("X-RateLimit-Remaining") is not None:

@@ -19,6 +19,7 @@ from expensify_exact.errors import (
     RejectedByApi,
     TransientApiError,
 )
+from expensify_exact.connections import StoredRateLimitBoard
 from expensify_exact.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.exact.client import ExactClient
 from expensify_exact.exact.odata import AMSTERDAM
@@ -503,6 +504,28 @@ def test_sim_429s_caused_by_a_sibling_are_waited_out():
             a.get_all("financial/Journals", ["Code"])  # b does not know the minute is used up
         assert b.get_all("financial/Journals", ["Code"])
     assert sim.stats["rate_limited"]["minutely"] >= 1
+
+
+def test_sim_siblings_sharing_the_state_db_board_wait_instead_of_collecting_a_429(store):
+    """The same two clients as above, but publishing their budgets in the state DB, as every run does."""
+    sim, clock, transport = in_process(minutely_limit=5)
+    start = clock.now()
+    tokens = InMemoryTokenStore({"sbx": sim_tokens(sim, clock)})
+    a = sim_client(sim, clock, SIM_BASE, transport, store=tokens, verify_division=False,
+                   rate_limit_board=StoredRateLimitBoard(store, S.DIVISION))
+    b = sim_client(sim, clock, SIM_BASE, transport, store=tokens, verify_division=False,
+                   rate_limit_board=StoredRateLimitBoard(store, S.DIVISION))
+    with a, b:
+        for _ in range(5):
+            a.get_all("financial/Journals", ["Code"])
+        assert b.get_all("financial/Journals", ["Code"])
+        for _ in range(4):
+            a.get_all("financial/Journals", ["Code"])  # a learns that b took one of the new minute's five
+        a.get_all("financial/Journals", ["Code"])
+    assert sim.stats["rate_limited"]["minutely"] == 0
+    assert max(sim.stats["max_calls_per_minute"].values()) == 5
+    assert clock.now() >= start.replace(second=0) + timedelta(minutes=2)
+    assert store.rate_limits_get(f"exact:division:{S.DIVISION}")["minutely_limit"] == 5
 
 
 def test_sim_post_creates_the_entry_with_its_number():

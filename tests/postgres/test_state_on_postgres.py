@@ -7,7 +7,7 @@ import pytest
 from expensify_exact.errors import StateStoreError
 from expensify_exact.state import SCHEMA_VERSION, StateStore
 from expensify_exact.vault import CredentialVault
-from tests.unit.test_state_and_vault import _enter_and_leave_under_lock
+from tests.unit.test_state_and_vault import _enter_and_leave_under_lock, check_rate_limit_board_round_trip
 
 pytestmark = pytest.mark.postgres
 
@@ -43,3 +43,7 @@ def test_ledger_quarantine_and_vault_on_postgres(pg_database):
     vault = CredentialVault(store)
     vault.set("c", "exact_client_secret", "pg-secret")
     assert vault.get("c", "exact_client_secret") == "pg-secret"
+
+
+def test_rate_limit_board_round_trip_on_postgres(pg_database):
+    check_rate_limit_board_round_trip(StateStore(pg_database))

@@ -9,7 +9,12 @@ import httpx
 import pytest
 
 from expensify_exact.errors import RateLimitExhausted
-from expensify_exact.http.pacing import ExactRateLimits, PacedTransport, SlidingWindowLimits
+from expensify_exact.http.pacing import (
+    ExactRateLimits,
+    PacedTransport,
+    RateLimitSnapshot,
+    SlidingWindowLimits,
+)
 from tests.factories import FakeClock as _FakeClock
 
 T0 = datetime(2024, 5, 13, 8, 18, 25, tzinfo=timezone.utc)
@@ -167,6 +172,70 @@ def test_exact_daily_429_raises_instead_of_sleeping_for_hours():
     limits.observe(response, T0)
     with pytest.raises(RateLimitExhausted):
         limits.wait_after_429(response, T0)
+
+
+# --- budgets shared between processes ------------------------------------------------------------
+
+class MemoryBoard:
+    def __init__(self):
+        self.snapshot: RateLimitSnapshot | None = None
+        self.saves = 0
+
+    def load(self):
+        return self.snapshot
+
+    def save(self, snapshot):
+        self.snapshot = snapshot
+        self.saves += 1
+
+
+def test_a_fresh_process_waits_for_the_minute_another_one_used_up():
+    board = MemoryBoard()
+    first = ExactRateLimits(daily_reserve=0, board=board)
+    first.observe(httpx.Response(200, headers={**minute_headers(0, MINUTE_END), **daily_headers(4000, DAY_END)}), T0)
+    second = ExactRateLimits(daily_reserve=0, board=board)
+    assert second.next_slot(T0) == MINUTE_END + timedelta(seconds=1)
+    assert second.remaining_daily == 4000 and second.calls_made == 0
+
+
+def test_a_fresh_process_stops_before_its_first_call_when_the_day_is_used_up():
+    board = MemoryBoard()
+    ExactRateLimits(board=board).observe(httpx.Response(200, headers=daily_headers(40, DAY_END)), T0)
+    with pytest.raises(RateLimitExhausted):
+        ExactRateLimits(daily_reserve=50, board=board).next_slot(T0)
+
+
+def test_an_older_snapshot_does_not_overwrite_what_this_process_saw_later():
+    board = MemoryBoard()
+    limits = ExactRateLimits(daily_reserve=0, board=board)
+    board.snapshot = RateLimitSnapshot(at(-5), 0, 60, MINUTE_END, None, None, None)
+    limits.observe(httpx.Response(200, headers=minute_headers(7, MINUTE_END)), T0)  # publishes its own, newer
+    board.snapshot = RateLimitSnapshot(at(-1), 0, 60, MINUTE_END, None, None, None)
+    assert limits.next_slot(T0) == T0 and limits.remaining_minutely == 7
+
+
+def test_a_window_the_other_process_did_not_know_keeps_what_we_know():
+    board = MemoryBoard()
+    limits = ExactRateLimits(daily_reserve=0, board=board)
+    limits.observe(httpx.Response(200, headers=daily_headers(4000, DAY_END)), T0)
+    board.snapshot = RateLimitSnapshot(at(1), 0, 60, MINUTE_END, None, None, None)  # e.g. from a 429
+    assert limits.next_slot(at(2)) == MINUTE_END + timedelta(seconds=1)
+    assert limits.remaining_daily == 4000
+
+
+def test_a_snapshot_stamped_on_a_clock_far_ahead_is_not_trusted():
+    board = MemoryBoard()
+    board.snapshot = RateLimitSnapshot(at(3600), 0, 60, at(3620), 0, 5000, at(7200))
+    assert ExactRateLimits(daily_reserve=0, board=board).next_slot(T0) == T0
+
+
+def test_only_answers_with_rate_headers_are_published():
+    board = MemoryBoard()
+    limits = ExactRateLimits(board=board)
+    limits.observe(httpx.Response(200), T0)  # current/Me: nothing to tell the others
+    assert board.saves == 0
+    limits.observe(httpx.Response(429, headers=minute_headers(3, MINUTE_END)), T0)
+    assert board.saves == 1 and board.snapshot.remaining_minutely == 0 and board.snapshot.observed_at == T0
 
 
 # --- PacedTransport ----------------------------------------------------------------------------

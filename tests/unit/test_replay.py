@@ -292,7 +292,7 @@ def test_an_ignored_item_stays_ignored_when_its_day_runs_again_but_a_resolved_on
 
 # ------------------------------------------------------------------------------------------------------ state
 
-def test_a_version_1_database_is_migrated_to_the_corrections_table(tmp_path):
+def test_a_version_1_database_is_migrated_to_the_newest_schema(tmp_path):
     url = f"sqlite:///{tmp_path / 'v1.db'}"
     engine = sa.create_engine(url)
     version_1 = MIGRATIONS[0]
@@ -302,10 +302,10 @@ def test_a_version_1_database_is_migrated_to_the_corrections_table(tmp_path):
             table.create(conn)
         conn.execute(schema_migrations.insert().values(version=1, description=version_1[1],
                                                        applied_at=datetime.now(timezone.utc)))
-    assert "ee_corrections" not in sa.inspect(engine).get_table_names()
+    assert not {"ee_corrections", "ee_rate_limits"} & set(sa.inspect(engine).get_table_names())
     store = StateStore(url)
-    assert store.schema_version() == SCHEMA_VERSION == 2
-    assert "ee_corrections" in sa.inspect(store.engine).get_table_names()
+    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert {"ee_corrections", "ee_rate_limits"} <= set(sa.inspect(store.engine).get_table_names())
     assert set(metadata.tables) >= {"ee_corrections", "ee_posted_ledger"}
     store.dispose()
 

@@ -2,13 +2,17 @@
 
 import multiprocessing
 import time
+from datetime import datetime, timezone
 
 import pytest
+import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
+from expensify_exact.connections import StoredRateLimitBoard
 from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.exact.tokens import ExactTokens
-from expensify_exact.state import StateStore
+from expensify_exact.http.pacing import RateLimitSnapshot
+from expensify_exact.state import StateStore, rate_limits
 from expensify_exact.vault import CredentialVault, Secret, VaultTokenStore
 
 
@@ -132,3 +136,32 @@ def test_missing_key_is_reported_with_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("EXPENSIFY_EXACT_KEY", "not-a-key")
     with pytest.raises(VaultError, match="not a valid Fernet key"):
         load_keys()
+
+
+def check_rate_limit_board_round_trip(store: StateStore) -> None:
+    """Shared by the SQLite and PostgreSQL tests: what one process publishes, another reads back unchanged."""
+    at = datetime(2026, 11, 24, 8, 18, 25, 123000, tzinfo=timezone.utc)
+    first = RateLimitSnapshot(at, 0, 60, datetime(2026, 11, 24, 8, 19, tzinfo=timezone.utc), 4321, 5000,
+                              datetime(2026, 11, 25, tzinfo=timezone.utc))
+    StoredRateLimitBoard(store, 123).save(first)
+    assert StoredRateLimitBoard(store, 123).load() == first
+    assert StoredRateLimitBoard(store, 456).load() is None  # another division has its own budgets
+    newer = RateLimitSnapshot(at.replace(second=30), 59, 60, first.minutely_resets_at, None, None, None)
+    StoredRateLimitBoard(store, 123).save(newer)
+    assert StoredRateLimitBoard(store, 123).load() == newer
+
+
+def test_rate_limit_board_round_trip(store):
+    check_rate_limit_board_round_trip(store)
+
+
+def test_rate_limit_board_is_advisory_when_the_database_fails(store, caplog):
+    board = StoredRateLimitBoard(store, 123)
+    with store.engine.begin() as conn:
+        rate_limits.drop(conn)
+    assert board.load() is None
+    board.save(RateLimitSnapshot(datetime.now(timezone.utc), 3, 60, None, None, None, None))
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    assert all("exact:division:123" in r.getMessage() for r in caplog.records)
+    with store.engine.connect() as conn:
+        assert not sa.inspect(conn).has_table("ee_rate_limits")
