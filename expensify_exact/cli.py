@@ -24,6 +24,13 @@ SECRET_ENV = {
     "exact_client_secret": "EXACT_CLIENT_SECRET",
 }
 REFRESH_TOKEN_ENV = "EXACT_REFRESH_TOKEN"
+EMBEDDED_INSTANCE_CONFIG = """\
+concurrency:
+  pools:
+    default_limit: 1
+telemetry:
+  enabled: false
+"""
 
 
 def _ensure_dagster_home() -> Path:
@@ -32,8 +39,9 @@ def _ensure_dagster_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     instance_config = home / "dagster.yaml"
     if not instance_config.exists():
-        # SQLite storage (Dagster's default); no telemetry from a connector that handles ledgers.
-        instance_config.write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+        # SQLite storage (Dagster's default); one step per pool at a time, as in the production dagster.yaml, so
+        # runs launched side by side from the UI stay inside the APIs' limits; no telemetry from a ledger connector.
+        instance_config.write_text(EMBEDDED_INSTANCE_CONFIG, encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 

@@ -8,12 +8,12 @@ from datetime import date
 import dagster as dg
 import pandas as pd
 
-from expensify_exact.posting import OUTCOME_COLUMNS
-
 from expensify_exact.config import load_project_config
+from expensify_exact.definitions import build_defs
 from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
-from expensify_exact.definitions import build_defs
+from expensify_exact.defs.keys import ensure_pools
+from expensify_exact.posting import OUTCOME_COLUMNS
 from expensify_exact.resources import ConnectorResource
 
 
@@ -84,6 +84,7 @@ def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: st
                   # The per-event DEBUG lines belong in the UI's run view, not on the operator's terminal.
                   "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     instance = instance or dg.DagsterInstance.get()
+    ensure_pools(instance, config)
     kwargs: dict = {"partition_key": start.isoformat()} if start == end else {
         "tags": {"dagster/asset_partition_range_start": start.isoformat(),
                  "dagster/asset_partition_range_end": end.isoformat()}}

@@ -1,5 +1,6 @@
 """`expensify-exact status`: per connection, what an operator checks first — credentials, tokens, Exact's rate
-budget, the open quarantine and the ledger — plus the latest runs of the main job on the Dagster instance.
+budget, the Dagster pools that keep runs inside it, the open quarantine and the ledger — plus the latest runs of the
+main job on the Dagster instance.
 
 Reads only the state database and the Dagster instance; `--live` spends two Exact calls to read the rate budget.
 """
@@ -51,6 +52,7 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
             "tokens": _tokens(connector, conn, issued, now),
             "rate_budget": (_live_budget(connector, conn) if live else None)
                            or _recorded_budget(store, instance, conn),
+            "pools": _pools(instance, conn),
             "quarantine_open": len(quarantine),
             "quarantine_by_reason": dict(sorted(by_reason.items())),
             "ledger": {"posted": ledger.get("posted", 0), "pending": ledger.get("pending", 0)},
@@ -75,6 +77,10 @@ def needs_attention(status: dict) -> list[str]:
             reasons.append(f"{name}: {conn['tokens']['idle_warning']}")
         if conn["tokens"].get("error"):
             reasons.append(f"{name}: {conn['tokens']['error']}")
+        for pool, limit in (conn["pools"] or {}).items():
+            if limit is None:
+                reasons.append(f"{name}: Dagster pool {pool} has no limit, so concurrent runs can exceed the API's "
+                               f"rate limit; set concurrency.pools.default_limit: 1 in dagster.yaml")
         if conn["ledger"]["pending"]:
             reasons.append(f"{name}: {conn['ledger']['pending']} posting intent(s) unsettled; the next run settles "
                            f"them by asking Exact")
@@ -121,9 +127,29 @@ def _live_budget(connector, conn) -> dict | None:
     return {"source": "live", "as_of": now.isoformat(), **_budget_fields(status)}
 
 
+def _pools(instance, conn) -> dict[str, int | None] | None:
+    """Pool -> the limit a step claiming it will get (an existing row's, else the instance default); None: no limit."""
+    from expensify_exact.defs.keys import exact_pool, expensify_pool
+
+    if instance is None or not instance.event_log_storage.supports_global_concurrency_limits:
+        return None
+    storage = instance.event_log_storage
+    limits = {pool.name: pool.limit for pool in storage.get_pool_limits()}
+    default = storage.get_pool_config().default_pool_limit
+    return {pool: limits.get(pool, default) for pool in (exact_pool(conn), expensify_pool(conn))}
+
+
 def _recorded_budget(store, instance, conn) -> dict | None:
-    """The newest budget known without calling Exact: a run's metadata or the audit log."""
+    """The newest budget known without calling Exact: the last answer any run got, a run's metadata, the audit log."""
+    from expensify_exact.connections import StoredRateLimitBoard
+
     candidates = []
+    shared = StoredRateLimitBoard(store, conn.exact.division).load()
+    if shared is not None and shared.remaining_daily is not None:
+        candidates.append({"source": "the last Exact answer", "as_of": shared.observed_at.isoformat(),
+                           "remaining_daily": shared.remaining_daily,
+                           "daily_resets_at": shared.daily_resets_at.isoformat() if shared.daily_resets_at else None,
+                           "remaining_minutely": shared.remaining_minutely})
     for row in reversed(store.audit_rows(connection=conn.name)):
         if row["event"] == RATE_BUDGET_EVENT and row.get("detail"):
             detail = json.loads(row["detail"])
@@ -239,6 +265,10 @@ def render_text(status: dict) -> str:
                       else "")
             lines.append(f"  rate budget   {budget['remaining_daily']} calls left today{resets}{minute}; "
                          f"as of {budget['as_of'][:16]}Z from {budget['source']}")
+        if conn["pools"]:
+            lines.append("  pools         " + ", ".join(
+                f"{pool}: {'NO LIMIT' if limit is None else f'{limit} step(s) at a time'}"
+                for pool, limit in conn["pools"].items()))
         reasons = ", ".join(f"{code} {n}" for code, n in conn["quarantine_by_reason"].items())
         lines.append(f"  quarantine    {conn['quarantine_open']} open report(s)" + (f": {reasons}" if reasons else ""))
         lines.append(f"  ledger        {conn['ledger']['posted']} posted, {conn['ledger']['pending']} pending")
