@@ -1,27 +1,18 @@
 """The `refresh_on_exact_webhooks` sensor: Exact said a GL account, cost center or cost unit changed, so the
 quarantine is replayed against fresh dimensions. `expensify-exact webhooks serve` records the notifications."""
 
-import importlib.util
 from dataclasses import dataclass, field
 
 import dagster as dg
 
 from expensify_exact.config import ProjectConfig
+from expensify_exact.defs.replay import CONNECTION_TAG, REPLAY_JOB_NAME, TRIGGER_TAG
 from expensify_exact.resources import ConnectorResource
 from expensify_exact.state import StateStore
 from expensify_exact.webhooks import EVENT_DIMENSIONS_CHANGED, EVENT_POSTED_ENTRY_DELETED, webhook_events_after
 
 SENSOR_NAME = "refresh_on_exact_webhooks"
-REPLAY_JOB_NAME = "replay_quarantine"
-MAIN_JOB_NAME = "post_approved_expenses"  # the lead's main job, by name (see target_job_name)
 EVENTS_PER_EVALUATION = 1000
-CONNECTION_TAG = "expensify_exact/connection"
-TRIGGER_TAG = "expensify_exact/trigger"
-
-
-def target_job_name() -> str:
-    """`replay_quarantine` once `defs/replay.py` provides it; until then the main job, which re-validates too."""
-    return REPLAY_JOB_NAME if importlib.util.find_spec("expensify_exact.defs.replay") else MAIN_JOB_NAME
 
 
 @dataclass
@@ -34,7 +25,7 @@ class WebhookPlan:
     deleted_entries: list[dict] = field(default_factory=list)
 
 
-def plan_runs(store: StateStore, cursor: int, connections: list[str], job_name: str) -> WebhookPlan:
+def plan_runs(store: StateStore, cursor: int, connections: list[str]) -> WebhookPlan:
     """Read the webhook audit events after `cursor` and decide which runs to request.
 
     One run per connection whose dimensions changed and that has open quarantine items (fresh dimensions can
@@ -59,36 +50,28 @@ def plan_runs(store: StateStore, cursor: int, connections: list[str], job_name: 
         if not open_items:
             plan.notes.append(f"{connection}: dimensions changed ({what}); nothing is quarantined, so nothing to replay")
             continue
-        tags = {CONNECTION_TAG: connection, TRIGGER_TAG: "exact_webhooks"}
-        partition_key = None
-        if job_name == MAIN_JOB_NAME:
-            days = sorted({i.partition_date for i in open_items if i.partition_date})
-            if len(days) == 1:
-                partition_key = days[0]
-            elif days:
-                tags |= {"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[-1]}
-        plan.run_requests.append(dg.RunRequest(run_key=f"exact_webhooks:{connection}:{found[-1]['id']}",
-                                               job_name=job_name, partition_key=partition_key, tags=tags))
+        plan.run_requests.append(dg.RunRequest(
+            run_key=f"exact_webhooks:{connection}:{found[-1]['id']}", job_name=REPLAY_JOB_NAME,
+            tags={CONNECTION_TAG: connection, TRIGGER_TAG: "exact_webhooks"}))
         plan.notes.append(f"{connection}: dimensions changed ({what}); replaying {len(open_items)} quarantined "
-                          f"report(s) with {job_name}")
+                          f"report(s) with {REPLAY_JOB_NAME}")
     return plan
 
 
 def build(config: ProjectConfig) -> dg.Definitions:
-    job_name = target_job_name()
     connections = [c.name for c in config.connections]
 
     @dg.sensor(
-        name=SENSOR_NAME, job_name=job_name, default_status=dg.DefaultSensorStatus.STOPPED,
+        name=SENSOR_NAME, job_name=REPLAY_JOB_NAME, default_status=dg.DefaultSensorStatus.STOPPED,
         minimum_interval_seconds=60,
         description="Reads the Exact webhook events that `expensify-exact webhooks serve` recorded. When a GL "
                     "account, cost center or cost unit changed in a connection's division and that connection has "
-                    f"quarantined reports, requests a run of `{job_name}` to re-validate them against fresh "
+                    f"quarantined reports, requests a run of `{REPLAY_JOB_NAME}` to re-validate them against fresh "
                     "dimensions. A deleted entry the connector posted is logged for a person; it requests nothing. "
                     "Off by default: turn it on once Exact's webhooks point at the receiver.",
     )
     def refresh_on_exact_webhooks(context: dg.SensorEvaluationContext, connector: ConnectorResource):
-        plan = plan_runs(connector.store(), int(context.cursor or 0), connections, job_name)
+        plan = plan_runs(connector.store(), int(context.cursor or 0), connections)
         for note in plan.notes:
             (context.log.warning if "deleted" in note else context.log.info)(note)
         if plan.run_requests:

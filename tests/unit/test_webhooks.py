@@ -222,13 +222,12 @@ def evaluate(connector, cursor=None):
     return sensor(context)
 
 
-def test_the_sensor_is_off_by_default_described_and_targets_the_replay_job_or_the_main_job():
+def test_the_sensor_is_off_by_default_described_and_targets_the_replay_job():
     sensor = webhook_defs.build(CONFIG).sensors[0]
     assert sensor.name == "refresh_on_exact_webhooks"
     assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
     assert "quarantined" in sensor.description
-    assert sensor.job_name == webhook_defs.target_job_name()
-    assert sensor.job_name in ("replay_quarantine", "post_approved_expenses")
+    assert sensor.job_name == "replay_quarantine"
 
 
 def test_a_dimension_change_with_quarantined_reports_requests_one_replay_run_and_moves_the_cursor(
@@ -238,22 +237,12 @@ def test_a_dimension_change_with_quarantined_reports_requests_one_replay_run_and
     processor.handle(envelope(content_json(topic="GLAccounts")))
     result = evaluate(connector)
     [request] = result.run_requests
-    assert request.job_name == webhook_defs.target_job_name()
+    assert request.job_name == "replay_quarantine"
     assert request.tags["expensify_exact/connection"] == CONN.name
     last_id = webhook_events_after(store, 0)[-1]["id"]
     assert request.run_key == f"exact_webhooks:{CONN.name}:{last_id}"
     assert result.cursor == str(last_id)
     assert not evaluate(connector, cursor=result.cursor).run_requests
-
-
-def test_the_main_job_fallback_replays_the_days_that_hold_quarantined_reports(processor, store):
-    quarantine(store, "R00QUAR00001", "2026-11-18")
-    quarantine(store, "R00QUAR00002", "2026-11-21")
-    processor.handle(envelope(content_json(topic="Costunits")))
-    plan = webhook_defs.plan_runs(store, 0, [CONN.name], webhook_defs.MAIN_JOB_NAME)
-    [request] = plan.run_requests
-    assert request.tags["dagster/asset_partition_range_start"] == "2026-11-18"
-    assert request.tags["dagster/asset_partition_range_end"] == "2026-11-21"
 
 
 def test_a_dimension_change_with_nothing_quarantined_requests_no_run(processor, store, connector):
@@ -277,4 +266,4 @@ def test_the_project_definitions_carry_the_sensor_and_the_job_it_names():
 
     defs = build_defs(str(MAPPINGS))
     sensor = defs.resolve_sensor_def("refresh_on_exact_webhooks")
-    assert defs.resolve_job_def(sensor.job_name).name == webhook_defs.target_job_name()
+    assert defs.resolve_job_def(sensor.job_name).name == "replay_quarantine"
