@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import date, datetime, time as dtime, timedelta, timezone
+from datetime import date, datetime, time as dtime, timedelta
 from pathlib import Path
 
 import httpx
@@ -374,9 +374,12 @@ def _day_seed(today: date, day: date, n_reports: int):
     return S.Seed(today=today, reports=reports)
 
 
-def _one_day_run(n_reports: int, minutely_limit: int | None) -> dict:
+def _one_day_run(n_reports: int, minutely_limit: int | None, start_at_second: float | None = None) -> dict:
+    """Times `run_range` for one day of `n_reports` reports; `start_at_second`: first wait for that second of a
+    clock minute (Exact's minute window is a fixed clock minute, so where in it a run starts matters)."""
     import dagster as dg
 
+    from expensify_exact.cli import EMBEDDED_INSTANCE_CONFIG
     from expensify_exact.runs import run_range
     from expensify_exact.sandbox.clock import SandboxClock
     from expensify_exact.sandbox.server import SandboxServer
@@ -390,10 +393,14 @@ def _one_day_run(n_reports: int, minutely_limit: int | None) -> dict:
         connector, state_url = _authorized(Path(tmp), sb)
         home = Path(tmp) / "dagster_home"
         home.mkdir()
+        (home / "dagster.yaml").write_text(EMBEDDED_INSTANCE_CONFIG)  # as `expensify-exact run` creates it
         previous = os.environ.get("DAGSTER_HOME")
         os.environ["DAGSTER_HOME"] = str(home)  # the embedded default: a SQLite instance in DAGSTER_HOME
         try:
             with dg.DagsterInstance.get() as instance:
+                if start_at_second is not None:
+                    time.sleep((start_at_second - clock.now().timestamp()) % 60)
+                start_second = clock.now().timestamp() % 60
                 t0 = time.perf_counter()
                 summary = run_range(day, day, mappings_dir=connector.mappings_dir, state_url=state_url,
                                     instance=instance)
@@ -406,63 +413,34 @@ def _one_day_run(n_reports: int, minutely_limit: int | None) -> dict:
         counts = summary.outcomes["outcome"].value_counts().to_dict() if len(summary.outcomes) else {}
         stats = sb.exact.stats
         return {"wall": wall, "success": summary.success, "failure": summary.failure, "counts": counts,
-                "exact_calls": sum(v for k, v in stats["calls"].items() if "oauth2" not in k),
-                "rate_limited": stats["rate_limited"]["minutely"]}
-
-
-def _tolerate_broken_defs_modules() -> str | None:
-    """If a module under defs/ fails to build (another feature mid-edit), time the run without it, and say so."""
-    import importlib
-    import pkgutil
-
-    import dagster as dg
-
-    from expensify_exact import defs as defs_package, definitions, runs
-    from expensify_exact.config import load_project_config
-
-    try:
-        definitions.build_defs(str(MAPPINGS))
-        return None
-    except Exception as exc:  # noqa: BLE001 - reported in the table
-        first_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
-    skipped = []
-
-    def tolerant_build_defs(mappings_dir=None):
-        config = load_project_config(mappings_dir or "mappings")
-        parts = []
-        for info in sorted(pkgutil.iter_modules(defs_package.__path__), key=lambda i: i.name):
-            module = importlib.import_module(f"{defs_package.__name__}.{info.name}")
-            if hasattr(module, "build"):
-                try:
-                    parts.append(module.build(config))
-                except Exception:  # noqa: BLE001
-                    skipped.append(info.name)
-            if info.name == "webhooks" and "replay" in skipped:
-                parts.pop()  # its sensor targets replay_quarantine, which the skipped module defines
-                skipped.append("webhooks")
-        return dg.Definitions.merge(*parts)
-
-    runs.build_defs = tolerant_build_defs
-    tolerant_build_defs(str(MAPPINGS))
-    broken = [m for m in dict.fromkeys(skipped) if m != "webhooks"]
-    return (f"timed without defs/{', defs/'.join(broken)}, whose build() fails ({first_error})"
-            + (" and defs/webhooks, whose sensor targets its job" if "webhooks" in skipped else ""))
+                "exact_calls": sum(v for k, v in stats["calls"].items() if "oauth2" not in k and "current/Me" not in k),
+                "rate_limited": stats["rate_limited"]["minutely"], "start_second": start_second,
+                "minutely_limit": sb.exact.knobs.minutely_limit}
 
 
 def bench_end_to_end(quick: bool) -> list[Row]:
+    """Exact counts calls per fixed clock minute (exact-online.md §6): a day that needs more calls than one minute
+    allows waits for the next minute however fast the connector is, so the wall time depends on where in a minute
+    the run starts. Measured at both ends, plus the connector's own time with the limit lifted."""
     n = 100
+    runs = [("minute limit lifted: the connector's own time", 10_000, None)]
+    if not quick:
+        runs += [("Exact's 60 calls/min, started at second 0 of a minute: the worst case", None, 0.0),
+                 ("Exact's 60 calls/min, started at second 45 of a minute", None, 45.0)]
     rows = []
-    workaround = _tolerate_broken_defs_modules()
-    for label, limit in (("Exact's 60 calls/min", None), ("minute limit lifted: the connector's own time", 10_000)):
-        r = _one_day_run(n, limit)
-        ok = r["success"] and r["wall"] <= 20
+    for label, limit, start_at in runs:
+        r = _one_day_run(n, limit, start_at)
         note = (f"posted {r['counts'].get('posted', 0)}, quarantined {r['counts'].get('quarantined', 0)}; "
-                f"{r['exact_calls']} Exact calls, {r['rate_limited']} 429s"
-                + ("" if r["success"] else f"; FAILED: {r['failure']}") + (f"; {workaround}" if workaround else ""))
+                f"{r['exact_calls']} rate-counted Exact calls, {r['rate_limited']} 429s")
+        if limit is None:
+            boundaries = -(-r["exact_calls"] // r["minutely_limit"]) - 1
+            floor = max(0.0, boundaries * 60 - r["start_second"])
+            note += (f"; started at second {r['start_second']:.1f}, so the minute window alone keeps it ≥ {floor:.0f} s"
+                     if floor else f"; started at second {r['start_second']:.1f}")
+        if not r["success"]:
+            note += f"; FAILED: {r['failure']}"
         rows.append(Row("end_to_end", f"one day of {n} reports, run_range, SQLite ({label})", f"{r['wall']:.1f} s",
-                        "≤ 20 s", ok, note))
-        if quick:
-            break
+                        "≤ 20 s", r["success"] and r["wall"] <= 20, note))
     return rows
 
 

@@ -17,6 +17,8 @@ from expensify_exact.http.pacing import RateLimitSnapshot
 from expensify_exact.state import StateStore
 from expensify_exact.vault import CredentialVault, VaultTokenStore
 
+logger = logging.getLogger(__name__)
+
 # Names of the secrets kept per connection in the vault.
 EXPENSIFY_USER_ID = "expensify_partner_user_id"
 EXPENSIFY_USER_SECRET = "expensify_partner_user_secret"
@@ -24,9 +26,6 @@ EXACT_CLIENT_ID = "exact_client_id"
 EXACT_CLIENT_SECRET = "exact_client_secret"
 SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT_CLIENT_SECRET,
                 "exact_webhook_secret")  # expensify_exact.webhooks.EXACT_WEBHOOK_SECRET
-
-
-logger = logging.getLogger(__name__)
 
 
 class StoredRateLimitBoard:

@@ -6,8 +6,8 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 import httpx
