@@ -39,9 +39,9 @@ def test_schedule_requests_yesterday_and_creates_the_pools_first(tmp_path, confi
     assert schedule.execution_timezone == "Europe/Amsterdam" and schedule.cron_schedule == "15 6 * * *"
     with dg.instance_for_test(overrides=POOLS_LIMITED, temp_dir=str(tmp_path)) as instance:
         assert _limits(instance) == {}
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=scheduled,
-                                            repository_def=defs.get_repository_def())
-        [request] = schedule.evaluate_tick(context).run_requests
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=scheduled,
+                                       repository_def=defs.get_repository_def()) as context:
+            [request] = schedule.evaluate_tick(context).run_requests
         assert request.partition_key == partition and request.run_key == partition
         assert _limits(instance) == {pool: 1 for pool in connector_pools(config)}
         assert not any(p.from_default for p in instance.event_log_storage.get_pool_limits())
