@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -28,30 +29,49 @@ SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT
                 "exact_webhook_secret")  # expensify_exact.webhooks.EXACT_WEBHOOK_SECRET
 
 
-class StoredRateLimitBoard:
-    """Shares one Exact division's budgets through the state DB between all runs and processes using it.
+class _Advisory:
+    """What the shared rate-limit records have in common: the state DB is a help, not a dependency. If it
+    cannot be read or written for a moment, pacing carries on with what this process saw itself (and a 429,
+    should one come, is still waited out)."""
 
-    Advisory: if the database cannot be read or written for a moment, pacing carries on with what this
-    process saw itself (and a 429, should one come, is still waited out).
-    """
+    def __init__(self, store: StateStore, scope: str):
+        self._store = store
+        self.scope = scope
+
+    def _try(self, what: str, action, fallback=None):
+        try:
+            return action()
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("could not %s the shared rate-limit records of %s: %s", what, self.scope,
+                           type(exc).__name__)
+            return fallback
+
+
+class StoredRateLimitBoard(_Advisory):
+    """Shares one Exact division's reported budgets through the state DB between all runs and processes."""
 
     def __init__(self, store: StateStore, division: int):
-        self._store = store
-        self.scope = f"exact:division:{division}"
+        super().__init__(store, f"exact:division:{division}")
 
     def load(self) -> RateLimitSnapshot | None:
-        try:
-            values = self._store.rate_limits_get(self.scope)
-        except sa.exc.SQLAlchemyError as exc:
-            logger.warning("could not read the shared rate-limit budgets of %s: %s", self.scope, type(exc).__name__)
-            return None
+        values = self._try("read", lambda: self._store.rate_limits_get(self.scope))
         return RateLimitSnapshot(**values) if values else None
 
     def save(self, snapshot: RateLimitSnapshot) -> None:
-        try:
-            self._store.rate_limits_put(self.scope, dataclasses.asdict(snapshot))
-        except sa.exc.SQLAlchemyError as exc:
-            logger.warning("could not publish the rate-limit budgets of %s: %s", self.scope, type(exc).__name__)
+        self._try("publish", lambda: self._store.rate_limits_put(self.scope, dataclasses.asdict(snapshot)))
+
+
+class StoredRequestLog(_Advisory):
+    """Records one Expensify credential's requests in the state DB, so every step and process counts them."""
+
+    def __init__(self, store: StateStore, connection: str):
+        super().__init__(store, f"expensify:{connection}")
+
+    def since(self, moment: datetime) -> list[datetime]:
+        return self._try("read", lambda: self._store.request_log_since(self.scope, moment), fallback=[])
+
+    def add(self, at: datetime, keep: timedelta) -> None:
+        self._try("record", lambda: self._store.request_log_add(self.scope, at, keep))
 
 
 def exact_base_url(conn: Connection) -> str:
@@ -59,7 +79,8 @@ def exact_base_url(conn: Connection) -> str:
 
 
 def build_expensify_client(conn: Connection, vault: CredentialVault, clock: Clock | None = None,
-                           transport=None) -> ExpensifyClient:
+                           transport=None, store: StateStore | None = None) -> ExpensifyClient:
+    """With `store`, the client counts Expensify's windows over every request of this connection's credential."""
     return ExpensifyClient(
         conn.expensify.endpoint_url,
         vault.get(conn.name, EXPENSIFY_USER_ID),
@@ -68,6 +89,7 @@ def build_expensify_client(conn: Connection, vault: CredentialVault, clock: Cloc
         transport=transport,
         poll_interval_seconds=conn.expensify.poll_interval_seconds,
         poll_timeout_seconds=conn.expensify.poll_timeout_seconds,
+        request_log=StoredRequestLog(store, conn.name) if store is not None else None,
     )
 
 

@@ -36,7 +36,7 @@ class ConnectorResource(dg.ConfigurableResource):
         return CredentialVault(self.store())
 
     def expensify_client(self, conn: Connection) -> ExpensifyClient:
-        return build_expensify_client(conn, self.vault())
+        return build_expensify_client(conn, self.vault(), store=self.store())
 
     def exact_client(self, conn: Connection) -> ExactClient:
         return build_exact_client(conn, self.vault(), self.store())

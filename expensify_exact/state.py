@@ -2,7 +2,8 @@
 Tables are prefixed `ee_` so they can share a database with Dagster's own storage.
 
 Holds lease locks, encrypted secrets and Exact tokens, the posted ledger, the quarantine, the append-only audit log
-and the rate-limit budgets each API last reported, which every process sharing a credential reads before calling.
+and what each API's rate limits have seen of a credential (Exact's reported budgets, Expensify's recent requests),
+which every process sharing the credential reads before calling.
 """
 
 from __future__ import annotations
@@ -130,12 +131,23 @@ rate_limits = sa.Table(
     sa.Column("daily_resets_at", sa.DateTime(timezone=True), nullable=True),
 )
 
+# When requests went out with one credential of an API that does not report budgets (Expensify: 5 per 10 s, 20 per
+# 60 s), so the steps and processes using it count the same window. Rows older than a few minutes are pruned.
+request_log = sa.Table(
+    "ee_request_log", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("scope", sa.String(100), nullable=False),  # e.g. expensify:<connection>
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_ee_request_log_scope_at", "scope", "at"),
+)
+
 # Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "locks, secrets, tokens, ledger, quarantine, audit log",
      [locks, secrets, exact_tokens, posted_ledger, quarantine, audit_log]),
     (2, "correction intents for approved CHANGED_AFTER_POSTING reports", [corrections]),
-    (3, "rate-limit budgets shared by the processes using one credential", [rate_limits]),
+    (3, "rate-limit budgets and request times shared by the processes using one credential",
+     [rate_limits, request_log]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -550,6 +562,19 @@ class StateStore:
 
     def rate_limits_put(self, scope: str, values: dict[str, Any]) -> None:
         self._upsert(rate_limits, {"scope": scope}, values)
+
+    def request_log_add(self, scope: str, at: datetime, keep: timedelta) -> None:
+        """Record a request sent at `at`, forgetting this scope's requests older than `keep` before it."""
+        with self.engine.begin() as conn:
+            conn.execute(request_log.insert().values(scope=scope, at=at))
+            conn.execute(request_log.delete().where(request_log.c.scope == scope, request_log.c.at < at - keep))
+
+    def request_log_since(self, scope: str, since: datetime) -> list[datetime]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(request_log.c.at).where(request_log.c.scope == scope,
+                                                                  request_log.c.at > since)
+                                .order_by(request_log.c.at))
+            return [_aware(r.at) for r in rows]
 
     # --- helpers -------------------------------------------------------------------------------------
     def _upsert(self, table: sa.Table, keys: dict, values: dict) -> None:

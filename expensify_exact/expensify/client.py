@@ -22,7 +22,7 @@ from expensify_exact.errors import (
     RejectedByApi,
     TransientApiError,
 )
-from expensify_exact.http.pacing import PacedTransport, SlidingWindowLimits
+from expensify_exact.http.pacing import PacedTransport, RequestLog, SlidingWindowLimits
 from expensify_exact.http.redaction import redact_text
 from expensify_exact.transform.expense_lines import parse_report_timestamp, split_tag
 
@@ -139,19 +139,20 @@ class ExpensifyClient:
     """Talks to the Integration Server's single endpoint with one partner credential.
 
     All requests, download polls included, go through one PacedTransport, so this client never sends
-    more than 5 requests per 10 s or 20 per minute (expensify.md §7). `calls` counts requests per job kind.
+    more than 5 requests per 10 s or 20 per minute (expensify.md §7); with a `request_log` shared by every
+    client of the credential, neither do they together. `calls` counts requests per job kind.
     """
 
     def __init__(self, endpoint_url: str, partner_user_id: str, partner_user_secret: str, clock: Clock,
                  transport: httpx.BaseTransport | None = None, poll_interval_seconds: float = 5.0,
-                 poll_timeout_seconds: float = 300, timeout: float = 60):
+                 poll_timeout_seconds: float = 300, timeout: float = 60, request_log: RequestLog | None = None):
         self._endpoint_url = endpoint_url
         self._partner_user_id = partner_user_id
         self._partner_user_secret = partner_user_secret
         self._clock = clock
         self._poll_interval = poll_interval_seconds
         self._poll_timeout = poll_timeout_seconds
-        self._limits = SlidingWindowLimits(EXPENSIFY_LIMITS)
+        self._limits = SlidingWindowLimits(EXPENSIFY_LIMITS, log=request_log)
         paced = PacedTransport(transport or httpx.HTTPTransport(retries=2), self._limits, clock)
         self._http = httpx.Client(transport=paced, timeout=timeout)
         self.calls: dict[str, int] = {"export": 0, "download": 0, "policy": 0, "reconciliation": 0,

@@ -71,23 +71,50 @@ class PacedTransport(httpx.BaseTransport):
             self._clock.sleep(seconds)
 
 
-class SlidingWindowLimits:
-    """Client-side counting of requests in sliding windows, e.g. Expensify's 5 per 10 s and 20 per 60 s."""
+class RequestLog(Protocol):
+    """Where every process calling with one credential records when its requests went out."""
 
-    def __init__(self, windows: Sequence[tuple[int, float]] = ((5, 10.0), (20, 60.0))):
+    def since(self, moment: datetime) -> list[datetime]:
+        """The recorded requests after `moment`, oldest first."""
+
+    def add(self, at: datetime, keep: timedelta) -> None:
+        """Record a request; entries older than `keep` may be forgotten."""
+
+
+# A time recorded further ahead than this was written on another clock (a sandbox's simulated time, a skewed
+# host): trusting it could mean waiting for a moment that never comes.
+CLOCK_TOLERANCE = timedelta(seconds=5)
+
+
+class SlidingWindowLimits:
+    """Client-side counting of requests in sliding windows, e.g. Expensify's 5 per 10 s and 20 per 60 s.
+
+    The API counts per credential, not per client: with a request log, every request is recorded there and
+    the windows are counted over what all clients of the credential sent (the steps of a run are separate
+    clients, and with Dagster's multiprocess executor separate processes).
+    """
+
+    def __init__(self, windows: Sequence[tuple[int, float]] = ((5, 10.0), (20, 60.0)),
+                 log: RequestLog | None = None):
         if not windows:
             raise ValueError("SlidingWindowLimits needs at least one (count, seconds) window")
         self._windows = [(int(n), float(s)) for n, s in windows]
         self._longest = max(s for _, s in self._windows)
         self._shortest = min(s for _, s in self._windows)
         self._sent: deque[datetime] = deque()
+        self._log = log
         self.calls_made = 0
 
     def next_slot(self, now: datetime) -> datetime:
         self._forget_before(now)
+        sent = list(self._sent)
+        if self._log is not None:
+            shared = [t for t in self._log.since(now - timedelta(seconds=self._longest)) if t <= now + CLOCK_TOLERANCE]
+            if len(shared) >= len(sent):  # the log holds our requests too, unless it could not be written
+                sent = shared
         slot = now
         for limit, seconds in self._windows:
-            recent = [t for t in self._sent if t > now - timedelta(seconds=seconds)]
+            recent = [t for t in sent if t > now - timedelta(seconds=seconds)]
             if len(recent) >= limit:
                 # The request that must leave the window before one more fits in.
                 slot = max(slot, recent[len(recent) - limit] + timedelta(seconds=seconds))
@@ -98,6 +125,8 @@ class SlidingWindowLimits:
         self._sent.append(now)
         self.calls_made += 1
         self._forget_before(now)
+        if self._log is not None:
+            self._log.add(now, keep=timedelta(seconds=self._longest))
 
     def wait_after_429(self, response: httpx.Response, now: datetime) -> float:
         # The server counted more than we did (another process on the same credentials?), so wait
@@ -155,9 +184,6 @@ class ExactRateLimits:
     """
 
     SERVICE = "exact"
-    # A snapshot stamped further ahead than this was written on another clock (a sandbox's simulated
-    # time, a skewed host): trusting it could mean waiting for a reset that never comes.
-    CLOCK_TOLERANCE = timedelta(seconds=5)
 
     def __init__(self, daily_reserve: int = 50, board: RateLimitBoard | None = None):
         """Args:
@@ -206,7 +232,7 @@ class ExactRateLimits:
 
     def _adopt(self, shared: RateLimitSnapshot | None, now: datetime) -> None:
         """Take a newer snapshot published by another process as what we know."""
-        if shared is None or shared.observed_at > now + self.CLOCK_TOLERANCE:
+        if shared is None or shared.observed_at > now + CLOCK_TOLERANCE:
             return
         if self._observed_at is not None and shared.observed_at <= self._observed_at:
             return

@@ -375,6 +375,26 @@ def test_a_burst_of_jobs_never_exceeds_five_requests_per_ten_seconds(sandbox, si
     # (the fixture checks the simulator's own per-window maxima after every test)
 
 
+def test_clients_sharing_the_state_db_request_log_stay_inside_the_window_together(sandbox, sim_client, store):
+    """The steps of a run each build their own client; Expensify counts them together (expensify.md §7)."""
+    from expensify_exact.connections import StoredRequestLog
+
+    before = sandbox.expensify.stats["rate_limited"]
+    clients = [ExpensifyClient(sandbox.expensify_url, sandbox_seed.EXPENSIFY_PARTNER_USER_ID,
+                               sandbox_seed.EXPENSIFY_PARTNER_USER_SECRET, sandbox.clock,
+                               request_log=StoredRequestLog(store, "vermeerhals-nl")) for _ in range(3)]
+    started = sandbox.clock.now()
+    for round_ in range(4):
+        for client in clients:
+            client.get_policies([sandbox_seed.POLICY_ID])
+    for client in clients:
+        client.close()
+    assert sandbox.expensify.stats["rate_limited"] == before  # 12 requests, never one refused
+    # 12 requests at 5 per 10 s: the sixth and the eleventh had to wait for the window
+    assert (sandbox.clock.now() - started).total_seconds() >= 20
+    assert len(store.request_log_since("expensify:vermeerhals-nl", started - timedelta(seconds=1))) == 12
+
+
 def test_a_365_day_backfill_takes_two_export_jobs(sandbox, sim_client):
     jobs_before = sandbox.expensify.stats["export_jobs"]
     reports = sim_client.export_reports(TODAY - timedelta(days=365), TODAY - timedelta(days=1),

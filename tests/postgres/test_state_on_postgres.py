@@ -7,7 +7,11 @@ import pytest
 from expensify_exact.errors import StateStoreError
 from expensify_exact.state import SCHEMA_VERSION, StateStore
 from expensify_exact.vault import CredentialVault
-from tests.unit.test_state_and_vault import _enter_and_leave_under_lock, check_rate_limit_board_round_trip
+from tests.unit.test_state_and_vault import (
+    _enter_and_leave_under_lock,
+    check_rate_limit_board_round_trip,
+    check_request_log,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -47,3 +51,7 @@ def test_ledger_quarantine_and_vault_on_postgres(pg_database):
 
 def test_rate_limit_board_round_trip_on_postgres(pg_database):
     check_rate_limit_board_round_trip(StateStore(pg_database))
+
+
+def test_request_log_on_postgres(pg_database):
+    check_request_log(StateStore(pg_database))

@@ -238,6 +238,32 @@ def test_only_answers_with_rate_headers_are_published():
     assert board.saves == 1 and board.snapshot.remaining_minutely == 0 and board.snapshot.observed_at == T0
 
 
+class MemoryLog:
+    def __init__(self):
+        self.times: list[datetime] = []
+
+    def since(self, moment):
+        return sorted(t for t in self.times if t > moment)
+
+    def add(self, at, keep):
+        self.times = [t for t in self.times if t >= at - keep] + [at]
+
+
+def test_clients_sharing_a_request_log_count_one_window():
+    log = MemoryLog()
+    first, second = (SlidingWindowLimits([(5, 10.0)], log=log) for _ in range(2))
+    for n in range(5):
+        first.observe(httpx.Response(200), at(n))
+    assert second.next_slot(at(5)) == at(10), "the sixth request waits for the first to leave the window"
+    assert second.calls_made == 0 and len(log.times) == 5
+
+
+def test_a_request_logged_on_a_clock_far_ahead_is_not_counted():
+    log = MemoryLog()
+    log.times = [at(3600 + n) for n in range(5)]
+    assert SlidingWindowLimits([(5, 10.0)], log=log).next_slot(T0) == T0
+
+
 # --- PacedTransport ----------------------------------------------------------------------------
 
 def test_paced_transport_resends_a_429_after_the_minute_resets():

@@ -2,13 +2,13 @@
 
 import multiprocessing
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
-from expensify_exact.connections import StoredRateLimitBoard
+from expensify_exact.connections import StoredRateLimitBoard, StoredRequestLog
 from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.exact.tokens import ExactTokens
 from expensify_exact.http.pacing import RateLimitSnapshot
@@ -153,6 +153,23 @@ def check_rate_limit_board_round_trip(store: StateStore) -> None:
 
 def test_rate_limit_board_round_trip(store):
     check_rate_limit_board_round_trip(store)
+
+
+def check_request_log(store: StateStore) -> None:
+    """Shared by the SQLite and PostgreSQL tests: requests come back in order, per scope, old ones pruned."""
+    log, other = StoredRequestLog(store, "a"), StoredRequestLog(store, "b")
+    t0 = datetime(2026, 11, 24, 8, 0, 0, 250000, tzinfo=timezone.utc)
+    for seconds in (0, 30, 59, 61):
+        log.add(t0 + timedelta(seconds=seconds), keep=timedelta(seconds=60))
+    other.add(t0 + timedelta(seconds=60), keep=timedelta(seconds=60))
+    assert log.since(t0) == [t0 + timedelta(seconds=s) for s in (30, 59, 61)]
+    assert store.request_log_since("expensify:a", t0 - timedelta(days=1))[0] == t0 + timedelta(seconds=30), \
+        "the request 61 s before the newest was pruned"
+    assert other.since(t0) == [t0 + timedelta(seconds=60)]
+
+
+def test_request_log(store):
+    check_request_log(store)
 
 
 def test_rate_limit_board_is_advisory_when_the_database_fails(store, caplog):
