@@ -551,7 +551,7 @@ class StateStore:
         with self.engine.connect() as conn:
             return [dict(r._mapping) | {"at": _aware(r.at)} for r in conn.execute(query)]
 
-    # --- shared rate-limit budgets -------------------------------------------------------------------
+    # --- shared rate-limit records -------------------------------------------------------------------
     def rate_limits_get(self, scope: str) -> dict[str, Any] | None:
         """The budgets last published for `scope` (column name -> value, datetimes in UTC), or None."""
         with self.engine.connect() as conn:
