@@ -20,7 +20,8 @@ import json
 
 import dagster as dg
 
-from expensify_exact.config import ProjectConfig
+from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.defs.keys import exact_pool, slug
 from expensify_exact.replay import replay_fingerprint, replay_quarantine, replayable
 from expensify_exact.resources import ConnectorResource
 from expensify_exact.snapshots import fetch_dimensions
@@ -34,56 +35,65 @@ TRIGGER_TAG = "expensify_exact/trigger"
 
 
 class ReplayConfig(dg.Config):
-    connection: str | None = None  # default: the run's `expensify_exact/connection` tag, else every connection
     report_ids: list[str] = []  # default: every open item a replay can help
     dry_run: bool = False  # validate and show; write nothing to Exact, the ledger or the quarantine
 
 
-def build(config: ProjectConfig) -> dg.Definitions:
-    names = [c.name for c in config.connections]
+def replay_op_name(connection_name: str) -> str:
+    return f"replay_{slug(connection_name)}"
+
+
+def _replay_op(conn: Connection) -> dg.OpDefinition:
+    """One op per connection, in its division's pool, so a replay never calls Exact alongside another run's step."""
 
     @dg.op(
-        name="replay",
-        description="Re-exports the open quarantined reports from Expensify, validates them against a fresh Exact "
-                    "dimension snapshot and the current mappings, and posts those that now pass, exactly once.",
+        name=replay_op_name(conn.name), pool=exact_pool(conn),
+        description=f"Re-exports {conn.name}'s open quarantined reports from Expensify, validates them against a "
+                    f"fresh Exact dimension snapshot and the current mappings, and posts those that now pass, "
+                    f"exactly once. Skipped when the run's `{CONNECTION_TAG}` tag names another connection.",
     )
     def replay(context: dg.OpExecutionContext, config: ReplayConfig, connector: ConnectorResource) -> dict:
+        wanted = context.run.tags.get(CONNECTION_TAG)
+        if wanted and wanted != conn.name:
+            context.log.info(f"{conn.name}: skipped, this run replays {wanted}")
+            return {}
         project = connector.project()
-        wanted = config.connection or context.run.tags.get(CONNECTION_TAG)
-        connections = [project.connection(wanted)] if wanted else list(project.connections)
-        store = connector.store()
-        summary: dict[str, dict] = {}
-        for conn in connections:
-            with connector.expensify_client(conn) as expensify:
-                result = replay_quarantine(conn, project, store=store, expensify=expensify,
-                                           exact=connector.exact_client(conn), report_ids=config.report_ids or None,
-                                           dry_run=config.dry_run, run_id=context.run_id)
-            if result.stopped_reason:
-                context.log.warning(result.stopped_reason)
-            counts = {o: result.count(o) for o in ("posted", "already_posted", "quarantined", "not_exported",
-                                                   "skipped", "dry_run", "deferred")}
-            context.log.info(f"{conn.name}: replayed {len(result.outcomes)} item(s): "
-                             + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
-            summary[conn.name] = result.as_json() | {"counts": counts}
+        with connector.expensify_client(conn) as expensify:
+            result = replay_quarantine(conn, project, store=connector.store(), expensify=expensify,
+                                       exact=connector.exact_client(conn), report_ids=config.report_ids or None,
+                                       dry_run=config.dry_run, run_id=context.run_id)
+        if result.stopped_reason:
+            context.log.warning(result.stopped_reason)
+        counts = {o: result.count(o) for o in ("posted", "already_posted", "quarantined", "not_exported",
+                                               "skipped", "dry_run", "deferred")}
+        context.log.info(f"{conn.name}: replayed {len(result.outcomes)} item(s): "
+                         + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         context.add_output_metadata({
-            "posted": sum(s["counts"]["posted"] for s in summary.values()),
-            "still_quarantined": sum(s["counts"]["quarantined"] + s["counts"]["not_exported"]
-                                     for s in summary.values()),
+            "posted": counts["posted"],
+            "still_quarantined": counts["quarantined"] + counts["not_exported"],
             "dry_run": config.dry_run,
-            "outcomes": dg.MetadataValue.json({c: s["outcomes"] for c, s in summary.items()}),
+            "outcomes": dg.MetadataValue.json(result.as_json()["outcomes"]),
         })
-        return summary
+        return result.as_json() | {"counts": counts}
+
+    return replay
+
+
+def build(config: ProjectConfig) -> dg.Definitions:
+    names = [c.name for c in config.connections]
+    replay_ops = [_replay_op(conn) for conn in config.connections]
 
     @dg.job(
         name=REPLAY_JOB_NAME,
         description="Replay the quarantine: post the held-back reports that pass now (a cost center was created, a "
-                    "mapping fixed), exactly once; the rest stay quarantined with refreshed reasons. Config: "
-                    f"`connection` (one of {', '.join(names)}; default: the run's {CONNECTION_TAG} tag, else all), "
-                    "`report_ids`, `dry_run`.",
+                    "mapping fixed), exactly once; the rest stay quarantined with refreshed reasons. One op per "
+                    f"connection ({', '.join(names)}), each in its division's pool; the run tag `{CONNECTION_TAG}` "
+                    "limits the run to one connection. Op config: `report_ids`, `dry_run`.",
         tags={"dagster/max_retries": "1"},
     )
     def replay_quarantine_job():
-        replay()
+        for replay in replay_ops:
+            replay()
 
     @dg.sensor(
         name=SENSOR_NAME, job=replay_quarantine_job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
@@ -134,6 +144,5 @@ def plan_replays(connector: ConnectorResource, cursor: dict[str, str], log=None)
         plan.cursor[conn.name] = fingerprint
         plan.run_requests.append(dg.RunRequest(
             run_key=f"{conn.name}:{fingerprint}", job_name=REPLAY_JOB_NAME,
-            run_config={"ops": {"replay": {"config": {"connection": conn.name}}}},
             tags={CONNECTION_TAG: conn.name, TRIGGER_TAG: "dimensions_changed"}))
     return plan
