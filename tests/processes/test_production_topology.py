@@ -6,9 +6,9 @@ script would. The instance's dagster.yaml is the shipped one, pointed at a fresh
 intervals shortened. The sandbox runs in this test process and the connector reaches it over real HTTP.
 
 First a run for the first half of the demo window posts every report once. Then a run for the second half is
-SIGKILLed (its run worker and the step processes under it, as the OOM killer or a lost container would) while it
-posts, with an entry stored by Exact and its answer still on the way: the run must be marked failed, its slot in
-the division's pool freed, the automatic retry must finish the days, and no report may be posted twice.
+SIGKILLed while it posts (its run worker and the step processes under it, as when their container is lost), with
+an entry stored by Exact and its answer still on the way: the run must be marked failed, its slot in the
+division's pool freed, the automatic retry must finish the days, and no report may be posted twice.
 """
 
 from __future__ import annotations
