@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,10 +28,10 @@ import dagster as dg
 import pytest
 import yaml
 
+from expensify_exact.config import load_project_config
 from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.keys import connector_pools, exact_pool
-from expensify_exact.config import load_project_config
 from expensify_exact.sandbox import seed
 from expensify_exact.state import StateStore
 from tests.conftest import REPO
@@ -269,7 +268,9 @@ def test_daemon_launched_runs_post_once_and_a_killed_run_worker_is_failed_freed_
 
     # A run submitted through the instance's run queue and launched by the daemon posts its days, each report once.
     [first] = _launch(deployment, first_window)
-    _until("the first run to post", lambda: posting_step in _succeeded_steps(instance, first), processes)
+    _until("the first run to post", lambda: posting_step in _succeeded_steps(instance, first)
+           or _finished(instance, first), processes)
+    assert posting_step in _succeeded_steps(instance, first), f"the first run ended {_status(instance, first)}"
     # From now on every stored entry answers slowly, so that the second run can be killed while Exact has stored
     # an entry the run never heard back about. Its posting step cannot have started: the first run held the pool.
     sandbox.exact.set_knobs(post_answer_delay_seconds=POST_ANSWER_DELAY)
@@ -279,6 +280,7 @@ def test_daemon_launched_runs_post_once_and_a_killed_run_worker_is_failed_freed_
     _exactly_once(sandbox, state_url, expected_first, nothing_else=False)
 
     def second_run_posting() -> bool:
+        assert not _finished(instance, second), f"the second run ended {_status(instance, second)} unkilled"
         return len(expected_second & set(_entries_by_report(sandbox))) >= 2
 
     _until("the second run to post two reports", second_run_posting, processes, every=0.02)
