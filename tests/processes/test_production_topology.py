@@ -279,20 +279,35 @@ def test_daemon_launched_runs_post_once_and_a_killed_run_worker_is_failed_freed_
         dg.DagsterRunStatus.SUCCESS
     _exactly_once(sandbox, state_url, expected_first, nothing_else=False)
 
-    def second_run_posting() -> bool:
-        assert not _finished(instance, second), f"the second run ended {_status(instance, second)} unkilled"
-        return len(expected_second & set(_entries_by_report(sandbox))) >= 2
-
-    _until("the second run to post two reports", second_run_posting, processes, every=0.02)
+    # Kill the run worker and the step processes under it the moment Exact has stored one more of its entries:
+    # the answer to that POST is still on its way, so the ledger holds an intent for an entry Exact already has.
+    _until("the second run's posting step", lambda: posting_step in _step_pids(instance, second)
+           or _finished(instance, second), processes)
     worker = _run_worker_pid(instance, second)
     assert worker is not None, "the run worker announced its pid"
     doomed = [worker, *_children(worker)]
+    assert _step_pids(instance, second).get(posting_step) in doomed, "the posting step runs under the run worker"
+    seen = 0
+
+    def one_more_stored() -> bool:
+        nonlocal seen
+        stored = len(expected_second & set(_entries_by_report(sandbox)))
+        assert stored < len(expected_second), "the second run posted everything before it could be killed"
+        fresh, seen = stored > seen and stored >= 2, stored
+        return fresh
+
+    _until("the second run to store its second entry", one_more_stored, processes, every=0.01)
     for pid in doomed:  # the run worker first: no step failure is recorded, the run just vanishes
         os.kill(pid, signal.SIGKILL)
-    assert _step_pids(instance, second)[posting_step] in doomed, "the posting step's process was killed too"
     sandbox.exact.set_knobs(post_answer_delay_seconds=0.0)
-    posted_when_killed = expected_second & set(_entries_by_report(sandbox))
-    assert 0 < len(posted_when_killed) < len(expected_second), "the kill came part-way through the posting"
+    in_exact = set(_entries_by_report(sandbox))
+    assert 0 < len(expected_second & in_exact) < len(expected_second), "the kill came part-way through the posting"
+    store = StateStore(state_url)
+    try:
+        pending = {r.report_id for r in store.ledger_rows(CONNECTION, status="pending")}
+    finally:
+        store.dispose()
+    assert pending & in_exact, "killed with an entry stored by Exact whose answer the run never got"
 
     # The killed run is marked failed, gives its pool slot back and is retried; the retry finishes its days.
     assert _until("the killed run to be marked failed", lambda: _finished(instance, second), processes) == \
