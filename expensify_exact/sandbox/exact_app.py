@@ -6,7 +6,8 @@ Built from shared/reference/exact-online.md only. Fault targets for `FaultSwitch
 * ``exact.post_entry`` (POST GeneralJournalEntries): ``http_500_before_store``, ``http_503_before_store``,
   ``drop_before_store``, ``store_then_http_500``, ``store_then_timeout`` (store, wait ``timeout_seconds`` real
   seconds, then answer 201), ``store_then_drop`` (store, then close the socket without answering). A store_then_*
-  fault armed for a POST that fails validation is used up without effect.
+  fault armed for a POST that fails validation is used up without effect. The knob ``post_answer_delay_seconds``
+  slows every stored entry's answer the same way, without a fault.
 * ``exact.token`` (POST /api/oauth2/token): ``http_500``, ``http_503``, ``drop_before_rotate``,
   ``drop_after_rotate`` (the grant succeeds and rotates the refresh token, but the answer never arrives).
 """
@@ -103,6 +104,7 @@ class ExactKnobs:
     entry_number_start: int = 26900001
     exchange_rates: dict[str, float] = field(default_factory=lambda: {"USD": 0.92, "GBP": 1.17, "CHF": 1.04})
     timeout_seconds: float = 3.0
+    post_answer_delay_seconds: float = 0.0  # real seconds a stored entry's 201 takes, so a test can kill mid-POST
     # webhooks (§8)
     webhook_targets: list[str] = field(default_factory=list)
 
@@ -624,6 +626,7 @@ class ExactSimulator:
         else:
             reply = Reply(201, [("Content-Type", "application/atom+xml;type=entry;charset=utf-8"), *location],
                           atom_single(out, self.clock.now()))
+        reply.delay = float(self.knobs.post_answer_delay_seconds)
         if fault == "store_then_timeout":
             reply.delay = float(self.knobs.timeout_seconds)
         return reply

@@ -665,6 +665,20 @@ def test_store_then_timeout_stores_the_entry_before_the_slow_answer(server):
     assert any(e["EntryID"] == body["EntryID"] for e in sim.entries(DIV))
 
 
+def test_post_answer_delay_stores_every_entry_before_its_slow_answer(server):
+    h = {"Authorization": f"Bearer {_live_token(server)}", "Accept": "application/json"}
+    sim = server.exact
+    body = entry(sim, simple_lines(sim), entry_id="8c1f2d3e-0000-4000-8000-0000000000d3")
+    sim.set_knobs(post_answer_delay_seconds=0.5)
+    try:
+        with httpx.Client(base_url=server.exact_url, timeout=0.2) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(GJE, json=body, headers=h)
+    finally:
+        sim.set_knobs(post_answer_delay_seconds=0.0)  # the server is shared by the module's tests
+    assert any(e["EntryID"] == body["EntryID"] for e in sim.entries(DIV))
+
+
 def test_drop_after_rotate_loses_the_new_token_and_the_old_one_is_then_dead(server):
     server.exact.set_knobs(refresh_floor_seconds=0)
     issued = server.exact.issue_tokens(refreshable_now=True)
