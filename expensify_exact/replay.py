@@ -456,6 +456,7 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
                 f"entry {correction_row.entry_number}")
         store.correction_complete(conn.name, report_id, replaces_entry_id=original_id,
                                   content_hash=correction_row.content_hash, entry_id=correction_row.posted_entry_id,
+                                  client_entry_id=correction_row.entry_id,
                                   entry_number=correction_row.entry_number,
                                   partition_date=correction_row.partition_date,
                                   transaction_ids=correction_row.transaction_ids,

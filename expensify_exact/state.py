@@ -569,8 +569,10 @@ class StateStore:
 
     def correction_complete(self, connection: str, report_id: str, *, replaces_entry_id: str, content_hash: str,
                             entry_id: str, entry_number: int | None, partition_date: str | None,
-                            transaction_ids: list[str], total_cents: int, run_id: str | None, note: str) -> None:
-        """Point the ledger at the posted corrected entry and close the quarantine item, in one transaction.
+                            transaction_ids: list[str], total_cents: int, run_id: str | None, note: str,
+                            client_entry_id: str | None = None) -> None:
+        """Point the ledger at the posted corrected entry (`entry_id` as Exact holds it, `client_entry_id` the one
+        sent) and close the quarantine item, in one transaction.
 
         Compare-and-set on the ledger's entry: refuses if the ledger no longer holds `replaces_entry_id` as posted.
         """
@@ -581,7 +583,8 @@ class StateStore:
                 posted_ledger.c.entry_id == replaces_entry_id, posted_ledger.c.status == "posted",
             ).values(content_hash=content_hash, entry_id=entry_id, entry_number=entry_number,
                      partition_date=partition_date, transaction_ids=json.dumps(transaction_ids),
-                     total_cents=total_cents, posted_at=now, run_id=run_id)).rowcount
+                     total_cents=total_cents, posted_at=now, run_id=run_id,
+                     client_entry_id=client_entry_id or entry_id, body=None)).rowcount
             if not updated:
                 raise StateStoreError(f"report {report_id} of {connection} no longer has entry {replaces_entry_id} "
                                       f"posted in the ledger; refusing to record its correction")

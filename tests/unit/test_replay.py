@@ -243,6 +243,7 @@ def test_approve_posts_the_reversal_and_the_correction_exactly_once_however_ofte
     ledger = store.ledger_get(CONN, "R1")
     assert (ledger.status, ledger.entry_id, ledger.entry_number, ledger.total_cents, ledger.content_hash) == \
         ("posted", correction_id, exact.entries[correction_id]["EntryNumber"], 3545, content_hash(corrected))
+    assert ledger.client_entry_id == entry_id_for(CONN, "R1", content_hash(corrected))  # the one we sent
     item = store.quarantine_get(CONN, "R1")
     assert item.status == "resolved" and "reversed by entry" in item.resolution_note
     assert {(r.kind, r.status) for r in store.corrections_for(CONN, "R1")} == {("reversal", "posted"),
