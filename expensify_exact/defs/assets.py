@@ -8,7 +8,6 @@ range handles every day in one go (single-run backfills), and each day keeps its
 
 from datetime import date
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pandas as pd
@@ -19,12 +18,11 @@ from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, gro
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.errors import ConnectorError
-from expensify_exact.expensify.client import parse_report_timestamp
 from expensify_exact.posting import OUTCOME_COLUMNS, post_drafts
 from expensify_exact.resources import ConnectorResource
 from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimension
 from expensify_exact.transform.draft_checks import DraftLineSchema, split_invalid_drafts
-from expensify_exact.transform.expense_lines import ExpenseLineSchema, normalize_reports
+from expensify_exact.transform.expense_lines import ExpenseLineSchema, approval_day, normalize_reports
 from expensify_exact.transform.journal import (
     DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, JournalDrafts, Reason, build_journal_drafts,
 )
@@ -80,14 +78,6 @@ def _schema_errors(schema, frame: pd.DataFrame) -> pd.DataFrame | None:
         return errors.failure_cases
 
 
-def _approval_day(report: dict, timezone: str, source_timezone: str) -> str | None:
-    try:
-        approved = parse_report_timestamp(report.get("approved"), source_timezone)
-    except ValueError:
-        return None  # normalization reports it as malformed; it is kept, not dropped
-    return approved.astimezone(ZoneInfo(timezone)).date().isoformat() if approved else None
-
-
 def quarantine_rows(outcomes: pd.DataFrame) -> pd.DataFrame:
     """One row per problem of every quarantined report, with what to do about it."""
     rows = []
@@ -138,7 +128,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                                             source_timezone=conn.expensify.timestamp_timezone)
             calls = dict(client.calls)
         for report in reports:
-            day = _approval_day(report, conn.timezone, conn.expensify.timestamp_timezone) or keys[0]
+            day = approval_day(report, conn.timezone, conn.expensify.timestamp_timezone) or keys[0]
             by_day.setdefault(day, []).append(report)
         total = sum(len(by_day[key]) for key in keys)
         context.log.info(f"exported {total} report(s) over {len(keys)} day(s) with {sum(calls.values())} request(s)")

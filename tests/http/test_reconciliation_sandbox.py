@@ -104,13 +104,16 @@ def test_a_clean_month_reports_zero_findings_and_says_so(sandbox, sandbox_mappin
     assert (result.totals["difference_cents"] == 0).all() and len(result.totals) > 3
     # Card spend without a booked card statement is waiting, not wrong.
     assert set(result.card_accounts["status"]) == {"awaiting settlement"}
-    # Within the rate limits: the division check and the six dimension tables once, then TransactionLines in
-    # batched pages of 60 (entries by ID, reports by ID, the period's journal, the card accounts): never a call
-    # per entry or per day.
+    # Within the rate limits: the division check and the six dimension tables once, the report look-up
+    # (GeneralJournalEntryLines by Description, batched), then TransactionLines in batched pages of 60 (entries by
+    # ID, the period's journal, the card accounts): never a call per entry or per day.
     calls = sandbox.exact.stats["calls"]
     pages = -(-sum(len(e["transaction_lines"]) for e in sandbox.exact.entries()) // 60)
+    line_pages = -(-sum(len(e["lines"]) for e in sandbox.exact.entries()) // 60)
+    lookups = calls["GET generaljournalentry/GeneralJournalEntryLines"]
+    assert lookups <= line_pages + -(-len(posted.posted()) // reconcile.REPORTS_PER_QUERY), calls
     assert calls["GET financialtransaction/TransactionLines"] <= 3 * pages + 1, calls
-    assert sum(calls.values()) - calls["GET financialtransaction/TransactionLines"] <= 2 + 6 + 1, calls
+    assert sum(calls.values()) - calls["GET financialtransaction/TransactionLines"] - lookups <= 2 + 6 + 1, calls
 
 
 def test_an_entry_deleted_in_exact_is_found_as_missing(sandbox, week):
