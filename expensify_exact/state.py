@@ -141,6 +141,21 @@ request_log = sa.Table(
     sa.Index("ix_ee_request_log_scope_at", "scope", "at"),
 )
 
+# Each Exact division's last dimension snapshot (snapshots.py): per table the rows as Exact returned them, the cursor
+# an incremental read continues from (sync Timestamp or Modified), when it was last read in full and last checked.
+# A cache of Exact's state, not posting state: losing it costs one full read. `dimension` "division_access" records
+# the last successful division check.
+dimension_snapshots = sa.Table(
+    "ee_dimension_snapshots", metadata,
+    sa.Column("scope", sa.String(100), primary_key=True),  # exact:division:<n>
+    sa.Column("dimension", sa.String(40), primary_key=True),
+    sa.Column("rows", sa.Text, nullable=False),  # JSON list of records
+    sa.Column("cursor", sa.String(64), nullable=True),
+    sa.Column("meta", sa.Text, nullable=False),  # JSON: source, confirmed-missing codes, webhook event seen
+    sa.Column("refreshed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "locks, secrets, tokens, ledger, quarantine, audit log",
@@ -148,6 +163,7 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (2, "correction intents for approved CHANGED_AFTER_POSTING reports", [corrections]),
     (3, "rate-limit budgets and request times shared by the processes using one credential",
      [rate_limits, request_log]),
+    (5, "each division's last dimension snapshot, refreshed incrementally", [dimension_snapshots]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -575,6 +591,32 @@ class StateStore:
                                                                   request_log.c.at > since)
                                 .order_by(request_log.c.at))
             return [_aware(r.at) for r in rows]
+
+    # --- dimension snapshots ------------------------------------------------------------------------
+    def snapshot_get(self, scope: str, dimension: str) -> dict[str, Any] | None:
+        """The stored snapshot of one dimension table (rows and meta parsed from JSON), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(dimension_snapshots).where(
+                dimension_snapshots.c.scope == scope, dimension_snapshots.c.dimension == dimension)).one_or_none()
+        if row is None:
+            return None
+        return {"rows": json.loads(row.rows), "cursor": row.cursor, "meta": json.loads(row.meta),
+                "refreshed_at": _aware(row.refreshed_at), "checked_at": _aware(row.checked_at)}
+
+    def snapshot_put(self, scope: str, dimension: str, *, rows: list[dict], cursor: str | None, meta: dict,
+                     refreshed_at: datetime, checked_at: datetime) -> None:
+        """Store one dimension table's snapshot; `rows` and `meta` must be JSON-serializable."""
+        self._upsert(dimension_snapshots, {"scope": scope, "dimension": dimension},
+                     {"rows": json.dumps(rows), "cursor": cursor, "meta": json.dumps(meta),
+                      "refreshed_at": refreshed_at, "checked_at": checked_at})
+
+    def snapshot_drop(self, scope: str, dimension: str | None = None) -> int:
+        """Forget a division's stored snapshot (one table, or all): the next run reads it in full."""
+        where = [dimension_snapshots.c.scope == scope]
+        if dimension is not None:
+            where.append(dimension_snapshots.c.dimension == dimension)
+        with self.engine.begin() as conn:
+            return conn.execute(dimension_snapshots.delete().where(*where)).rowcount
 
     # --- helpers -------------------------------------------------------------------------------------
     def _upsert(self, table: sa.Table, keys: dict, values: dict) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -34,6 +34,14 @@ ENTRY_IDS_PER_QUERY = 40
 BODY_EXCERPT = 500
 
 
+class DivisionCheckCache(Protocol):
+    """Where a successful division check is remembered for a while (`snapshots.DivisionChecks`)."""
+
+    def fresh(self) -> bool: ...
+
+    def record(self) -> None: ...
+
+
 class ExactClient:
     """One Exact Online division, reached through a paced, authenticated httpx.Client.
 
@@ -47,7 +55,7 @@ class ExactClient:
                  transport: httpx.BaseTransport | None = None, timeout: float = 30.0,
                  max_get_retries: int = 3, daily_reserve: int = 50, *,
                  verify_division: bool = True, backoff_seconds: float = 1.0, max_backoff_seconds: float = 30.0,
-                 rate_limit_board: RateLimitBoard | None = None):
+                 rate_limit_board: RateLimitBoard | None = None, division_checks: DivisionCheckCache | None = None):
         self.base_url = base_url.rstrip("/")
         self.division = int(division)
         self.rate_limits = ExactRateLimits(daily_reserve=daily_reserve, board=rate_limit_board)
@@ -57,6 +65,7 @@ class ExactClient:
         self._max_backoff = max_backoff_seconds
         self._verify_division = verify_division
         self._division_checked = False
+        self._division_checks = division_checks
         paced = PacedTransport(transport or httpx.HTTPTransport(retries=2), self.rate_limits, clock)
         self._http = httpx.Client(base_url=self.base_url, auth=auth, transport=paced, timeout=timeout,
                                   headers={"Accept": "application/json"})  # else Exact answers Atom XML (§4.1)
@@ -119,6 +128,8 @@ class ExactClient:
                          f"{listing}. Set the connection's division to one of these, or re-authorize and grant "
                          f"division {self.division} on Exact's consent screen")
         self._division_checked = True
+        if self._division_checks is not None:
+            self._division_checks.record()
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -255,6 +266,9 @@ class ExactClient:
 
     def _ensure_division(self) -> None:
         if self._verify_division and not self._division_checked:
+            if self._division_checks is not None and self._division_checks.fresh():
+                self._division_checked = True  # checked recently; a lost access still fails with 403
+                return
             self.check_division()
 
     def _division_path(self, path: str) -> str:
