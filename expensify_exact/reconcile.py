@@ -604,9 +604,9 @@ def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: 
     Raises:
         ApiError: Exact could not be read; nothing is concluded from a partial read-back.
     """
-    from expensify_exact.snapshots import fetch_dimensions
+    from expensify_exact.snapshots import fetch_dimensions, needed_codes
 
-    dims = fetch_dimensions(client)
+    dims = fetch_dimensions(client, needed_codes(connection, config))
     ledger = store.ledger_rows(connection.name)
     quarantine = store.quarantine_items(connection.name, status=None)
     prepared = {}
