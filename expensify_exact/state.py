@@ -428,17 +428,25 @@ class StateStore:
         values = {"status": "open", "partition_date": partition_date, "reasons": json.dumps(reasons),
                   "transaction_ids": json.dumps(transaction_ids), "content_hash": content_hash, "updated_at": now,
                   "resolution_note": None}
-        with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(quarantine.c.report_id, quarantine.c.status).where(
-                quarantine.c.connection == connection, quarantine.c.report_id == report_id)).first()
-            if exists and exists.status == "ignored":
-                values = {k: v for k, v in values.items() if k not in ("status", "resolution_note")}
-            if exists:
-                conn.execute(quarantine.update().where(quarantine.c.connection == connection,
-                                                       quarantine.c.report_id == report_id).values(**values))
-            else:
-                conn.execute(quarantine.insert().values(connection=connection, report_id=report_id,
-                                                        first_seen_at=now, **values))
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    exists = conn.execute(sa.select(quarantine.c.report_id, quarantine.c.status).where(
+                        quarantine.c.connection == connection, quarantine.c.report_id == report_id)).first()
+                    row = values
+                    if exists and exists.status == "ignored":
+                        row = {k: v for k, v in values.items() if k not in ("status", "resolution_note")}
+                    if exists:
+                        conn.execute(quarantine.update().where(quarantine.c.connection == connection,
+                                                               quarantine.c.report_id == report_id).values(**row))
+                    else:
+                        conn.execute(quarantine.insert().values(connection=connection, report_id=report_id,
+                                                                first_seen_at=now, **row))
+                return
+            except sa.exc.IntegrityError:
+                if attempt:
+                    raise
+                # Another run quarantined the same report between our read and our insert: update theirs.
 
     def quarantine_set_status(self, connection: str, report_id: str, status: str, note: str | None = None) -> bool:
         with self.engine.begin() as conn:
