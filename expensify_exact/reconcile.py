@@ -76,6 +76,8 @@ TOTALS_COLUMNS = ["gl_account_code", "cost_center", "currency", "expected_cents"
 
 TRANSACTION_LINES = "financialtransaction/TransactionLines"
 JOURNAL_ENTRY_LINES = "generaljournalentry/GeneralJournalEntryLines"
+JOURNAL_ENTRIES = "generaljournalentry/GeneralJournalEntries"
+SYNC_TRANSACTION_LINES = "sync/Financial/TransactionLines"
 READ_BACK_SELECT = ("ID", "EntryID", "EntryNumber", "LineNumber", "FinancialYear", "FinancialPeriod", "JournalCode",
                     "GLAccountCode", "AmountFC", "Currency", "VATCode", "VATType", "CostCenter", "CostUnit",
                     "Description", "Notes")
@@ -132,18 +134,28 @@ def read_back_period(client: LineReader, *, journal: str, accounts: Iterable[str
                      period: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All lines of the connector's journal in a financial period, and all lines on the given accounts in it.
 
+    Both satisfy Exact's mandatory filtering on TransactionLines (exact-online.md §13): the journal's entries are
+    found on `GeneralJournalEntries` (journal and period; no sync twin there) and their lines read by `EntryID`; the
+    accounts' lines, which include other journals' (the bank journal's card settlements), come from
+    `sync/Financial/TransactionLines` (`Timestamp gt 1L`, 1000 lines a page), kept when on one of the accounts in
+    the period. That scan grows with the division's history; it runs once a month.
+
     Returns:
-        (journal lines, account lines), both EXACT_LINE_COLUMNS; the account lines include other journals'
-        (e.g. the bank journal's card settlements).
+        (journal lines, account lines), both EXACT_LINE_COLUMNS.
     """
     in_period = f"FinancialYear eq {int(year)} and FinancialPeriod eq {int(period)}"
-    journal_rows = client.get_all(TRANSACTION_LINES, READ_BACK_SELECT,
-                                  filter=f"JournalCode eq {string_literal(journal)} and {in_period}")
-    codes = sorted(set(accounts))
+    entries = client.get_all(JOURNAL_ENTRIES, ("EntryID",), filter=f"JournalCode eq {string_literal(journal)} and "
+                                                                    f"{in_period}")
+    journal_rows = client.transaction_lines(sorted({str(e["EntryID"]).lower() for e in entries if e.get("EntryID")}),
+                                            select=READ_BACK_SELECT)
+    codes = set(accounts)
     account_rows: list[dict] = []
     if codes:
-        either = " or ".join(f"GLAccountCode eq {string_literal(c)}" for c in codes)
-        account_rows = client.get_all(TRANSACTION_LINES, READ_BACK_SELECT, filter=f"({either}) and {in_period}")
+        account_rows = [r for r in client.get_all(SYNC_TRANSACTION_LINES, ("Timestamp", *READ_BACK_SELECT),
+                                                  filter="Timestamp gt 1L")
+                        if str(r.get("GLAccountCode") or "").strip() in codes
+                        and _int_or_none(r.get("FinancialYear")) == int(year)
+                        and _int_or_none(r.get("FinancialPeriod")) == int(period)]
     return exact_lines_frame(journal_rows), exact_lines_frame(account_rows)
 
 

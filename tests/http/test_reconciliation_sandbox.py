@@ -104,16 +104,24 @@ def test_a_clean_month_reports_zero_findings_and_says_so(sandbox, sandbox_mappin
     assert (result.totals["difference_cents"] == 0).all() and len(result.totals) > 3
     # Card spend without a booked card statement is waiting, not wrong.
     assert set(result.card_accounts["status"]) == {"awaiting settlement"}
-    # Within the rate limits: the division check and the six dimension tables once, the report look-up
-    # (GeneralJournalEntryLines by Description, batched), then TransactionLines in batched pages of 60 (entries by
-    # ID, the period's journal, the card accounts): never a call per entry or per day.
+    # Within the rate limits, every read accepted under mandatory filtering: the division check and the six dimension
+    # tables once (GL accounts through the sync twin, or by code where it is missing), the report look-up
+    # (GeneralJournalEntryLines by Description), the period's entries (GeneralJournalEntries), TransactionLines by
+    # EntryID in batched pages of 60 and one scan of the sync twin for the card accounts: never a call per entry or
+    # per day.
     calls = sandbox.exact.stats["calls"]
-    pages = -(-sum(len(e["transaction_lines"]) for e in sandbox.exact.entries()) // 60)
-    line_pages = -(-sum(len(e["lines"]) for e in sandbox.exact.entries()) // 60)
+    entries = sandbox.exact.entries()
+    pages = -(-sum(len(e["transaction_lines"]) for e in entries) // 60)
+    line_pages = -(-sum(len(e["lines"]) for e in entries) // 60)
     lookups = calls["GET generaljournalentry/GeneralJournalEntryLines"]
     assert lookups <= line_pages + -(-len(posted.posted()) // reconcile.REPORTS_PER_QUERY), calls
-    assert calls["GET financialtransaction/TransactionLines"] <= 3 * pages + 1, calls
-    assert sum(calls.values()) - calls["GET financialtransaction/TransactionLines"] - lookups <= 2 + 6 + 1, calls
+    assert calls["GET financialtransaction/TransactionLines"] <= 2 * pages + 2, calls
+    assert calls["GET generaljournalentry/GeneralJournalEntries"] <= -(-len(entries) // 60) + 1, calls
+    assert calls["GET sync/Financial/TransactionLines"] == 1, calls
+    dimension_reads = sum(v for k, v in calls.items() if k not in {
+        "GET financialtransaction/TransactionLines", "GET generaljournalentry/GeneralJournalEntryLines",
+        "GET generaljournalentry/GeneralJournalEntries", "GET sync/Financial/TransactionLines"})
+    assert dimension_reads <= 2 + 6 + 1 + 1, calls
 
 
 def test_an_entry_deleted_in_exact_is_found_as_missing(sandbox, week):
