@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.errors import ApiError
 from expensify_exact.exact.odata import string_literal
 from expensify_exact.state import LedgerRow, QuarantineItem
 from expensify_exact.transform.expense_lines import NormalizedLines, approval_day, normalize_reports
@@ -76,7 +77,8 @@ TOTALS_COLUMNS = ["gl_account_code", "cost_center", "currency", "expected_cents"
 
 TRANSACTION_LINES = "financialtransaction/TransactionLines"
 JOURNAL_ENTRY_LINES = "generaljournalentry/GeneralJournalEntryLines"
-JOURNAL_ENTRIES = "generaljournalentry/GeneralJournalEntries"
+# TransactionLines only take a filter on ID or EntryID (mandatory filtering, exact-online.md §4.6/§13): lines found by
+# anything else (journal, period, accounts) come from the sync twin and are picked out here.
 SYNC_TRANSACTION_LINES = "sync/Financial/TransactionLines"
 READ_BACK_SELECT = ("ID", "EntryID", "EntryNumber", "LineNumber", "FinancialYear", "FinancialPeriod", "JournalCode",
                     "GLAccountCode", "AmountFC", "Currency", "VATCode", "VATType", "CostCenter", "CostUnit",
@@ -101,6 +103,8 @@ class LineReader(Protocol):
     def get_all(self, path: str, select: Sequence[str], filter: str | None = None,
                 orderby: str | None = None) -> list[dict]: ...
 
+    def sync_rows(self, path: str, select: Sequence[str], since: int = 1) -> list[dict]: ...
+
 
 def read_back_entries(client: LineReader, entry_ids: Iterable[str], report_ids: Iterable[str]) -> pd.DataFrame:
     """Exact's lines of the given entries and of every other entry whose lines carry one of the report IDs.
@@ -122,40 +126,41 @@ def read_back_entries(client: LineReader, entry_ids: Iterable[str], report_ids: 
     """
     wanted = {str(e).lower() for e in entry_ids if e}
     ids = sorted({r for r in report_ids if r})
-    for start in range(0, len(ids), REPORTS_PER_QUERY):
-        chunk = ids[start:start + REPORTS_PER_QUERY]
-        flt = " or ".join(f"startswith(Description,{string_literal(rid + '/')})" for rid in chunk)
-        wanted |= {str(r["EntryID"]).lower() for r in client.get_all(JOURNAL_ENTRY_LINES, ("EntryID",), filter=flt)
-                   if r.get("EntryID")}
-    return exact_lines_frame(client.transaction_lines(sorted(wanted), select=READ_BACK_SELECT))
+    copies: list[dict] = []
+    try:
+        for start in range(0, len(ids), REPORTS_PER_QUERY):
+            chunk = ids[start:start + REPORTS_PER_QUERY]
+            flt = " or ".join(f"startswith(Description,{string_literal(rid + '/')})" for rid in chunk)
+            wanted |= {str(r["EntryID"]).lower() for r in client.get_all(JOURNAL_ENTRY_LINES, ("EntryID",),
+                                                                           filter=flt) if r.get("EntryID")}
+    except ApiError as exc:
+        if exc.status != 400:
+            raise
+        # Exact refused the string function (whether it takes them bare is unconfirmed, §13): pick the reports'
+        # lines out of the sync twin instead, which costs a scan of the division's lines.
+        prefixes = tuple(f"{rid}/" for rid in ids)
+        copies = [r for r in client.sync_rows(SYNC_TRANSACTION_LINES, READ_BACK_SELECT)
+                  if str(r.get("Description") or "").startswith(prefixes)]
+    return exact_lines_frame([*client.transaction_lines(sorted(wanted), select=READ_BACK_SELECT), *copies])
 
 
 def read_back_period(client: LineReader, *, journal: str, accounts: Iterable[str], year: int,
                      period: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All lines of the connector's journal in a financial period, and all lines on the given accounts in it.
 
-    Both satisfy Exact's mandatory filtering on TransactionLines (exact-online.md §13): the journal's entries are
-    found on `GeneralJournalEntries` (journal and period; no sync twin there) and their lines read by `EntryID`; the
-    accounts' lines, which include other journals' (the bank journal's card settlements), come from
-    `sync/Financial/TransactionLines` (`Timestamp gt 1L`, 1000 lines a page), kept when on one of the accounts in
-    the period. That scan grows with the division's history; it runs once a month.
+    Both come from one scan of `sync/Financial/TransactionLines` (`Timestamp gt 1L`, 1000 lines a page), picked out
+    here: TransactionLines take a filter only on ID or EntryID (mandatory filtering, exact-online.md §13) and sync
+    endpoints only on Timestamp. The account lines include other journals' (the bank journal's card settlements).
+    The scan grows with the division's history; it runs once a month.
 
     Returns:
         (journal lines, account lines), both EXACT_LINE_COLUMNS.
     """
-    in_period = f"FinancialYear eq {int(year)} and FinancialPeriod eq {int(period)}"
-    entries = client.get_all(JOURNAL_ENTRIES, ("EntryID",), filter=f"JournalCode eq {string_literal(journal)} and "
-                                                                    f"{in_period}")
-    journal_rows = client.transaction_lines(sorted({str(e["EntryID"]).lower() for e in entries if e.get("EntryID")}),
-                                            select=READ_BACK_SELECT)
     codes = set(accounts)
-    account_rows: list[dict] = []
-    if codes:
-        account_rows = [r for r in client.get_all(SYNC_TRANSACTION_LINES, ("Timestamp", *READ_BACK_SELECT),
-                                                  filter="Timestamp gt 1L")
-                        if str(r.get("GLAccountCode") or "").strip() in codes
-                        and _int_or_none(r.get("FinancialYear")) == int(year)
-                        and _int_or_none(r.get("FinancialPeriod")) == int(period)]
+    in_period = [r for r in client.sync_rows(SYNC_TRANSACTION_LINES, READ_BACK_SELECT)
+                 if int(r.get("FinancialYear") or 0) == int(year) and int(r.get("FinancialPeriod") or 0) == int(period)]
+    journal_rows = [r for r in in_period if str(r.get("JournalCode") or "").strip() == journal]
+    account_rows = [r for r in in_period if str(r.get("GLAccountCode") or "").strip() in codes]
     return exact_lines_frame(journal_rows), exact_lines_frame(account_rows)
 
 
@@ -676,7 +681,7 @@ def _cancelled_by_corrections(store, connection: str, report_ids: Iterable[str])
     for report_id in sorted(report_ids):
         for row in corrections_for(connection, report_id):
             if row.kind == "reversal" and row.status == "posted":
-                out |= {row.entry_id.lower(), row.replaces_entry_id.lower()}
+                out |= {row.posted_entry_id.lower(), row.replaces_entry_id.lower()}
     return out
 
 

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 class DimensionReader(Protocol):
     def get_all(self, path: str, select, filter: str | None = None, orderby: str | None = None) -> list[dict]: ...
 
+    def sync_rows(self, path: str, select: Sequence[str], since: int = 1) -> list[dict]: ...
+
 
 # name -> (endpoint, {Exact field: our column}); $select is always explicit (exact-online.md §4.6).
 DIMENSION_QUERIES: dict[str, tuple[str, dict[str, str]]] = {
@@ -81,7 +83,7 @@ def read_gl_sync(client: DimensionReader, after: int, extra: Sequence[str] = ())
         ApiError: with status 400/404 when this division has no such endpoint (it is unconfirmed, §13).
     """
     _path, fields = DIMENSION_QUERIES["gl_accounts"]
-    return client.get_all(GL_SYNC_PATH, select=[*fields, "Timestamp", *extra], filter=f"Timestamp gt {int(after)}L")
+    return client.sync_rows(GL_SYNC_PATH, [*fields, *extra], since=int(after))
 
 
 def _no_endpoint(exc: ApiError) -> bool:
