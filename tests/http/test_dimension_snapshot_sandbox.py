@@ -100,3 +100,20 @@ def test_a_snapshot_older_than_its_maximum_age_is_read_in_full(sandbox, connecto
     old, _ = _refresh(connector, now=later)
     assert {old.how[name] for name in ("cost_units", "journals", "vat_codes", "financial_periods")} == {"full"}
     assert "P7003" in set(old.dimensions.cost_units["code"])
+
+
+def test_with_the_gl_sync_twin_only_changed_accounts_are_read_and_a_block_is_seen_next_run(sandbox, connector):
+    conn = connector.project().connection(CONNECTION)
+    mapped = needed_codes(conn, connector.project())["gl_accounts"]
+    first, _ = _refresh(connector)
+    assert first.how["gl_accounts"] == "full"
+
+    victim = sorted(mapped & {a.code for a in seed.GL_ACCOUNTS if not a.blocked})[0]
+    sandbox.exact.block_gl_account(victim)
+    sandbox.exact.reset_stats()
+    second, calls = _refresh(connector)
+
+    assert second.how["gl_accounts"] == "delta" and second.changed["gl_accounts"] >= 1
+    assert bool(second.dimensions.gl_accounts.set_index("code").loc[victim, "is_blocked"]) is True
+    assert len(second.dimensions.gl_accounts) == len(first.dimensions.gl_accounts)
+    assert sandbox.exact.stats["calls"][f"GET {GL_SYNC_PATH}"] == 1 and calls <= 2, sandbox.exact.stats["calls"]
