@@ -67,23 +67,23 @@ def _code_filters(codes: Iterable[str]) -> list[str]:
             for i in range(0, len(ordered), CODES_PER_QUERY)]
 
 
-def read_codes(client: DimensionReader, name: str, codes: Iterable[str], extra: Sequence[str] = ()) -> list[dict]:
+def read_codes(client: DimensionReader, name: str, codes: Iterable[str]) -> list[dict]:
     """The rows of these codes only (`Code eq … or …`, batched): a filter every endpoint accepts (§13)."""
     path, fields = DIMENSION_QUERIES[name]
     rows: list[dict] = []
     for flt in _code_filters(codes):
-        rows.extend(client.get_all(path, select=[*fields, *extra], filter=flt))
+        rows.extend(client.get_all(path, select=list(fields), filter=flt))
     return rows
 
 
-def read_gl_sync(client: DimensionReader, after: int, extra: Sequence[str] = ()) -> list[dict]:
+def read_gl_sync(client: DimensionReader, after: int) -> list[dict]:
     """GL accounts changed after row version `after` (`sync/Financial/GLAccounts?$filter=Timestamp gt NL`).
 
     Raises:
         ApiError: with status 400/404 when this division has no such endpoint (it is unconfirmed, §13).
     """
     _path, fields = DIMENSION_QUERIES["gl_accounts"]
-    return client.sync_rows(GL_SYNC_PATH, [*fields, *extra], since=int(after))
+    return client.sync_rows(GL_SYNC_PATH, list(fields), since=int(after))
 
 
 def _no_endpoint(exc: ApiError) -> bool:
@@ -177,7 +177,6 @@ class SnapshotRefresh:
     dimensions: Dimensions
     how: dict[str, str] = field(default_factory=dict)  # table -> full | delta | codes | cached | miss
     changed: dict[str, int] = field(default_factory=dict)  # table -> rows added, changed or dropped
-    division_checked: bool = False
 
 
 class DivisionChecks:
@@ -188,16 +187,16 @@ class DivisionChecks:
     def __init__(self, store, division: int, ttl: timedelta = DIVISION_CHECK_TTL):
         self._store, self._scope, self._ttl = store, snapshot_scope(division), ttl
 
-    def fresh(self, now: datetime | None = None) -> bool:
+    def fresh(self) -> bool:
         try:
             stored = self._store.snapshot_get(self._scope, DIVISION_ACCESS)
         except Exception as exc:  # noqa: BLE001 - an unreadable cache only costs the check
             logger.warning("could not read the stored division check of %s: %s", self._scope, exc)
             return False
-        return stored is not None and (now or _now()) - stored["checked_at"] < self._ttl
+        return stored is not None and _now() - stored["checked_at"] < self._ttl
 
-    def record(self, now: datetime | None = None) -> None:
-        moment = now or _now()
+    def record(self) -> None:
+        moment = _now()
         try:
             self._store.snapshot_put(self._scope, DIVISION_ACCESS, rows=[], cursor=None, meta={},
                                      refreshed_at=moment, checked_at=moment)
@@ -233,8 +232,7 @@ def refresh_snapshot(client: DimensionReader, store: SnapshotStore, division: in
     now = now or _now()
     today = today or now.astimezone(AMSTERDAM).date()
     scope = snapshot_scope(division)
-    result = SnapshotRefresh(Dimensions(**{n: _frame(n, []) for n in DIMENSION_QUERIES}))
-    frames = {}
+    frames, hows, counts = {}, {}, {}
     for name in DIMENSION_QUERIES:
         stored = store.snapshot_get(scope, name)
         event = (invalidated or {}).get(name, 0)
@@ -269,9 +267,8 @@ def refresh_snapshot(client: DimensionReader, store: SnapshotStore, division: in
         store.snapshot_put(scope, name, rows=[_to_json(r) for r in rows], cursor=cursor, meta=meta,
                            refreshed_at=refreshed_at, checked_at=now)
         frames[name] = _frame(name, rows)
-        result.how[name], result.changed[name] = how, changed
-    result.dimensions = Dimensions(**frames)
-    return result
+        hows[name], counts[name] = how, changed
+    return SnapshotRefresh(Dimensions(**frames), hows, counts)
 
 
 def _full(client: DimensionReader, name: str, codes: set[str], meta: dict | None = None
