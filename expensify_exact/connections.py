@@ -15,6 +15,7 @@ from expensify_exact.exact.client import ExactClient
 from expensify_exact.exact.regions import resolve_base_url, token_url
 from expensify_exact.expensify.client import ExpensifyClient
 from expensify_exact.http.pacing import RateLimitSnapshot
+from expensify_exact.snapshots import DivisionChecks
 from expensify_exact.state import StateStore
 from expensify_exact.vault import CredentialVault, VaultTokenStore
 
@@ -130,4 +131,5 @@ def build_exact_client(conn: Connection, vault: CredentialVault, store: StateSto
     refresher = build_token_refresher(conn, vault, store, clock)
     return ExactClient(exact_base_url(conn), conn.exact.division, ExactAuth(refresher), clock, transport=transport,
                        rate_limit_board=StoredRateLimitBoard(store, conn.exact.division),
-                       error_budget=StoredErrorBudget(store, conn.exact.division, clock))
+                       error_budget=StoredErrorBudget(store, conn.exact.division, clock),
+                       division_checks=DivisionChecks(store, conn.exact.division))

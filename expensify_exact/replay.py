@@ -33,7 +33,7 @@ from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiEr
 from expensify_exact.exact.odata import guid_literal
 from expensify_exact.posting import post_drafts
 from expensify_exact.settlement import EntryGateway, find_posted, post_and_settle
-from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimensions
+from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
 from expensify_exact.state import CorrectionRow, QuarantineItem, StateStore
 from expensify_exact.transform.draft_checks import split_invalid_drafts
 from expensify_exact.transform.expense_lines import normalize_reports
@@ -199,7 +199,7 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
         if not items:
             return ReplayResult(conn.name, dry_run, None, outcomes)
 
-        dims = fetch_dimensions(exact)
+        dims = fetch_dimensions(exact, needed_codes(conn, config))
         fingerprint = replay_fingerprint(dims, config, conn)
         reports = expensify.export_reports_by_id(
             [i.report_id for i in items], conn.expensify.policy_ids, approved_since=_earliest_day(items),

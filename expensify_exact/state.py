@@ -177,6 +177,21 @@ ADDED_COLUMNS: dict[int, list[tuple[sa.Table, str]]] = {
     4: [(posted_ledger, "client_entry_id"), (posted_ledger, "body"), (corrections, "exact_entry_id")],
 }
 
+# Each Exact division's last dimension snapshot (snapshots.py): per table the rows as Exact returned them, the cursor
+# an incremental read continues from (sync Timestamp or Modified), when it was last read in full and last checked.
+# A cache of Exact's state, not posting state: losing it costs one full read. `dimension` "division_access" records
+# the last successful division check.
+dimension_snapshots = sa.Table(
+    "ee_dimension_snapshots", metadata,
+    sa.Column("scope", sa.String(100), primary_key=True),  # exact:division:<n>
+    sa.Column("dimension", sa.String(40), primary_key=True),
+    sa.Column("rows", sa.Text, nullable=False),  # JSON list of records
+    sa.Column("cursor", sa.String(64), nullable=True),
+    sa.Column("meta", sa.Text, nullable=False),  # JSON: source, confirmed-missing codes, webhook event seen
+    sa.Column("refreshed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "locks, secrets, tokens, ledger, quarantine, audit log",
@@ -186,6 +201,7 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
      [rate_limits, request_log]),
     (4, "connection facts, per-endpoint error budget, client and Exact EntryIDs",
      [connection_facts, error_budget]),
+    (5, "each division's last dimension snapshot, refreshed incrementally", [dimension_snapshots]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -470,17 +486,25 @@ class StateStore:
         values = {"status": "open", "partition_date": partition_date, "reasons": json.dumps(reasons),
                   "transaction_ids": json.dumps(transaction_ids), "content_hash": content_hash, "updated_at": now,
                   "resolution_note": None}
-        with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(quarantine.c.report_id, quarantine.c.status).where(
-                quarantine.c.connection == connection, quarantine.c.report_id == report_id)).first()
-            if exists and exists.status == "ignored":
-                values = {k: v for k, v in values.items() if k not in ("status", "resolution_note")}
-            if exists:
-                conn.execute(quarantine.update().where(quarantine.c.connection == connection,
-                                                       quarantine.c.report_id == report_id).values(**values))
-            else:
-                conn.execute(quarantine.insert().values(connection=connection, report_id=report_id,
-                                                        first_seen_at=now, **values))
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    exists = conn.execute(sa.select(quarantine.c.report_id, quarantine.c.status).where(
+                        quarantine.c.connection == connection, quarantine.c.report_id == report_id)).first()
+                    row = values
+                    if exists and exists.status == "ignored":
+                        row = {k: v for k, v in values.items() if k not in ("status", "resolution_note")}
+                    if exists:
+                        conn.execute(quarantine.update().where(quarantine.c.connection == connection,
+                                                               quarantine.c.report_id == report_id).values(**row))
+                    else:
+                        conn.execute(quarantine.insert().values(connection=connection, report_id=report_id,
+                                                                first_seen_at=now, **row))
+                return
+            except sa.exc.IntegrityError:
+                if attempt:
+                    raise
+                # Another run quarantined the same report between our read and our insert: update theirs.
 
     def quarantine_set_status(self, connection: str, report_id: str, status: str, note: str | None = None) -> bool:
         with self.engine.begin() as conn:
@@ -692,6 +716,31 @@ class StateStore:
             rows = conn.execute(sa.select(error_budget).where(error_budget.c.hour >= since)
                                 .order_by(error_budget.c.scope, error_budget.c.hour))
             return [dict(r._mapping) | {"hour": _aware(r.hour), "updated_at": _aware(r.updated_at)} for r in rows]
+    # --- dimension snapshots ------------------------------------------------------------------------
+    def snapshot_get(self, scope: str, dimension: str) -> dict[str, Any] | None:
+        """The stored snapshot of one dimension table (rows and meta parsed from JSON), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(dimension_snapshots).where(
+                dimension_snapshots.c.scope == scope, dimension_snapshots.c.dimension == dimension)).one_or_none()
+        if row is None:
+            return None
+        return {"rows": json.loads(row.rows), "cursor": row.cursor, "meta": json.loads(row.meta),
+                "refreshed_at": _aware(row.refreshed_at), "checked_at": _aware(row.checked_at)}
+
+    def snapshot_put(self, scope: str, dimension: str, *, rows: list[dict], cursor: str | None, meta: dict,
+                     refreshed_at: datetime, checked_at: datetime) -> None:
+        """Store one dimension table's snapshot; `rows` and `meta` must be JSON-serializable."""
+        self._upsert(dimension_snapshots, {"scope": scope, "dimension": dimension},
+                     {"rows": json.dumps(rows), "cursor": cursor, "meta": json.dumps(meta),
+                      "refreshed_at": refreshed_at, "checked_at": checked_at})
+
+    def snapshot_drop(self, scope: str, dimension: str | None = None) -> int:
+        """Forget a division's stored snapshot (one table, or all): the next run reads it in full."""
+        where = [dimension_snapshots.c.scope == scope]
+        if dimension is not None:
+            where.append(dimension_snapshots.c.dimension == dimension)
+        with self.engine.begin() as conn:
+            return conn.execute(dimension_snapshots.delete().where(*where)).rowcount
 
     # --- helpers -------------------------------------------------------------------------------------
     def _upsert(self, table: sa.Table, keys: dict, values: dict) -> None:

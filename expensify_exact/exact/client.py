@@ -95,6 +95,14 @@ class PostAnswer:
     reason: str | None = None
 
 
+class DivisionCheckCache(Protocol):
+    """Where a successful division check is remembered for a while (`snapshots.DivisionChecks`)."""
+
+    def fresh(self) -> bool: ...
+
+    def record(self) -> None: ...
+
+
 class ExactClient:
     """One Exact Online division, reached through a paced, authenticated httpx.Client.
 
@@ -110,7 +118,8 @@ class ExactClient:
                  max_get_retries: int = 3, daily_reserve: int = 50, *,
                  verify_division: bool = True, backoff_seconds: float = 1.0, max_backoff_seconds: float = 30.0,
                  rate_limit_board: RateLimitBoard | None = None, error_budget: ErrorBudget | None = None,
-                 errors_per_endpoint: int = ERROR_BUDGET_PER_ENDPOINT):
+                 errors_per_endpoint: int = ERROR_BUDGET_PER_ENDPOINT,
+                 division_checks: DivisionCheckCache | None = None):
         self.base_url = base_url.rstrip("/")
         self.division = int(division)
         self.rate_limits = ExactRateLimits(daily_reserve=daily_reserve, board=rate_limit_board)
@@ -120,6 +129,7 @@ class ExactClient:
         self._max_backoff = max_backoff_seconds
         self._verify_division = verify_division
         self._division_checked = False
+        self._division_checks = division_checks
         self.error_budget = error_budget or MemoryErrorBudget(clock)
         self.errors_per_endpoint = errors_per_endpoint
         paced = PacedTransport(transport or httpx.HTTPTransport(retries=2), self.rate_limits, clock)
@@ -184,6 +194,8 @@ class ExactClient:
                          f"{listing}. Set the connection's division to one of these, or re-authorize and grant "
                          f"division {self.division} on Exact's consent screen")
         self._division_checked = True
+        if self._division_checks is not None:
+            self._division_checks.record()
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -326,6 +338,9 @@ class ExactClient:
 
     def _ensure_division(self) -> None:
         if self._verify_division and not self._division_checked:
+            if self._division_checks is not None and self._division_checks.fresh():
+                self._division_checked = True  # checked recently; a lost access still fails with 403
+                return
             self.check_division()
 
     def _division_path(self, path: str) -> str:

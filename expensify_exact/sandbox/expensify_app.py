@@ -547,8 +547,11 @@ class ExpensifySimulator:
                     report.reimbursed = None
 
     def add_report(self, *, name: str, employee_email: str, expenses: list[dict], state: str = "APPROVED",
-                   approved: datetime | None = None, currency: str = "EUR") -> str:
-        """Add a report; each expense dict has merchant, category, tag, amount (cents), optional currency/created."""
+                   approved: datetime | None = None, currency: str = "EUR", submitted: datetime | None = None) -> str:
+        """Add a report; each expense dict has merchant, category, tag, amount (cents), optional currency/created.
+
+        `submitted` (naive UTC, default now) also dates the report's creation, e.g. to add a report that was
+        submitted and approved days ago but reaches the export only now."""
         with self._lock:
             employee = next((e for e in seedmod.EMPLOYEES if e.email == employee_email),
                             seedmod.Employee(employee_email, employee_email.split("@")[0], ""))
@@ -569,7 +572,8 @@ class ExpensifySimulator:
                     tax_amount=int(spec.get("taxAmount", 0)), billable=bool(spec.get("billable", False)),
                     receipt_filename="", inserted=now))
             report = _Report(report_id=report_id, old_id=_numeric_id("old:" + report_id, 16), name=name,
-                             employee=employee, currency=currency, created=now, submitted=None, approved=None,
+                             employee=employee, currency=currency, created=submitted or now,
+                             submitted=submitted if state.upper() != "OPEN" else None, approved=None,
                              reimbursed=None, state="OPEN", policy_id=seedmod.POLICY_ID, expenses=records)
             self._reports[report_id] = report
         if state.upper() != "OPEN":
