@@ -130,3 +130,26 @@ def test_text_output_names_each_verdict_and_the_totals(capsys, sandbox, sandbox_
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == f"{len(READ_CHECKS)} OK, 0 FAILED, 0 UNKNOWN"
     assert "OK       Exact division 123456 is reachable" in out
+
+
+def test_a_second_preflight_inside_exacts_570_second_floor_knows_the_rotation_it_saw(capsys, sandbox,
+                                                                                   sandbox_mappings, state_url):
+    code, _, _ = _preflight(capsys, sandbox_mappings, state_url)
+    refreshes = sandbox.exact.stats["token"]["refreshes"]
+    code_again = run_cli(sandbox_mappings, state_url, "preflight", "--connection", CONNECTION, "--json")
+    again = _by_check(json.loads(capsys.readouterr().out))["exact_tokens"]
+    assert (code, code_again, again["status"]) == (0, 0, "OK")
+    assert "came from a rotation preflight saw" in again["detail"]
+    assert sandbox.exact.stats["token"]["refreshes"] == refreshes  # nothing refreshed inside the floor
+
+
+def test_a_token_pair_another_command_fetched_is_not_refreshed_inside_the_floor(capsys, sandbox, sandbox_mappings,
+                                                                               state_url):
+    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert run_cli(sandbox_mappings, state_url, "check") == 1  # the demo's two seeded problems; it refreshed
+    capsys.readouterr()
+    refreshes = sandbox.exact.stats["token"]["refreshes"]
+    assert run_cli(sandbox_mappings, state_url, "preflight", "--connection", CONNECTION, "--json") == 1
+    tokens = _by_check(json.loads(capsys.readouterr().out))["exact_tokens"]
+    assert tokens["status"] == "UNKNOWN" and "run preflight again after" in tokens["advice"]
+    assert sandbox.exact.stats["token"]["refreshes"] == refreshes
