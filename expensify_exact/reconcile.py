@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import pandas as pd
 
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.exact.odata import string_literal
 from expensify_exact.state import LedgerRow, QuarantineItem
 from expensify_exact.transform.journal import Dimensions, JournalDrafts, Reason, build_journal_drafts
 
@@ -73,11 +72,12 @@ EXPECTED_COLUMNS = ["report_id", "transaction_id", "gl_account_code", "cost_cent
 TOTALS_COLUMNS = ["gl_account_code", "cost_center", "currency", "expected_cents", "actual_cents", "difference_cents"]
 
 TRANSACTION_LINES = "financialtransaction/TransactionLines"
+# TransactionLines only take a filter on ID or EntryID (mandatory filtering, exact-online.md §4.6/§13): lines found by
+# anything else (report IDs, journal, period, accounts) come from the sync twin and are picked out here.
+SYNC_TRANSACTION_LINES = "sync/Financial/TransactionLines"
 READ_BACK_SELECT = ("ID", "EntryID", "EntryNumber", "LineNumber", "FinancialYear", "FinancialPeriod", "JournalCode",
                     "GLAccountCode", "AmountFC", "Currency", "VATCode", "VATType", "CostCenter", "CostUnit",
                     "Description", "Notes")
-# Each `startswith(Description,'…/') or …` clause is ~45 characters: 40 keep the URL far below 6000 (§4.4).
-REPORTS_PER_QUERY = 40
 VAT_LINE_TYPE = "O"  # the VAT line Exact splits off an amount with an including VAT code (§5.9)
 
 _NOTES_TRACE = re.compile(r"Expensify report (?P<report>[^,\s]+), transaction (?P<tx>[^:\s]+)")
@@ -94,6 +94,8 @@ class LineReader(Protocol):
 
     def get_all(self, path: str, select: Sequence[str], filter: str | None = None,
                 orderby: str | None = None) -> list[dict]: ...
+
+    def sync_rows(self, path: str, select: Sequence[str], since: int = 1) -> list[dict]: ...
 
 
 def read_back_entries(client: LineReader, entry_ids: Iterable[str], report_ids: Iterable[str]) -> pd.DataFrame:
@@ -112,11 +114,10 @@ def read_back_entries(client: LineReader, entry_ids: Iterable[str], report_ids: 
         EXACT_LINE_COLUMNS, one row per line (duplicates from both reads removed), VAT folded back.
     """
     rows = list(client.transaction_lines([e for e in entry_ids if e], select=READ_BACK_SELECT))
-    ids = sorted({r for r in report_ids if r})
-    for start in range(0, len(ids), REPORTS_PER_QUERY):
-        chunk = ids[start:start + REPORTS_PER_QUERY]
-        flt = " or ".join(f"startswith(Description,{string_literal(rid + '/')})" for rid in chunk)
-        rows.extend(client.get_all(TRANSACTION_LINES, READ_BACK_SELECT, filter=flt))
+    prefixes = tuple(sorted({r + "/" for r in report_ids if r}))
+    if prefixes:
+        rows.extend(r for r in client.sync_rows(SYNC_TRANSACTION_LINES, READ_BACK_SELECT)
+                    if str(r.get("Description") or "").startswith(prefixes))
     return exact_lines_frame(rows)
 
 
@@ -128,14 +129,11 @@ def read_back_period(client: LineReader, *, journal: str, accounts: Iterable[str
         (journal lines, account lines), both EXACT_LINE_COLUMNS; the account lines include other journals'
         (e.g. the bank journal's card settlements).
     """
-    in_period = f"FinancialYear eq {int(year)} and FinancialPeriod eq {int(period)}"
-    journal_rows = client.get_all(TRANSACTION_LINES, READ_BACK_SELECT,
-                                  filter=f"JournalCode eq {string_literal(journal)} and {in_period}")
-    codes = sorted(set(accounts))
-    account_rows: list[dict] = []
-    if codes:
-        either = " or ".join(f"GLAccountCode eq {string_literal(c)}" for c in codes)
-        account_rows = client.get_all(TRANSACTION_LINES, READ_BACK_SELECT, filter=f"({either}) and {in_period}")
+    codes = set(accounts)
+    in_period = [r for r in client.sync_rows(SYNC_TRANSACTION_LINES, READ_BACK_SELECT)
+                 if int(r.get("FinancialYear") or 0) == int(year) and int(r.get("FinancialPeriod") or 0) == int(period)]
+    journal_rows = [r for r in in_period if str(r.get("JournalCode") or "").strip() == journal]
+    account_rows = [r for r in in_period if str(r.get("GLAccountCode") or "").strip() in codes]
     return exact_lines_frame(journal_rows), exact_lines_frame(account_rows)
 
 
@@ -614,7 +612,7 @@ def _cancelled_by_corrections(store, connection: str, report_ids: Iterable[str])
     for report_id in sorted(report_ids):
         for row in corrections_for(connection, report_id):
             if row.kind == "reversal" and row.status == "posted":
-                out |= {row.entry_id.lower(), row.replaces_entry_id.lower()}
+                out |= {row.posted_entry_id.lower(), row.replaces_entry_id.lower()}
     return out
 
 

@@ -14,8 +14,10 @@ class DimensionReader(Protocol):
 
 
 # name -> (endpoint, {Exact field: our column}); $select is always explicit (exact-online.md §4.6).
+# financial/GLAccounts has a sync twin, so it refuses a read without a filter on ID or Code (mandatory filtering,
+# §4.6/§13); the whole table is read from the twin, from the first row version on.
 DIMENSION_QUERIES: dict[str, tuple[str, dict[str, str]]] = {
-    "gl_accounts": ("financial/GLAccounts", {
+    "gl_accounts": ("sync/Financial/GLAccounts", {
         "ID": "id", "Code": "code", "Description": "description", "Type": "type", "IsBlocked": "is_blocked",
         "UseCostcenter": "use_costcenter", "UseCostunit": "use_costunit"}),
     "cost_centers": ("hrm/Costcenters", {"ID": "id", "Code": "code", "Description": "description",
@@ -33,9 +35,12 @@ DIMENSION_QUERIES: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 
+DIMENSION_FILTERS: dict[str, str] = {"gl_accounts": "Timestamp gt 1L"}
+
+
 def fetch_dimension(client: DimensionReader, name: str) -> pd.DataFrame:
     path, fields = DIMENSION_QUERIES[name]
-    records = client.get_all(path, select=list(fields))
+    records = client.get_all(path, select=list(fields), filter=DIMENSION_FILTERS.get(name))
     frame = pd.DataFrame(records, columns=list(fields)).rename(columns=fields)
     for column in ("start_date", "end_date"):
         if column in frame:
