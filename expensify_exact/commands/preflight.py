@@ -15,7 +15,6 @@ from datetime import date, datetime, timezone
 
 from expensify_exact.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, connector_from_args
 from expensify_exact.errors import (
-    ApiError,
     AuthenticationError,
     ConfigError,
     ConnectorError,
@@ -23,9 +22,9 @@ from expensify_exact.errors import (
     ReconsentRequired,
 )
 
+from expensify_exact.settlement import KEEPS_CLIENT_ENTRY_ID
+
 OK, FAILED, UNKNOWN = "OK", "FAILED", "UNKNOWN"
-# The fact posting reads (contracts: StateStore.connection_fact_get/put); None means nobody has tested it yet.
-KEEPS_CLIENT_ENTRY_ID = "exact_keeps_client_entry_id"
 # When preflight last saw Exact rotate this connection's tokens, and which pair that produced.
 TOKEN_ROTATION_VERIFIED = "exact_token_rotation_verified"
 # A day before Expensify existed (2008): an export of it is surely empty, whatever the account holds.
@@ -162,6 +161,7 @@ class Preflight:
     def exact_reads(self) -> None:
         """Division, rate headers and every read the connector makes, through the client's own methods."""
         from expensify_exact.reconcile import read_back_entries
+        from expensify_exact.settlement import find_posted
         from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimension
 
         division = self.conn.exact.division
@@ -185,8 +185,14 @@ class Preflight:
              "an unknown POST outcome)", "generaljournalentry/GeneralJournalEntries",
              lambda: "no entry for an unknown EntryID, as expected" if client.get_entry(probe_entry) is None
              else "an entry answered for a random EntryID"),
-            ("exact_read_lines_by_report", "Exact accepts the lookup of lines by Expensify report ID "
-             "(reconciliation, settlement)", "financialtransaction/TransactionLines",
+            ("exact_read_settlement_lookup", "Exact accepts the lookup settlement uses for an entry whose POST "
+             "outcome is unknown (by EntryID, then by its lines' Description)",
+             "generaljournalentry/GeneralJournalEntryLines",
+             lambda: "no entry for an unknown report, as expected"
+             if find_posted(client, self.connector.store(), self.conn.name, _probe_body(probe_report),
+                            sent_entry_id=probe_entry) is None else "an entry answered for an unknown report"),
+            ("exact_read_lines_by_report", "Exact accepts the read-back of lines by Expensify report ID "
+             "(reconciliation)", "sync/Financial/TransactionLines",
              lambda: f"{len(read_back_entries(client, [], [probe_report]))} lines for an unknown report, as expected"),
         ]
         with client:
@@ -272,8 +278,10 @@ class Preflight:
     # --- write test ------------------------------------------------------------------------------------
 
     def write_test(self, division: int, debit: str, credit: str, journal: str) -> None:
-        """Post one balanced two-line entry to `division`, find it every way posting does, delete it, record
-        whether Exact kept the client's EntryID."""
+        """Post one balanced two-line entry to `division` the way posting does, find it every way settlement does,
+        delete it, record whether Exact kept the client's EntryID."""
+        from expensify_exact.settlement import Settled, post_and_settle
+
         test_conn = self.conn.model_copy(update={"exact": self.conn.exact.model_copy(update={"division": division})})
         posted = None
         try:
@@ -284,7 +292,7 @@ class Preflight:
             return
         with client:
             try:
-                body, report_key = self._test_entry(client, debit, credit, journal)
+                body = self._test_entry(client, debit, credit, journal)
             except (ConnectorError, ValueError) as exc:
                 self.add("write_test_post", f"a test entry can be posted to division {division}", FAILED,
                          _error_text(exc) if isinstance(exc, ConnectorError) else str(exc),
@@ -292,18 +300,24 @@ class Preflight:
                 return
             sent = body["EntryID"]
             try:
-                posted = client.post_general_journal_entry(body)
+                settled = post_and_settle(client, self.connector.store(), self.conn.name, body)
             except ConnectorError as exc:
+                settled = Settled("not_sent", message=_error_text(exc))
+            if settled.outcome != "posted":
+                status = f"HTTP {settled.status}: " if settled.status else ""
                 self.add("write_test_post", f"a test entry can be posted to division {division}", FAILED,
-                         _error_text(exc), "see the message: usually an account, journal or period of the test "
-                                           "division; nothing was recorded")
+                         f"{settled.outcome}: {status}{settled.message}",
+                         "see Exact's message: usually an account, journal or period of the test division"
+                         + (f"; if entry {sent} shows up in division {division} after all, delete it by hand"
+                            if settled.outcome == "unknown" else ""))
                 return
+            posted = {"EntryID": settled.entry_id, "EntryNumber": settled.entry_number}
             try:
-                self._after_post(client, division, sent, posted, report_key)
+                self._after_post(client, division, sent, posted, body)
             finally:
                 self._delete(client, division, sent, posted)
 
-    def _test_entry(self, client, debit: str, credit: str, journal: str) -> tuple[dict, str]:
+    def _test_entry(self, client, debit: str, credit: str, journal: str) -> dict:
         from expensify_exact.exact.odata import string_literal
         from expensify_exact.snapshots import fetch_dimension
 
@@ -322,19 +336,13 @@ class Preflight:
                        if p["start_date"] and p["end_date"] and p["start_date"] <= today <= p["end_date"]), None)
         if period is None:
             raise ValueError(f"division {client.division} has no financial period containing {today}")
-        report_key = "PF" + uuid.uuid4().hex[:10].upper()
-        text = f"{report_key}/1 expensify-exact preflight test entry"
-        notes = f"Expensify report {report_key}, transaction 1: expensify-exact preflight, deleted right after"
-        lines = [{"GLAccount": accounts[debit], "AmountFC": TEST_AMOUNT, "Date": today.isoformat(),
-                  "Description": text, "Notes": notes},
-                 {"GLAccount": accounts[credit], "AmountFC": -TEST_AMOUNT, "Date": today.isoformat(),
-                  "Description": text, "Notes": notes}]
-        body = {"EntryID": str(uuid.uuid4()), "JournalCode": journal, "FinancialYear": int(period["fin_year"]),
-                "FinancialPeriod": int(period["fin_period"]), "Currency": self.conn.exact.division_currency,
-                "GeneralJournalEntryLines": lines}
-        return body, report_key
+        body = _probe_body("PF" + uuid.uuid4().hex[:10].upper(), accounts[debit], accounts[credit], today)
+        body |= {"EntryID": str(uuid.uuid4()), "JournalCode": journal, "FinancialYear": int(period["fin_year"]),
+                 "FinancialPeriod": int(period["fin_period"]), "Currency": self.conn.exact.division_currency}
+        return body
 
-    def _after_post(self, client, division: int, sent: str, posted: dict, report_key: str) -> None:
+    def _after_post(self, client, division: int, sent: str, posted: dict, body: dict) -> None:
+        report_key = _report_key(body)
         got = str(posted.get("EntryID") or "")
         self.add("write_test_post", f"a test entry can be posted to division {division}", OK,
                  f"entry {posted.get('EntryNumber')} posted (two lines, {TEST_AMOUNT:.2f} each side, report key "
@@ -353,7 +361,7 @@ class Preflight:
                      lambda: self._find_by_entry_id(client, sent, got),
                      "report this output: settling an unknown POST outcome depends on this lookup")
         self._lookup("write_test_find_by_report_key", "the posted entry is found by its Expensify report key",
-                     lambda: self._find_by_report_key(client, report_key, got),
+                     lambda: self._find_by_report_key(client, body, got),
                      "report this output: when Exact assigns its own EntryIDs, an unknown POST outcome can only "
                      "be settled by this lookup")
 
@@ -377,15 +385,16 @@ class Preflight:
             "also found" if client.get_entry(sent) is not None else "not found")
         return f"found by the EntryID Exact echoed ({got}); by the one sent: {by_sent}"
 
-    @staticmethod
-    def _find_by_report_key(client, report_key: str, got: str) -> str | None:
-        from expensify_exact.reconcile import read_back_entries
+    def _find_by_report_key(self, client, body: dict, got: str) -> str | None:
+        """Settlement's own lookup, without the EntryID: what finds an entry when Exact assigned its own."""
+        from expensify_exact.settlement import find_posted
 
-        lines = read_back_entries(client, [], [report_key])
-        entries = set(lines["entry_id"].astype(str).str.lower()) if len(lines) else set()
-        if entries != {got.lower()}:
+        found = find_posted(client, self.connector.store(), self.conn.name, body, sent_entry_id=None)
+        if found is None or found.entry_id != got.lower():
             return None
-        return f"{len(lines)} lines of entry {got} found by report key {report_key}"
+        how = {"lines": "GeneralJournalEntryLines by Description", "sync": "sync/Financial/TransactionLines"}
+        return (f"entry {found.entry_number} found by report key {_report_key(body)} through "
+                f"{how.get(found.found_by, found.found_by)}")
 
     def _delete(self, client, division: int, sent: str, posted: dict | None) -> None:
         got = str((posted or {}).get("EntryID") or sent)
@@ -403,6 +412,20 @@ class Preflight:
                      f"delete entry {(posted or {}).get('EntryNumber')} in division {division} by hand")
         else:
             self.add("write_test_delete", assumption, OK, f"entry {got} deleted; a lookup no longer finds it")
+
+
+def _probe_body(report_key: str, debit_id: str = "", credit_id: str = "", day: date | None = None) -> dict:
+    """Lines traced like the connector's own (transform/journal.py: IDs first in Description, then Notes)."""
+    text = f"{report_key}/1 expensify-exact preflight test entry"
+    notes = f"Expensify report {report_key}, transaction 1: expensify-exact preflight, deleted right after"
+    when = (day or EMPTY_EXPORT_DAY).isoformat()
+    return {"GeneralJournalEntryLines": [
+        {"GLAccount": debit_id, "AmountFC": TEST_AMOUNT, "Date": when, "Description": text, "Notes": notes},
+        {"GLAccount": credit_id, "AmountFC": -TEST_AMOUNT, "Date": when, "Description": text, "Notes": notes}]}
+
+
+def _report_key(body: dict) -> str:
+    return body["GeneralJournalEntryLines"][0]["Description"].split("/", 1)[0]
 
 
 def _confirm(division: int, conn, args) -> bool:

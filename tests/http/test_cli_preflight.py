@@ -23,8 +23,8 @@ MODES = {"strict": False, "lenient": True}  # sandbox knob keep_client_entry_ids
 READ_CHECKS = {"exact_tokens", "exact_division", "exact_rate_headers", "exact_read_gl_accounts",
                "exact_read_cost_centers", "exact_read_cost_units", "exact_read_journals", "exact_read_vat_codes",
                "exact_read_financial_periods", "exact_read_lines_by_entry_id", "exact_read_entry_by_entry_id",
-               "exact_read_lines_by_report", "expensify_credentials", f"expensify_policy_{seed.POLICY_ID}",
-               "expensify_template"}
+               "exact_read_settlement_lookup", "exact_read_lines_by_report", "expensify_credentials",
+               f"expensify_policy_{seed.POLICY_ID}", "expensify_template"}
 WRITE_CHECKS = {"write_test_post", KEEPS_CLIENT_ENTRY_ID, "write_test_find_by_entry_id",
                 "write_test_find_by_report_key", "write_test_delete"}
 SECRETS = (seed.EXACT_CLIENT_SECRET, seed.EXPENSIFY_PARTNER_USER_SECRET)
