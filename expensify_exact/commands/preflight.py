@@ -21,7 +21,6 @@ from expensify_exact.errors import (
     DivisionAccessError,
     ReconsentRequired,
 )
-
 from expensify_exact.settlement import KEEPS_CLIENT_ENTRY_ID
 
 OK, FAILED, UNKNOWN = "OK", "FAILED", "UNKNOWN"
