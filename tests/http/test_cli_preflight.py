@@ -14,6 +14,7 @@ import pytest
 from expensify_exact.commands.preflight import KEEPS_CLIENT_ENTRY_ID
 from expensify_exact.sandbox import seed
 from expensify_exact.state import StateStore
+from expensify_exact.vault import CredentialVault, VaultTokenStore
 from tests.conftest import write_mappings
 from tests.factories import run_cli
 
@@ -35,7 +36,9 @@ def _preflight(capsys, mappings, state_url, *args) -> tuple[int, dict, str]:
     capsys.readouterr()
     code = run_cli(mappings, state_url, "preflight", "--connection", CONNECTION, "--json", *args)
     out, err = capsys.readouterr()
-    for secret in SECRETS:
+    store = StateStore(state_url)
+    tokens = VaultTokenStore(store, CredentialVault(store)).load(CONNECTION)
+    for secret in (*SECRETS, tokens.access_token, tokens.refresh_token):
         assert secret not in out and secret not in err
     return code, json.loads(out), err
 
