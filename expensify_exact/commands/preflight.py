@@ -19,6 +19,7 @@ from expensify_exact.errors import (
     ConfigError,
     ConnectorError,
     DivisionAccessError,
+    ErrorBudgetExhausted,
     ReconsentRequired,
 )
 from expensify_exact.settlement import KEEPS_CLIENT_ENTRY_ID
@@ -58,6 +59,11 @@ def _error_text(exc: BaseException) -> str:
 def _read_advice(exc: BaseException, what: str) -> str:
     text = _error_text(exc).lower()
     status = getattr(exc, "status", None)
+    reason = str(getattr(exc, "reason", None) or "").lower()
+    if isinstance(exc, ErrorBudgetExhausted) or "block" in reason:
+        return ("Exact blocks an app's endpoint for the rest of the clock hour after 10 errors (exact-online.md §6): "
+                "`expensify-exact status` shows what this connection earned; fix the cause, then run preflight "
+                "again after the next full hour")
     if "$filter" in text or ("filter" in text and status == 400):
         return (f"Exact requires a $filter on {what} that this connector version does not send (mandatory "
                 "filtering, exact-online.md §13): do not run the connector against this division; report this output")
