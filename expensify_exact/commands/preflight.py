@@ -434,15 +434,18 @@ def _report_key(body: dict) -> str:
 
 
 def _confirm(division: int, conn, args) -> bool:
+    """Type the division number to go ahead; the prompt goes to stderr, so --json output stays one object."""
     if args.yes:
         return True
-    prompt = (f"This posts a balanced test entry of {TEST_AMOUNT:.2f} {conn.exact.division_currency} (debit "
-              f"{args.debit_account}, credit {args.credit_account}, journal {args.journal or conn.exact.journal}) "
-              f"to Exact division {division} and deletes it again.\nType the division number to go ahead: ")
     if not sys.stdin.isatty():
         print("preflight --write-test needs a confirmation: run it in a terminal, or add --yes", file=sys.stderr)
         return False
-    return input(prompt).strip() == str(division)
+    own = " — the connection's own division, not a test division —" if division == conn.exact.division else ""
+    print(f"This posts a balanced test entry of {TEST_AMOUNT:.2f} {conn.exact.division_currency} (debit "
+          f"{args.debit_account}, credit {args.credit_account}, journal {args.journal or conn.exact.journal}) to "
+          f"Exact division {division}{own} and deletes it again.\nType the division number to go ahead: ",
+          end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip() == str(division)
 
 
 def cmd_preflight(args) -> int:

@@ -7,6 +7,7 @@ behind and say so; a failing assumption must show FAILED with advice and exit 1.
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -89,13 +90,28 @@ def test_write_test_records_whether_exact_keeps_the_client_entry_id_and_leaves_n
     assert sandbox.exact.ledgers[seed.DIVISION].entries == {}
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_write_test_without_confirmation_posts_nothing(capsys, sandbox, sandbox_mappings, state_url, monkeypatch):
-    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    write_test = ("preflight", "--connection", CONNECTION, "--write-test", "--division", str(TEST_DIVISION),
+                  "--debit-account", "4510", "--credit-account", "1650")
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{TEST_DIVISION}\n"))  # not a terminal
     assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
-    code = run_cli(sandbox_mappings, state_url, "preflight", "--connection", CONNECTION, "--write-test",
-                   "--division", str(TEST_DIVISION), "--debit-account", "4510", "--credit-account", "1650")
-    assert code == 2 and "--yes" in capsys.readouterr().err
+    assert run_cli(sandbox_mappings, state_url, *write_test) == 2
+    assert "--yes" in capsys.readouterr().err
+    # At a terminal, anything but the division number declines.
+    monkeypatch.setattr("sys.stdin", _Terminal("yes\n"))
+    assert run_cli(sandbox_mappings, state_url, *write_test, "--json") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"to Exact division {TEST_DIVISION} and deletes it again" in err
     assert sandbox.exact.stats["posts"]["attempted"] == 0
+    monkeypatch.setattr("sys.stdin", _Terminal(f"{TEST_DIVISION}\n"))
+    assert run_cli(sandbox_mappings, state_url, *write_test, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True  # the prompt stayed out of the JSON
+    assert sandbox.exact.stats["posts"]["created"] == 1
     # A write test needs its division named: the connection's own is never assumed.
     assert run_cli(sandbox_mappings, state_url, "preflight", "--connection", CONNECTION, "--write-test",
                    "--debit-account", "4510", "--credit-account", "1650", "--yes") == 2
