@@ -56,7 +56,7 @@ def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ConnectorError) else type(exc).__name__
 
 
-def _read_advice(exc: BaseException, what: str) -> str:
+def _read_advice(exc: BaseException, what: str, connection: str) -> str:
     text = _error_text(exc).lower()
     status = getattr(exc, "status", None)
     reason = str(getattr(exc, "reason", None) or "").lower()
@@ -70,10 +70,11 @@ def _read_advice(exc: BaseException, what: str) -> str:
     if "too long" in text or status == 414:
         return f"Exact refused the length of the URL for {what}: report this output"
     if isinstance(exc, DivisionAccessError):
-        return "grant the division on Exact's consent screen (`expensify-exact authorize`) or fix exact.division"
+        return (f"grant the division on Exact's consent screen (`expensify-exact authorize --connection {connection}`) "
+                "or fix exact.division in mappings/connections.yaml")
     if isinstance(exc, AuthenticationError) or status in (401, 403):
         return (f"the authorized Exact user or the app registration may not read {what}: give the user the rights "
-                "(or the app the scope) in Exact, then `expensify-exact authorize --connection NAME` again")
+                f"(or the app the scope) in Exact, then `expensify-exact authorize --connection {connection}` again")
     if status == 429 or "rate limit" in text:
         return "Exact's rate limit is used up by another app on this division: run preflight again later"
     return "Exact refused a read the connector makes every run: report this output before the first real run"
@@ -205,7 +206,7 @@ class Preflight:
                 client.check_division()
             except ConnectorError as exc:
                 self.add("exact_division", f"Exact division {division} is reachable", FAILED, _error_text(exc),
-                         _read_advice(exc, "system/Divisions"))
+                         _read_advice(exc, "system/Divisions", self.conn.name))
                 for check, assumption, _, _ in reads:
                     self.add(check, assumption, UNKNOWN, f"not tried: division {division} is not reachable")
                 self.add("exact_rate_headers", "Exact's answers carry X-RateLimit headers", UNKNOWN,
@@ -226,7 +227,7 @@ class Preflight:
                 try:
                     self.add(check, assumption, OK, read())
                 except ConnectorError as exc:
-                    self.add(check, assumption, FAILED, _error_text(exc), _read_advice(exc, path))
+                    self.add(check, assumption, FAILED, _error_text(exc), _read_advice(exc, path, self.conn.name))
 
     def expensify(self) -> None:
         """Credentials, each configured policy, and the export template on an empty day."""

@@ -27,4 +27,4 @@ CASES = [
 
 @pytest.mark.parametrize(("error", "advice"), CASES, ids=[type(e).__name__ + str(e.status) for e, _ in CASES])
 def test_each_refusal_gets_the_advice_that_fits_it(error, advice):
-    assert advice in _read_advice(error, "hrm/Costcenters")
+    assert advice in _read_advice(error, "hrm/Costcenters", "vermeerhals-nl")
