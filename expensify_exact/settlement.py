@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from expensify_exact.errors import ApiError
+from expensify_exact.errors import ApiError, ErrorBudgetExhausted
 from expensify_exact.exact.client import PostAnswer
 
 # Written by `preflight --write-test`: True = Exact keeps the client's EntryID, False = it assigns its own.
@@ -114,7 +114,10 @@ def find_posted(client: EntryGateway, store: FactStore, connection: str, body: M
     """
     excluded = {str(e).lower() for e in exclude_entry_ids if e}
     if sent_entry_id and store.connection_fact_get(connection, KEEPS_CLIENT_ENTRY_ID) is not False:
-        entry = client.get_entry(str(sent_entry_id))
+        try:
+            entry = client.get_entry(str(sent_entry_id))
+        except ErrorBudgetExhausted:
+            entry = None  # the entries endpoint has spent its errors this hour; the lines answer as well
         if entry is not None and str(entry.get("EntryID", sent_entry_id)).lower() not in excluded:
             return Settled("posted", str(entry.get("EntryID") or sent_entry_id).lower(), entry.get("EntryNumber"),
                            found_by="EntryID")

@@ -3,7 +3,8 @@
 Built from shared/reference/exact-online.md only. Fault targets for `FaultSwitches` (see ExactSimulator):
 
 * ``exact.api`` (every /api/v1 call): ``rate_limit`` (429 with minutely headers), ``http_503``.
-* ``exact.post_entry`` (POST GeneralJournalEntries): ``http_500_before_store``, ``http_503_before_store``,
+* ``exact.post_entry`` (POST GeneralJournalEntries): ``http_400_before_store`` (a malformed-request refusal),
+  ``http_500_before_store``, ``http_503_before_store``,
   ``drop_before_store``, ``store_then_http_500``, ``store_then_timeout`` (store, wait ``timeout_seconds`` real
   seconds, then answer 201), ``store_then_drop`` (store, then close the socket without answering). A store_then_*
   fault armed for a POST that fails validation is used up without effect.
@@ -643,6 +644,8 @@ class ExactSimulator:
     def _post_entry(self, ledger: Ledger, environ: dict, body: bytes):
         self._stats["posts"]["attempted"] += 1
         fault = self._take("exact.post_entry")
+        if fault == "http_400_before_store":
+            raise ODataError(400, "Error processing request stream. The request body could not be read.")
         if fault == "http_500_before_store":
             raise ODataError(500, "An error has occurred.")
         if fault == "http_503_before_store":
