@@ -207,10 +207,10 @@ class Preflight:
             except ConnectorError as exc:
                 self.add("exact_division", f"Exact division {division} is reachable", FAILED, _error_text(exc),
                          _read_advice(exc, "system/Divisions", self.conn.name))
-                for check, assumption, _, _ in reads:
-                    self.add(check, assumption, UNKNOWN, f"not tried: division {division} is not reachable")
                 self.add("exact_rate_headers", "Exact's answers carry X-RateLimit headers", UNKNOWN,
                          f"not tried: division {division} is not reachable")
+                for check, assumption, _, _ in reads:
+                    self.add(check, assumption, UNKNOWN, f"not tried: division {division} is not reachable")
                 return
             self.add("exact_division", f"Exact division {division} is reachable", OK,
                      f"current/Me and system/Divisions list division {division}")
