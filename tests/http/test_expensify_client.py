@@ -420,6 +420,17 @@ def test_policy_getter_reads_every_tag_shape(sandbox, sim_client, shape):
     assert sim_client.calls["policy"] == 1
 
 
+@pytest.mark.parametrize("gl_codes", ["as_set", "always"])
+def test_policy_getter_asks_only_documented_sections_and_reads_categories_without_a_gl_code(sandbox, sim_client,
+                                                                                            gl_codes):
+    # The sandbox refuses undocumented sections (410) and leaves glCode out where none is set, or sends "".
+    sandbox.expensify.set_knobs(category_gl_codes=gl_codes)
+    categories = {c.name: c for c in sim_client.get_policies([sandbox_seed.POLICY_ID])[sandbox_seed.POLICY_ID]
+                  .categories}
+    assert (categories["Gifts"].gl_code, categories["Gifts"].enabled) == ("", True)
+    assert categories["Travel"].gl_code == "4500"
+
+
 def test_reconciliation_returns_unreported_card_spend_as_positive_cents(sandbox, sim_client):
     result = sim_client.unreported_card_transactions(TODAY - timedelta(days=30), TODAY, sandbox_seed.CARD_DOMAIN)
     expected = {(t.transaction_id, t.amount, t.currency, t.card.card_id)
