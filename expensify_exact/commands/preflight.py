@@ -472,8 +472,10 @@ def cmd_preflight(args) -> int:
     counts = {status: sum(v.status == status for v in run.verdicts) for status in (OK, FAILED, UNKNOWN)}
     passed = counts[FAILED] == 0 and counts[UNKNOWN] == 0
     if args.json:
+        # What posting will go by: True/False from a write test (this one or an earlier), None if never tested.
+        keeps = connector.store().connection_fact_get(conn.name, KEEPS_CLIENT_ENTRY_ID)
         print(json.dumps({"connection": conn.name, "ok": passed, "counts": counts,
-                          "verdicts": [asdict(v) for v in run.verdicts]}, indent=2))
+                          KEEPS_CLIENT_ENTRY_ID: keeps, "verdicts": [asdict(v) for v in run.verdicts]}, indent=2))
     else:
         for verdict in run.verdicts:
             print("\n".join(verdict.lines()))

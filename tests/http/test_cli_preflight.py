@@ -61,6 +61,7 @@ def test_read_only_preflight_passes_in_both_entry_id_modes_and_posts_nothing(cap
     assert "0 reports, end trailer present" in verdicts["expensify_template"]["detail"]
     assert sandbox.exact.stats["posts"]["attempted"] == 0
     assert StateStore(state_url).connection_fact_get(CONNECTION, KEEPS_CLIENT_ENTRY_ID) is None
+    assert report[KEEPS_CLIENT_ENTRY_ID] is None
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -76,6 +77,7 @@ def test_write_test_records_whether_exact_keeps_the_client_entry_id_and_leaves_n
     assert code == 0
     store = StateStore(state_url)
     assert store.connection_fact_get(CONNECTION, KEEPS_CLIENT_ENTRY_ID) is keeps
+    assert report[KEEPS_CLIENT_ENTRY_ID] is keeps
     detail = verdicts[KEEPS_CLIENT_ENTRY_ID]["detail"]
     if keeps:
         assert detail.startswith("yes: the echoed EntryID is the one sent")
