@@ -549,7 +549,8 @@ def test_an_entry_can_be_read_by_key_expanded_and_deleted(http, sim, h):
     deferred = get(http, h, f"{GJE}(guid'{entry_id}')", **{"$select": "GeneralJournalEntryLines"}).json()["d"]
     lines = http.get(deferred["GeneralJournalEntryLines"]["__deferred"]["uri"], headers=h).json()["d"]["results"]
     assert sorted(ln["AmountFC"] for ln in lines) == [-50.0, 50.0]
-    assert get(http, h, f"/api/v1/{DIV}/financial/GLAccounts/$count", **{"$filter": "Code eq '4800' and IsBlocked eq true"}).text == "1"
+    blocked = {"$filter": "Code eq '4800' and IsBlocked eq true"}
+    assert get(http, h, f"/api/v1/{DIV}/financial/GLAccounts/$count", **blocked).text == "1"
     assert http.delete(f"{GJE}(guid'{entry_id}')", headers=h).status_code == 204
     assert get(http, h, f"{GJE}(guid'{entry_id}')").status_code == 404
     assert [w["content"]["Action"] for w in sim.webhooks] == ["Update", "Delete"]
