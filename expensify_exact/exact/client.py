@@ -334,6 +334,18 @@ class ExactClient:
             raise self._error_for(response)
         return PostAnswer("rejected", status=status, message=message, reason=reason)
 
+    def delete_general_journal_entry(self, entry_id: str) -> None:
+        """Delete a general journal entry by key (DELETE answers 204, exact-online.md §4.1, §5); only
+        `preflight --write-test` does this, to remove its own test entry.
+
+        Raises:
+            ApiError: or a subclass; a 404 means there is no such entry.
+        """
+        self._ensure_division()
+        response = self._http.delete(self._division_path(f"{GJE_PATH}({guid_literal(entry_id)})"))
+        if response.status_code not in (200, 204):
+            raise self._error_for(response)
+
     # --- internals -------------------------------------------------------------------------
 
     def _ensure_division(self) -> None:
