@@ -81,6 +81,8 @@ def _schema_errors(schema, frame: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def _approval_day(report: dict, timezone: str, source_timezone: str) -> str | None:
+    if not isinstance(report, dict):
+        return None  # normalization sets it aside as malformed
     try:
         approved = parse_report_timestamp(report.get("approved"), source_timezone)
     except ValueError:
