@@ -202,11 +202,15 @@ def _why_dead(instance: dg.DagsterInstance, record) -> str | None:
         pid, _, started = rest.partition(":")
         if host == socket.gethostname():
             return f"pid {pid} is not running" if process_gone_here(host, pid, started or None) else None
-    last = instance.event_log_storage.get_records_for_run(run_id, ascending=False, limit=1).records
-    event = last[0].event_log_entry.dagster_event if last else None
-    if not process and event is not None and event.pid and _local_storage(instance):
-        # A run someone else launched on this SQLite instance (a file on this host): its last event names its pid.
-        return f"pid {event.pid} is not running" if process_gone_here(socket.gethostname(), str(event.pid)) else None
+    last = instance.event_log_storage.get_records_for_run(run_id, ascending=False, limit=50).records
+    pids = {r.event_log_entry.dagster_event.pid for r in last if r.event_log_entry.dagster_event is not None} - {None}
+    if not process and pids and _local_storage(instance):
+        # A run someone else launched on this SQLite instance (a file on this host), e.g. from `dagster dev`: its
+        # recent events name the processes that wrote them (launcher, run worker); dead only when all are gone.
+        host = socket.gethostname()
+        if all(process_gone_here(host, str(pid)) for pid in pids):
+            return f"pid {', '.join(map(str, sorted(pids)))} not running"
+        return None
     latest = last[0].timestamp if last else record.update_timestamp.timestamp()
     silent = time.time() - latest
     if silent > SILENCE_BOUND_SECONDS:
