@@ -120,13 +120,18 @@ def repair_sqlite_storages(home: Path) -> list[str]:
 
 def _newest_revision(rows: list[str], path: Path) -> str:
     from alembic.script import ScriptDirectory
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
     from dagster._core.storage import runs
     from dagster._core.storage.sql import get_alembic_config
 
     script = ScriptDirectory.from_config(get_alembic_config(runs.__file__))
     distinct = set(rows)
     for candidate in distinct:
-        ancestors = {r.revision for r in script.walk_revisions(base="base", head=candidate)}
+        try:
+            ancestors = {r.revision for r in script.walk_revisions(base="base", head=candidate)}
+        except (RevisionError, CommandError):
+            continue  # not a revision of this Dagster
         if distinct <= ancestors:
             return candidate
     raise BrokenInstance(f"{path}: alembic_version holds revisions {', '.join(sorted(distinct))} that are not one "
