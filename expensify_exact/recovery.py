@@ -9,7 +9,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,8 +135,8 @@ def _newest_revision(rows: list[str], path: Path) -> str:
         if distinct <= ancestors:
             return candidate
     raise BrokenInstance(f"{path}: alembic_version holds revisions {', '.join(sorted(distinct))} that are not one "
-                         f"line of history; move $DAGSTER_HOME aside (the connector's state DB in it is separate) "
-                         f"and start again")
+                         f"line of history. Move Dagster's folders history/ and schedules/ in $DAGSTER_HOME aside "
+                         f"(run history only; never expensify_exact_state.db, the posted ledger) and run again")
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def wait_for_pools(instance: dg.DagsterInstance, store: StateStore, pools: list[
     deadline = time.monotonic() + timeout
     named: set[tuple[str, str]] = set()
     while True:
-        with home_lock(home) if home is not None else _no_lock():
+        with home_lock(home) if home is not None else nullcontext():
             recover_dead_runs(instance, store, say)
         busy = _busy(instance, pools)
         if not busy:
@@ -257,11 +257,6 @@ def wait_for_pools(instance: dg.DagsterInstance, store: StateStore, pools: list[
             raise PoolWaitTimeout(f"gave up after waiting {timeout:.0f} s (--wait-timeout) for {held}. That run is "
                                   f"alive; let it finish, or stop it and run again")
         sleep(min(POLL_SECONDS, left))
-
-
-@contextmanager
-def _no_lock() -> Iterator[None]:
-    yield
 
 
 def _busy(instance: dg.DagsterInstance, pools: list[str]) -> dict[str, list[Holder]]:
