@@ -246,16 +246,18 @@ def wait_for_pools(instance: dg.DagsterInstance, store: StateStore, pools: list[
         if not busy:
             return
         for pool, holders in busy.items():
-            for holder in holders:
-                if (pool, holder.run_id) not in named:
-                    named.add((pool, holder.run_id))
-                    say(f"waiting for pool {pool}: {holder.describe()} holds it; giving up after "
-                        f"{timeout:.0f} s (--wait-timeout)")
+            whys = [f"{h.describe()} holds it" for h in holders] or [
+                f"its limit is 0 (paused; `dagster instance concurrency set {pool} 1` resumes it)"]
+            for why in whys:
+                if (pool, why) not in named:
+                    named.add((pool, why))
+                    say(f"waiting for pool {pool}: {why}; giving up after {timeout:.0f} s (--wait-timeout)")
         left = deadline - time.monotonic()
         if left <= 0:
-            held = "; ".join(f"{pool} by {', '.join(h.describe() for h in hs)}" for pool, hs in busy.items())
-            raise PoolWaitTimeout(f"gave up after waiting {timeout:.0f} s (--wait-timeout) for {held}. That run is "
-                                  f"alive; let it finish, or stop it and run again")
+            held = "; ".join(f"{pool} by {', '.join(h.describe() for h in hs) or 'its limit of 0'}"
+                             for pool, hs in busy.items())
+            raise PoolWaitTimeout(f"gave up after waiting {timeout:.0f} s (--wait-timeout) for {held}. A live run "
+                                  f"is never failed: let it finish, or stop it, then run again")
         sleep(min(POLL_SECONDS, left))
 
 

@@ -108,3 +108,12 @@ def test_two_alembic_rows_on_one_line_of_history_are_repaired_and_other_damage_i
         db.execute("INSERT INTO alembic_version VALUES ('not-a-revision-of-dagster')")
     with pytest.raises(BrokenInstance, match="not one line of history. Move Dagster's folders history/ and sch"):
         repair_sqlite_storages(tmp_path)
+
+
+def test_a_paused_pool_is_said_and_given_up_on(instance, store):
+    instance.event_log_storage.set_concurrency_slots(POOL, 0)
+    said: list[str] = []
+    with pytest.raises(PoolWaitTimeout, match=f"for {POOL} by its limit of 0"):
+        wait_for_pools(instance, store, [POOL], home=None, timeout=2, say=said.append, sleep=lambda _: None)
+    assert said == [f"waiting for pool {POOL}: its limit is 0 (paused; `dagster instance concurrency set {POOL} 1` "
+                    f"resumes it); giving up after 2 s (--wait-timeout)"]
