@@ -33,15 +33,23 @@ telemetry:
 """
 
 
+def dagster_home_path() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+
+
 def _ensure_dagster_home() -> Path:
     """The embedded default: a SQLite Dagster instance inside the project unless DAGSTER_HOME says otherwise."""
-    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    from expensify_exact.recovery import home_lock
+
+    home = dagster_home_path()
     home.mkdir(parents=True, exist_ok=True)
     instance_config = home / "dagster.yaml"
-    if not instance_config.exists():
-        # SQLite storage (Dagster's default); one step per pool at a time, as in the production dagster.yaml, so
-        # runs launched side by side from the UI stay inside the APIs' limits; no telemetry from a ledger connector.
-        instance_config.write_text(EMBEDDED_INSTANCE_CONFIG, encoding="utf-8")
+    with home_lock(home):  # a second command started at once must not read a half-written file
+        if not instance_config.exists():
+            # SQLite storage (Dagster's default); one step per pool at a time, as in the production dagster.yaml, so
+            # runs launched side by side from the UI stay inside the APIs' limits; no telemetry from a ledger
+            # connector.
+            instance_config.write_text(EMBEDDED_INSTANCE_CONFIG, encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -219,20 +227,29 @@ def cmd_authorize(args) -> int:
 # --- headless runs ------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
+    from expensify_exact.recovery import open_embedded, tell
     from expensify_exact.runs import run_range
 
-    _ensure_dagster_home()
+    home = _ensure_dagster_home()
     start = date.fromisoformat(args.start)
     end = date.fromisoformat(args.end) if args.end else start
     if end < start:
         print("--end is before --start", file=sys.stderr)
         return EXIT_USAGE
-    summary = run_range(start, end, dry_run=args.dry_run, mappings_dir=args.mappings, state_url=args.state_url)
+    instance, _ = open_embedded(home, connector_from_args(args).store, tell)
+    summary = run_range(start, end, dry_run=args.dry_run, mappings_dir=args.mappings, state_url=args.state_url,
+                        instance=instance, wait_timeout=args.wait_timeout)
     if args.json:
         print(json.dumps(summary.as_json(), indent=2, sort_keys=True))
     else:
         print(summary.as_text())
     return EXIT_OK if summary.success else EXIT_FAILED
+
+
+def add_wait_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long to wait while another live run holds a pool this command needs, then give up "
+                             "with exit 1 (default: 900, i.e. 15 minutes; recovery.DEFAULT_WAIT_TIMEOUT_SECONDS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", help="last approval day, YYYY-MM-DD (default: --start)")
     p.add_argument("--dry-run", action="store_true", help="build and show the drafts; post nothing")
     p.add_argument("--json", action="store_true", help="print one JSON summary object")
+    add_wait_timeout(p)
     p.set_defaults(func=cmd_run)
 
     for module in _command_modules():

@@ -12,8 +12,9 @@ from expensify_exact.config import load_project_config
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
-from expensify_exact.defs.keys import ensure_pools
+from expensify_exact.defs.keys import connector_pools, ensure_pools
 from expensify_exact.posting import OUTCOME_COLUMNS
+from expensify_exact.recovery import DEFAULT_WAIT_TIMEOUT_SECONDS, before_launch, tell
 from expensify_exact.resources import ConnectorResource
 
 
@@ -74,8 +75,12 @@ def _int(value) -> int | None:
 
 
 def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: str = "mappings",
-              state_url: str | None = None, instance: dg.DagsterInstance | None = None) -> RunSummary:
-    """Materialize the main job for the approval days start..end in one run (a single-run backfill)."""
+              state_url: str | None = None, instance: dg.DagsterInstance | None = None,
+              wait_timeout: float | None = None) -> RunSummary:
+    """Materialize the main job for the approval days start..end in one run (a single-run backfill).
+
+    Before it, dead runs that still hold the connector's pools are failed and a pool held by a live run is waited
+    for, at most `wait_timeout` seconds (default 15 minutes; `recovery.before_launch`)."""
     config = load_project_config(mappings_dir)
     job = build_defs(mappings_dir).resolve_job_def(MAIN_JOB_NAME)
     connector = ConnectorResource(mappings_dir=mappings_dir, state_url=state_url)
@@ -85,8 +90,10 @@ def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: st
                   "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     instance = instance or dg.DagsterInstance.get()
     ensure_pools(instance, config)
-    kwargs: dict = {"partition_key": start.isoformat()} if start == end else {
-        "tags": {"dagster/asset_partition_range_start": start.isoformat(),
+    tags = before_launch(instance, connector.store(), connector_pools(config),
+                         timeout=DEFAULT_WAIT_TIMEOUT_SECONDS if wait_timeout is None else wait_timeout, say=tell)
+    kwargs: dict = {"partition_key": start.isoformat(), "tags": tags} if start == end else {
+        "tags": {**tags, "dagster/asset_partition_range_start": start.isoformat(),
                  "dagster/asset_partition_range_end": end.isoformat()}}
     result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False,
                                     resources={"connector": connector}, **kwargs)

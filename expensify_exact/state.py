@@ -756,7 +756,12 @@ class StateStore:
 def _holder_is_dead_here(owner: str) -> bool:
     """Whether a lock owner ("host:pid:nonce") is a process of this host that no longer runs (or is a zombie)."""
     host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
+    return process_gone_here(host, rest.partition(":")[0])
+
+
+def process_gone_here(host: str, pid_text: str, started: str | None = None) -> bool:
+    """Whether process `pid_text` of `host` no longer runs: same host, and no such pid, a zombie, or (with `started`,
+    its start time in clock ticks after boot from /proc/<pid>/stat) another process that reuses the pid now."""
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
@@ -768,11 +773,19 @@ def _holder_is_dead_here(owner: str) -> bool:
         return True
     except PermissionError:
         return False
+    fields = process_stat(pid)
+    if fields is None:
+        return False
+    return fields[0] == "Z" or (started is not None and fields[19] != started)  # killed, not yet reaped / reused
+
+
+def process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, start time at [19]); None without /proc."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped by its parent
+            return stat.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, IndexError):
-        return False
+        return None
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

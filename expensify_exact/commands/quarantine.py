@@ -11,7 +11,7 @@ import getpass
 import json
 import sys
 
-from expensify_exact.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, connector_from_args
+from expensify_exact.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_wait_timeout, connector_from_args
 
 EXIT_NO_ITEM = 4
 EXIT_STILL_QUARANTINED = 5
@@ -49,6 +49,7 @@ def register(subparsers) -> None:
                    help="only this report (repeatable; default: every open item)")
     p.add_argument("--dry-run", action="store_true", help="validate and show; post and change nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object per connection")
+    add_wait_timeout(p)
     p.set_defaults(func=cmd_replay)
 
     for status, verb, meaning in (("resolved", "resolve", "the cause was dealt with outside the connector, e.g. "
@@ -197,6 +198,8 @@ def cmd_replay(args) -> int:
     if args.reports and not args.connection:
         holding = {i.connection for i in store.quarantine_items(None, status=None, report_ids=args.reports)}
         connections = [c for c in connections if c.name in holding]
+    if not args.dry_run:
+        _wait_for_runs_on(connections, connector, args.wait_timeout)
     remaining = 0
     for conn in connections:
         with connector.expensify_client(conn) as expensify:
@@ -224,6 +227,25 @@ def cmd_replay(args) -> int:
     if args.dry_run:
         return EXIT_OK
     return EXIT_STILL_QUARANTINED if remaining else EXIT_OK
+
+
+def _wait_for_runs_on(connections, connector, wait_timeout: float | None) -> None:
+    """A replay posts to the connections' divisions: first fail dead runs of the Dagster instance and wait while a
+    live run holds one of those divisions' pools, as `run` does (`recovery.before_launch`). Without an instance
+    (no dagster.yaml in $DAGSTER_HOME, e.g. replay before any run) no run can hold a pool: nothing to do."""
+    import os
+
+    from expensify_exact.cli import dagster_home_path
+    from expensify_exact.defs.keys import exact_pool
+    from expensify_exact.recovery import DEFAULT_WAIT_TIMEOUT_SECONDS, before_launch, open_embedded, tell
+
+    home = dagster_home_path()
+    if not (home / "dagster.yaml").exists():
+        return
+    os.environ["DAGSTER_HOME"] = str(home)
+    instance, store = open_embedded(home, connector.store, tell)
+    before_launch(instance, store, sorted({exact_pool(c) for c in connections}),
+                  timeout=DEFAULT_WAIT_TIMEOUT_SECONDS if wait_timeout is None else wait_timeout)
 
 
 def cmd_close(args) -> int:

@@ -3,6 +3,7 @@ pandera schema that is the contract of docs/architecture.md "Normalized expense 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -83,7 +84,12 @@ ExpenseLineSchema = pa.DataFrameSchema(
 # Expensify's website state names (report.status) → the reportState vocabulary of the exporter (expensify.md §2.1).
 _STATUS_TO_STATE = {"open": "OPEN", "processing": "SUBMITTED", "submitted": "SUBMITTED", "approved": "APPROVED",
                     "reimbursed": "REIMBURSED", "archived": "ARCHIVED", "closed": "ARCHIVED"}
-_INTEGER = re.compile(r"^-?\d+$")
+_INTEGER = re.compile(r"^-?\d{1,19}$")
+# Larger than any expense (a hundred billion in the currency) yet far inside int64 even summed over a report:
+# a bigger number is an export fault, set aside as BAD_AMOUNT rather than overflowing the int64 columns.
+MAX_CENTS = 10**13
+# Dates and timestamps outside these years are export faults; the bound also keeps them inside pandas' range.
+YEARS = range(1900, 2200)
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
 
@@ -152,15 +158,23 @@ def parse_report_timestamp(value: Any, source_timezone: str = "UTC") -> datetime
         return None
     if not isinstance(value, str):
         raise ValueError(f"timestamp {value!r} is not a string")
-    parsed = datetime.fromisoformat(value.strip())
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=ZoneInfo(source_timezone))
-    return parsed.astimezone(dt_timezone.utc)
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=ZoneInfo(source_timezone))
+        parsed = parsed.astimezone(dt_timezone.utc)
+    except OverflowError:
+        raise ValueError(f"timestamp {value!r} is out of range") from None
+    if parsed.year not in YEARS:
+        raise ValueError(f"timestamp {value!r} is outside the years {YEARS.start}-{YEARS.stop - 1}")
+    return parsed
 
 
 def approval_day(report: dict, timezone: str, source_timezone: str = "UTC") -> str | None:
     """The report's approval day (`YYYY-MM-DD`) in the connection's timezone; None if it has none or it does not
     parse (normalization then reports it as malformed: it is kept, not dropped)."""
+    if not isinstance(report, dict):
+        return None  # normalization sets it aside as malformed
     try:
         approved = parse_report_timestamp(report.get("approved"), source_timezone)
     except ValueError:
@@ -177,17 +191,26 @@ def normalize_reports(reports: list[dict], timezone: str, source_timezone: str =
         source_timezone: the zone of Expensify's naive timestamps (see `parse_report_timestamp`).
 
     Returns:
-        NormalizedLines: the valid lines, and the expenses that failed parsing or the schema.
+        NormalizedLines: the valid lines, and the expenses that failed parsing or the schema. Never raises on
+        bad data: whatever is not a valid expense is a malformed row with its reason.
     """
     zone = ZoneInfo(timezone)
     rows: list[dict] = []
     malformed: list[dict] = []
     for report in reports:
+        if not isinstance(report, dict):
+            malformed.append(_malformed_row({}, {}, MalformedReason.SCHEMA,
+                                            f"a report is {type(report).__name__}, not an object"))
+            continue
         expenses = report.get("transactionList")
         if not isinstance(expenses, list):
             malformed.append(_malformed_row(report, {}, MalformedReason.SCHEMA, "transactionList is not a list"))
             continue
         for expense in expenses:
+            if not isinstance(expense, dict):
+                malformed.append(_malformed_row(report, {}, MalformedReason.SCHEMA,
+                                                f"an expense is {type(expense).__name__}, not an object"))
+                continue
             try:
                 rows.append(_line(report, expense, zone, source_timezone))
             except _Malformed as exc:
@@ -201,7 +224,8 @@ def normalize_reports(reports: list[dict], timezone: str, source_timezone: str =
 def _line(report: dict, expense: dict, zone: ZoneInfo, source_timezone: str) -> dict:
     report_id, transaction_id = _text(report.get("reportID")), _text(expense.get("transactionID"))
     if not report_id or not transaction_id:
-        raise _Malformed(MalformedReason.MISSING_ID, f"reportID={report_id!r} transactionID={transaction_id!r}")
+        raise _Malformed(MalformedReason.MISSING_ID,
+                        f"reportID={_short(report_id)} transactionID={_short(transaction_id)}")
     approved_at = _timestamp(report, "approved", source_timezone)
     if approved_at is None:
         raise _Malformed(MalformedReason.BAD_TIMESTAMP, "approved is empty on an approved report")
@@ -217,7 +241,7 @@ def _line(report: dict, expense: dict, zone: ZoneInfo, source_timezone: str) -> 
         if currency == report_currency:
             converted = amount
         elif rate:
-            converted = round(amount * rate)
+            converted = _bounded(round(amount * rate), "convertedAmount (amount × currencyConversionRate)")
         else:
             raise _Malformed(MalformedReason.MISSING_CONVERSION,
                              f"{currency} expense on a {report_currency} report has no convertedAmount or rate")
@@ -284,12 +308,24 @@ def _cents(expense: dict, key: str, required: bool) -> int | None:
     if isinstance(value, bool):
         raise _Malformed(MalformedReason.BAD_AMOUNT, f"{key}={value!r} is not an amount in cents")
     if isinstance(value, int):
-        return value
+        return _bounded(value, key)
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        return _bounded(int(value), key)
     if isinstance(value, str) and _INTEGER.match(value.strip()):
-        return int(value.strip())
-    raise _Malformed(MalformedReason.BAD_AMOUNT, f"{key}={value!r} is not a whole number of cents")
+        return _bounded(int(value.strip()), key)
+    raise _Malformed(MalformedReason.BAD_AMOUNT, f"{key}={_short(value)} is not a whole number of cents")
+
+
+def _bounded(cents: int, key: str) -> int:
+    if abs(cents) > MAX_CENTS:
+        raise _Malformed(MalformedReason.BAD_AMOUNT, f"{key}={_short(cents)} is beyond ±{MAX_CENTS} cents")
+    return cents
+
+
+def _short(value: Any) -> str:
+    """A value for a message: its repr, cut to 80 characters (a malformed export can carry megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _number(expense: dict, key: str) -> float | None:
@@ -297,9 +333,12 @@ def _number(expense: dict, key: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise _Malformed(MalformedReason.BAD_AMOUNT, f"{key}={value!r} is not a number") from None
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise _Malformed(MalformedReason.BAD_AMOUNT, f"{key}={_short(value)} is not a finite number")
+    return number
 
 
 def _flag(expense: dict, key: str) -> bool:
@@ -311,23 +350,26 @@ def _flag(expense: dict, key: str) -> bool:
     # Booleans only survive FreeMarker as text (expensify.md §3), so "true"/"false" strings are normal.
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise _Malformed(MalformedReason.BAD_FLAG, f"{key}={value!r} is not a boolean")
+    raise _Malformed(MalformedReason.BAD_FLAG, f"{key}={_short(value)} is not a boolean")
 
 
 def _timestamp(report: dict, key: str, source_timezone: str) -> datetime | None:
     try:
         return parse_report_timestamp(report.get(key), source_timezone)
     except ValueError:
-        raise _Malformed(MalformedReason.BAD_TIMESTAMP, f"{key}={report.get(key)!r}") from None
+        raise _Malformed(MalformedReason.BAD_TIMESTAMP, f"{key}={_short(report.get(key))}") from None
 
 
 def _expense_date(expense: dict) -> str:
     value = _text(expense.get("modifiedCreated")) or _text(expense.get("created"))
     try:
         # Dates are yyyy-MM-dd (expensify.md §3); a trailing time, if any, is not part of the expense day.
-        return date.fromisoformat(value.strip()[:10]).isoformat()
+        day = date.fromisoformat(value.strip()[:10])
     except ValueError:
-        raise _Malformed(MalformedReason.BAD_DATE, f"created={value!r}") from None
+        day = None
+    if day is None or day.year not in YEARS:
+        raise _Malformed(MalformedReason.BAD_DATE, f"created={_short(value)}")
+    return day.isoformat()
 
 
 def _malformed_row(report: dict, expense: dict, reason: MalformedReason, detail: str) -> dict:
