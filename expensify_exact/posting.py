@@ -7,6 +7,7 @@ EntryID before posting anything, so nothing is posted twice and nothing is lost.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -54,7 +55,7 @@ class PostingRun:
 
 
 def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, client: JournalPoster | None,
-                dry_run: bool, run_id: str | None = None) -> PostingRun:
+                dry_run: bool, run_id: str | None = None, closed_days: Collection[str] = ()) -> PostingRun:
     """Settle every report in `drafts` as posted, already posted, quarantined, or (dry-run) previewed.
 
     Args:
@@ -64,11 +65,16 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
         client: the Exact client; unused in a dry run.
         dry_run: build and report everything, write nothing to Exact, the ledger or the quarantine.
         run_id: the Dagster run, for the audit log.
+        closed_days: approval days an earlier run already posted after they had closed; a report of such a day
+            that the connector has never seen (not in the ledger, the quarantine or the deferred list) is audited
+            as a `late_approval` before it is settled like any other.
 
     Raises:
         TransientApiError: Exact could not be reached reliably; pending intents stay for the next run.
     """
     outcomes: list[ReportOutcome] = []
+    if closed_days and not dry_run:
+        _audit_late_approvals(drafts, connection, store, set(closed_days), run_id)
     for report_id, problems in drafts.rejections.groupby("report_id", sort=True):
         outcomes.append(_settle_rejected(report_id, problems, connection, store, dry_run, run_id))
     lines = drafts.lines
@@ -94,8 +100,32 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
                                               transaction_ids=_tids(waiting_lines)))
             store.audit("deferred", connection=connection, run_id=run_id,
                         detail={"reports": report_ids[index:], "resets_at": str(exc.resets_at)})
+            if not dry_run:
+                store.deferred_put(connection, {o.report_id: o.partition_date for o in outcomes
+                                                if o.outcome == "deferred"}, exc.resets_at)
             break
+    if not dry_run:
+        store.deferred_clear(connection, [o.report_id for o in outcomes if o.outcome != "deferred"])
     return PostingRun(outcomes=outcomes, stopped_reason=stopped)
+
+
+def _audit_late_approvals(drafts: JournalDrafts, connection: str, store: StateStore, closed_days: set[str],
+                          run_id: str | None) -> None:
+    """Mark reports that turned up in an approval day only after that day had been posted."""
+    frames = [f[["report_id", "partition_date"]] for f in (drafts.lines, drafts.rejections) if len(f)]
+    if not frames:
+        return
+    found = pd.concat(frames).drop_duplicates("report_id")
+    found = found[found["partition_date"].isin(closed_days)]
+    if found.empty:
+        return
+    deferred = store.deferred(connection)
+    for report_id, day in found.itertuples(index=False):
+        if report_id in deferred or store.ledger_get(connection, report_id) is not None \
+                or store.quarantine_get(connection, report_id) is not None:
+            continue
+        store.audit("late_approval", connection=connection, report_id=report_id, run_id=run_id, partition_date=day,
+                    detail={"approval_day": day, "note": "first exported after its approval day was posted"})
 
 
 def _tids(frame: pd.DataFrame) -> list[str]:

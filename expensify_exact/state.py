@@ -141,6 +141,27 @@ request_log = sa.Table(
     sa.Index("ix_ee_request_log_scope_at", "scope", "at"),
 )
 
+# Approval days whose run came after the day had ended in the connection's zone (plus the grace): a report that
+# first shows up in such a day later is a late approval, and `status` and the digest say when the newest was posted.
+days_posted = sa.Table(
+    "ee_days_posted", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("posted_at", sa.DateTime(timezone=True), nullable=False),  # the first run after the day closed
+    sa.Column("run_id", sa.String(64), nullable=True),
+)
+
+# Reports a run left for later because Exact's daily budget ran out, until a later run settles them; the sensor
+# `post_deferred_after_reset` reruns their days once the budget has reset.
+deferred_reports = sa.Table(
+    "ee_deferred_reports", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("report_id", sa.String(64), primary_key=True),
+    sa.Column("partition_date", sa.String(10), nullable=False),
+    sa.Column("deferred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("resets_at", sa.DateTime(timezone=True), nullable=True),  # Exact's X-RateLimit-Reset, if known
+)
+
 # Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "locks, secrets, tokens, ledger, quarantine, audit log",
@@ -148,6 +169,8 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (2, "correction intents for approved CHANGED_AFTER_POSTING reports", [corrections]),
     (3, "rate-limit budgets and request times shared by the processes using one credential",
      [rate_limits, request_log]),
+    (6, "approval days posted after they closed, and reports deferred to the next daily budget",
+     [days_posted, deferred_reports]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -575,6 +598,53 @@ class StateStore:
                                                                   request_log.c.at > since)
                                 .order_by(request_log.c.at))
             return [_aware(r.at) for r in rows]
+
+    # --- closed approval days and deferred reports ------------------------------------------------------
+    def day_mark_posted(self, connection: str, day: str, run_id: str | None) -> None:
+        """Record that `day` was run after it closed; the first such run's time is kept."""
+        with self.engine.begin() as conn:
+            try:
+                with conn.begin_nested():
+                    conn.execute(days_posted.insert().values(connection=connection, day=day, posted_at=_utcnow(),
+                                                             run_id=run_id))
+            except sa.exc.IntegrityError:
+                pass
+
+    def days_posted(self, connection: str, days: list[str] | None = None) -> dict[str, datetime]:
+        """day -> when it was first run after it closed, for `days` (default: all of the connection's)."""
+        query = sa.select(days_posted.c.day, days_posted.c.posted_at).where(days_posted.c.connection == connection)
+        if days is not None:
+            query = query.where(days_posted.c.day.in_(list(days)))
+        with self.engine.connect() as conn:
+            return {r.day: _aware(r.posted_at) for r in conn.execute(query)}
+
+    def last_day_posted(self, connection: str) -> tuple[str, datetime] | None:
+        """The connection's newest closed day that was run, and when."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(days_posted.c.day, days_posted.c.posted_at)
+                               .where(days_posted.c.connection == connection)
+                               .order_by(days_posted.c.day.desc()).limit(1)).first()
+        return (row.day, _aware(row.posted_at)) if row else None
+
+    def deferred_put(self, connection: str, reports: dict[str, str], resets_at: datetime | None) -> None:
+        """Record reports (report ID -> approval day) left for the next daily budget."""
+        now = _utcnow()
+        for report_id, day in reports.items():
+            self._upsert(deferred_reports, {"connection": connection, "report_id": report_id},
+                         {"partition_date": day, "deferred_at": now, "resets_at": resets_at})
+
+    def deferred_clear(self, connection: str, report_ids: list[str]) -> None:
+        if not report_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(deferred_reports.delete().where(deferred_reports.c.connection == connection,
+                                                         deferred_reports.c.report_id.in_(list(report_ids))))
+
+    def deferred(self, connection: str) -> dict[str, tuple[str, datetime | None]]:
+        """report ID -> (approval day, Exact's reset time as recorded) of the connection's deferred reports."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(deferred_reports).where(deferred_reports.c.connection == connection))
+            return {r.report_id: (r.partition_date, _aware(r.resets_at)) for r in rows}
 
     # --- helpers -------------------------------------------------------------------------------------
     def _upsert(self, table: sa.Table, keys: dict, values: dict) -> None:

@@ -57,8 +57,16 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
             "quarantine_by_reason": dict(sorted(by_reason.items())),
             "ledger": {"posted": ledger.get("posted", 0), "pending": ledger.get("pending", 0)},
             "last_posting": _last_posting(instance, conn),
+            "last_complete_day": _last_complete_day(store, conn),
         }
     return out
+
+
+def _last_complete_day(store, conn) -> dict:
+    """The newest approval day run after it ended in the connection's zone, when, and what still waits."""
+    last = store.last_day_posted(conn.name)
+    return {"day": last[0] if last else None, "posted_at": last[1].isoformat() if last else None,
+            "timezone": conn.timezone, "deferred_reports": len(store.deferred(conn.name))}
 
 
 def _required_secrets() -> set[str]:
@@ -272,6 +280,12 @@ def render_text(status: dict) -> str:
         reasons = ", ".join(f"{code} {n}" for code, n in conn["quarantine_by_reason"].items())
         lines.append(f"  quarantine    {conn['quarantine_open']} open report(s)" + (f": {reasons}" if reasons else ""))
         lines.append(f"  ledger        {conn['ledger']['posted']} posted, {conn['ledger']['pending']} pending")
+        day = conn["last_complete_day"]
+        lines.append(f"  last day      {day['day']} ({day['timezone']}) posted at {day['posted_at'][:16]}Z"
+                     if day["day"] else f"  last day      none posted yet ({day['timezone']})")
+        if day["deferred_reports"]:
+            lines[-1] += (f"; {day['deferred_reports']} deferred report(s) wait for Exact's budget to reset "
+                          f"(sensor post_deferred_after_reset)")
         if conn["last_posting"]:
             p = conn["last_posting"]
             lines.append(f"  last posting  run {p['run_id'][:8]} at {p['at'][:16]}Z: posted {p.get('posted', 0)}, "

@@ -15,6 +15,7 @@ import pandas as pd
 from pandera.errors import SchemaErrors
 
 from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.days import closed_day
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
@@ -249,12 +250,19 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         client = None if config.dry_run else connector.exact_client(conn)
         results: dict[str, pd.DataFrame] = {}
         stopped = []
+        # Days an earlier run posted after they closed: a report new in one of them is a late approval.
+        closed_before = set(store.days_posted(conn.name, list(context.partition_keys)))
         for key, drafts in _per_partition(context, journal_drafts).items():
             run = post_drafts(drafts, connection=conn.name, store=store, client=client, dry_run=config.dry_run,
-                              run_id=context.run_id)
+                              run_id=context.run_id, closed_days=closed_before)
             results[key] = run.frame()
             if run.stopped_reason:
                 stopped.append(run.stopped_reason)
+        if not config.dry_run:
+            last_closed = closed_day(conn, connector.clock().now())
+            for key in results:
+                if date.fromisoformat(key) <= last_closed:
+                    store.day_mark_posted(conn.name, key, context.run_id)
         outcomes = _concat(list(results.values()), OUTCOME_COLUMNS)
         for reason in stopped:
             context.log.warning(reason)
