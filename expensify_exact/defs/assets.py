@@ -262,7 +262,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
             last_closed = closed_day(conn, connector.clock().now())
             for key in results:
                 if date.fromisoformat(key) <= last_closed:
-                    store.day_mark_posted(conn.name, key, context.run_id)
+                    store.day_mark_posted(conn.name, key, context.run.run_id)
         outcomes = _concat(list(results.values()), OUTCOME_COLUMNS)
         for reason in stopped:
             context.log.warning(reason)
