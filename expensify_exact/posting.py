@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 import pandas as pd
@@ -102,7 +103,8 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
                         detail={"reports": report_ids[index:], "resets_at": str(exc.resets_at)})
             if not dry_run:
                 store.deferred_put(connection, {o.report_id: o.partition_date for o in outcomes
-                                                if o.outcome == "deferred"}, exc.resets_at)
+                                                if o.outcome == "deferred"},
+                                   exc.resets_at if isinstance(exc.resets_at, datetime) else None)
             break
     if not dry_run:
         store.deferred_clear(connection, [o.report_id for o in outcomes if o.outcome != "deferred"])

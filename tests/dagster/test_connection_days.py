@@ -9,6 +9,7 @@ import io
 import json
 from collections import Counter
 from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -17,6 +18,7 @@ import yaml
 
 from expensify_exact import connections
 from expensify_exact.definitions import build_defs
+from expensify_exact.digest import read_digest
 from expensify_exact.defs.jobs import DEFERRED_SENSOR_NAME, MAIN_JOB_NAME, SENSOR_NAME
 from expensify_exact.defs.reconciliation import DAILY_JOB_NAME, DAILY_SENSOR_NAME
 from expensify_exact.resources import ConnectorResource
@@ -196,8 +198,12 @@ def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approv
         ledger = store.ledger_get(NL, lagging)
         events = store.audit_rows(connection=NL, report_id=lagging)
         late = [r for r in store.audit_rows(connection=NL) if r["event"] == "late_approval"]
+        # Reconciliation waits until no later run re-exports a day: after d1 + 2 was posted, that is S0 (d1 - 1).
+        [reconcile] = daemon.tick(DAILY_SENSOR_NAME)
+        assert daemon.tick(DAILY_SENSOR_NAME) == []
+        digest = read_digest(NL, S0.isoformat(), Path(instance.root_directory) / "digests")
 
-    assert daemon.run_keys == [f"{NL}:{S0 + timedelta(days=n)}" for n in range(4)]
+    assert daemon.run_keys == [f"{NL}:{S0 + timedelta(days=n)}" for n in range(4)] + [f"{NL}:reconcile:{S0}"]
     # Posted by the run of the day it appeared in the export (d1 + 2), whose look-back covers d1: under its own day.
     assert posted_by == f"{NL}:{d1 + timedelta(days=2)}"
     assert ledger.status == "posted" and ledger.partition_date == d1.isoformat()
@@ -207,6 +213,9 @@ def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approv
     assert late[0]["run_id"] == daemon.runs[posted_by]
     assert [e["event"] for e in events if e["event"] in ("late_approval", "posted")] == ["late_approval", "posted"]
     assert _entries_per_report(sandbox, S.DIVISION)[lagging] == 1
+    assert (reconcile.partition_key, reconcile.run_key) == (S0.isoformat(), f"{NL}:reconcile:{S0}")
+    posted_line = f"Last complete day posted: {d1 + timedelta(days=2)}, at "
+    assert any(b.startswith(posted_line) for section in digest.sections for b in section.bullets)
 
 
 def test_a_backfill_deferred_by_the_daily_budget_finishes_by_itself_after_the_reset(sandbox, tmp_path, state_url,
