@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from expensify_exact import connections
+from expensify_exact.commands.status import collect_status, render_text
 from expensify_exact.definitions import build_defs
 from expensify_exact.digest import read_digest
 from expensify_exact.defs.jobs import DEFERRED_SENSOR_NAME, MAIN_JOB_NAME, SENSOR_NAME
@@ -154,6 +155,8 @@ def test_two_timezones_each_day_posted_once_after_it_ended_there(sandbox, tmp_pa
         posted_nl = {r.report_id: r.partition_date for r in store.ledger_rows(NL, status="posted")}
         late = [r for r in store.audit_rows() if r["event"] == "late_approval"]
         last_days = {name: store.last_day_posted(name)[0] for name in (NL, LA)}
+        status = render_text(collect_status(daemon.connector, daemon.connector.project().connections, instance,
+                                            sandbox.clock.now()))
 
     # One run per connection and day, in the order the days ended in each zone. The first tick, 00:00 of d1 in
     # Los Angeles, is 09:00 in Amsterdam: there S0 is over, in Los Angeles only the day before it.
@@ -172,6 +175,8 @@ def test_two_timezones_each_day_posted_once_after_it_ended_there(sandbox, tmp_pa
     assert set(_entries_per_report(sandbox, S.SECOND_DIVISION)) == set(la_reports)
     assert late == []  # every one was exported before its day was posted
     assert last_days == {NL: d2.isoformat(), LA: d2.isoformat()}
+    assert f"last day      {d2} (America/Los_Angeles) posted at " in status
+    assert f"last day      {d2} (Europe/Amsterdam) posted at " in status
 
 
 def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approval(sandbox, tmp_path, state_url,

@@ -1,0 +1,49 @@
+"""Which days the sensors ask for: the closed day with its look-back, deferred days after Exact's reset, and the
+day whose look-back window has closed for reconciliation."""
+
+from datetime import date, datetime, timedelta, timezone
+
+from expensify_exact.config import load_project_config
+from expensify_exact.days import daily_run, deferred_run, reconciliation_day
+from tests.conftest import MAPPINGS
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+
+def _conn(**posting):
+    conn = load_project_config(str(MAPPINGS)).connections[0]
+    return conn.model_copy(update={"posting": conn.posting.model_copy(update=posting)})
+
+
+def test_the_look_back_is_configurable_and_never_reaches_before_the_first_partition():
+    run = daily_run(_conn(lookback_days=5, grace_hours=0), T0, date(2024, 1, 1))
+    assert (run.start, run.end, run.key) == (date(2026, 11, 19), date(2026, 11, 24), "vermeerhals-nl:2026-11-24")
+    assert daily_run(_conn(), T0, date(2026, 11, 23)).start == date(2026, 11, 23)
+    assert daily_run(_conn(), T0, date(2026, 11, 25)) is None
+
+
+def test_deferred_days_are_asked_for_once_the_budget_has_reset(store):
+    conn = _conn()
+    assert deferred_run(conn, store, T0) is None
+    reset = datetime(2026, 11, 26, 0, 0, tzinfo=timezone.utc)
+    store.deferred_put(conn.name, {"R1": "2026-10-02", "R2": "2026-10-09"}, reset)
+    assert deferred_run(conn, store, T0) is None  # still the old budget
+    run = deferred_run(conn, store, reset + timedelta(minutes=1))
+    assert (run.start, run.end) == (date(2026, 10, 2), date(2026, 10, 9))
+    assert run.key == f"{conn.name}:deferred:{reset.isoformat()}"
+    # A newer reset seen on the division's shared rate-limit record wins: the next day's run has its own key.
+    later = reset + timedelta(days=1)
+    store.rate_limits_put(f"exact:division:{conn.exact.division}", {"observed_at": T0, "daily_resets_at": later})
+    assert deferred_run(conn, store, reset + timedelta(minutes=1)) is None
+    assert deferred_run(conn, store, later).key == f"{conn.name}:deferred:{later.isoformat()}"
+    store.deferred_clear(conn.name, ["R1", "R2"])
+    assert deferred_run(conn, store, later) is None
+
+
+def test_reconciliation_waits_for_the_look_back_window_to_close(store):
+    conn = _conn(lookback_days=3)
+    assert reconciliation_day(conn, store) is None
+    store.day_mark_posted(conn.name, "2026-11-24", "run-1")
+    store.day_mark_posted(conn.name, "2026-11-23", "run-0")
+    assert reconciliation_day(conn, store) == date(2026, 11, 21)
+    assert store.last_day_posted(conn.name)[0] == "2026-11-24"
