@@ -50,6 +50,7 @@ class ReportOutcome:
 class PostingRun:
     outcomes: list[ReportOutcome]
     stopped_reason: str | None = None  # set when the daily API budget ended the run early
+    late_approvals: list[str] = field(default_factory=list)  # reports first seen in a day already posted
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(o) for o in self.outcomes], columns=OUTCOME_COLUMNS)
@@ -74,8 +75,8 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
         TransientApiError: Exact could not be reached reliably; pending intents stay for the next run.
     """
     outcomes: list[ReportOutcome] = []
-    if closed_days and not dry_run:
-        _audit_late_approvals(drafts, connection, store, set(closed_days), run_id)
+    late = _audit_late_approvals(drafts, connection, store, set(closed_days), run_id) \
+        if closed_days and not dry_run else []
     for report_id, problems in drafts.rejections.groupby("report_id", sort=True):
         outcomes.append(_settle_rejected(report_id, problems, connection, store, dry_run, run_id))
     lines = drafts.lines
@@ -108,26 +109,40 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
             break
     if not dry_run:
         store.deferred_clear(connection, [o.report_id for o in outcomes if o.outcome != "deferred"])
-    return PostingRun(outcomes=outcomes, stopped_reason=stopped)
+    return PostingRun(outcomes=outcomes, stopped_reason=stopped, late_approvals=late)
+
+
+def forget_vanished_deferrals(store: StateStore, connection: str, days: Collection[str], seen: Collection[str],
+                              run_id: str | None) -> list[str]:
+    """Drop deferred reports of `days` that a fresh export of those days no longer holds (reopened, or approved
+    again on another day, where their own run settles them); otherwise their days would be rerun at every reset."""
+    gone = sorted(rid for rid, (day, _reset) in store.deferred(connection).items()
+                  if day in set(days) and rid not in set(seen))
+    if gone:
+        store.deferred_clear(connection, gone)
+        store.audit("deferral_dropped", connection=connection, run_id=run_id,
+                    detail={"reports": gone, "note": "no longer approved on their day; nothing to post"})
+    return gone
 
 
 def _audit_late_approvals(drafts: JournalDrafts, connection: str, store: StateStore, closed_days: set[str],
-                          run_id: str | None) -> None:
+                          run_id: str | None) -> list[str]:
     """Mark reports that turned up in an approval day only after that day had been posted."""
     frames = [f[["report_id", "partition_date"]] for f in (drafts.lines, drafts.rejections) if len(f)]
     if not frames:
-        return
+        return []
     found = pd.concat(frames).drop_duplicates("report_id")
     found = found[found["partition_date"].isin(closed_days)]
-    if found.empty:
-        return
-    deferred = store.deferred(connection)
+    deferred = store.deferred(connection) if len(found) else {}
+    late = []
     for report_id, day in found.itertuples(index=False):
         if report_id in deferred or store.ledger_get(connection, report_id) is not None \
                 or store.quarantine_get(connection, report_id) is not None:
             continue
         store.audit("late_approval", connection=connection, report_id=report_id, run_id=run_id, partition_date=day,
                     detail={"approval_day": day, "note": "first exported after its approval day was posted"})
+        late.append(report_id)
+    return late
 
 
 def _tids(frame: pd.DataFrame) -> list[str]:

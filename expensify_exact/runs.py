@@ -102,7 +102,8 @@ def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: st
         failure = "; ".join(_failure_messages(result)) or "the run failed"
     notes = []
     if len(outcomes) and (outcomes["outcome"] == "deferred").any():
-        notes.append("Exact's daily call budget ran out; deferred reports are posted by the next run.")
+        notes.append("Exact's daily call budget ran out; the sensor post_deferred_after_reset posts the deferred "
+                     "reports once it has reset (or rerun the range then).")
     return RunSummary(start, end, dry_run, result.success, result.run_id, outcomes, failure, notes)
 
 

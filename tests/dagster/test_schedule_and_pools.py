@@ -57,7 +57,8 @@ def test_sensor_requests_the_closed_day_with_its_look_back_and_creates_the_pools
         start = (date.fromisoformat(day) - timedelta(days=3)).isoformat()
         assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == (start, day)
         assert request.tags[CONNECTION_TAG] == "vermeerhals-nl"
-        assert set(request.asset_selection) == set(defs.resolve_job_def(MAIN_JOB_NAME).asset_layer.executable_asset_keys)
+        main_job = defs.resolve_job_def(MAIN_JOB_NAME)
+        assert set(request.asset_selection) == set(main_job.asset_layer.executable_asset_keys)
         assert _limits(instance) == {pool: 1 for pool in connector_pools(config)}
         assert not any(p.from_default for p in instance.event_log_storage.get_pool_limits())
 

@@ -5,6 +5,7 @@ from datetime import date, datetime, timedelta, timezone
 
 from expensify_exact.config import load_project_config
 from expensify_exact.days import daily_run, deferred_run, reconciliation_day
+from expensify_exact.posting import forget_vanished_deferrals
 from tests.conftest import MAPPINGS
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
@@ -47,3 +48,10 @@ def test_reconciliation_waits_for_the_look_back_window_to_close(store):
     store.day_mark_posted(conn.name, "2026-11-23", "run-0")
     assert reconciliation_day(conn, store) == date(2026, 11, 21)
     assert store.last_day_posted(conn.name)[0] == "2026-11-24"
+
+
+def test_a_deferred_report_no_longer_in_its_days_export_is_dropped_not_rerun_forever(store):
+    store.deferred_put("c", {"R1": "2026-10-02", "R2": "2026-10-02", "R3": "2026-10-09"}, None)
+    assert forget_vanished_deferrals(store, "c", ["2026-10-02"], {"R2"}, "run-1") == ["R1"]
+    assert set(store.deferred("c")) == {"R2", "R3"}
+    assert [r["event"] for r in store.audit_rows("c")] == ["deferral_dropped"]
