@@ -3,12 +3,23 @@ day whose look-back window has closed for reconciliation."""
 
 from datetime import date, datetime, timedelta, timezone
 
+import pytest
+
 from expensify_exact.config import load_project_config
 from expensify_exact.days import daily_run, deferred_run, reconciliation_day
 from expensify_exact.posting import forget_vanished_deferrals
+from expensify_exact.state import StateStore
 from tests.conftest import MAPPINGS
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, state_url):
+    """The state on the embedded SQLite default and on PostgreSQL."""
+    store = StateStore(state_url if request.param == "sqlite" else request.getfixturevalue("pg_database"))
+    yield store
+    store.dispose()
 
 
 def _conn(**posting):
@@ -45,7 +56,10 @@ def test_reconciliation_waits_for_the_look_back_window_to_close(store):
     conn = _conn(lookback_days=3)
     assert reconciliation_day(conn, store) is None
     store.day_mark_posted(conn.name, "2026-11-24", "run-1")
+    first = store.days_posted(conn.name)["2026-11-24"]
+    store.day_mark_posted(conn.name, "2026-11-24", "run-2")  # a rerun keeps the first time
     store.day_mark_posted(conn.name, "2026-11-23", "run-0")
+    assert store.days_posted(conn.name, ["2026-11-24"]) == {"2026-11-24": first}
     assert reconciliation_day(conn, store) == date(2026, 11, 21)
     assert store.last_day_posted(conn.name)[0] == "2026-11-24"
 
