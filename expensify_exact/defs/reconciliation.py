@@ -112,10 +112,14 @@ def build(config: ProjectConfig) -> dg.Definitions:
             requests.append(request)
         return requests or dg.SkipReason("; ".join(notes))
 
+    # The month's last day is reconciled once the day `lookback_days` after it has been posted, which (in any zone)
+    # is done by 07:45 Amsterdam time two days later; card statements are usually booked by then too.
+    month_day = min(28, 2 + max((c.posting.lookback_days for c in config.connections), default=1))
     schedules = [
         dg.build_schedule_from_partitioned_job(
-            monthly_job, name="reconcile_last_month", day_of_month=3, hour_of_day=7, minute_of_hour=45,
-            description="On the 3rd, once card statements are usually booked, reconciles the previous month.",
+            monthly_job, name="reconcile_last_month", day_of_month=month_day, hour_of_day=7, minute_of_hour=45,
+            description=f"On day {month_day} of the month, once every day of the previous month has been reconciled "
+                        f"(after its look-back) and card statements are usually booked, reconciles that month.",
             default_status=dg.DefaultScheduleStatus.RUNNING),
     ]
     return dg.Definitions(assets=assets, jobs=[daily_job, monthly_job], schedules=schedules,
