@@ -42,3 +42,8 @@ def last_complete_day(timezone_name: str, grace: timedelta, now: datetime) -> da
     while day_closes_at(candidate + timedelta(days=1), timezone_name, grace) <= now:
         candidate += timedelta(days=1)  # only on a day that lasts less than 24 h (a DST switch within the grace)
     return candidate
+
+
+def next_clock_hour(now: datetime) -> datetime:
+    """The start of the UTC clock hour after `now`: when Exact's per-endpoint error counts start again."""
+    return now.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)

@@ -1,6 +1,6 @@
 """Which approval days each connection runs when: a day once it has ended in the connection's zone plus the grace,
-with a look-back over the days before it; the days still holding deferred reports once Exact's budget has reset;
-and the day whose look-back window has closed, for reconciliation."""
+with a look-back over the days before it; the days holding deferred reports once their time to try again has come
+(Exact's daily reset, or the next clock hour); and the day whose look-back window has closed, for reconciliation."""
 
 from __future__ import annotations
 
@@ -43,23 +43,22 @@ def daily_run(conn: Connection, now: datetime, first_day: date) -> DayRun | None
 
 
 def deferred_run(conn: Connection, store: StateStore, now: datetime) -> DayRun | None:
-    """A rerun of the days that still hold deferred reports, once Exact's daily budget has reset.
+    """A rerun of the days holding deferred reports whose time to try again has come: Exact's daily reset for a
+    spent daily budget, the next clock hour for the rest (an endpoint's spent error budget, a refused connection, a
+    POST without a certain answer; see `posting`).
 
-    The reset time is the newest one known: what the division's shared rate-limit record (`ee_rate_limits`) last
-    saw in `X-RateLimit-Reset`, else what the deferral recorded. The run key carries it, so each reset asks once.
+    The run key names the newest of those times and the newest deferral among them, so each reset asks once, and a
+    report deferred again (its time moves on) or deferred just after a run was asked for gets a run of its own.
     """
-    deferred = store.deferred(conn.name)
-    if not deferred:
+    due = {rid: d for rid, d in store.deferred(conn.name).items() if d.resets_at is None or d.resets_at <= now}
+    if not due:
         return None
-    board = store.rate_limits_get(f"exact:division:{conn.exact.division}") or {}
-    resets = [r for r in [board.get("daily_resets_at"), *(reset for _day, reset in deferred.values())] if r]
-    reset = max(resets) if resets else None
-    if reset is not None and now < reset:
-        return None
-    days = sorted(date.fromisoformat(day) for day, _reset in deferred.values())
-    stamp = reset.isoformat() if reset else "unknown"
-    return DayRun(conn.name, days[0], days[-1], f"{conn.name}:deferred:{stamp}",
-                  f"{len(deferred)} deferred report(s) on {len(set(days))} day(s); Exact's budget reset at {stamp}")
+    resets = [d.resets_at for d in due.values() if d.resets_at is not None]
+    stamp = max(resets).isoformat() if resets else "unknown"
+    latest = max(d.deferred_at for d in due.values()).isoformat()
+    days = sorted(date.fromisoformat(d.partition_date) for d in due.values())
+    return DayRun(conn.name, days[0], days[-1], f"{conn.name}:deferred:{stamp}:{latest}",
+                  f"{len(due)} deferred report(s) on {len(set(days))} day(s), to be tried again from {stamp}")
 
 
 def reconciliation_day(conn: Connection, store: StateStore) -> date | None:

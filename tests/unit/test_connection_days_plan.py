@@ -42,13 +42,15 @@ def test_deferred_days_are_asked_for_once_the_budget_has_reset(store):
     assert deferred_run(conn, store, T0) is None  # still the old budget
     run = deferred_run(conn, store, reset + timedelta(minutes=1))
     assert (run.start, run.end) == (date(2026, 10, 2), date(2026, 10, 9))
-    assert run.key == f"{conn.name}:deferred:{reset.isoformat()}"
-    # A newer reset seen on the division's shared rate-limit record wins: the next day's run has its own key.
+    assert run.key.startswith(f"{conn.name}:deferred:{reset.isoformat()}:")
+    # Deferred again by that run (the budget ran out again): the next reset is a run of its own.
     later = reset + timedelta(days=1)
-    store.rate_limits_put(f"exact:division:{conn.exact.division}", {"observed_at": T0, "daily_resets_at": later})
+    store.deferred_put(conn.name, {"R2": "2026-10-09"}, later)
+    assert deferred_run(conn, store, reset + timedelta(minutes=1)).end == date(2026, 10, 2)  # R1 only
+    store.deferred_clear(conn.name, ["R1"])
     assert deferred_run(conn, store, reset + timedelta(minutes=1)) is None
-    assert deferred_run(conn, store, later).key == f"{conn.name}:deferred:{later.isoformat()}"
-    store.deferred_clear(conn.name, ["R1", "R2"])
+    assert deferred_run(conn, store, later).key.startswith(f"{conn.name}:deferred:{later.isoformat()}:")
+    store.deferred_clear(conn.name, ["R2"])
     assert deferred_run(conn, store, later) is None
 
 

@@ -12,7 +12,7 @@ from expensify_exact.connections import StoredRateLimitBoard, StoredRequestLog
 from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.exact.tokens import ExactTokens
 from expensify_exact.http.pacing import RateLimitSnapshot
-from expensify_exact.state import StateStore, rate_limits
+from expensify_exact.state import MIGRATIONS, StateStore, rate_limits
 from expensify_exact.vault import CredentialVault, Secret, VaultTokenStore
 
 
@@ -182,3 +182,47 @@ def test_rate_limit_board_is_advisory_when_the_database_fails(store, caplog):
     assert all("exact:division:123" in r.getMessage() for r in caplog.records)
     with store.engine.connect() as conn:
         assert not sa.inspect(conn).has_table("ee_rate_limits")
+
+
+def test_connection_facts_round_trip_and_unknown_is_none(store):
+    assert store.connection_fact_get("vh", "exact_keeps_client_entry_id") is None
+    store.connection_fact_put("vh", "exact_keeps_client_entry_id", False, detail={"test_entry": "abc"})
+    store.connection_fact_put("vh", "exact_keeps_client_entry_id", True)
+    assert store.connection_fact_get("vh", "exact_keeps_client_entry_id") is True
+    assert store.connection_fact_get("other", "exact_keeps_client_entry_id") is None
+    [fact] = store.connection_facts("vh")
+    assert fact["value"] is True and fact["recorded_at"] is not None
+
+
+def test_error_budget_counts_per_scope_and_hour(store):
+    hour = datetime(2026, 3, 10, 9, tzinfo=timezone.utc)
+    scope = "exact:123456:generaljournalentry/GeneralJournalEntries"
+    assert [store.error_budget_add(scope, hour, 500, "unbalanced") for _ in range(3)] == [1, 2, 3]
+    assert store.error_budget_count(scope, hour) == 3
+    assert store.error_budget_count(scope, hour + timedelta(hours=1)) == 0
+    assert store.error_budget_count("exact:123456:financial/GLAccounts", hour) == 0
+    [row] = store.error_budget_rows(hour)
+    assert (row["errors"], row["last_status"], row["last_message"]) == (3, 500, "unbalanced")
+
+
+def test_migration_4_adds_the_entry_id_columns_to_a_version_3_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ee_schema_migrations (version INTEGER PRIMARY KEY, "
+                             "description VARCHAR(200) NOT NULL, applied_at DATETIME NOT NULL)"))
+        conn.execute(sa.text("CREATE TABLE ee_posted_ledger (connection VARCHAR(100), report_id VARCHAR(64), "
+                             "status VARCHAR(16) NOT NULL, content_hash VARCHAR(64) NOT NULL, entry_id VARCHAR(36) "
+                             "NOT NULL, entry_number INTEGER, partition_date VARCHAR(10), transaction_ids TEXT NOT "
+                             "NULL, total_cents BIGINT NOT NULL, intent_at DATETIME NOT NULL, posted_at DATETIME, "
+                             "run_id VARCHAR(64), PRIMARY KEY (connection, report_id))"))
+        for v in (1, 2, 3):
+            conn.execute(sa.text("INSERT INTO ee_schema_migrations VALUES (:v, 'old', '2026-01-01')"), {"v": v})
+    engine.dispose()
+    store = StateStore(url)
+    assert store.schema_version() == MIGRATIONS[-1][0]  # 4, and whatever came after
+    store.ledger_write_intent("c", "R1", content_hash="h", entry_id="ours", partition_date=None,
+                              transaction_ids=[], total_cents=1, run_id=None)
+    store.ledger_mark_posted("c", "R1", "ours", 5, exact_entry_id="THEIRS")
+    row = store.ledger_get("c", "R1")
+    assert (row.entry_id, row.client_entry_id, row.status) == ("theirs", "ours", "posted")
