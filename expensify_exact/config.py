@@ -66,6 +66,9 @@ class PostingRules(_Strict):
       journal that does not allow variable currency; such a report without a rate is quarantined as
       MISSING_EXCHANGE_RATE. On a journal that allows variable currency the entry is posted in the report
       currency with no `ExchangeRate`, so Exact applies its own rate table.
+    - `grace_hours`, `lookback_days`: a day is posted once it has ended in the connection's timezone plus the
+      grace; that run re-exports the `lookback_days` days before it too, so an approval that reached Expensify's
+      export late is still posted (and audited as `late_approval`).
     - `require_vat`: when true, an expense whose tax name maps to a VAT code, posted on a journal that does not
       allow VAT, quarantines the report (VAT_NOT_ALLOWED) instead of posting the gross amount without a code.
     """
@@ -77,6 +80,10 @@ class PostingRules(_Strict):
     exchange_rates: dict[str, float] = Field(default_factory=dict,
                                              description="report currency -> division currency per unit")
     require_vat: bool = False
+    grace_hours: float = Field(1.0, ge=0, le=24,
+                               description="a day is posted this long after it ended in the connection's timezone")
+    lookback_days: int = Field(3, ge=0, le=31,
+                               description="each day's run re-exports this many earlier days for late approvals")
 
     @field_validator("exchange_rates")
     @classmethod

@@ -78,7 +78,8 @@ class Digest:
 def build_digest(*, connection: str, day: str, ledger: Sequence[LedgerRow], quarantine: Sequence[QuarantineItem],
                  outcomes: pd.DataFrame | None = None, reconciliation: Reconciliation | None = None,
                  token_ages: dict[str, tuple[datetime, datetime]] | None = None,
-                 now: datetime | None = None, currency: str = "EUR") -> Digest:
+                 now: datetime | None = None, currency: str = "EUR",
+                 last_day_posted: tuple[str, datetime] | None = None) -> Digest:
     """One connection's digest for one approval day.
 
     Args:
@@ -91,9 +92,12 @@ def build_digest(*, connection: str, day: str, ledger: Sequence[LedgerRow], quar
         token_ages: `StateStore.token_ages()`.
         now: the time the digest is made (aware); default: the current time.
         currency: the division's currency, in which the connector posts.
+        last_day_posted: `StateStore.last_day_posted()`: the connection's newest complete day and when it was posted.
     """
     now = now or datetime.now(timezone.utc)
     posted, counts, posted_total = _posted_section(day, ledger, outcomes, currency)
+    posted.bullets.append(f"Last complete day posted: {last_day_posted[0]}, at {_when(last_day_posted[1].isoformat())}."
+                          if last_day_posted else "Last complete day posted: none yet.")
     waiting, open_today, open_total = _quarantine_sections(day, quarantine)
     checked = _reconciliation_section(reconciliation)
     health = _health_section(connection, reconciliation, token_ages or {}, now)

@@ -9,10 +9,13 @@ report's refusal never stops the others.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 import pandas as pd
 
+from expensify_exact.clock import Clock, SystemClock, next_clock_hour
 from expensify_exact.errors import (
     ApiError,
     AuthenticationError,
@@ -55,13 +58,15 @@ class ReportOutcome:
 class PostingRun:
     outcomes: list[ReportOutcome]
     stopped_reason: str | None = None  # set when a budget or a refusal of the connection ended the run early
+    late_approvals: list[str] = field(default_factory=list)  # reports first seen in a day already posted
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(o) for o in self.outcomes], columns=OUTCOME_COLUMNS)
 
 
 def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, client: JournalPoster | None,
-                dry_run: bool, run_id: str | None = None) -> PostingRun:
+                dry_run: bool, run_id: str | None = None, closed_days: Collection[str] = (),
+                clock: Clock | None = None) -> PostingRun:
     """Settle every report in `drafts` as posted, already posted, quarantined, or (dry-run) previewed.
 
     Args:
@@ -71,16 +76,24 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
         client: the Exact client; unused in a dry run.
         dry_run: build and report everything, write nothing to Exact, the ledger or the quarantine.
         run_id: the Dagster run, for the audit log.
+        closed_days: approval days an earlier run already posted after they had closed; a report of such a day
+            that the connector has never seen (not in the ledger, the quarantine or the deferred list) is audited
+            as a `late_approval` before it is settled like any other.
+        clock: the connector's time, for when a deferred report may be tried again (default: the system clock).
 
     A report whose POST got no certain answer, or whose pending intent could not be settled, is deferred (its
     intent stays for the next run) and the run goes on. A spent budget (daily calls, the endpoint's hourly errors)
     or a refusal of the connection (401 after a refresh, 403) defers the rest with the reason in `stopped_reason`.
+    Every deferred report is recorded with when to try it again, for the sensor `post_deferred_after_reset`.
     """
+    clock = clock or SystemClock()
     outcomes: list[ReportOutcome] = []
+    late = _audit_late_approvals(drafts, connection, store, set(closed_days), run_id) \
+        if closed_days and not dry_run else []
     for report_id, problems in drafts.rejections.groupby("report_id", sort=True):
         outcomes.append(_settle_rejected(report_id, problems, connection, store, dry_run, run_id))
     lines = drafts.lines
-    stopped = None
+    stopped, stop_retry = None, None
     report_ids = list(dict.fromkeys(lines["report_id"])) if len(lines) else []
     for index, report_id in enumerate(report_ids):
         report_lines = lines[lines["report_id"] == report_id]
@@ -102,8 +115,70 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
             store.audit("deferred", connection=connection, run_id=run_id,
                         detail={"reports": report_ids[index:], "reason": stopped,
                                 "resets_at": str(getattr(exc, "resets_at", None) or "")})
+            stop_retry = (set(report_ids[index:]), _retry_after(exc, clock.now()))
             break
-    return PostingRun(outcomes=outcomes, stopped_reason=stopped)
+    if not dry_run:
+        _remember_deferrals(store, connection, outcomes, stop_retry, clock)
+    return PostingRun(outcomes=outcomes, stopped_reason=stopped, late_approvals=late)
+
+
+def _retry_after(exc: ApiError, now: datetime) -> datetime:
+    """When reports a stop deferred may be tried again: Exact's daily reset for a spent daily budget (when it said
+    when), else the next clock hour — when an endpoint's error budget renews, and soon enough for a refused
+    connection (one try an hour stays far below Exact's 10 errors per endpoint and hour)."""
+    resets_at = getattr(exc, "resets_at", None)
+    if isinstance(exc, RateLimitExhausted) and isinstance(resets_at, datetime):
+        return resets_at
+    return next_clock_hour(now)
+
+
+def _remember_deferrals(store: StateStore, connection: str, outcomes: list[ReportOutcome],
+                        stop_retry: tuple[set[str], datetime] | None, clock: Clock) -> None:
+    """Record every deferred report with when to try it again (see `_retry_after`; a report deferred on its own,
+    an uncertain POST or one not sent, in the next clock hour) for the sensor `post_deferred_after_reset`, and
+    forget the deferrals of reports this run settled."""
+    stopped_ids, stop_at = stop_retry or (set(), None)
+    deferred = [o for o in outcomes if o.outcome == "deferred"]
+    by_stop = {o.report_id: o.partition_date for o in deferred if o.report_id in stopped_ids}
+    on_their_own = {o.report_id: o.partition_date for o in deferred if o.report_id not in stopped_ids}
+    if by_stop:
+        store.deferred_put(connection, by_stop, stop_at)
+    if on_their_own:
+        store.deferred_put(connection, on_their_own, next_clock_hour(clock.now()))
+    store.deferred_clear(connection, [o.report_id for o in outcomes if o.outcome != "deferred"])
+
+
+def forget_vanished_deferrals(store: StateStore, connection: str, days: Collection[str], seen: Collection[str],
+                              run_id: str | None) -> list[str]:
+    """Drop deferred reports of `days` that a fresh export of those days no longer holds (reopened, or approved
+    again on another day, where their own run settles them); otherwise their days would be rerun at every reset."""
+    gone = sorted(rid for rid, deferral in store.deferred(connection).items()
+                  if deferral.partition_date in set(days) and rid not in set(seen))
+    if gone:
+        store.deferred_clear(connection, gone)
+        store.audit("deferral_dropped", connection=connection, run_id=run_id,
+                    detail={"reports": gone, "note": "no longer approved on their day; nothing to post"})
+    return gone
+
+
+def _audit_late_approvals(drafts: JournalDrafts, connection: str, store: StateStore, closed_days: set[str],
+                          run_id: str | None) -> list[str]:
+    """Mark reports that turned up in an approval day only after that day had been posted."""
+    frames = [f[["report_id", "partition_date"]] for f in (drafts.lines, drafts.rejections) if len(f)]
+    if not frames:
+        return []
+    found = pd.concat(frames).drop_duplicates("report_id")
+    found = found[found["partition_date"].isin(closed_days)]
+    deferred = store.deferred(connection) if len(found) else {}
+    late = []
+    for report_id, day in found.itertuples(index=False):
+        if report_id in deferred or store.ledger_get(connection, report_id) is not None \
+                or store.quarantine_get(connection, report_id) is not None:
+            continue
+        store.audit("late_approval", connection=connection, report_id=report_id, run_id=run_id, partition_date=day,
+                    detail={"approval_day": day, "note": "first exported after its approval day was posted"})
+        late.append(report_id)
+    return late
 
 
 def _stop_reason(exc: ApiError) -> str:

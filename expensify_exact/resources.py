@@ -7,6 +7,8 @@ from functools import lru_cache
 
 import dagster as dg
 
+from expensify_exact import connections
+from expensify_exact.clock import Clock
 from expensify_exact.config import Connection, ProjectConfig, load_project_config
 from expensify_exact.connections import build_exact_client, build_expensify_client
 from expensify_exact.exact.client import ExactClient
@@ -31,6 +33,10 @@ class ConnectorResource(dg.ConfigurableResource):
 
     def store(self) -> StateStore:
         return _store(self.state_url or os.environ.get("EXPENSIFY_EXACT_STATE_URL"))
+
+    def clock(self) -> Clock:
+        """The connector's time, as its API clients read it (`connections.SystemClock`; tests swap that)."""
+        return connections.SystemClock()
 
     def vault(self) -> CredentialVault:
         return CredentialVault(self.store())

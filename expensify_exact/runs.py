@@ -111,7 +111,9 @@ def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: st
     deferred = outcomes[outcomes["outcome"] == "deferred"] if len(outcomes) else outcomes
     if len(deferred):
         why = sorted({r["message"] for reasons in deferred["reasons"] for r in (reasons or []) if r.get("message")})
-        notes.append(f"{len(deferred)} report(s) deferred, posted by the next run: " + " | ".join(why[:3])
+        notes.append(f"{len(deferred)} report(s) deferred; the sensor post_deferred_after_reset reruns their days "
+                     "once they may be tried again (Exact's daily reset, else the next clock hour), or rerun the "
+                     "range then: " + " | ".join(why[:3])
                      + (f" (and {len(why) - 3} more reasons)" if len(why) > 3 else ""))
     return RunSummary(start, end, dry_run, result.success, result.run_id, outcomes, failure, notes)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -192,6 +192,29 @@ dimension_snapshots = sa.Table(
     sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Approval days whose run came after the day had ended in the connection's zone (plus the grace): a report that
+# first shows up in such a day later is a late approval, and `status` and the digest say when the newest was posted.
+days_posted = sa.Table(
+    "ee_days_posted", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("posted_at", sa.DateTime(timezone=True), nullable=False),  # the first run after the day closed
+    sa.Column("run_id", sa.String(64), nullable=True),
+)
+
+# Reports a run left for later (Exact's daily budget or an endpoint's hourly error budget ran out, Exact refused the
+# connection, or a POST got no certain answer), until a later run settles them; the sensor
+# `post_deferred_after_reset` reruns their days once `resets_at` has passed.
+deferred_reports = sa.Table(
+    "ee_deferred_reports", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("report_id", sa.String(64), primary_key=True),
+    sa.Column("partition_date", sa.String(10), nullable=False),
+    sa.Column("deferred_at", sa.DateTime(timezone=True), nullable=False),
+    # Not before: Exact's daily X-RateLimit-Reset for a spent daily budget, else the next clock hour; None = unknown.
+    sa.Column("resets_at", sa.DateTime(timezone=True), nullable=True),
+)
+
 # Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "locks, secrets, tokens, ledger, quarantine, audit log",
@@ -202,8 +225,18 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (4, "connection facts, per-endpoint error budget, client and Exact EntryIDs",
      [connection_facts, error_budget]),
     (5, "each division's last dimension snapshot, refreshed incrementally", [dimension_snapshots]),
+    (6, "approval days posted after they closed, and deferred reports with when to try them again",
+     [days_posted, deferred_reports]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class Deferral(NamedTuple):
+    """A deferred report: its approval day, when it may be tried again (None: unknown), when it was deferred."""
+
+    partition_date: str
+    resets_at: datetime | None
+    deferred_at: datetime
 
 
 @dataclass(frozen=True)
@@ -741,6 +774,53 @@ class StateStore:
             where.append(dimension_snapshots.c.dimension == dimension)
         with self.engine.begin() as conn:
             return conn.execute(dimension_snapshots.delete().where(*where)).rowcount
+
+    # --- closed approval days and deferred reports ------------------------------------------------------
+    def day_mark_posted(self, connection: str, day: str, run_id: str | None) -> None:
+        """Record that `day` was run after it closed; the first such run's time is kept."""
+        with self.engine.begin() as conn:
+            try:
+                with conn.begin_nested():
+                    conn.execute(days_posted.insert().values(connection=connection, day=day, posted_at=_utcnow(),
+                                                             run_id=run_id))
+            except sa.exc.IntegrityError:
+                pass
+
+    def days_posted(self, connection: str, days: list[str] | None = None) -> dict[str, datetime]:
+        """day -> when it was first run after it closed, for `days` (default: all of the connection's)."""
+        query = sa.select(days_posted.c.day, days_posted.c.posted_at).where(days_posted.c.connection == connection)
+        if days is not None:
+            query = query.where(days_posted.c.day.in_(list(days)))
+        with self.engine.connect() as conn:
+            return {r.day: _aware(r.posted_at) for r in conn.execute(query)}
+
+    def last_day_posted(self, connection: str) -> tuple[str, datetime] | None:
+        """The connection's newest closed day that was run, and when."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(days_posted.c.day, days_posted.c.posted_at)
+                               .where(days_posted.c.connection == connection)
+                               .order_by(days_posted.c.day.desc()).limit(1)).first()
+        return (row.day, _aware(row.posted_at)) if row else None
+
+    def deferred_put(self, connection: str, reports: dict[str, str], resets_at: datetime | None) -> None:
+        """Record reports (report ID -> approval day) left for a later run, not to be tried before `resets_at`."""
+        now = _utcnow()
+        for report_id, day in reports.items():
+            self._upsert(deferred_reports, {"connection": connection, "report_id": report_id},
+                         {"partition_date": day, "deferred_at": now, "resets_at": resets_at})
+
+    def deferred_clear(self, connection: str, report_ids: list[str]) -> None:
+        if not report_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(deferred_reports.delete().where(deferred_reports.c.connection == connection,
+                                                         deferred_reports.c.report_id.in_(list(report_ids))))
+
+    def deferred(self, connection: str) -> dict[str, Deferral]:
+        """report ID -> its deferral, for the connection's deferred reports."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(deferred_reports).where(deferred_reports.c.connection == connection))
+            return {r.report_id: Deferral(r.partition_date, _aware(r.resets_at), _aware(r.deferred_at)) for r in rows}
 
     # --- helpers -------------------------------------------------------------------------------------
     def _upsert(self, table: sa.Table, keys: dict, values: dict) -> None:

@@ -58,6 +58,7 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
             "ledger": {"posted": ledger.get("posted", 0), "pending": ledger.get("pending", 0)},
             "error_budget": _error_budget(store, conn, now),
             "last_posting": _last_posting(instance, conn),
+            "last_complete_day": _last_complete_day(store, conn),
         }
     return out
 
@@ -72,6 +73,13 @@ def _error_budget(store, conn, now: datetime) -> list[dict]:
              "stopped": row["errors"] >= ERROR_BUDGET_PER_ENDPOINT, "last_status": row["last_status"],
              "last_message": row["last_message"]}
             for row in store.error_budget_rows(hour) if row["scope"].startswith(prefix) and row["hour"] == hour]
+
+
+def _last_complete_day(store, conn) -> dict:
+    """The newest approval day run after it ended in the connection's zone, when, and what still waits."""
+    last = store.last_day_posted(conn.name)
+    return {"day": last[0] if last else None, "posted_at": last[1].isoformat() if last else None,
+            "timezone": conn.timezone, "deferred_reports": len(store.deferred(conn.name))}
 
 
 def _required_secrets() -> set[str]:
@@ -289,6 +297,12 @@ def render_text(status: dict) -> str:
         reasons = ", ".join(f"{code} {n}" for code, n in conn["quarantine_by_reason"].items())
         lines.append(f"  quarantine    {conn['quarantine_open']} open report(s)" + (f": {reasons}" if reasons else ""))
         lines.append(f"  ledger        {conn['ledger']['posted']} posted, {conn['ledger']['pending']} pending")
+        day = conn["last_complete_day"]
+        lines.append(f"  last day      {day['day']} ({day['timezone']}) posted at {day['posted_at'][:16]}Z"
+                     if day["day"] else f"  last day      none posted yet ({day['timezone']})")
+        if day["deferred_reports"]:
+            lines[-1] += (f"; {day['deferred_reports']} deferred report(s) wait to be tried again "
+                          f"(sensor post_deferred_after_reset)")
         for spent in conn.get("error_budget") or []:
             state = "STOPPED until the next hour" if spent["stopped"] else "calls go on"
             lines.append(f"  exact errors  {spent['endpoint']}: {spent['errors']}/{spent['limit']} this hour, {state} "

@@ -14,11 +14,12 @@ import pandas as pd
 from pandera.errors import SchemaErrors
 
 from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.days import closed_day
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.errors import ConnectorError
-from expensify_exact.posting import OUTCOME_COLUMNS, post_drafts
+from expensify_exact.posting import OUTCOME_COLUMNS, forget_vanished_deferrals, post_drafts
 from expensify_exact.resources import ConnectorResource
 from expensify_exact.snapshots import DIMENSION_QUERIES, needed_codes, refresh_snapshot
 from expensify_exact.webhooks import webhook_invalidations
@@ -247,14 +248,25 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         store = connector.store()
         client = None if config.dry_run else connector.exact_client(conn)
         results: dict[str, pd.DataFrame] = {}
-        stopped = []
+        stopped, late = [], []
+        # Days an earlier run posted after they closed: a report new in one of them is a late approval.
+        closed_before = set(store.days_posted(conn.name, list(context.partition_keys)))
         for key, drafts in _per_partition(context, journal_drafts).items():
             run = post_drafts(drafts, connection=conn.name, store=store, client=client, dry_run=config.dry_run,
-                              run_id=context.run_id)
+                              run_id=context.run_id, closed_days=closed_before, clock=connector.clock())
             results[key] = run.frame()
+            late.extend(run.late_approvals)
             if run.stopped_reason:
                 stopped.append(run.stopped_reason)
         outcomes = _concat(list(results.values()), OUTCOME_COLUMNS)
+        if not config.dry_run:
+            forget_vanished_deferrals(store, conn.name, list(results), set(outcomes["report_id"]), context.run.run_id)
+            last_closed = closed_day(conn, connector.clock().now())
+            for key in results:
+                if date.fromisoformat(key) <= last_closed:
+                    store.day_mark_posted(conn.name, key, context.run.run_id)
+        if late:
+            context.log.warning(f"{len(late)} late approval(s), posted under their own earlier day: {', '.join(late)}")
         for reason in stopped:
             context.log.warning(reason)
         newly_posted = sorted(outcomes.loc[outcomes["outcome"] == "posted", "report_id"])
@@ -265,7 +277,8 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
             value=_result(context, results),
             metadata={"posted": counts.get("posted", 0), "already_posted": counts.get("already_posted", 0),
                       "quarantined": counts.get("quarantined", 0), "previewed_dry_run": counts.get("dry_run", 0),
-                      "deferred": counts.get("deferred", 0), "is_dry_run": config.dry_run,
+                      "deferred": counts.get("deferred", 0), "late_approvals": len(late),
+                      "is_dry_run": config.dry_run,
                       "posted_total": float(outcomes.loc[outcomes["outcome"] == "posted", "total_cents"].sum()) / 100,
                       "exact_calls": client.calls_made if client is not None else 0,
                       "exact_daily_calls_left": (client.rate_limits.remaining_daily or -1) if client else -1,

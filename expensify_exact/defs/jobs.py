@@ -1,17 +1,38 @@
-"""The main job over every connection's asset group, and the daily schedule that posts yesterday's approvals."""
-
-from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
+"""The main job over every connection's asset group; the sensor that posts each connection's day once it has ended
+in the connection's timezone, and the one that posts deferred reports once Exact's daily budget has reset."""
 
 import dagster as dg
 
 from expensify_exact.config import ProjectConfig
+from expensify_exact.days import DayRun, daily_run, deferred_run
 from expensify_exact.defs.keys import ensure_pools, group_name
 from expensify_exact.defs.partitions import DAILY_APPROVALS
+from expensify_exact.defs.replay import CONNECTION_TAG, TRIGGER_TAG
+from expensify_exact.resources import ConnectorResource
 
 MAIN_JOB_NAME = "post_approved_expenses"
-SCHEDULE_NAME = "post_yesterdays_approvals"
+SENSOR_NAME = "post_closed_days"
+DEFERRED_SENSOR_NAME = "post_deferred_after_reset"
+MINIMUM_INTERVAL_SECONDS = 10 * 60
+RANGE_START_TAG, RANGE_END_TAG = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+FIRST_DAY = DAILY_APPROVALS.start.date()
 
+def day_run_request(context: dg.SensorEvaluationContext, run: DayRun, selection: dg.AssetSelection,
+                    trigger: str) -> dg.RunRequest | None:
+    """`run` as one run over its days for `selection`, or None if its key was already run or its days are not
+    partitions yet (a zone east of the partitions' own one ends its day first; the next evaluation asks again)."""
+    if not DAILY_APPROVALS.has_partition_key(run.end.isoformat()):
+        return None
+    if context.instance.get_run_records(dg.RunsFilter(tags={"dagster/run_key": run.key}), limit=1):
+        return None  # the daemon would skip it too; checked here so a tick's answer says what is left to do
+    tags = {CONNECTION_TAG: run.connection, TRIGGER_TAG: trigger}
+    if run.start == run.end:
+        partition = {"partition_key": run.end.isoformat()}
+    else:
+        partition = {}
+        tags |= {RANGE_START_TAG: run.start.isoformat(), RANGE_END_TAG: run.end.isoformat()}
+    keys = sorted(selection.resolve(context.repository_def.asset_graph))
+    return dg.RunRequest(run_key=run.key, asset_selection=keys, tags=tags, **partition)
 
 def build(config: ProjectConfig) -> dg.Definitions:
     job = dg.define_asset_job(
@@ -22,18 +43,43 @@ def build(config: ProjectConfig) -> dg.Definitions:
         tags={"dagster/max_retries": "1"},
     )
 
-    @dg.schedule(
-        name=SCHEDULE_NAME, job=job, cron_schedule="15 6 * * *", execution_timezone=DAILY_APPROVALS.timezone,
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Every morning at 06:15 (Europe/Amsterdam), posts the reports approved yesterday. Before "
-                    "requesting the run it gives the connector's pools their limit on the instance (see "
-                    "`ensure_pools`), so the first runs of a new deployment cannot trip over each other.",
-    )
-    def post_yesterdays_approvals(context: dg.ScheduleEvaluationContext):
-        ensure_pools(context.instance, config)
-        timezone = ZoneInfo(DAILY_APPROVALS.timezone)
-        today = (context.scheduled_execution_time or datetime.now(timezone)).astimezone(timezone).date()
-        yesterday = (today - timedelta(days=1)).isoformat()
-        return dg.RunRequest(run_key=yesterday, partition_key=yesterday)
+    def _requests(context: dg.SensorEvaluationContext, connector: ConnectorResource, plan, trigger: str):
+        ensure_pools(context.instance, config)  # before any run claims them: dagster-io/dagster#33552
+        now = connector.clock().now()
+        requests, notes = [], []
+        for conn in config.connections:
+            run = plan(conn, connector, now)
+            request = day_run_request(context, run, dg.AssetSelection.groups(group_name(conn.name)), trigger) \
+                if run else None
+            if request is None:
+                notes.append(f"{conn.name}: nothing new" + (f" ({run.key} already requested or not a partition "
+                                                            f"yet)" if run else ""))
+                continue
+            context.log.info(f"{conn.name}: {run.reason}")
+            requests.append(request)
+        return requests or dg.SkipReason("; ".join(notes))
 
-    return dg.Definitions(jobs=[job], schedules=[post_yesterdays_approvals])
+    @dg.sensor(
+        name=SENSOR_NAME, job=job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"connector"},
+        description="Every 10 minutes, for each connection: once its newest approval day has ended in the "
+                    "connection's own timezone plus `posting.grace_hours`, one run of that connection's assets over "
+                    "the day and the `posting.lookback_days` before it (late approvals), keyed connection + day so "
+                    "each day runs once. Gives the connector's pools their limit first (see `ensure_pools`).",
+    )
+    def post_closed_days(context: dg.SensorEvaluationContext):
+        return _requests(context, context.resources.connector,
+                         lambda conn, _connector, now: daily_run(conn, now, FIRST_DAY), "day_closed")
+
+    @dg.sensor(
+        name=DEFERRED_SENSOR_NAME, job=job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"connector"},
+        description="For each connection with reports deferred because Exact's daily budget ran out: once the "
+                    "budget has reset (`X-RateLimit-Reset`), one run over the days that hold them, keyed by the "
+                    "reset time, so a long backfill finishes by itself over as many days as the budget needs.",
+    )
+    def post_deferred_after_reset(context: dg.SensorEvaluationContext):
+        return _requests(context, context.resources.connector,
+                         lambda conn, connector, now: deferred_run(conn, connector.store(), now), "deferred")
+
+    return dg.Definitions(jobs=[job], sensors=[post_closed_days, post_deferred_after_reset])

@@ -1,5 +1,5 @@
 """The `keep_connector_pools` sensor: the daemon gives the connector's pools their limit, so runs from the UI, a
-backfill, Dagster's API or a run retry find them in place (the schedule and `expensify-exact run` do it too)."""
+backfill, Dagster's API or a run retry find them in place (`post_closed_days` and `expensify-exact run` do it too)."""
 
 import dagster as dg
 

@@ -16,6 +16,8 @@ import dagster as dg
 import pandas as pd
 
 from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.days import DayRun, reconciliation_day
+from expensify_exact.defs.jobs import day_run_request
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
@@ -30,6 +32,8 @@ from expensify_exact.resources import ConnectorResource
 MONTHLY = dg.MonthlyPartitionsDefinition(start_date="2024-01-01", timezone="Europe/Amsterdam")
 SINGLE_RUN = dg.BackfillPolicy.single_run()
 DAILY_JOB_NAME = "reconcile_and_digest"
+DAILY_SENSOR_NAME = "reconcile_closed_days"
+MINIMUM_INTERVAL_SECONDS = 10 * 60
 MONTHLY_JOB_NAME = "reconcile_month"
 
 # Daily invariants: check name → the findings that break it, and what it promises.
@@ -91,17 +95,40 @@ def build(config: ProjectConfig) -> dg.Definitions:
     monthly_job = dg.define_asset_job(
         MONTHLY_JOB_NAME, selection=dg.AssetSelection.assets(*[monthly_key(c) for c in config.connections]),
         partitions_def=MONTHLY, description="Roll the month's daily reconciliations up; check card liabilities.")
+
+    @dg.sensor(
+        name=DAILY_SENSOR_NAME, job=daily_job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"connector"},
+        description="For each connection, once the run of its newest closed day has posted, reconciles the day "
+                    "`posting.lookback_days` before it — the newest day no later run re-exports — and writes its "
+                    "digest; keyed connection + day, so each day is reconciled once.",
+    )
+    def reconcile_closed_days(context: dg.SensorEvaluationContext):
+        store = context.resources.connector.store()
+        requests, notes = [], []
+        for conn in config.connections:
+            day = reconciliation_day(conn, store)
+            run = DayRun(conn.name, day, day, f"{conn.name}:reconcile:{day}", "") if day else None
+            selection = dg.AssetSelection.assets(approved_key(conn), daily_key(conn), digest_key(conn))
+            request = day_run_request(context, run, selection, "window_closed") if run else None
+            if request is None:
+                notes.append(f"{conn.name}: nothing new to reconcile")
+                continue
+            requests.append(request)
+        return requests or dg.SkipReason("; ".join(notes))
+
+    # The month's last day is reconciled once the day `lookback_days` after it has been posted, which (in any zone)
+    # is done by 07:45 Amsterdam time two days later; card statements are usually booked by then too.
+    month_day = min(28, 2 + max((c.posting.lookback_days for c in config.connections), default=1))
     schedules = [
         dg.build_schedule_from_partitioned_job(
-            daily_job, name="reconcile_yesterday", hour_of_day=7, minute_of_hour=15,
-            description="Every morning after posting, reconciles yesterday and writes its digest.",
-            default_status=dg.DefaultScheduleStatus.RUNNING),
-        dg.build_schedule_from_partitioned_job(
-            monthly_job, name="reconcile_last_month", day_of_month=3, hour_of_day=7, minute_of_hour=45,
-            description="On the 3rd, once card statements are usually booked, reconciles the previous month.",
+            monthly_job, name="reconcile_last_month", day_of_month=month_day, hour_of_day=7, minute_of_hour=45,
+            description=f"On day {month_day} of the month, once every day of the previous month has been reconciled "
+                        f"(after its look-back) and card statements are usually booked, reconciles that month.",
             default_status=dg.DefaultScheduleStatus.RUNNING),
     ]
-    return dg.Definitions(assets=assets, jobs=[daily_job, monthly_job], schedules=schedules)
+    return dg.Definitions(assets=assets, jobs=[daily_job, monthly_job], schedules=schedules,
+                          sensors=[reconcile_closed_days])
 
 
 def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) -> list:
@@ -182,7 +209,8 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
             digest = build_digest(connection=conn.name, day=day, ledger=ledger, quarantine=quarantine,
                                   outcomes=_own_outcomes(outcomes_by_day.get(day), conn.name),
                                   reconciliation=recon_by_day.get(day), token_ages=token_ages,
-                                  currency=conn.exact.division_currency)
+                                  currency=conn.exact.division_currency,
+                                  last_day_posted=store.last_day_posted(conn.name))
             written = write_digest(digest, base)
             paths[day] = str(written["md"])
             last = digest

@@ -336,6 +336,7 @@ class _Report:
     policy_id: str
     expenses: list[_Expense]
     labels: list[dict] = field(default_factory=list)
+    hidden_until: datetime | None = None  # naive UTC: exports leave the report out before then (a lagging export)
 
     @property
     def total(self) -> int:
@@ -562,8 +563,16 @@ class ExpensifySimulator:
                 elif state == "APPROVED":
                     report.reimbursed = None
 
+    def hide_from_exports(self, report_id: str, until: datetime) -> None:
+        """Leave a report out of every export until `until` (sandbox clock), as an export that lags behind an
+        approval (or a report retracted and re-approved) would: the report turns up days after its approval day."""
+        with self._lock:
+            self._report(report_id).hidden_until = until.astimezone(timezone.utc).replace(tzinfo=None) \
+                if until.tzinfo else until
+
     def add_report(self, *, name: str, employee_email: str, expenses: list[dict], state: str = "APPROVED",
-                   approved: datetime | None = None, currency: str = "EUR", submitted: datetime | None = None) -> str:
+                   approved: datetime | None = None, currency: str = "EUR", submitted: datetime | None = None,
+                   policy_id: str = seedmod.POLICY_ID) -> str:
         """Add a report; each expense dict has merchant, category, tag, amount (cents), optional currency/created.
 
         `submitted` (naive UTC, default now) also dates the report's creation, e.g. to add a report that was
@@ -590,7 +599,7 @@ class ExpensifySimulator:
             report = _Report(report_id=report_id, old_id=_numeric_id("old:" + report_id, 16), name=name,
                              employee=employee, currency=currency, created=submitted or now,
                              submitted=submitted if state.upper() != "OPEN" else None, approved=None,
-                             reimbursed=None, state="OPEN", policy_id=seedmod.POLICY_ID, expenses=records)
+                             reimbursed=None, state="OPEN", policy_id=policy_id, expenses=records)
             self._reports[report_id] = report
         if state.upper() != "OPEN":
             self.set_report_state(report_id, state, approved=approved)
@@ -847,6 +856,8 @@ class ExpensifySimulator:
                 elif report.approved.date() <= approved_after:
                     continue  # strictly after: approved on that very day is dropped
             if exported_label and any(lab["label"] == exported_label for lab in report.labels):
+                continue
+            if report.hidden_until is not None and self._now() < report.hidden_until:
                 continue
             selected.append(report)
         return selected[:limit] if limit else selected

@@ -1,17 +1,23 @@
-"""The daily schedule asks for yesterday's partition and prepares the connector's pools before the run claims them."""
+"""The daily sensor asks for the connection's newest closed day (with its look-back) and prepares the connector's
+pools before the run claims them."""
 
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pytest
 
+from expensify_exact import connections
 from expensify_exact.config import load_project_config
 from expensify_exact.definitions import build_defs
-from expensify_exact.defs.jobs import SCHEDULE_NAME
+from expensify_exact.defs.jobs import MAIN_JOB_NAME, RANGE_END_TAG, RANGE_START_TAG, SENSOR_NAME
 from expensify_exact.defs.keys import connector_pools, ensure_pools
+from expensify_exact.defs.replay import CONNECTION_TAG
+from expensify_exact.resources import ConnectorResource
 from tests.conftest import MAPPINGS
+from tests.factories import FakeClock
 
+AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 POOLS_LIMITED = {"concurrency": {"pools": {"default_limit": 1}}}
 
 
@@ -28,21 +34,31 @@ def test_the_shipped_mappings_have_one_exact_and_one_expensify_pool_per_connecti
     assert connector_pools(config) == ["exact_division_123456", "expensify_vermeerhals_nl"]
 
 
-@pytest.mark.parametrize("scheduled, partition", [
-    (datetime(2026, 11, 25, 6, 15, tzinfo=ZoneInfo("Europe/Amsterdam")), "2026-11-24"),
-    # 00:30 in Amsterdam is still the previous evening in UTC: the partition follows Amsterdam's calendar
-    (datetime(2026, 3, 30, 0, 30, tzinfo=ZoneInfo("Europe/Amsterdam")), "2026-03-29"),
+@pytest.mark.parametrize("now, day", [
+    (datetime(2026, 11, 25, 6, 15, tzinfo=AMSTERDAM), "2026-11-24"),
+    # the day is over at midnight in Amsterdam, but posted only after the grace hour
+    (datetime(2026, 11, 25, 0, 59, tzinfo=AMSTERDAM), "2026-11-23"),
+    (datetime(2026, 11, 25, 1, 0, tzinfo=AMSTERDAM), "2026-11-24"),
+    # 01:00 in Amsterdam on the night summer time began is still the previous evening in UTC
+    (datetime(2026, 3, 30, 1, 0, tzinfo=AMSTERDAM), "2026-03-29"),
 ])
-def test_schedule_requests_yesterday_and_creates_the_pools_first(tmp_path, config, scheduled, partition):
+def test_sensor_requests_the_closed_day_with_its_look_back_and_creates_the_pools_first(tmp_path, config, monkeypatch,
+                                                                                      now, day):
+    monkeypatch.setattr(connections, "SystemClock", lambda: FakeClock(now))
     defs = build_defs(str(MAPPINGS))
-    schedule = defs.get_repository_def().get_schedule_def(SCHEDULE_NAME)
-    assert schedule.execution_timezone == "Europe/Amsterdam" and schedule.cron_schedule == "15 6 * * *"
+    sensor = defs.get_repository_def().get_sensor_def(SENSOR_NAME)
+    connector = ConnectorResource(mappings_dir=str(MAPPINGS), state_url=f"sqlite:///{tmp_path / 'state.db'}")
     with dg.instance_for_test(overrides=POOLS_LIMITED, temp_dir=str(tmp_path)) as instance:
         assert _limits(instance) == {}
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=scheduled,
-                                       repository_def=defs.get_repository_def()) as context:
-            [request] = schedule.evaluate_tick(context).run_requests
-        assert request.partition_key == partition and request.run_key == partition
+        with dg.build_sensor_context(instance=instance, resources={"connector": connector},
+                                     repository_def=defs.get_repository_def()) as context:
+            [request] = sensor.evaluate_tick(context).run_requests
+        assert request.run_key == f"vermeerhals-nl:{day}"
+        start = (date.fromisoformat(day) - timedelta(days=3)).isoformat()
+        assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == (start, day)
+        assert request.tags[CONNECTION_TAG] == "vermeerhals-nl"
+        main_job = defs.resolve_job_def(MAIN_JOB_NAME)
+        assert set(request.asset_selection) == set(main_job.asset_layer.executable_asset_keys)
         assert _limits(instance) == {pool: 1 for pool in connector_pools(config)}
         assert not any(p.from_default for p in instance.event_log_storage.get_pool_limits())
 

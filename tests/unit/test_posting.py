@@ -237,3 +237,41 @@ def test_dry_run_writes_nothing_to_exact_ledger_or_quarantine(store, exact):
     assert sorted(o.outcome for o in result.outcomes) == ["dry_run", "quarantined"]
     assert exact.posts == 0 and store.ledger_rows() == [] and store.quarantine_items() == []
     assert {r["event"] for r in store.audit_rows()} == {"dry_run"}
+
+
+@pytest.mark.parametrize("fault, retry_at", [
+    ("error_budget", "next_hour"), ("forbidden", "next_hour"), ("timeout_not_stored", "next_hour"),
+    ("throttled", "next_hour"), ("budget_with_reset", "daily_reset"),
+])
+def test_every_deferred_report_is_recorded_with_when_the_sensor_may_try_it_again(store, exact, fault, retry_at):
+    """Not only a spent daily budget defers: an endpoint's spent error budget, a 403 and an uncertain or throttled
+    POST do too. Each is recorded for `post_deferred_after_reset`: at Exact's daily reset, else the next clock hour;
+    its plan asks for the report's day then and not before, and a rerun that settles the report forgets it."""
+    from datetime import datetime, timedelta, timezone
+
+    from expensify_exact.days import deferred_run
+
+    now = datetime(2026, 11, 25, 12, 20, tzinfo=timezone.utc)
+    daily_reset = datetime(2026, 11, 26, 0, 0, tzinfo=timezone.utc)
+    wanted = {"next_hour": datetime(2026, 11, 25, 13, 0, tzinfo=timezone.utc), "daily_reset": daily_reset}[retry_at]
+
+    class Clock:
+        def now(self):
+            return now
+
+    if fault == "budget_with_reset":
+        def out_of_budget(body):
+            raise RateLimitExhausted("exact", "daily limit", resets_at=daily_reset)
+        exact.send_general_journal_entry = out_of_budget
+    else:
+        exact.fail_next = [fault]
+    result = run(store, exact, "R1", clock=Clock())
+    assert [o.outcome for o in result.outcomes] == ["deferred"]
+    deferral = store.deferred(CONN.name)["R1"]
+    assert (deferral.partition_date, deferral.resets_at) == ("2026-11-10", wanted)
+    assert deferred_run(CONN, store, wanted - timedelta(minutes=1)) is None
+    plan = deferred_run(CONN, store, wanted)
+    assert (plan.start, plan.end) == (date(2026, 11, 10), date(2026, 11, 10))
+    if fault != "budget_with_reset":
+        assert [o.outcome for o in run(store, exact, "R1", clock=Clock()).outcomes] == ["posted"]
+        assert store.deferred(CONN.name) == {}
