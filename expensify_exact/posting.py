@@ -12,6 +12,7 @@ from typing import Protocol
 
 import pandas as pd
 
+from expensify_exact import progress
 from expensify_exact.errors import RateLimitExhausted, RejectedByApi
 from expensify_exact.state import StateStore
 from expensify_exact.transform.journal import (
@@ -71,6 +72,7 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
     outcomes: list[ReportOutcome] = []
     for report_id, problems in drafts.rejections.groupby("report_id", sort=True):
         outcomes.append(_settle_rejected(report_id, problems, connection, store, dry_run, run_id))
+        _settled(outcomes[-1])
     lines = drafts.lines
     stopped = None
     report_ids = list(dict.fromkeys(lines["report_id"])) if len(lines) else []
@@ -85,6 +87,7 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
                 with store.lock(f"post:{connection}:{report_id}", ttl_seconds=300, wait_seconds=600):
                     outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run,
                                               run_id))
+            _settled(outcomes[-1])
         except RateLimitExhausted as exc:
             # Not a failure: the rest waits for the next run's budget; nothing is lost and no intent is left open.
             stopped = f"Exact's daily call budget is used up; {len(report_ids) - index} report(s) wait for the next run"
@@ -94,8 +97,25 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
                                               transaction_ids=_tids(waiting_lines)))
             store.audit("deferred", connection=connection, run_id=run_id,
                         detail={"reports": report_ids[index:], "resets_at": str(exc.resets_at)})
+            progress.publish(progress.BudgetExhausted(connection, len(report_ids) - index, str(exc.resets_at)))
+            for waiting in outcomes[-(len(report_ids) - index):]:
+                _settled(waiting)
             break
     return PostingRun(outcomes=outcomes, stopped_reason=stopped)
+
+
+def planned_reports(drafts: JournalDrafts) -> dict[str, int]:
+    """Approval day -> reports `post_drafts` will settle for these drafts (for progress displays)."""
+    frames = [f[["report_id", "partition_date"]] for f in (drafts.rejections, drafts.lines) if len(f)]
+    if not frames:
+        return {}
+    reports = pd.concat(frames).drop_duplicates("report_id")
+    return {str(day): int(n) for day, n in reports.groupby("partition_date")["report_id"].nunique().items()}
+
+
+def _settled(outcome: ReportOutcome) -> None:
+    progress.publish(progress.ReportSettled(outcome.connection, str(outcome.partition_date), outcome.report_id,
+                                            outcome.outcome))
 
 
 def _tids(frame: pd.DataFrame) -> list[str]:

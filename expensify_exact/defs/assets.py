@@ -14,13 +14,14 @@ import dagster as dg
 import pandas as pd
 from pandera.errors import SchemaErrors
 
+from expensify_exact import progress
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.errors import ConnectorError
 from expensify_exact.expensify.client import parse_report_timestamp
-from expensify_exact.posting import OUTCOME_COLUMNS, post_drafts
+from expensify_exact.posting import OUTCOME_COLUMNS, planned_reports, post_drafts
 from expensify_exact.resources import ConnectorResource
 from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimension
 from expensify_exact.transform.draft_checks import DraftLineSchema, split_invalid_drafts
@@ -133,6 +134,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         keys = context.partition_keys
         start, end = date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
         by_day: dict[str, list[dict]] = {key: [] for key in keys}
+        progress.publish(progress.Phase(conn.name, f"exporting {len(keys)} day(s) of approved reports from Expensify"))
         with connector.expensify_client(conn) as client:
             reports = client.export_reports(start, end, conn.expensify.policy_ids, timezone=conn.timezone,
                                             source_timezone=conn.expensify.timestamp_timezone)
@@ -188,6 +190,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         pool=exact_pool(conn),
     )
     def exact_dimensions(context: dg.AssetExecutionContext, connector: ConnectorResource):
+        progress.publish(progress.Phase(conn.name, f"reading Exact's dimensions of {division}"))
         client = connector.exact_client(conn)
         client.check_division()
         for name in dimension_keys:
@@ -249,10 +252,14 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         client = None if config.dry_run else connector.exact_client(conn)
         results: dict[str, pd.DataFrame] = {}
         stopped = []
-        for key, drafts in _per_partition(context, journal_drafts).items():
+        drafts_by_day = _per_partition(context, journal_drafts)
+        progress.publish(progress.ReportsPlanned(conn.name, {key: sum(planned_reports(drafts).values())
+                                                             for key, drafts in drafts_by_day.items()}))
+        for key, drafts in drafts_by_day.items():
             run = post_drafts(drafts, connection=conn.name, store=store, client=client, dry_run=config.dry_run,
                               run_id=context.run_id)
             results[key] = run.frame()
+            progress.publish(progress.DayDone(conn.name, key, results[key]["outcome"].value_counts().to_dict()))
             if run.stopped_reason:
                 stopped.append(run.stopped_reason)
         outcomes = _concat(list(results.values()), OUTCOME_COLUMNS)
