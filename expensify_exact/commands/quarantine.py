@@ -188,6 +188,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    from expensify_exact.progress_view import showing_progress
     from expensify_exact.replay import replay_quarantine
 
     connector = connector_from_args(args)
@@ -199,7 +200,7 @@ def cmd_replay(args) -> int:
         connections = [c for c in connections if c.name in holding]
     remaining = 0
     for conn in connections:
-        with connector.expensify_client(conn) as expensify:
+        with connector.expensify_client(conn) as expensify, showing_progress(json_output=args.json):
             result = replay_quarantine(conn, project, store=store, expensify=expensify,
                                        exact=connector.exact_client(conn), report_ids=args.reports,
                                        dry_run=args.dry_run)
