@@ -42,6 +42,13 @@ def _deliver(context, connector: ConnectorResource, found: list[tuple[Connection
     return f"sent {len(sent)} alert(s)" if sent else f"{len(found)} alert(s) found, all sent before"
 
 
+def _cause(error) -> str:
+    """The connector's own error under Dagster's "Error occurred while executing op" wrapper, first line only."""
+    while error.cause is not None and "Error occurred while executing" in error.message:
+        error = error.cause
+    return (error.message.strip().splitlines() or ["?"])[0]
+
+
 def _state_sensor(name: str, config: ProjectConfig, find, interval: int, description: str) -> dg.SensorDefinition:
     """A sensor that looks at the connector's state of every connection with alert channels."""
 
@@ -73,8 +80,7 @@ def build(config: ProjectConfig) -> dg.Definitions:
         partitions = tags.get("dagster/partition") or (
             f"{tags['dagster/asset_partition_range_start']}..{tags['dagster/asset_partition_range_end']}"
             if "dagster/asset_partition_range_start" in tags else "")
-        steps = [f"{e.step_key}: {e.event_specific_data.error.message.strip().splitlines()[0]}"
-                 for e in context.get_step_failure_events()
+        steps = [f"{e.step_key}: {_cause(e.event_specific_data.error)}" for e in context.get_step_failure_events()
                  if e.event_specific_data and e.event_specific_data.error]
         message = "\n".join(steps) or (context.failure_event.message or "the run failed")
         found = [(conn, alerts.run_failed(conn, run.job_name, run.run_id, message, partitions))

@@ -129,20 +129,25 @@ def idle_refresh_token(conn: Connection, store: StateStore, now: datetime) -> li
 
 
 def deferred_reports(conn: Connection, store: StateStore, now: datetime) -> list[Alert]:
-    """One alert per posting that stopped because Exact's daily call budget ran out (audit event `deferred`)."""
-    out = []
+    """One alert per run whose posting stopped because Exact's daily call budget ran out (audit events
+    `deferred`, one per day the run could not finish)."""
+    runs: dict[str, list[dict]] = {}
     for row in store.audit_rows(conn.name, since=now - DEFERRED_LOOKBACK):
-        if row["event"] != "deferred":
-            continue
-        detail = json.loads(row["detail"] or "{}")
-        reports = detail.get("reports") or []
+        if row["event"] == "deferred":
+            runs.setdefault(row["run_id"] or f"audit-{row['id']}", []).append(row)
+    out = []
+    for run_id, rows in runs.items():
+        details = [json.loads(r["detail"] or "{}") for r in rows]
+        reports = sorted({report for d in details for report in d.get("reports") or []})
+        resets = next((d["resets_at"] for d in reversed(details) if d.get("resets_at") not in (None, "None")),
+                      "the daily reset")
         out.append(Alert(
-            BUDGET_DEFERRED, conn.name, f"{BUDGET_DEFERRED}:{conn.name}:{row['id']}",
+            BUDGET_DEFERRED, conn.name, f"{BUDGET_DEFERRED}:{conn.name}:{run_id}",
             f"[expensify-exact] Exact's daily budget ran out: {len(reports)} report(s) deferred ({conn.name})",
-            f"At {row['at']:%Y-%m-%d %H:%M} UTC (run {row['run_id'] or '?'}) Exact's daily call budget for division "
+            f"At {rows[0]['at']:%Y-%m-%d %H:%M} UTC (run {run_id}) Exact's daily call budget for division "
             f"{conn.exact.division} was used up; {len(reports)} report(s) wait for the next run: "
-            f"{', '.join(reports[:20])}{' …' if len(reports) > 20 else ''}.\nThe budget resets at "
-            f"{detail.get('resets_at') or 'the daily reset'}; the next run posts them, once. Nothing is lost."))
+            f"{', '.join(reports[:50])}{' …' if len(reports) > 50 else ''}.\nThe budget resets at {resets}; the "
+            f"next run posts them, once. Nothing is lost."))
     return out
 
 

@@ -166,3 +166,76 @@ def test_an_idle_refresh_token_is_alerted_once(notified, state_url, instance, in
 
     _tick(defs, alert_defs.TOKEN_SENSOR, instance, connector)
     assert _alerts(inbox, webhook, "refresh token idle") == (mails, posts)
+
+
+def test_a_failed_daily_run_is_alerted_once_through_the_run_failure_sensor(notified, sandbox, state_url, instance,
+                                                                            inbox, webhook):
+    connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
+    sandbox.exact.set_knobs(accessible_divisions={S.SECOND_DIVISION})  # the app lost access to the division
+    defs = _defs(notified)
+    day = (sandbox.seed.today - timedelta(days=3)).isoformat()
+    result = defs.resolve_job_def("post_approved_expenses").execute_in_process(
+        instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
+    assert not result.success
+    failure = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+    assert len(failure) == 1
+    sensor = _sensor(defs, alert_defs.RUN_FAILED_SENSOR)
+
+    for _ in range(2):  # the sensor sees the same failure twice (e.g. a daemon restart): one alert
+        context = dg.build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_event=failure[0].event_log_entry.dagster_event,
+            dagster_instance=instance, dagster_run=instance.get_run_by_id(result.run_id),
+            resources={"connector": connector}).for_run_failure()
+        sensor(context)
+
+    mails, posts = _alerts(inbox, webhook, "post_approved_expenses failed")
+    assert len(mails) == 1 and len(posts) == 1
+    text = posts[0]["json"]["text"]
+    assert day in text and result.run_id in text and "123456" in text  # the division it could not reach
+    assert mails[0]["To"] == "ops@vermeerhals.nl"
+
+
+def test_reports_deferred_because_exacts_daily_budget_ran_out_are_alerted_once(notified, sandbox, state_url,
+                                                                                instance, inbox, webhook):
+    connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
+    sandbox.exact.set_knobs(daily_limit=60)  # the dimension reads leave ~50 calls, the connector's reserve
+    today = sandbox.seed.today
+    summary = run_range(today - timedelta(days=10), today - timedelta(days=1), mappings_dir=str(notified),
+                        state_url=state_url, instance=instance)
+    deferred = sorted(summary.outcomes.loc[summary.outcomes["outcome"] == "deferred", "report_id"])
+    assert summary.success and deferred
+    defs = _defs(notified)
+
+    _tick(defs, alert_defs.DEFERRED_SENSOR, instance, connector)
+    mails, posts = _alerts(inbox, webhook, "daily budget ran out")
+    assert len(mails) == 1 and len(posts) == 1
+    assert f"{len(deferred)} report(s) deferred" in mails[0]["Subject"]
+    assert all(report_id in posts[0]["json"]["text"] for report_id in deferred)
+
+    _tick(defs, alert_defs.DEFERRED_SENSOR, instance, connector)
+    assert _alerts(inbox, webhook, "daily budget ran out") == (mails, posts)
+
+
+def test_reconciliation_findings_are_alerted_once_per_reconciliation(notified, sandbox, state_url, instance, inbox,
+                                                                     webhook):
+    connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
+    defs = _defs(notified)
+    day = (sandbox.seed.today - timedelta(days=2)).isoformat()
+    posted = defs.resolve_job_def("post_approved_expenses").execute_in_process(
+        instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
+    assert posted.success
+    entry_ids = [r.entry_id for r in StateStore(state_url).ledger_rows(CONNECTION, status="posted")]
+    assert entry_ids
+    sandbox.exact.delete_entry(entry_ids[0])  # someone deleted a posted entry in Exact
+    reconciled = defs.resolve_job_def(reconciliation.DAILY_JOB_NAME).execute_in_process(
+        instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
+    assert reconciled.success
+
+    first = _tick(defs, alert_defs.RECONCILIATION_SENSOR, instance, connector)
+    mails, posts = _alerts(inbox, webhook, "reconciliation found")
+    assert len(mails) == 1 and len(posts) == 1
+    assert "MISSING_IN_EXACT" in posts[0]["json"]["text"] and day in mails[0]["Subject"]
+
+    _tick(defs, alert_defs.RECONCILIATION_SENSOR, instance, connector, cursor=first.cursor)
+    _tick(defs, alert_defs.RECONCILIATION_SENSOR, instance, connector)  # even without the cursor: sent before
+    assert _alerts(inbox, webhook, "reconciliation found") == (mails, posts)
