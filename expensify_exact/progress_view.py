@@ -4,6 +4,7 @@ otherwise, or with `--json`, a plain line per day (on stderr with `--json`, so s
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -81,6 +82,9 @@ class RichView:
             self._status_text(f"{event.connection}: {event.day} report {event.report_id} {event.outcome}")
         elif isinstance(event, progress.DayDone):
             self._status_text(f"{event.connection}: {event.day} done")
+        if not isinstance(event, progress.ReportSettled):
+            # Each day and each wait is drawn when it happens; single reports wait for rich's own refresh.
+            self._progress.refresh()
 
     def _status_text(self, text: str) -> None:
         self._progress.update(self._status, info=text)
@@ -129,9 +133,14 @@ def showing_progress(*, json_output: bool, total_days: int | None = None) -> Ite
     On a terminal (stdout a TTY, no `--json`): the live display on stdout. Otherwise a plain line per day: on
     stderr with `--json` (stdout carries only the JSON object), else on stdout.
     """
-    if not json_output and sys.stdout.isatty():
-        view: RichView | LineView = RichView(Console(file=sys.stdout), total_days)
-    else:
-        view = LineView(sys.stderr if json_output else sys.stdout, total_days)
-    with view, progress.subscribed(view):
-        yield view
+    target = sys.stderr if json_output else sys.stdout
+    target.flush()
+    # A copy of the terminal's file descriptor, taken before the run: Dagster captures fds 1 and 2 into its compute
+    # logs while a step executes, which would swallow everything the display draws during the steps.
+    with os.fdopen(os.dup(target.fileno()), "w", encoding="utf-8", buffering=1) as stream:
+        if not json_output and stream.isatty():
+            view: RichView | LineView = RichView(Console(file=stream), total_days)
+        else:
+            view = LineView(stream, total_days)
+        with view, progress.subscribed(view):
+            yield view
