@@ -135,12 +135,24 @@ def showing_progress(*, json_output: bool, total_days: int | None = None) -> Ite
     """
     target = sys.stderr if json_output else sys.stdout
     target.flush()
-    # A copy of the terminal's file descriptor, taken before the run: Dagster captures fds 1 and 2 into its compute
-    # logs while a step executes, which would swallow everything the display draws during the steps.
-    with os.fdopen(os.dup(target.fileno()), "w", encoding="utf-8", buffering=1) as stream:
+    with _own_copy(target) as stream:
         if not json_output and stream.isatty():
             view: RichView | LineView = RichView(Console(file=stream), total_days)
         else:
             view = LineView(stream, total_days)
         with view, progress.subscribed(view):
             yield view
+
+
+@contextmanager
+def _own_copy(target: TextIO) -> Iterator[TextIO]:
+    """A copy of the stream's file descriptor, taken before the run: Dagster captures fds 1 and 2 into its compute
+    logs while a step executes, which would swallow everything the display draws during the steps. A stream
+    without a descriptor (a test's capture) is used as it is."""
+    try:
+        fd = os.dup(target.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        yield target
+        return
+    with os.fdopen(fd, "w", encoding="utf-8", buffering=1) as stream:
+        yield stream

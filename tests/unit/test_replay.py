@@ -304,8 +304,9 @@ def test_a_version_1_database_is_migrated_to_the_newest_schema(tmp_path):
                                                        applied_at=datetime.now(timezone.utc)))
     assert not {"ee_corrections", "ee_rate_limits", "ee_request_log"} & set(sa.inspect(engine).get_table_names())
     store = StateStore(url)
-    assert store.schema_version() == SCHEMA_VERSION == 3
-    assert {"ee_corrections", "ee_rate_limits", "ee_request_log"} <= set(sa.inspect(store.engine).get_table_names())
+    assert store.schema_version() == SCHEMA_VERSION == max(version for version, _, _ in MIGRATIONS)
+    assert {"ee_corrections", "ee_rate_limits", "ee_request_log", "ee_notifications"} <= set(
+        sa.inspect(store.engine).get_table_names())
     assert set(metadata.tables) >= {"ee_corrections", "ee_posted_ledger"}
     store.dispose()
 
