@@ -18,12 +18,21 @@ def chat_payload(fmt: str, title: str, text: str) -> dict:
 
 
 def post_chat(url: str, payload: dict, *, timeout: float = 15.0, transport: httpx.BaseTransport | None = None) -> None:
-    """POST the payload; raise NotificationError on anything but a 2xx. The URL (a secret) is never in a message."""
+    """POST the payload; raise NotificationError on anything but a 2xx. The URL (a secret) is never in a message.
+
+    Sent through a transport rather than an `httpx.Client`, whose logger writes every request's URL at INFO.
+    """
+    request = httpx.Request("POST", url, json=payload, extensions={"timeout": httpx.Timeout(timeout).as_dict()})
+    own = transport is None
+    transport = transport or httpx.HTTPTransport()
     try:
-        with httpx.Client(timeout=timeout, transport=transport) as client:
-            response = client.post(url, json=payload)
+        response = transport.handle_request(request)
+        response.read()
     except httpx.HTTPError as exc:
         raise NotificationError(f"the alert webhook could not be reached: {type(exc).__name__}") from None
+    finally:
+        if own:
+            transport.close()
     if not response.is_success:
         raise NotificationError(f"the alert webhook answered HTTP {response.status_code}: "
                                 f"{response.text[:200].strip()}")

@@ -182,3 +182,42 @@ def test_rate_limit_board_is_advisory_when_the_database_fails(store, caplog):
     assert all("exact:division:123" in r.getMessage() for r in caplog.records)
     with store.engine.connect() as conn:
         assert not sa.inspect(conn).has_table("ee_rate_limits")
+
+
+def test_a_notification_is_claimed_once_released_on_failure_and_resent_only_when_forced(store):
+    from expensify_exact.notify.mail import send_once
+
+    sent: list[str] = []
+    assert send_once(store, "digest:c:2026-11-03", kind="digest", connection="c", send=lambda: sent.append("a"))
+    assert not send_once(store, "digest:c:2026-11-03", kind="digest", connection="c", send=lambda: sent.append("b"))
+
+    def failing():
+        raise OSError("server gone")
+
+    with pytest.raises(OSError):
+        send_once(store, "digest:c:2026-11-04", kind="digest", connection="c", send=failing)
+    assert send_once(store, "digest:c:2026-11-04", kind="digest", connection="c", send=lambda: sent.append("c"))
+    assert send_once(store, "digest:c:2026-11-03", kind="digest", connection="c", send=lambda: sent.append("d"),
+                     force=True)
+    assert sent == ["a", "c", "d"]
+    assert [r["key"] for r in store.notifications_sent("digest", "c")] == ["digest:c:2026-11-04", "digest:c:2026-11-03"]
+
+
+def test_a_claim_left_by_a_sender_that_died_is_taken_over_after_it_goes_stale(store):
+    assert store.notification_claim("alert:x|email", kind="x", connection="c")
+    assert not store.notification_claim("alert:x|email", kind="x", connection="c")  # someone is sending it
+    assert store.notification_claim("alert:x|email", kind="x", connection="c", stale_after=timedelta(0))
+
+
+def test_a_failing_webhook_never_puts_its_url_in_the_error():
+    import httpx
+
+    from expensify_exact.notify import NotificationError
+    from expensify_exact.notify.chat import post_chat
+
+    url = "https://hooks.slack.com/services/T0/B0/the-secret-token"
+    for transport in (httpx.MockTransport(lambda r: httpx.Response(404, text="no_service")),
+                      httpx.MockTransport(lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused", request=r)))):
+        with pytest.raises(NotificationError) as caught:
+            post_chat(url, {"text": "x"}, transport=transport)
+        assert "the-secret-token" not in str(caught.value) and "hooks.slack.com" not in str(caught.value)
