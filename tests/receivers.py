@@ -7,10 +7,13 @@ import email
 import email.policy
 import json
 import socket
+import ssl
 import threading
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 def free_port() -> int:
@@ -20,13 +23,35 @@ def free_port() -> int:
 
 
 class SmtpInbox:
-    """An SMTP server that accepts every mail and keeps it as a parsed message."""
+    """An SMTP server that accepts every mail and keeps it as a parsed message.
 
-    def __init__(self):
+    With `tls` (a certificate and key file) it offers STARTTLS and requires it; with `login` it also requires that
+    user and password (AUTH PLAIN/LOGIN, only after STARTTLS).
+    """
+
+    def __init__(self, tls: tuple[str, str] | None = None, login: tuple[str, str] | None = None):
         self.messages: list[email.message.EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
+        self.logins: list[str] = []
         self.port = free_port()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        kwargs = {}
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            kwargs |= {"tls_context": context, "require_starttls": True}
+        if login is not None:
+            kwargs |= {"auth_required": True, "auth_require_tls": True,
+                       "authenticator": self._authenticator(*login)}
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
+
+    def _authenticator(self, user: str, password: str):
+        def check(server, session, envelope, mechanism, auth_data):
+            ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user \
+                and auth_data.password.decode() == password
+            if ok:
+                self.logins.append(user)
+            return AuthResult(success=ok)
+        return check
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
@@ -71,3 +96,30 @@ class WebhookReceiver:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def self_signed_certificate(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (its own issuer) and its key, as PEM files in `directory`; trust it by pointing
+    SSL_CERT_FILE at the certificate."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "smtp-cert.pem", directory / "smtp-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)

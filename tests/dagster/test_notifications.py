@@ -5,6 +5,8 @@ sensor is evaluated through Dagster, and the alert must arrive once — a second
 from __future__ import annotations
 
 import io
+import logging
+import os
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -21,7 +23,7 @@ from expensify_exact.sandbox import seed as S
 from expensify_exact.state import StateStore, quarantine
 from expensify_exact.vault import CredentialVault, VaultTokenStore
 from tests.conftest import write_mappings
-from tests.receivers import SmtpInbox, WebhookReceiver
+from tests.receivers import SmtpInbox, WebhookReceiver, self_signed_certificate
 
 CONNECTION = "vermeerhals-nl"
 GIFTS = S._report_id(101)
@@ -239,3 +241,54 @@ def test_reconciliation_findings_are_alerted_once_per_reconciliation(notified, s
     _tick(defs, alert_defs.RECONCILIATION_SENSOR, instance, connector, cursor=first.cursor)
     _tick(defs, alert_defs.RECONCILIATION_SENSOR, instance, connector)  # even without the cursor: sent before
     assert _alerts(inbox, webhook, "reconciliation found") == (mails, posts)
+
+
+def test_digest_over_starttls_with_the_vaults_login_and_no_notification_secret_leaks(
+        tmp_path, sandbox, state_url, instance, webhook, monkeypatch, capfd, caplog):
+    caplog.set_level(logging.DEBUG)
+    cert, key = self_signed_certificate(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)  # the client trusts this test server's certificate, nothing weaker
+    password = "smtp-pw-" + os.urandom(8).hex()
+    sandbox.expensify.set_knobs(rate_limiting=False)
+    sandbox.exact.set_knobs(minutely_limit=10_000)
+    monkeypatch.delenv("EXPENSIFY_EXACT_DIGEST_DIR", raising=False)
+    with SmtpInbox(tls=(cert, key), login=("digest-bot", password)) as inbox:
+        mappings = write_mappings(
+            tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2,
+            notify={"smtp": {"host": "127.0.0.1", "port": inbox.port, "security": "starttls",
+                             "sender": "connector@vermeerhals.nl"},
+                    "digest": {"to": ["accountant@vermeerhals.nl"]},
+                    "alerts": {"email_to": ["ops@vermeerhals.nl"], "webhook_format": "teams"}})
+        assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+        monkeypatch.setenv("SMTP_USERNAME", "digest-bot")
+        monkeypatch.setenv("SMTP_PASSWORD", password)
+        monkeypatch.setenv("ALERT_WEBHOOK_URL", webhook.url)
+        assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
+        connector = ConnectorResource(mappings_dir=str(mappings), state_url=state_url)
+        defs = _defs(mappings)
+        day = (sandbox.seed.today - timedelta(days=7)).isoformat()
+        for job in ("post_approved_expenses", reconciliation.DAILY_JOB_NAME):
+            result = defs.resolve_job_def(job).execute_in_process(
+                instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
+            assert result.success, job
+        sandbox.exact.set_knobs(accessible_divisions={S.SECOND_DIVISION})
+        failed = defs.resolve_job_def("post_approved_expenses").execute_in_process(
+            instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
+        event = instance.get_records_for_run(failed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records[0]
+        sensor = _sensor(defs, alert_defs.RUN_FAILED_SENSOR)
+        sensor(dg.build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_event=event.event_log_entry.dagster_event, dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(failed.run_id), resources={"connector": connector}).for_run_failure())
+
+    assert inbox.logins == ["digest-bot", "digest-bot"]  # the digest and the alert, each after STARTTLS
+    assert [m["To"] for m in inbox.messages] == ["accountant@vermeerhals.nl", "ops@vermeerhals.nl"]
+    card = webhook.posts[0]["json"]  # Teams: a MessageCard
+    assert card["@type"] == "MessageCard" and "post_approved_expenses failed" in card["title"]
+
+    out, err = capfd.readouterr()
+    logs = "\n".join(f"{r.getMessage()} {r.args}" for r in caplog.records)
+    token = webhook.url.rsplit("/", 1)[1]
+    for secret in (password, token):
+        assert secret not in out + err + logs
+        hits = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert hits == [], hits  # not in the Dagster event log, the stored values, the digests or the state DB
