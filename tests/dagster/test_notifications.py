@@ -5,6 +5,7 @@ sensor is evaluated through Dagster, and the alert must arrive once — a second
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from datetime import datetime, timedelta, timezone
@@ -95,7 +96,7 @@ def _alerts(inbox, webhook, kind_text: str) -> tuple[list, list]:
 # --- the digest ---------------------------------------------------------------------------------------
 
 def test_the_demo_days_digest_arrives_once_with_markdown_and_html_parts(notified, sandbox, state_url, instance,
-                                                                        inbox, tmp_path, capsys):
+                                                                        inbox, tmp_path, capsys, monkeypatch):
     connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
     defs = _defs(notified)
     day = (sandbox.seed.today - timedelta(days=7)).isoformat()  # the day the Gifts report was approved
@@ -126,6 +127,12 @@ def test_the_demo_days_digest_arrives_once_with_markdown_and_html_parts(notified
     assert len(inbox.messages) == 1
     assert _cli(notified, state_url, "digest", "--date", day, "--resend") == 0
     assert len(inbox.messages) == 2
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    capsys.readouterr()
+    _cli(notified, state_url, "status", "--json")
+    notify = json.loads(capsys.readouterr().out)["connections"][CONNECTION]["notify"]
+    assert notify == {"digest_to": 1, "alert_channels": ["email", "webhook"], "last_digest_mailed": day}
 
 
 # --- one test per alert kind --------------------------------------------------------------------------
