@@ -106,7 +106,7 @@ class LineView:
         t = self.tally
         if isinstance(event, progress.DayDone):
             c = event.counts
-            of = f"/{t.total_days}" if t.total_days else ""
+            of = f"/{t.total_days}" if t.total_days else ""  # a replay does not know its days in advance
             self._line(f"{event.day} {event.connection}: posted {c.get('posted', 0)}, quarantined "
                        f"{c.get('quarantined', 0)}, already posted {c.get('already_posted', 0)}"
                        + (f", deferred {c['deferred']}" if c.get("deferred") else "")

@@ -225,6 +225,8 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
                                     else ("passes validation" if not verdict else {"fails": verdict})})
         progress.publish(progress.ReportsPlanned(conn.name, planned_reports(drafts)))
         run = post_drafts(drafts, connection=conn.name, store=store, client=exact, dry_run=dry_run, run_id=run_id)
+        for day, outcomes_of_day in run.frame().groupby("partition_date"):
+            progress.publish(progress.DayDone(conn.name, str(day), outcomes_of_day["outcome"].value_counts().to_dict()))
         seen = set()
         for o in run.outcomes:
             item = by_id.get(o.report_id)

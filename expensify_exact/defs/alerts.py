@@ -87,41 +87,38 @@ def build(config: ProjectConfig) -> dg.Definitions:
                  for conn in covered if alerts.channels(conn)]
         context.log.info(_deliver(context, connector, found) if found else "no alert channels configured")
 
-    def findings_sensor() -> dg.SensorDefinition:
-        @dg.sensor(name=RECONCILIATION_SENSOR, minimum_interval_seconds=300,
-                   default_status=dg.DefaultSensorStatus.RUNNING,
-                   description="A daily reconciliation found differences between Expensify, the ledger and Exact: "
-                               "alerts once per reconciliation run and connection.")
-        def alert_on_reconciliation_findings(context: dg.SensorEvaluationContext, connector: ConnectorResource):
-            cursor = json.loads(context.cursor) if context.cursor else {}
-            found = []
-            for conn in config.connections:
-                records = context.instance.fetch_materializations(
-                    dg.AssetRecordsFilter(
-                        asset_key=daily_key(conn), after_storage_id=cursor.get(conn.name),
-                        after_timestamp=None if conn.name in cursor
-                        else (datetime.now(timezone.utc) - FIRST_LOOK_BACK).timestamp()),
-                    limit=1000, ascending=True).records
-                runs: dict[str, tuple[list[str], dict[str, int]]] = {}
-                for record in records:
-                    metadata = record.asset_materialization.metadata
-                    counts = {k.removeprefix("finding_"): int(v.value) for k, v in metadata.items()
-                              if k.startswith("finding_")}
-                    if counts:
-                        days, _ = runs.setdefault(record.run_id, ([], counts))
-                        days.append(record.partition_key or "?")
-                    cursor[conn.name] = record.storage_id
-                if alerts.channels(conn):
-                    found += [(conn, alerts.reconciliation_findings(conn, run_id, sorted(days), counts))
-                              for run_id, (days, counts) in runs.items()]
-            summary = _deliver(context, connector, found) if found else "no new findings"
-            return dg.SensorResult(skip_reason=summary, cursor=json.dumps(cursor, sort_keys=True))
-
-        return alert_on_reconciliation_findings
+    @dg.sensor(name=RECONCILIATION_SENSOR, minimum_interval_seconds=300,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="A daily reconciliation found differences between Expensify, the ledger and Exact: "
+                           "alerts once per reconciliation run and connection.")
+    def alert_on_reconciliation_findings(context: dg.SensorEvaluationContext, connector: ConnectorResource):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        found = []
+        for conn in config.connections:
+            records = context.instance.fetch_materializations(
+                dg.AssetRecordsFilter(
+                    asset_key=daily_key(conn), after_storage_id=cursor.get(conn.name),
+                    after_timestamp=None if conn.name in cursor
+                    else (datetime.now(timezone.utc) - FIRST_LOOK_BACK).timestamp()),
+                limit=1000, ascending=True).records
+            runs: dict[str, tuple[list[str], dict[str, int]]] = {}
+            for record in records:
+                metadata = record.asset_materialization.metadata
+                counts = {k.removeprefix("finding_"): int(v.value) for k, v in metadata.items()
+                          if k.startswith("finding_")}
+                if counts:
+                    days, _ = runs.setdefault(record.run_id, ([], counts))
+                    days.append(record.partition_key or "?")
+                cursor[conn.name] = record.storage_id
+            if alerts.channels(conn):
+                found += [(conn, alerts.reconciliation_findings(conn, run_id, sorted(days), counts))
+                          for run_id, (days, counts) in runs.items()]
+        summary = _deliver(context, connector, found) if found else "no new findings"
+        return dg.SensorResult(skip_reason=summary, cursor=json.dumps(cursor, sort_keys=True))
 
     sensors = [
         alert_on_failed_run,
-        findings_sensor(),
+        alert_on_reconciliation_findings,
         _state_sensor(QUARANTINE_SENSOR, config, alerts.overdue_quarantine, 3600,
                       "A report has waited in quarantine longer than notify.alerts.quarantine_max_age_days (7): "
                       "alerts once per report."),

@@ -1,6 +1,6 @@
 """`expensify-exact run` over 30 days as a user runs it: in a pseudo-terminal it shows its progress live (days and
 reports done of the total, posted/quarantined so far, and a wait for Exact's minute budget); with `--json` and no terminal, stdout is one JSON object and
-a plain line per day goes to stderr."""
+a plain line per day goes to stderr. `quarantine replay` shows the same display."""
 
 from __future__ import annotations
 
@@ -104,3 +104,12 @@ def test_run_over_30_days_shows_progress_on_a_terminal_and_keeps_json_output_one
     assert [int(d[3]) for d in day_lines] == list(range(1, 31))
     assert sum(int(d[2]) for d in day_lines) == posted and sum(int(d[1]) for d in day_lines) == quarantined
     assert "\x1b[" not in piped.stderr + piped.stdout
+
+    # `quarantine replay` on the terminal: Gifts is mapped now, so one of the two items posts, the other stays.
+    with (mappings / "categories.yaml").open("a") as categories:
+        categories.write('  - {category: Gifts, gl_account: "4520"}\n')
+    code, raw = _run_in_pty([*argv[:argv.index("run")], "quarantine", "replay", "--connection", CONNECTION], env)
+    screen = ANSI.sub("", raw).replace("\r", "\n")
+    assert code == 5, screen[-3000:]  # ran, and a report stays quarantined
+    assert re.search(r"reports\s.*?\b2/2\s+posted 1, quarantined 1\b", screen)
+    assert "re-validating 2 quarantined report(s) against fresh Exact dimensions" in screen
