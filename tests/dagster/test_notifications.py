@@ -299,3 +299,14 @@ def test_digest_over_starttls_with_the_vaults_login_and_no_notification_secret_l
         assert secret not in out + err + logs
         hits = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
         assert hits == [], hits  # not in the Dagster event log, the stored values, the digests or the state DB
+
+
+def test_the_code_location_loads_with_the_alert_sensors_running_by_default(notified):
+    from expensify_exact.definitions import build_defs
+
+    defs = build_defs(str(notified))
+    dg.Definitions.validate_loadable(defs)  # every sensor's `connector` resource is provided
+    names = {alert_defs.RUN_FAILED_SENSOR, alert_defs.QUARANTINE_SENSOR, alert_defs.TOKEN_SENSOR,
+             alert_defs.DEFERRED_SENSOR, alert_defs.RECONCILIATION_SENSOR}
+    statuses = {s.name: s.default_status for s in defs.sensors if s.name in names}
+    assert statuses == {name: dg.DefaultSensorStatus.RUNNING for name in names}
