@@ -25,11 +25,12 @@ def free_port() -> int:
 class SmtpInbox:
     """An SMTP server that accepts every mail and keeps it as a parsed message.
 
-    With `tls` (a certificate and key file) it offers STARTTLS and requires it; with `login` it also requires that
-    user and password (AUTH PLAIN/LOGIN, only after STARTTLS).
+    With `tls` (a certificate and key file) it offers STARTTLS and requires it, or with `implicit_tls` speaks TLS
+    from the first byte; with `login` it also requires that user and password (AUTH PLAIN/LOGIN, only over TLS).
     """
 
-    def __init__(self, tls: tuple[str, str] | None = None, login: tuple[str, str] | None = None):
+    def __init__(self, tls: tuple[str, str] | None = None, login: tuple[str, str] | None = None,
+                 implicit_tls: bool = False):
         self.messages: list[email.message.EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.logins: list[str] = []
@@ -38,9 +39,12 @@ class SmtpInbox:
         if tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(*tls)
-            kwargs |= {"tls_context": context, "require_starttls": True}
+            # Implicit TLS (port 465 style) wraps the whole connection; otherwise STARTTLS is offered and required.
+            kwargs |= ({"ssl_context": context, "server_hostname": "127.0.0.1"} if implicit_tls
+                       else {"tls_context": context, "require_starttls": True})
         if login is not None:
-            kwargs |= {"auth_required": True, "auth_require_tls": True,
+            # aiosmtpd counts only STARTTLS as TLS for AUTH; an implicit-TLS connection is encrypted from the start.
+            kwargs |= {"auth_required": True, "auth_require_tls": not implicit_tls,
                        "authenticator": self._authenticator(*login)}
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
 
