@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/run.py                 # everything (a few minutes)
     .venv/bin/python benchmarks/run.py --quick         # smaller volumes, same measurements
     .venv/bin/python benchmarks/run.py --only backlog  # one benchmark: transform, exact_calls,
-                                                       # expensify_calls, backlog, end_to_end
+                                                       # expensify_calls, backlog, end_to_end, dimension_calls
 
 Everything runs against the bundled sandbox on 127.0.0.1 with a temporary state database and Dagster home;
 nothing outside a temporary directory is touched. Where the sandbox's clock is handed to a client, the client's
@@ -374,12 +374,31 @@ def _day_seed(today: date, day: date, n_reports: int):
     return S.Seed(today=today, reports=reports)
 
 
-def _one_day_run(n_reports: int, minutely_limit: int | None, start_at_second: float | None = None) -> dict:
-    """Times `run_range` for one day of `n_reports` reports; `start_at_second`: first wait for that second of a
-    clock minute (Exact's minute window is a fixed clock minute, so where in it a run starts matters)."""
+@contextlib.contextmanager
+def _embedded_instance(tmp: Path):
+    """The embedded default `expensify-exact run` uses: a SQLite Dagster instance in a fresh DAGSTER_HOME."""
     import dagster as dg
 
     from expensify_exact.cli import EMBEDDED_INSTANCE_CONFIG
+
+    home = tmp / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(EMBEDDED_INSTANCE_CONFIG)  # as `expensify-exact run` creates it
+    previous = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            yield instance
+    finally:
+        if previous is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = previous
+
+
+def _one_day_run(n_reports: int, minutely_limit: int | None, start_at_second: float | None = None) -> dict:
+    """Times `run_range` for one day of `n_reports` reports; `start_at_second`: first wait for that second of a
+    clock minute (Exact's minute window is a fixed clock minute, so where in it a run starts matters)."""
     from expensify_exact.runs import run_range
     from expensify_exact.sandbox.clock import SandboxClock
     from expensify_exact.sandbox.server import SandboxServer
@@ -391,25 +410,14 @@ def _one_day_run(n_reports: int, minutely_limit: int | None, start_at_second: fl
         if minutely_limit:
             sb.exact.set_knobs(minutely_limit=minutely_limit)
         connector, state_url = _authorized(Path(tmp), sb)
-        home = Path(tmp) / "dagster_home"
-        home.mkdir()
-        (home / "dagster.yaml").write_text(EMBEDDED_INSTANCE_CONFIG)  # as `expensify-exact run` creates it
-        previous = os.environ.get("DAGSTER_HOME")
-        os.environ["DAGSTER_HOME"] = str(home)  # the embedded default: a SQLite instance in DAGSTER_HOME
-        try:
-            with dg.DagsterInstance.get() as instance:
-                if start_at_second is not None:
-                    time.sleep((start_at_second - clock.now().timestamp()) % 60)
-                start_second = clock.now().timestamp() % 60
-                t0 = time.perf_counter()
-                summary = run_range(day, day, mappings_dir=connector.mappings_dir, state_url=state_url,
-                                    instance=instance)
-                wall = time.perf_counter() - t0
-        finally:
-            if previous is None:
-                os.environ.pop("DAGSTER_HOME", None)
-            else:
-                os.environ["DAGSTER_HOME"] = previous
+        with _embedded_instance(Path(tmp)) as instance:
+            if start_at_second is not None:
+                time.sleep((start_at_second - clock.now().timestamp()) % 60)
+            start_second = clock.now().timestamp() % 60
+            t0 = time.perf_counter()
+            summary = run_range(day, day, mappings_dir=connector.mappings_dir, state_url=state_url,
+                                instance=instance)
+            wall = time.perf_counter() - t0
         counts = summary.outcomes["outcome"].value_counts().to_dict() if len(summary.outcomes) else {}
         stats = sb.exact.stats
         return {"wall": wall, "success": summary.success, "failure": summary.failure, "counts": counts,
@@ -444,8 +452,61 @@ def bench_end_to_end(quick: bool) -> list[Row]:
     return rows
 
 
+# What a dimension refresh may call: the division check and the six tables (and the GL accounts' sync twin).
+_DIMENSION_ENDPOINTS = {"GET current/Me", "GET system/Divisions", "GET financial/GLAccounts",
+                        "GET sync/Financial/GLAccounts", "GET hrm/Costcenters", "GET hrm/Costunits",
+                        "GET financial/Journals", "GET vat/VATCodes", "GET financial/FinancialPeriods"}
+
+
+def bench_dimension_calls(quick: bool) -> list[Row]:
+    """Daily runs on a warm dimension snapshot (the previous morning's run stored it): the Exact calls a run spends
+    on dimensions when nothing changed, and every Exact call of a day of 100 reports. Every call to Exact's API is
+    counted (division check included; only the token endpoint is not)."""
+    from expensify_exact.runs import run_range
+    from expensify_exact.sandbox.clock import SandboxClock
+    from expensify_exact.sandbox.server import SandboxServer
+
+    n = 100
+    clock = SandboxClock()
+    today = clock.now().date()
+    day = today - timedelta(days=1)
+    before = day - timedelta(days=1)
+
+    def api_calls(sb) -> dict[str, int]:
+        return {k: v for k, v in sb.exact.stats["calls"].items() if "oauth2" not in k}
+
+    with tempfile.TemporaryDirectory() as tmp, SandboxServer(clock=clock, seed=_day_seed(today, day, n)) as sb:
+        sb.exact.set_knobs(minutely_limit=10_000)  # counts calls; the minute window is end_to_end's subject
+        connector, state_url = _authorized(Path(tmp), sb)
+        with _embedded_instance(Path(tmp)) as instance:
+            def run(on: date):
+                sb.exact.reset_stats()
+                summary = run_range(on, on, mappings_dir=connector.mappings_dir, state_url=state_url,
+                                    instance=instance)
+                if not summary.success:
+                    raise RuntimeError(f"the run of {on} failed: {summary.failure}")
+                return summary, api_calls(sb)
+
+            _, cold = run(before)  # yesterday morning's run: no stored snapshot yet
+            _, idle = run(before)  # nothing changed since
+            summary, busy = run(day)
+    counts = summary.outcomes["outcome"].value_counts().to_dict() if len(summary.outcomes) else {}
+    dims = {k: v for k, v in idle.items() if k in _DIMENSION_ENDPOINTS}
+    busy_dims = sum(v for k, v in busy.items() if k in _DIMENSION_ENDPOINTS)
+    return [
+        Row("dimension_calls", "Exact calls on dimensions in a run where nothing changed", str(sum(dims.values())),
+            "≤ 2", sum(dims.values()) <= 2,
+            f"{', '.join(f'{k} × {v}' for k, v in sorted(dims.items()))}; the first run, without a stored "
+            f"snapshot, made {sum(v for k, v in cold.items() if k in _DIMENSION_ENDPOINTS)}"),
+        Row("dimension_calls", f"Exact calls for a day of {n} reports (warm snapshot)", str(sum(busy.values())),
+            f"≤ {n + 3}", sum(busy.values()) <= n + 3,
+            f"posted {counts.get('posted', 0)}, quarantined {counts.get('quarantined', 0)}; {busy_dims} on "
+            f"dimensions; " + ", ".join(f"{k} × {v}" for k, v in sorted(busy.items()))),
+    ]
+
+
 BENCHMARKS = {"transform": bench_transform, "exact_calls": bench_exact_calls, "expensify_calls": bench_expensify_calls,
-              "backlog": bench_backlog, "end_to_end": bench_end_to_end}
+              "backlog": bench_backlog, "end_to_end": bench_end_to_end, "dimension_calls": bench_dimension_calls}
 
 
 def print_table(rows: list[Row]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
@@ -15,6 +15,7 @@ from expensify_exact.exact.client import ExactClient
 from expensify_exact.exact.regions import resolve_base_url, token_url
 from expensify_exact.expensify.client import ExpensifyClient
 from expensify_exact.http.pacing import RateLimitSnapshot
+from expensify_exact.snapshots import DivisionChecks
 from expensify_exact.state import StateStore
 from expensify_exact.vault import CredentialVault, VaultTokenStore
 
@@ -74,6 +75,29 @@ class StoredRequestLog(_Advisory):
         self._try("record", lambda: self._store.request_log_add(self.scope, at, keep))
 
 
+class StoredErrorBudget:
+    """Counts the errors Exact answered per endpoint of one division and clock hour in the state DB, so every run
+    and process using the division stays under the same budget (exact-online.md §6). Not advisory: if the count
+    cannot be read, the call is not made (an error block would stop the whole division for an hour)."""
+
+    def __init__(self, store: StateStore, division: int, clock: Clock):
+        self._store = store
+        self._division = division
+        self._clock = clock
+
+    def scope(self, endpoint: str) -> str:
+        return f"exact:{self._division}:{endpoint}"
+
+    def _hour(self) -> datetime:
+        return self._clock.now().astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+    def spent(self, endpoint: str) -> int:
+        return self._store.error_budget_count(self.scope(endpoint), self._hour())
+
+    def add(self, endpoint: str, status: int | None, message: str) -> int:
+        return self._store.error_budget_add(self.scope(endpoint), self._hour(), status, message)
+
+
 def exact_base_url(conn: Connection) -> str:
     return resolve_base_url(conn.exact.region.replace("_", " "), conn.exact.base_url)
 
@@ -106,4 +130,6 @@ def build_exact_client(conn: Connection, vault: CredentialVault, store: StateSto
     clock = clock or SystemClock()
     refresher = build_token_refresher(conn, vault, store, clock)
     return ExactClient(exact_base_url(conn), conn.exact.division, ExactAuth(refresher), clock, transport=transport,
-                       rate_limit_board=StoredRateLimitBoard(store, conn.exact.division))
+                       rate_limit_board=StoredRateLimitBoard(store, conn.exact.division),
+                       error_budget=StoredErrorBudget(store, conn.exact.division, clock),
+                       division_checks=DivisionChecks(store, conn.exact.division))

@@ -67,3 +67,13 @@ class DivisionAccessError(ApiError):
 
 class RejectedByApi(ApiError):
     """The API understood the request and refused it (Exact validation error, Expensify responseCode != 200)."""
+
+
+class ErrorBudgetExhausted(ApiError):
+    """This hour's error budget of one Exact endpoint is spent: the connector stops calling it until the next clock
+    hour, well before Exact's own block at 10 errors (exact-online.md §6); what it would have done waits."""
+
+
+class ConnectionStopped(ApiError):
+    """Exact answered 403 (blocked, no rights or licence; see the Reason): nothing more goes through this
+    connection in this run."""

@@ -1,19 +1,28 @@
 """Posts journal drafts to Exact exactly once per report, recording intent before and outcome after each POST.
 
-A crash between "Exact accepted" and "we recorded it" leaves a pending intent; the next run asks Exact for that
-EntryID before posting anything, so nothing is posted twice and nothing is lost.
+A crash between "Exact accepted" and "we recorded it" leaves a pending intent; the next run asks Exact whether it
+holds that entry (by EntryID, then by the report and transaction IDs in its lines: `settlement`) before posting
+anything, so nothing is posted twice and nothing is lost. Every answer to a POST has a rule (`settlement`), and one
+report's refusal never stops the others.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import pandas as pd
 
 from expensify_exact import progress
-from expensify_exact.errors import RateLimitExhausted, RejectedByApi
+from expensify_exact.errors import (
+    ApiError,
+    AuthenticationError,
+    ConnectionStopped,
+    DivisionAccessError,
+    ErrorBudgetExhausted,
+    RateLimitExhausted,
+)
+from expensify_exact.settlement import EntryGateway, Settled, find_posted, post_and_settle
 from expensify_exact.state import StateStore
 from expensify_exact.transform.journal import (
     JournalDrafts, Reason, content_hash, entry_body, entry_id_for, entry_total_cents,
@@ -23,12 +32,12 @@ OUTCOME_COLUMNS = ["connection", "partition_date", "report_id", "outcome", "entr
                    "reason_codes", "reasons", "transaction_ids", "total_cents"]
 
 
-class JournalPoster(Protocol):
-    """What posting needs from the Exact client."""
-
-    def get_entry(self, entry_id: str) -> dict | None: ...
-
-    def post_general_journal_entry(self, body: dict) -> dict: ...
+JournalPoster = EntryGateway  # what posting needs from the Exact client
+# `stopped_by` of the audit event `deferred` when the connection stopped (notify/alerts.py reads it).
+STOPPED_BY_DAILY_BUDGET, STOPPED_BY_ERROR_BUDGET, STOPPED_BY_REFUSAL = "daily_budget", "error_budget", "refused"
+# Refusals after which nothing more is sent through the connection in this run (the rest is deferred).
+_STOPS_THE_CONNECTION = (RateLimitExhausted, ErrorBudgetExhausted, ConnectionStopped, DivisionAccessError,
+                         AuthenticationError)
 
 
 @dataclass
@@ -48,7 +57,7 @@ class ReportOutcome:
 @dataclass
 class PostingRun:
     outcomes: list[ReportOutcome]
-    stopped_reason: str | None = None  # set when the daily API budget ended the run early
+    stopped_reason: str | None = None  # set when a budget or a refusal of the connection ended the run early
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(o) for o in self.outcomes], columns=OUTCOME_COLUMNS)
@@ -66,8 +75,9 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
         dry_run: build and report everything, write nothing to Exact, the ledger or the quarantine.
         run_id: the Dagster run, for the audit log.
 
-    Raises:
-        TransientApiError: Exact could not be reached reliably; pending intents stay for the next run.
+    A report whose POST got no certain answer, or whose pending intent could not be settled, is deferred (its
+    intent stays for the next run) and the run goes on. A spent budget (daily calls, the endpoint's hourly errors)
+    or a refusal of the connection (401 after a refresh, 403) defers the rest with the reason in `stopped_reason`.
     """
     outcomes: list[ReportOutcome] = []
     for report_id, problems in drafts.rejections.groupby("report_id", sort=True):
@@ -88,18 +98,20 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
                     outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run,
                                               run_id))
             _settled(outcomes[-1])
-        except RateLimitExhausted as exc:
-            # Not a failure: the rest waits for the next run's budget; nothing is lost and no intent is left open.
-            stopped = f"Exact's daily call budget is used up; {len(report_ids) - index} report(s) wait for the next run"
+        except _STOPS_THE_CONNECTION as exc:
+            # Not a failure of these reports: they wait for the next run; nothing is lost and no intent is left open.
+            stopped = f"{_stop_reason(exc)}; {len(report_ids) - index} report(s) wait for the next run"
             for waiting in report_ids[index:]:
                 waiting_lines = lines[lines["report_id"] == waiting]
-                outcomes.append(ReportOutcome(connection, waiting_lines.iloc[0]["partition_date"], waiting, "deferred",
-                                              transaction_ids=_tids(waiting_lines)))
+                outcomes.append(_deferred(connection, waiting, waiting_lines, stopped))
+            resets_at = getattr(exc, "resets_at", None)
             store.audit("deferred", connection=connection, run_id=run_id,
-                        detail={"reports": report_ids[index:], "resets_at": str(exc.resets_at)})
-            progress.publish(progress.BudgetExhausted(connection, len(report_ids) - index, str(exc.resets_at)))
+                        detail={"reports": report_ids[index:], "reason": stopped, "stopped_by": _stop_kind(exc),
+                                "resets_at": str(resets_at or "")})
+            progress.publish(progress.PostingStopped(connection, len(report_ids) - index, _stop_reason(exc),
+                                                     str(resets_at) if resets_at else None))
             for waiting in outcomes[-(len(report_ids) - index):]:
-                _settled(waiting)
+                _settled(waiting, with_reason=False)  # PostingStopped said why, once
             break
     return PostingRun(outcomes=outcomes, stopped_reason=stopped)
 
@@ -113,9 +125,35 @@ def planned_reports(drafts: JournalDrafts) -> dict[str, int]:
     return {str(day): int(n) for day, n in reports.groupby("partition_date")["report_id"].nunique().items()}
 
 
-def _settled(outcome: ReportOutcome) -> None:
+def _settled(outcome: ReportOutcome, *, with_reason: bool = True) -> None:
+    reason = (outcome.reasons[0].get("message") if with_reason and outcome.outcome == "deferred" and outcome.reasons
+              else None)
     progress.publish(progress.ReportSettled(outcome.connection, str(outcome.partition_date), outcome.report_id,
-                                            outcome.outcome))
+                                            outcome.outcome, reason))
+
+
+def _stop_kind(exc: ApiError) -> str:
+    """What stopped the connection, for the audit log (the deferred-reports alert words itself by it)."""
+    if isinstance(exc, RateLimitExhausted):
+        return STOPPED_BY_DAILY_BUDGET
+    if isinstance(exc, ErrorBudgetExhausted):
+        return STOPPED_BY_ERROR_BUDGET
+    return STOPPED_BY_REFUSAL
+
+
+def _stop_reason(exc: ApiError) -> str:
+    if isinstance(exc, RateLimitExhausted):
+        return "Exact's daily call budget is used up"
+    if isinstance(exc, ErrorBudgetExhausted):
+        return exc.api_message
+    return f"Exact refused the connection ({exc})"
+
+
+def _deferred(connection: str, report_id: str, report_lines: pd.DataFrame, message: str) -> ReportOutcome:
+    return ReportOutcome(connection, report_lines.iloc[0]["partition_date"], report_id, "deferred",
+                         reasons=[{"transaction_id": "", "code": "DEFERRED", "dimension": "exact", "value": "",
+                                   "message": message}],
+                         transaction_ids=_tids(report_lines), total_cents=entry_total_cents(report_lines))
 
 
 def _tids(frame: pd.DataFrame) -> list[str]:
@@ -163,7 +201,14 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
 
     ledger = store.ledger_get(connection, report_id)
     if ledger is not None and ledger.status == "pending" and not dry_run:
-        ledger = _settle_pending(ledger, store, client, run_id)
+        try:
+            ledger = _settle_pending(ledger, body, body_hash, store, client, run_id)
+        except _STOPS_THE_CONNECTION:
+            raise
+        except ApiError as exc:
+            message = f"an earlier POST of this report got no certain answer and Exact could not be asked now: {exc}"
+            store.audit("deferred", entry_id=ledger.entry_id, detail={"reason": message}, **audit)
+            return _deferred(connection, report_id, report_lines, message)
     if ledger is not None and ledger.status == "posted":
         if ledger.content_hash == body_hash:
             store.audit("skipped_already_posted", entry_id=ledger.entry_id, entry_number=ledger.entry_number, **audit)
@@ -176,45 +221,94 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
         return ReportOutcome(outcome="dry_run", entry_id=entry_id, **base)
 
     store.ledger_write_intent(connection, report_id, content_hash=body_hash, entry_id=entry_id,
-                              partition_date=partition_date, transaction_ids=tids, total_cents=total, run_id=run_id)
+                              partition_date=partition_date, transaction_ids=tids, total_cents=total, run_id=run_id,
+                              body=body)
     store.audit("validated", entry_id=entry_id, detail={"lines": len(report_lines)}, **audit)
     try:
-        answer = client.post_general_journal_entry(body | {"EntryID": entry_id})
-    except RateLimitExhausted:
-        # The budget check refuses before sending (and a 429 was not processed): the entry is not in Exact.
+        settled = post_and_settle(client, store, connection, body | {"EntryID": entry_id}, settling_report=report_id)
+    except _STOPS_THE_CONNECTION:
+        # Refused before sending, or answered 401/403: Exact did not process it.
         store.ledger_drop_intent(connection, report_id, entry_id)
         raise
-    except RejectedByApi as exc:
-        # Exact refused the entry, so it does not hold it: forget the intent and quarantine with Exact's words.
+    except ApiError as exc:
+        # Failed before the POST went out (the division check, a token refresh): nothing reached Exact.
+        store.ledger_drop_intent(connection, report_id, entry_id)
+        message = f"not sent: {exc}; posted by the next run"
+        store.audit("deferred", entry_id=entry_id, detail={"reason": message}, **audit)
+        return _deferred(connection, report_id, report_lines, message)
+    if settled.outcome == "posted":
+        return _record_posted(settled, entry_id, body, total, store, audit, base)
+    if settled.outcome == "rejected":
+        # Exact refused the entry and does not hold it: forget the intent and quarantine with Exact's words.
         store.ledger_drop_intent(connection, report_id, entry_id)
         reasons = [{"transaction_id": "", "code": Reason.REJECTED_BY_EXACT.value, "dimension": "exact",
-                    "value": str(exc.status or ""), "message": exc.api_message}]
+                    "value": str(settled.status or ""), "message": settled.message}]
         store.quarantine_put(connection, report_id, partition_date=partition_date, reasons=reasons,
                              transaction_ids=tids, content_hash=body_hash)
         store.audit("quarantined", entry_id=entry_id, detail={"reasons": reasons}, **audit)
-        return ReportOutcome(outcome="quarantined", reason_codes=[Reason.REJECTED_BY_EXACT.value], reasons=reasons,
-                             **base)
-    entry_number = answer.get("EntryNumber")
-    store.ledger_mark_posted(connection, report_id, entry_id, entry_number)
-    store.quarantine_set_status(connection, report_id, "replayed", note=f"posted as entry {entry_number}")
-    store.audit("posted", entry_id=entry_id, entry_number=entry_number,
-                detail={"request": {"lines": len(body["GeneralJournalEntryLines"]), "total_cents": total},
-                        "response": {"EntryNumber": entry_number, "Status": answer.get("Status")}}, **audit)
-    return ReportOutcome(outcome="posted", entry_id=entry_id, entry_number=entry_number, **base)
+        return ReportOutcome(outcome="quarantined", entry_id=None, reason_codes=[Reason.REJECTED_BY_EXACT.value],
+                             reasons=reasons, **base)
+    if settled.outcome == "not_sent":
+        store.ledger_drop_intent(connection, report_id, entry_id)
+        message = f"Exact kept answering 429 (HTTP {settled.status}); not processed, posted by the next run"
+    else:
+        # Unknown: the intent stays, so the next run looks again before it posts anything.
+        message = f"no certain answer from Exact ({settled.message}); the next run settles it before posting"
+    store.audit("deferred", entry_id=entry_id, detail={"reason": message}, **audit)
+    return _deferred(connection, report_id, report_lines, message)
 
 
-def _settle_pending(ledger, store: StateStore, client: JournalPoster, run_id: str | None):
-    """A previous run wrote an intent and never recorded the outcome: ask Exact whether the entry landed."""
-    found = client.get_entry(ledger.entry_id)
+def _record_posted(settled: Settled, entry_id: str, body: dict, total: int, store: StateStore, audit: dict,
+                   base: dict) -> ReportOutcome:
+    """Mark the intent posted under Exact's EntryID (ours stays in the ledger's client_entry_id)."""
+    store.ledger_mark_posted(base["connection"], base["report_id"], entry_id, settled.entry_number,
+                             exact_entry_id=settled.entry_id)
+    store.quarantine_set_status(base["connection"], base["report_id"], "replayed",
+                                note=f"posted as entry {settled.entry_number}")
+    detail = {"request": {"lines": len(body["GeneralJournalEntryLines"]), "total_cents": total,
+                          "entry_id_sent": entry_id},
+              "response": {"EntryNumber": settled.entry_number, "EntryID": settled.entry_id}}
+    if settled.found_by != "answer":
+        detail["settled"] = f"no certain answer; found in Exact by {settled.found_by}"
+    store.audit("posted", entry_id=settled.entry_id, entry_number=settled.entry_number, detail=detail, **audit)
+    return ReportOutcome(outcome="posted", entry_id=settled.entry_id, entry_number=settled.entry_number, **base)
+
+
+def _settle_pending(ledger, body: dict, body_hash: str, store: StateStore, client: JournalPoster,
+                    run_id: str | None):
+    """A previous run wrote an intent and never recorded the outcome: ask Exact whether it holds the entry, by the
+    intent's EntryID and by its lines (the intent's body, or today's if it is the same content).
+
+    Raises:
+        ApiError: Exact could not be asked; the intent stays.
+    """
+    intent_body = ledger.body or (body if ledger.content_hash == body_hash else None)
+    audit = dict(connection=ledger.connection, report_id=ledger.report_id, run_id=run_id,
+                 partition_date=ledger.partition_date)
+    if intent_body is None:
+        # An intent from before bodies were kept, for content that has changed since: only its EntryID is known.
+        found = None
+        entry = client.get_entry(ledger.entry_id)
+        if entry is not None:
+            found = Settled("posted", str(entry.get("EntryID") or ledger.entry_id).lower(), entry.get("EntryNumber"),
+                            found_by="EntryID")
+        else:
+            raise ApiError("exact", f"the pending intent {ledger.entry_id} of report {ledger.report_id} cannot be "
+                                    "looked up by its lines (its content changed and the old content is not kept); "
+                                    "check Exact for the report and resolve it by hand")
+    else:
+        found = find_posted(client, store, ledger.connection, intent_body | {"EntryID": ledger.entry_id},
+                            sent_entry_id=ledger.entry_id, settling_report=ledger.report_id)
     if found is None:
-        store.audit("intent_not_found", connection=ledger.connection, report_id=ledger.report_id,
-                    entry_id=ledger.entry_id, run_id=run_id, partition_date=ledger.partition_date)
+        store.audit("intent_not_found", entry_id=ledger.entry_id, **audit,
+                    detail={"looked_up": "by EntryID and by the report's lines"})
         return None
-    entry_number = found.get("EntryNumber")
-    store.ledger_mark_posted(ledger.connection, ledger.report_id, ledger.entry_id, entry_number)
-    store.audit("posted", connection=ledger.connection, report_id=ledger.report_id, entry_id=ledger.entry_id,
-                entry_number=entry_number, run_id=run_id, partition_date=ledger.partition_date,
-                transaction_ids=ledger.transaction_ids, detail={"settled": "pending intent found in Exact"})
+    store.ledger_mark_posted(ledger.connection, ledger.report_id, ledger.entry_id, found.entry_number,
+                             exact_entry_id=found.entry_id)
+    store.audit("posted", entry_id=found.entry_id, entry_number=found.entry_number,
+                transaction_ids=ledger.transaction_ids,
+                detail={"settled": f"pending intent found in Exact by {found.found_by}",
+                        "entry_id_sent": ledger.entry_id}, **audit)
     return store.ledger_get(ledger.connection, ledger.report_id)
 
 

@@ -37,6 +37,7 @@ class ReportSettled:
     day: str
     report_id: str
     outcome: str  # posted | already_posted | quarantined | dry_run | deferred
+    reason: str | None = None  # why this one report was deferred (no certain answer, not sent, ...)
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,17 @@ class Waiting:
 
 
 @dataclass(frozen=True)
-class BudgetExhausted:
-    """Exact's daily call budget ran out: the rest waits for the next run (deferred), it is not waited for."""
+class PostingStopped:
+    """Nothing more goes through the connection in this run (Exact's daily call budget or an endpoint's hourly
+    error budget is spent, or Exact refused the connection: 401 after a refresh, 403): the rest is deferred to the
+    next run, not waited for."""
     connection: str
     deferred: int
-    resets_at: str | None
+    reason: str
+    resets_at: str | None = None
 
 
-Event = Phase | ReportsPlanned | ReportSettled | DayDone | Waiting | BudgetExhausted
+Event = Phase | ReportsPlanned | ReportSettled | DayDone | Waiting | PostingStopped
 
 _subscribers: list[Callable[[Event], None]] = []
 _lock = threading.Lock()

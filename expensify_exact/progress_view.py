@@ -75,14 +75,14 @@ class RichView:
             self._status_text(f"waiting {event.seconds:.0f} s for {_service(event.service)}: {event.reason}{until}")
         elif isinstance(event, progress.Phase):
             self._status_text(f"{event.connection}: {event.text}")
-        elif isinstance(event, progress.BudgetExhausted):
-            self._status_text(f"{event.connection}: Exact's daily call budget is used up; {event.deferred} "
-                              f"report(s) deferred to the next run (resets {event.resets_at})")
+        elif isinstance(event, progress.PostingStopped):
+            self._status_text(_stopped(event))
         elif isinstance(event, progress.ReportSettled):
-            self._status_text(f"{event.connection}: {event.day} report {event.report_id} {event.outcome}")
+            self._status_text(f"{event.connection}: {event.day} report {event.report_id} {event.outcome}"
+                              + (f": {event.reason}" if event.reason else ""))
         elif isinstance(event, progress.DayDone):
             self._status_text(f"{event.connection}: {event.day} done")
-        if not isinstance(event, progress.ReportSettled):
+        if not isinstance(event, progress.ReportSettled) or event.reason:
             # Each day and each wait is drawn when it happens; single reports wait for rich's own refresh.
             self._progress.refresh()
 
@@ -114,12 +114,18 @@ class LineView:
                        + f" — day {t.days_done}{of}, reports {t.reports_done}/{t.reports_total}")
         elif isinstance(event, progress.Waiting) and event.seconds >= PLAIN_WAIT_SECONDS:
             self._line(f"waiting {event.seconds:.0f} s for {_service(event.service)}: {event.reason}")
-        elif isinstance(event, progress.BudgetExhausted):
-            self._line(f"{event.connection}: Exact's daily call budget is used up; {event.deferred} report(s) "
-                       f"deferred to the next run (resets {event.resets_at})")
+        elif isinstance(event, progress.PostingStopped):
+            self._line(_stopped(event))
+        elif isinstance(event, progress.ReportSettled) and event.reason:
+            self._line(f"{event.day} {event.connection}: report {event.report_id} deferred: {event.reason}")
 
     def _line(self, text: str) -> None:
         print(f"{datetime.now(timezone.utc):%H:%M:%S} {text}", file=self._stream, flush=True)
+
+
+def _stopped(event: progress.PostingStopped) -> str:
+    resets = f" (resets {event.resets_at})" if event.resets_at else ""
+    return f"{event.connection}: {event.reason}{resets}; {event.deferred} report(s) deferred to the next run"
 
 
 def _service(name: str) -> str:

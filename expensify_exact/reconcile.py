@@ -1,10 +1,11 @@
 """Reconciliation: proves, per connection and day (and month), that Exact's books match what Expensify approved.
 
-Three sides are compared: Expensify's approved reports (expense lines, mapped again into the lines they should have
-become), the connector's posted ledger and quarantine, and the lines Exact actually holds (read back from
+Three sides are compared: Expensify's approved reports (re-exported for the range, independently of the posting run,
+and mapped again into the lines they should have become), the connector's posted ledger and quarantine, and the lines Exact actually holds (read back from
 `financialtransaction/TransactionLines`, exact-online.md §5.12). Every disagreement is a `Finding` with a reason code.
 
-The comparison functions are pure (DataFrames in, findings out); `read_back_*` are the only functions that talk to Exact.
+The comparison functions are pure (DataFrames in, findings out); `read_back_*` are the only functions that talk to
+Exact, `approved_lines_by_day` the only one that talks to Expensify.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any, Protocol
 import pandas as pd
 
 from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.errors import ApiError
 from expensify_exact.exact.odata import string_literal
 from expensify_exact.state import LedgerRow, QuarantineItem
+from expensify_exact.transform.expense_lines import NormalizedLines, approval_day, normalize_reports
 from expensify_exact.transform.journal import Dimensions, JournalDrafts, Reason, build_journal_drafts
 
 
@@ -73,10 +76,15 @@ EXPECTED_COLUMNS = ["report_id", "transaction_id", "gl_account_code", "cost_cent
 TOTALS_COLUMNS = ["gl_account_code", "cost_center", "currency", "expected_cents", "actual_cents", "difference_cents"]
 
 TRANSACTION_LINES = "financialtransaction/TransactionLines"
+JOURNAL_ENTRY_LINES = "generaljournalentry/GeneralJournalEntryLines"
+# TransactionLines only take a filter on ID or EntryID (mandatory filtering, exact-online.md §4.6/§13): lines found by
+# anything else (journal, period, accounts) come from the sync twin and are picked out here.
+SYNC_TRANSACTION_LINES = "sync/Financial/TransactionLines"
 READ_BACK_SELECT = ("ID", "EntryID", "EntryNumber", "LineNumber", "FinancialYear", "FinancialPeriod", "JournalCode",
                     "GLAccountCode", "AmountFC", "Currency", "VATCode", "VATType", "CostCenter", "CostUnit",
                     "Description", "Notes")
-# Each `startswith(Description,'…/') or …` clause is ~45 characters: 40 keep the URL far below 6000 (§4.4).
+# Each `startswith(Description,'…/') or …` clause is ~50 characters URL-encoded: 40 keep the URL far below both
+# Exact's documented 6000 characters (§4.4) and the 8 KB query-string limit (§13).
 REPORTS_PER_QUERY = 40
 VAT_LINE_TYPE = "O"  # the VAT line Exact splits off an amount with an including VAT code (§5.9)
 
@@ -95,47 +103,64 @@ class LineReader(Protocol):
     def get_all(self, path: str, select: Sequence[str], filter: str | None = None,
                 orderby: str | None = None) -> list[dict]: ...
 
+    def sync_rows(self, path: str, select: Sequence[str], since: int = 1) -> list[dict]: ...
+
 
 def read_back_entries(client: LineReader, entry_ids: Iterable[str], report_ids: Iterable[str]) -> pd.DataFrame:
-    """Exact's lines of the given entries, plus every line whose Description starts with one of the report IDs.
+    """Exact's lines of the given entries and of every other entry whose lines carry one of the report IDs.
 
-    The first read proves the ledger's entries still exist as posted; the second finds entries nobody recorded
-    (a second copy of a report, booked by hand or by another tool). Both go in batches joined with `or`, paced
-    by the client within Exact's rate limits (§6).
+    The first set proves the ledger's entries still exist as posted; the second finds entries nobody recorded
+    (a second copy of a report, booked by hand or by another tool). Every read satisfies Exact's mandatory
+    filtering (exact-online.md §13): the report look-up asks `GeneralJournalEntryLines` (no sync twin, so no
+    mandatory filter) for the EntryIDs whose line Description starts with `<report ID>/`, and the lines themselves
+    come from `TransactionLines` filtered by `EntryID`, in batches joined with `or` that keep every URL far below
+    8 KB (`REPORTS_PER_QUERY`, `ENTRY_IDS_PER_QUERY`), paced within Exact's rate limits (§6).
 
     Args:
         client: the connection's ExactClient.
-        entry_ids: EntryIDs the ledger (and the audit log) knows for these reports.
+        entry_ids: EntryIDs the ledger (and the audit log) knows for these reports (Exact's own where it chose).
         report_ids: the Expensify report IDs whose entries to look for.
 
     Returns:
         EXACT_LINE_COLUMNS, one row per line (duplicates from both reads removed), VAT folded back.
     """
-    rows = list(client.transaction_lines([e for e in entry_ids if e], select=READ_BACK_SELECT))
+    wanted = {str(e).lower() for e in entry_ids if e}
     ids = sorted({r for r in report_ids if r})
-    for start in range(0, len(ids), REPORTS_PER_QUERY):
-        chunk = ids[start:start + REPORTS_PER_QUERY]
-        flt = " or ".join(f"startswith(Description,{string_literal(rid + '/')})" for rid in chunk)
-        rows.extend(client.get_all(TRANSACTION_LINES, READ_BACK_SELECT, filter=flt))
-    return exact_lines_frame(rows)
+    copies: list[dict] = []
+    try:
+        for start in range(0, len(ids), REPORTS_PER_QUERY):
+            chunk = ids[start:start + REPORTS_PER_QUERY]
+            flt = " or ".join(f"startswith(Description,{string_literal(rid + '/')})" for rid in chunk)
+            wanted |= {str(r["EntryID"]).lower() for r in client.get_all(JOURNAL_ENTRY_LINES, ("EntryID",),
+                                                                           filter=flt) if r.get("EntryID")}
+    except ApiError as exc:
+        if exc.status != 400:
+            raise
+        # Exact refused the string function (whether it takes them bare is unconfirmed, §13): pick the reports'
+        # lines out of the sync twin instead, which costs a scan of the division's lines.
+        prefixes = tuple(f"{rid}/" for rid in ids)
+        copies = [r for r in client.sync_rows(SYNC_TRANSACTION_LINES, READ_BACK_SELECT)
+                  if str(r.get("Description") or "").startswith(prefixes)]
+    return exact_lines_frame([*client.transaction_lines(sorted(wanted), select=READ_BACK_SELECT), *copies])
 
 
 def read_back_period(client: LineReader, *, journal: str, accounts: Iterable[str], year: int,
                      period: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All lines of the connector's journal in a financial period, and all lines on the given accounts in it.
 
+    Both come from one scan of `sync/Financial/TransactionLines` (`Timestamp gt 1L`, 1000 lines a page), picked out
+    here: TransactionLines take a filter only on ID or EntryID (mandatory filtering, exact-online.md §13) and sync
+    endpoints only on Timestamp. The account lines include other journals' (the bank journal's card settlements).
+    The scan grows with the division's history; it runs once a month.
+
     Returns:
-        (journal lines, account lines), both EXACT_LINE_COLUMNS; the account lines include other journals'
-        (e.g. the bank journal's card settlements).
+        (journal lines, account lines), both EXACT_LINE_COLUMNS.
     """
-    in_period = f"FinancialYear eq {int(year)} and FinancialPeriod eq {int(period)}"
-    journal_rows = client.get_all(TRANSACTION_LINES, READ_BACK_SELECT,
-                                  filter=f"JournalCode eq {string_literal(journal)} and {in_period}")
-    codes = sorted(set(accounts))
-    account_rows: list[dict] = []
-    if codes:
-        either = " or ".join(f"GLAccountCode eq {string_literal(c)}" for c in codes)
-        account_rows = client.get_all(TRANSACTION_LINES, READ_BACK_SELECT, filter=f"({either}) and {in_period}")
+    codes = set(accounts)
+    in_period = [r for r in client.sync_rows(SYNC_TRANSACTION_LINES, READ_BACK_SELECT)
+                 if int(r.get("FinancialYear") or 0) == int(year) and int(r.get("FinancialPeriod") or 0) == int(period)]
+    journal_rows = [r for r in in_period if str(r.get("JournalCode") or "").strip() == journal]
+    account_rows = [r for r in in_period if str(r.get("GLAccountCode") or "").strip() in codes]
     return exact_lines_frame(journal_rows), exact_lines_frame(account_rows)
 
 
@@ -192,6 +217,48 @@ def fold_vat_lines(lines: pd.DataFrame) -> pd.DataFrame:
         keep.append(i)
     folded = lines.assign(amount_cents=amounts)
     return folded.iloc[keep].reset_index(drop=True)
+
+
+# --- reading Expensify ------------------------------------------------------------------------------------
+
+class ReportExporter(Protocol):
+    """What reconciliation needs from the Expensify client."""
+
+    def export_reports(self, start: date, end: date, policy_ids: Sequence[str], *, timezone: str = ...,
+                       source_timezone: str = ...) -> list[dict]: ...
+
+
+def approved_lines_by_day(client: ReportExporter, connection: Connection, days: Sequence[str]
+                          ) -> dict[str, NormalizedLines]:
+    """Expensify's approved reports for the days, read afresh with one export for the whole range.
+
+    Reconciliation never reuses what the posting run stored (`expense_lines`): a report approved for a day but
+    never picked up by that run (approved after the export, an export edge, a report retracted and approved again)
+    is exactly what it exists to find.
+
+    Args:
+        client: the connection's ExpensifyClient.
+        connection: the connection (policies, timezone, timestamp zone).
+        days: approval days `YYYY-MM-DD`; one export job covers first..last (two beyond a year).
+
+    Returns:
+        day → the day's normalized lines and malformed lines, for every requested day (empty when none).
+    """
+    if not days:
+        return {}
+    wanted = sorted(set(days))
+    reports = client.export_reports(date.fromisoformat(wanted[0]), date.fromisoformat(wanted[-1]),
+                                    connection.expensify.policy_ids, timezone=connection.timezone,
+                                    source_timezone=connection.expensify.timestamp_timezone)
+    by_day: dict[str, list[dict]] = {day: [] for day in wanted}
+    for report in reports:
+        # A report whose approval does not parse is kept on the first day, where normalization reports it.
+        day = approval_day(report, connection.timezone, connection.expensify.timestamp_timezone) or wanted[0]
+        if day in by_day:
+            by_day[day].append(report)
+    return {day: normalize_reports(found, connection.timezone,
+                                   source_timezone=connection.expensify.timestamp_timezone)
+            for day, found in by_day.items()}
 
 
 # --- what Expensify's reports should have become --------------------------------------------------------
@@ -545,8 +612,8 @@ def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: 
     Args:
         connection: the connection.
         config: the project's mappings.
-        lines_by_day: day → NormalizedLines (the `expense_lines` asset value); a `connection` column, if present,
-            is used to keep this connection's rows.
+        lines_by_day: day → NormalizedLines, Expensify's approved reports re-read for reconciliation
+            (`approved_lines_by_day`); a `connection` column, if present, is used to keep this connection's rows.
         store: the StateStore (ledger, quarantine, audit log).
         client: the connection's ExactClient.
         run_date: today (only the `run_date` posting-date policy uses it).
@@ -554,9 +621,9 @@ def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: 
     Raises:
         ApiError: Exact could not be read; nothing is concluded from a partial read-back.
     """
-    from expensify_exact.snapshots import fetch_dimensions
+    from expensify_exact.snapshots import fetch_dimensions, needed_codes
 
-    dims = fetch_dimensions(client)
+    dims = fetch_dimensions(client, needed_codes(connection, config))
     ledger = store.ledger_rows(connection.name)
     quarantine = store.quarantine_items(connection.name, status=None)
     prepared = {}
@@ -614,7 +681,7 @@ def _cancelled_by_corrections(store, connection: str, report_ids: Iterable[str])
     for report_id in sorted(report_ids):
         for row in corrections_for(connection, report_id):
             if row.kind == "reversal" and row.status == "posted":
-                out |= {row.entry_id.lower(), row.replaces_entry_id.lower()}
+                out |= {row.posted_entry_id.lower(), row.replaces_entry_id.lower()}
     return out
 
 

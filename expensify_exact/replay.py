@@ -30,10 +30,11 @@ import pandas as pd
 
 from expensify_exact import progress
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.errors import ConnectorError, RejectedByApi
+from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiError
 from expensify_exact.exact.odata import guid_literal
 from expensify_exact.posting import planned_reports, post_drafts
-from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimensions
+from expensify_exact.settlement import EntryGateway, find_posted, post_and_settle
+from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
 from expensify_exact.state import CorrectionRow, QuarantineItem, StateStore
 from expensify_exact.transform.draft_checks import split_invalid_drafts
 from expensify_exact.transform.expense_lines import normalize_reports
@@ -71,14 +72,10 @@ class ReportSource(Protocol):
                              timezone: str, source_timezone: str) -> list[dict]: ...
 
 
-class ExactGateway(Protocol):
-    """What replay and approve need from the Exact client."""
+class ExactGateway(EntryGateway, Protocol):
+    """What replay and approve need from the Exact client: reads, and posting with settlement."""
 
     def get_all(self, path: str, select, filter: str | None = None, orderby: str | None = None) -> list[dict]: ...
-
-    def get_entry(self, entry_id: str) -> dict | None: ...
-
-    def post_general_journal_entry(self, body: dict) -> dict: ...
 
 
 @dataclass
@@ -205,7 +202,7 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
 
         progress.publish(progress.Phase(conn.name, f"re-validating {len(items)} quarantined report(s) against "
                                                    f"fresh Exact dimensions"))
-        dims = fetch_dimensions(exact)
+        dims = fetch_dimensions(exact, needed_codes(conn, config))
         fingerprint = replay_fingerprint(dims, config, conn)
         reports = expensify.export_reports_by_id(
             [i.report_id for i in items], conn.expensify.policy_ids, approved_since=_earliest_day(items),
@@ -412,7 +409,7 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
         # Earlier attempts may have left intents for another drafted correction: settle them by asking Exact.
         for row in rows.values():
             if row.status == "pending" and row.entry_id not in (reversal_id, correction_id):
-                _settle(row, store, exact, audit)
+                _settle(row, store, exact, audit, _known_entries(ledger.entry_id, rows.values(), row))
         rows = {r.entry_id: r for r in store.corrections_for(conn.name, report_id, replaces_entry_id=original_id)}
         posted_other = [r for r in rows.values() if r.kind == "correction" and r.status == "posted"
                         and r.entry_id != correction_id]
@@ -448,8 +445,9 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
 
         for row in (reversal_row, correction_row):
             if row.status != "posted":
+                known = store.corrections_for(conn.name, report_id, replaces_entry_id=original_id)
                 try:
-                    _post_correction(row, store, exact, audit)
+                    _post_correction(row, store, exact, audit, _known_entries(original_id, known, row))
                 except RejectedByApi as exc:
                     for pending in store.corrections_for(conn.name, report_id, replaces_entry_id=original_id):
                         if pending.status == "pending":
@@ -463,39 +461,65 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
         note = (f"approved: entry {ledger.entry_number} reversed by entry {reversal_row.entry_number}, corrected by "
                 f"entry {correction_row.entry_number}")
         store.correction_complete(conn.name, report_id, replaces_entry_id=original_id,
-                                  content_hash=correction_row.content_hash, entry_id=correction_row.entry_id,
+                                  content_hash=correction_row.content_hash, entry_id=correction_row.posted_entry_id,
+                                  client_entry_id=correction_row.entry_id,
                                   entry_number=correction_row.entry_number,
                                   partition_date=correction_row.partition_date,
                                   transaction_ids=correction_row.transaction_ids,
                                   total_cents=correction_row.total_cents, run_id=run_id, note=note)
-        store.audit("approved", entry_id=correction_row.entry_id, entry_number=correction_row.entry_number,
+        store.audit("approved", entry_id=correction_row.posted_entry_id, entry_number=correction_row.entry_number,
                     transaction_ids=correction_row.transaction_ids,
                     detail={"by": actor, "replaced_entry": {"id": original_id, "number": ledger.entry_number},
-                            "reversal": {"id": reversal_row.entry_id, "number": reversal_row.entry_number},
-                            "correction": {"id": correction_row.entry_id, "number": correction_row.entry_number}},
+                            "reversal": {"id": reversal_row.posted_entry_id, "number": reversal_row.entry_number},
+                            "correction": {"id": correction_row.posted_entry_id,
+                                           "number": correction_row.entry_number}},
                     **audit)
-        return ApproveResult(conn.name, report_id, reversal_row.entry_id, reversal_row.entry_number,
-                             correction_row.entry_id, correction_row.entry_number, original_id)
+        return ApproveResult(conn.name, report_id, reversal_row.posted_entry_id, reversal_row.entry_number,
+                             correction_row.posted_entry_id, correction_row.entry_number, original_id)
 
 
-def _settle(row: CorrectionRow, store: StateStore, exact: ExactGateway, audit: dict) -> None:
-    found = exact.get_entry(row.entry_id)
+def _known_entries(original_id: str, rows, row: CorrectionRow) -> set[str]:
+    """Entries Exact holds that are accounted for elsewhere: never taken for `row`'s when looking it up."""
+    return {original_id} | {r.posted_entry_id for r in rows if r.status == "posted" and r.entry_id != row.entry_id}
+
+
+def _settle(row: CorrectionRow, store: StateStore, exact: ExactGateway, audit: dict, known: set[str]) -> None:
+    """An intent of an earlier drafted correction: record it if Exact holds it, else forget it."""
+    found = find_posted(exact, store, row.connection, row.body | {"EntryID": row.entry_id}, sent_entry_id=row.entry_id,
+                        exclude_entry_ids=known)
     if found is None:
         store.correction_drop_intent(row.connection, row.report_id, row.entry_id)
     else:
-        store.correction_mark_posted(row.connection, row.report_id, row.entry_id, found.get("EntryNumber"))
-        store.audit(f"{row.kind}_posted", entry_id=row.entry_id, entry_number=found.get("EntryNumber"),
-                    detail={"settled": "pending intent found in Exact"}, **audit)
+        store.correction_mark_posted(row.connection, row.report_id, row.entry_id, found.entry_number,
+                                     exact_entry_id=found.entry_id)
+        store.audit(f"{row.kind}_posted", entry_id=found.entry_id, entry_number=found.entry_number,
+                    detail={"settled": f"pending intent found in Exact by {found.found_by}",
+                            "entry_id_sent": row.entry_id}, **audit)
 
 
-def _post_correction(row: CorrectionRow, store: StateStore, exact: ExactGateway, audit: dict) -> None:
-    """Post one pending correction intent, unless Exact already holds it (a crash after the POST)."""
-    found = exact.get_entry(row.entry_id)
+def _post_correction(row: CorrectionRow, store: StateStore, exact: ExactGateway, audit: dict, known: set[str]) -> None:
+    """Post one pending correction intent, unless Exact already holds it (a crash after the POST); the same rules
+    for every answer as daily posting (`settlement`).
+
+    Raises:
+        RejectedByApi: Exact refused it and does not hold it.
+        TransientApiError: its fate is open (the intent stays) or it was not processed; run approve again.
+    """
+    body = row.body | {"EntryID": row.entry_id}
+    found = find_posted(exact, store, row.connection, body, sent_entry_id=row.entry_id, exclude_entry_ids=known)
     settled = found is not None
     if found is None:
-        found = exact.post_general_journal_entry(row.body | {"EntryID": row.entry_id})
-    number = found.get("EntryNumber")
-    store.correction_mark_posted(row.connection, row.report_id, row.entry_id, number)
-    store.audit(f"{row.kind}_posted", entry_id=row.entry_id, entry_number=number,
+        found = post_and_settle(exact, store, row.connection, body, exclude_entry_ids=known)
+        if found.outcome == "rejected":
+            raise RejectedByApi("exact", found.message, status=found.status)
+        if found.outcome != "posted":
+            raise TransientApiError("exact", f"the {row.kind} of report {row.report_id} got no certain answer "
+                                             f"({found.message}); run approve again, it is looked up first",
+                                    status=found.status)
+    store.correction_mark_posted(row.connection, row.report_id, row.entry_id, found.entry_number,
+                                 exact_entry_id=found.entry_id)
+    store.audit(f"{row.kind}_posted", entry_id=found.entry_id, entry_number=found.entry_number,
                 detail={"total_cents": row.total_cents, "lines": len(row.body["GeneralJournalEntryLines"]),
-                        **({"settled": "pending intent found in Exact"} if settled else {})}, **audit)
+                        "entry_id_sent": row.entry_id,
+                        **({"settled": f"pending intent found in Exact by {found.found_by}"} if settled else {})},
+                **audit)

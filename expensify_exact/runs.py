@@ -101,8 +101,11 @@ def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: st
     if not result.success:
         failure = "; ".join(_failure_messages(result)) or "the run failed"
     notes = []
-    if len(outcomes) and (outcomes["outcome"] == "deferred").any():
-        notes.append("Exact's daily call budget ran out; deferred reports are posted by the next run.")
+    deferred = outcomes[outcomes["outcome"] == "deferred"] if len(outcomes) else outcomes
+    if len(deferred):
+        why = sorted({r["message"] for reasons in deferred["reasons"] for r in (reasons or []) if r.get("message")})
+        notes.append(f"{len(deferred)} report(s) deferred, posted by the next run: " + " | ".join(why[:3])
+                     + (f" (and {len(why) - 3} more reasons)" if len(why) > 3 else ""))
     return RunSummary(start, end, dry_run, result.success, result.run_id, outcomes, failure, notes)
 
 

@@ -67,6 +67,12 @@ posted_ledger = sa.Table(
     sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("run_id", sa.String(64), nullable=True),
+    # Our EntryID, sent with the POST (migration 4). Exact may assign its own (exact-online.md §13); `entry_id` then
+    # holds Exact's once the entry is posted, and this column keeps ours.
+    sa.Column("client_entry_id", sa.String(36), nullable=True),
+    # The POST body of the intent (without EntryID, migration 4): what a later run looks for in Exact's lines when
+    # the outcome was never heard, even if the report has changed since.
+    sa.Column("body", sa.Text, nullable=True),
 )
 quarantine = sa.Table(
     "ee_quarantine", metadata,
@@ -115,6 +121,8 @@ corrections = sa.Table(
     sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("run_id", sa.String(64), nullable=True),
+    # The EntryID Exact gave the posted entry, when it is not ours (migration 4, exact-online.md §13).
+    sa.Column("exact_entry_id", sa.String(36), nullable=True),
 )
 
 # What an API last said about a credential's budgets (e.g. Exact's X-RateLimit-* headers for one division), so a
@@ -141,6 +149,49 @@ request_log = sa.Table(
     sa.Index("ix_ee_request_log_scope_at", "scope", "at"),
 )
 
+# What the connector has learned about how a connection's services behave where the reference leaves it open
+# (e.g. `exact_keeps_client_entry_id`, written by `preflight --write-test`). JSON values; None = unknown.
+connection_facts = sa.Table(
+    "ee_connection_facts", metadata,
+    sa.Column("connection", sa.String(100), primary_key=True),
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Errors Exact answered per division, endpoint and clock hour, counted by every process using the state DB, so
+# the connector stops calling an endpoint well before Exact's block at 10 errors an hour (exact-online.md §6).
+error_budget = sa.Table(
+    "ee_error_budget", metadata,
+    sa.Column("scope", sa.String(200), primary_key=True),  # exact:<division>:<endpoint>
+    sa.Column("hour", sa.DateTime(timezone=True), primary_key=True),  # start of the UTC clock hour
+    sa.Column("errors", sa.Integer, nullable=False),
+    sa.Column("last_status", sa.Integer, nullable=True),
+    sa.Column("last_message", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Columns a migration adds to a table an earlier one created (a fresh database gets them with the table).
+ADDED_COLUMNS: dict[int, list[tuple[sa.Table, str]]] = {
+    4: [(posted_ledger, "client_entry_id"), (posted_ledger, "body"), (corrections, "exact_entry_id")],
+}
+
+# Each Exact division's last dimension snapshot (snapshots.py): per table the rows as Exact returned them, the cursor
+# an incremental read continues from (sync Timestamp or Modified), when it was last read in full and last checked.
+# A cache of Exact's state, not posting state: losing it costs one full read. `dimension` "division_access" records
+# the last successful division check.
+dimension_snapshots = sa.Table(
+    "ee_dimension_snapshots", metadata,
+    sa.Column("scope", sa.String(100), primary_key=True),  # exact:division:<n>
+    sa.Column("dimension", sa.String(40), primary_key=True),
+    sa.Column("rows", sa.Text, nullable=False),  # JSON list of records
+    sa.Column("cursor", sa.String(64), nullable=True),
+    sa.Column("meta", sa.Text, nullable=False),  # JSON: source, confirmed-missing codes, webhook event seen
+    sa.Column("refreshed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # What was mailed or posted to a chat once and must not go out again: a digest per connection and day, an alert per
 # dedupe key. A row is claimed before sending and marked sent after; a claim left by a crash expires.
 notifications = sa.Table(
@@ -161,6 +212,9 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (2, "correction intents for approved CHANGED_AFTER_POSTING reports", [corrections]),
     (3, "rate-limit budgets and request times shared by the processes using one credential",
      [rate_limits, request_log]),
+    (4, "connection facts, per-endpoint error budget, client and Exact EntryIDs",
+     [connection_facts, error_budget]),
+    (5, "each division's last dimension snapshot, refreshed incrementally", [dimension_snapshots]),
     (7, "digests and alerts sent once", [notifications]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -178,6 +232,8 @@ class LedgerRow:
     transaction_ids: list[str]
     total_cents: int
     posted_at: datetime | None
+    client_entry_id: str | None = None  # the EntryID we sent; `entry_id` is Exact's once posted
+    body: dict | None = None  # the intent's POST body (without EntryID), when recorded
 
 
 @dataclass(frozen=True)
@@ -209,6 +265,12 @@ class CorrectionRow:
     transaction_ids: list[str]
     total_cents: int
     posted_at: datetime | None
+    exact_entry_id: str | None = None  # Exact's EntryID when it assigned its own
+
+    @property
+    def posted_entry_id(self) -> str:
+        """The EntryID under which Exact holds this entry."""
+        return self.exact_entry_id or self.entry_id
 
 
 def default_state_url() -> str:
@@ -258,6 +320,13 @@ class StateStore:
                     continue
                 for table in tables:
                     table.create(conn, checkfirst=True)
+                for table, column in ADDED_COLUMNS.get(version, []):
+                    table.create(conn, checkfirst=True)
+                    present = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+                    if column not in present:
+                        col = table.c[column]
+                        conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} "
+                                             f"{col.type.compile(dialect=conn.dialect)}"))
                 conn.execute(schema_migrations.insert().values(version=version, description=description,
                                                                applied_at=_utcnow()))
             newest = max(applied | {v for v, _, _ in MIGRATIONS})
@@ -379,12 +448,13 @@ class StateStore:
 
     def ledger_write_intent(self, connection: str, report_id: str, *, content_hash: str, entry_id: str,
                             partition_date: str | None, transaction_ids: list[str], total_cents: int,
-                            run_id: str | None) -> None:
-        """Record that `entry_id` is about to be posted. Refuses to overwrite a posted row."""
+                            run_id: str | None, body: dict | None = None) -> None:
+        """Record that `entry_id` (with `body`) is about to be posted. Refuses to overwrite a posted row."""
         values = {"status": "pending", "content_hash": content_hash, "entry_id": entry_id,
                   "partition_date": partition_date, "transaction_ids": json.dumps(transaction_ids),
                   "total_cents": total_cents, "intent_at": _utcnow(), "run_id": run_id, "entry_number": None,
-                  "posted_at": None}
+                  "posted_at": None, "client_entry_id": entry_id,
+                  "body": json.dumps(body, sort_keys=True) if body is not None else None}
         with self.engine.begin() as conn:
             # Write first, read after: two runs racing for one report then queue on the write lock instead of both
             # reading "no row" and one failing on the primary key (overlapping backfills running at once).
@@ -400,12 +470,16 @@ class StateStore:
             if not replaced:
                 raise StateStoreError(f"report {report_id} is already posted for {connection}; refusing a new intent")
 
-    def ledger_mark_posted(self, connection: str, report_id: str, entry_id: str, entry_number: int | None) -> None:
+    def ledger_mark_posted(self, connection: str, report_id: str, entry_id: str, entry_number: int | None,
+                           exact_entry_id: str | None = None) -> None:
+        """Record the intent `entry_id` (ours) as posted; Exact's own EntryID, if it assigned one, replaces it in
+        `entry_id` while `client_entry_id` keeps ours."""
         with self.engine.begin() as conn:
             conn.execute(posted_ledger.update().where(
                 posted_ledger.c.connection == connection, posted_ledger.c.report_id == report_id,
                 posted_ledger.c.entry_id == entry_id,
-            ).values(status="posted", entry_number=entry_number, posted_at=_utcnow()))
+            ).values(status="posted", entry_number=entry_number, posted_at=_utcnow(),
+                     entry_id=exact_entry_id.lower() if exact_entry_id else entry_id))
 
     def ledger_drop_intent(self, connection: str, report_id: str, entry_id: str) -> None:
         """Forget a pending intent that Exact is known not to hold (it refused the entry)."""
@@ -426,17 +500,25 @@ class StateStore:
         values = {"status": "open", "partition_date": partition_date, "reasons": json.dumps(reasons),
                   "transaction_ids": json.dumps(transaction_ids), "content_hash": content_hash, "updated_at": now,
                   "resolution_note": None}
-        with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(quarantine.c.report_id, quarantine.c.status).where(
-                quarantine.c.connection == connection, quarantine.c.report_id == report_id)).first()
-            if exists and exists.status == "ignored":
-                values = {k: v for k, v in values.items() if k not in ("status", "resolution_note")}
-            if exists:
-                conn.execute(quarantine.update().where(quarantine.c.connection == connection,
-                                                       quarantine.c.report_id == report_id).values(**values))
-            else:
-                conn.execute(quarantine.insert().values(connection=connection, report_id=report_id,
-                                                        first_seen_at=now, **values))
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    exists = conn.execute(sa.select(quarantine.c.report_id, quarantine.c.status).where(
+                        quarantine.c.connection == connection, quarantine.c.report_id == report_id)).first()
+                    row = values
+                    if exists and exists.status == "ignored":
+                        row = {k: v for k, v in values.items() if k not in ("status", "resolution_note")}
+                    if exists:
+                        conn.execute(quarantine.update().where(quarantine.c.connection == connection,
+                                                               quarantine.c.report_id == report_id).values(**row))
+                    else:
+                        conn.execute(quarantine.insert().values(connection=connection, report_id=report_id,
+                                                                first_seen_at=now, **row))
+                return
+            except sa.exc.IntegrityError:
+                if attempt:
+                    raise
+                # Another run quarantined the same report between our read and our insert: update theirs.
 
     def quarantine_set_status(self, connection: str, report_id: str, status: str, note: str | None = None) -> bool:
         with self.engine.begin() as conn:
@@ -506,12 +588,15 @@ class StateStore:
         with self.engine.connect() as conn:
             return [_correction_row(r) for r in conn.execute(query)]
 
-    def correction_mark_posted(self, connection: str, report_id: str, entry_id: str, entry_number: int | None) -> None:
+    def correction_mark_posted(self, connection: str, report_id: str, entry_id: str, entry_number: int | None,
+                               exact_entry_id: str | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(corrections.update().where(
                 corrections.c.connection == connection, corrections.c.report_id == report_id,
                 corrections.c.entry_id == entry_id,
-            ).values(status="posted", entry_number=entry_number, posted_at=_utcnow()))
+            ).values(status="posted", entry_number=entry_number, posted_at=_utcnow(),
+                     exact_entry_id=exact_entry_id.lower() if exact_entry_id and exact_entry_id.lower() != entry_id
+                     else None))
 
     def correction_drop_intent(self, connection: str, report_id: str, entry_id: str) -> None:
         """Forget a pending correction intent that Exact is known not to hold."""
@@ -522,8 +607,10 @@ class StateStore:
 
     def correction_complete(self, connection: str, report_id: str, *, replaces_entry_id: str, content_hash: str,
                             entry_id: str, entry_number: int | None, partition_date: str | None,
-                            transaction_ids: list[str], total_cents: int, run_id: str | None, note: str) -> None:
-        """Point the ledger at the posted corrected entry and close the quarantine item, in one transaction.
+                            transaction_ids: list[str], total_cents: int, run_id: str | None, note: str,
+                            client_entry_id: str | None = None) -> None:
+        """Point the ledger at the posted corrected entry (`entry_id` as Exact holds it, `client_entry_id` the one
+        sent) and close the quarantine item, in one transaction.
 
         Compare-and-set on the ledger's entry: refuses if the ledger no longer holds `replaces_entry_id` as posted.
         """
@@ -534,7 +621,8 @@ class StateStore:
                 posted_ledger.c.entry_id == replaces_entry_id, posted_ledger.c.status == "posted",
             ).values(content_hash=content_hash, entry_id=entry_id, entry_number=entry_number,
                      partition_date=partition_date, transaction_ids=json.dumps(transaction_ids),
-                     total_cents=total_cents, posted_at=now, run_id=run_id)).rowcount
+                     total_cents=total_cents, posted_at=now, run_id=run_id,
+                     client_entry_id=client_entry_id or entry_id, body=None)).rowcount
             if not updated:
                 raise StateStoreError(f"report {report_id} of {connection} no longer has entry {replaces_entry_id} "
                                       f"posted in the ledger; refusing to record its correction")
@@ -589,6 +677,85 @@ class StateStore:
                                                                   request_log.c.at > since)
                                 .order_by(request_log.c.at))
             return [_aware(r.at) for r in rows]
+
+    # --- connection facts ----------------------------------------------------------------------------
+    def connection_fact_get(self, connection: str, name: str) -> Any | None:
+        """A fact recorded for `connection` (JSON value), or None when unknown."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(connection_facts.c.value).where(
+                connection_facts.c.connection == connection, connection_facts.c.name == name)).first()
+        return json.loads(row.value) if row else None
+
+    def connection_fact_put(self, connection: str, name: str, value: Any, detail: dict | None = None) -> None:
+        """Record (or replace) a fact; `detail` says how it was learned (e.g. the test entry's IDs)."""
+        self._upsert(connection_facts, {"connection": connection, "name": name},
+                     {"value": json.dumps(value), "detail": json.dumps(detail, default=str) if detail else None,
+                      "recorded_at": _utcnow()})
+
+    def connection_facts(self, connection: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(connection_facts).order_by(connection_facts.c.connection, connection_facts.c.name)
+        if connection:
+            query = query.where(connection_facts.c.connection == connection)
+        with self.engine.connect() as conn:
+            return [{"connection": r.connection, "name": r.name, "value": json.loads(r.value),
+                     "detail": json.loads(r.detail) if r.detail else None, "recorded_at": _aware(r.recorded_at)}
+                    for r in conn.execute(query)]
+
+    # --- per-endpoint error budget -------------------------------------------------------------------
+    def error_budget_add(self, scope: str, hour: datetime, status: int | None, message: str | None) -> int:
+        """Count one error Exact answered for `scope` in the clock hour starting at `hour`; returns the new count."""
+        with self.engine.begin() as conn:
+            where = [error_budget.c.scope == scope, error_budget.c.hour == hour]
+            values = {"last_status": status, "last_message": (message or "")[:500], "updated_at": _utcnow()}
+            if not conn.execute(error_budget.update().where(*where)
+                                .values(errors=error_budget.c.errors + 1, **values)).rowcount:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(error_budget.insert().values(scope=scope, hour=hour, errors=1, **values))
+                except sa.exc.IntegrityError:  # another process counted the first one at the same moment
+                    conn.execute(error_budget.update().where(*where)
+                                 .values(errors=error_budget.c.errors + 1, **values))
+            conn.execute(error_budget.delete().where(error_budget.c.hour < hour - timedelta(days=2)))
+            return conn.execute(sa.select(error_budget.c.errors).where(*where)).scalar_one()
+
+    def error_budget_count(self, scope: str, hour: datetime) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(error_budget.c.errors).where(
+                error_budget.c.scope == scope, error_budget.c.hour == hour)).scalar()
+        return int(value or 0)
+
+    def error_budget_rows(self, since: datetime) -> list[dict[str, Any]]:
+        """Every scope's error count for the clock hours starting at or after `since`."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(error_budget).where(error_budget.c.hour >= since)
+                                .order_by(error_budget.c.scope, error_budget.c.hour))
+            return [dict(r._mapping) | {"hour": _aware(r.hour), "updated_at": _aware(r.updated_at)} for r in rows]
+
+    # --- dimension snapshots ------------------------------------------------------------------------
+    def snapshot_get(self, scope: str, dimension: str) -> dict[str, Any] | None:
+        """The stored snapshot of one dimension table (rows and meta parsed from JSON), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(dimension_snapshots).where(
+                dimension_snapshots.c.scope == scope, dimension_snapshots.c.dimension == dimension)).one_or_none()
+        if row is None:
+            return None
+        return {"rows": json.loads(row.rows), "cursor": row.cursor, "meta": json.loads(row.meta),
+                "refreshed_at": _aware(row.refreshed_at), "checked_at": _aware(row.checked_at)}
+
+    def snapshot_put(self, scope: str, dimension: str, *, rows: list[dict], cursor: str | None, meta: dict,
+                     refreshed_at: datetime, checked_at: datetime) -> None:
+        """Store one dimension table's snapshot; `rows` and `meta` must be JSON-serializable."""
+        self._upsert(dimension_snapshots, {"scope": scope, "dimension": dimension},
+                     {"rows": json.dumps(rows), "cursor": cursor, "meta": json.dumps(meta),
+                      "refreshed_at": refreshed_at, "checked_at": checked_at})
+
+    def snapshot_drop(self, scope: str, dimension: str | None = None) -> int:
+        """Forget a division's stored snapshot (one table, or all): the next run reads it in full."""
+        where = [dimension_snapshots.c.scope == scope]
+        if dimension is not None:
+            where.append(dimension_snapshots.c.dimension == dimension)
+        with self.engine.begin() as conn:
+            return conn.execute(dimension_snapshots.delete().where(*where)).rowcount
 
     # --- notifications sent once (digest mails, alerts) -----------------------------------------------
     def notification_claim(self, key: str, *, kind: str, connection: str | None, force: bool = False,
@@ -683,9 +850,10 @@ def _quarantine_item(r) -> QuarantineItem:
 def _correction_row(r) -> CorrectionRow:
     return CorrectionRow(r.connection, r.report_id, r.entry_id, r.kind, r.replaces_entry_id, r.status,
                          r.content_hash, json.loads(r.body), r.entry_number, r.partition_date,
-                         json.loads(r.transaction_ids), r.total_cents, _aware(r.posted_at))
+                         json.loads(r.transaction_ids), r.total_cents, _aware(r.posted_at), r.exact_entry_id)
 
 
 def _ledger_row(row) -> LedgerRow:
     return LedgerRow(row.connection, row.report_id, row.status, row.content_hash, row.entry_id, row.entry_number,
-                     row.partition_date, json.loads(row.transaction_ids), row.total_cents, _aware(row.posted_at))
+                     row.partition_date, json.loads(row.transaction_ids), row.total_cents, _aware(row.posted_at),
+                     row.client_entry_id, json.loads(row.body) if row.body else None)

@@ -345,3 +345,14 @@ def dimensions_changed_since(store: StateStore, connection: str, after_id: int =
     with store.engine.connect() as conn:
         return [{"id": r.id, "at": r.at, "detail": json.loads(r.detail) if r.detail else {}}
                 for r in conn.execute(query)]
+
+
+def webhook_invalidations(store: StateStore, connection: str) -> dict[str, int]:
+    """Dimension table → id of the newest `webhook_dimensions_changed` event about it: a stored snapshot that has not
+    seen that event is re-read in full (snapshots.refresh_snapshot)."""
+    out: dict[str, int] = {}
+    for event in dimensions_changed_since(store, connection):
+        name = event["detail"].get("dimension")
+        if name:
+            out[name] = max(out.get(name, 0), int(event["id"]))
+    return out

@@ -211,12 +211,13 @@ def _day(value) -> date | None:
 def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations,
                      today: date) -> list[Finding]:
     """Reads Exact's dimensions and Expensify's policies for `conn` and checks the mappings against them."""
-    from expensify_exact.snapshots import fetch_dimension
+    from expensify_exact.snapshots import fetch_dimension, needed_codes
 
     try:
         client = connector.exact_client(conn)
         with client:
-            dims = {name: fetch_dimension(client, name) for name in CHECKED_DIMENSIONS}
+            needed = needed_codes(conn, project)
+            dims = {name: fetch_dimension(client, name, needed.get(name)) for name in CHECKED_DIMENSIONS}
             _remember_rate_budget(connector, conn, client)
     except ConnectorError as exc:
         return [Finding(ERROR, UNREACHABLE, conn.name, f"Exact division {conn.exact.division}",

@@ -59,6 +59,7 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
             "quarantine_open": len(quarantine),
             "quarantine_by_reason": dict(sorted(by_reason.items())),
             "ledger": {"posted": ledger.get("posted", 0), "pending": ledger.get("pending", 0)},
+            "error_budget": _error_budget(store, conn, now),
             "last_posting": _last_posting(instance, conn),
         }
     return out
@@ -82,6 +83,18 @@ def _notify(store, conn) -> dict:
             "last_digest_mailed": max((row["key"].rsplit(":", 1)[1] for row in mailed), default=None)}
 
 
+def _error_budget(store, conn, now: datetime) -> list[dict]:
+    """Errors Exact answered this clock hour per endpoint of the connection's division (exact-online.md §6)."""
+    from expensify_exact.exact.client import ERROR_BUDGET_PER_ENDPOINT
+
+    hour = now.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    prefix = f"exact:{conn.exact.division}:"
+    return [{"endpoint": row["scope"][len(prefix):], "errors": row["errors"], "limit": ERROR_BUDGET_PER_ENDPOINT,
+             "stopped": row["errors"] >= ERROR_BUDGET_PER_ENDPOINT, "last_status": row["last_status"],
+             "last_message": row["last_message"]}
+            for row in store.error_budget_rows(hour) if row["scope"].startswith(prefix) and row["hour"] == hour]
+
+
 def _required_secrets() -> set[str]:
     from expensify_exact import connections as c
 
@@ -102,6 +115,10 @@ def needs_attention(status: dict) -> list[str]:
             if limit is None:
                 reasons.append(f"{name}: Dagster pool {pool} has no limit, so concurrent runs can exceed the API's "
                                f"rate limit; set concurrency.pools.default_limit: 1 in dagster.yaml")
+        for spent in conn.get("error_budget") or []:
+            if spent["stopped"]:
+                reasons.append(f"{name}: Exact answered {spent['errors']} errors on {spent['endpoint']} this hour; "
+                               f"the connector does not call it again before the next hour (Exact blocks at 10)")
         if conn["ledger"]["pending"]:
             reasons.append(f"{name}: {conn['ledger']['pending']} posting intent(s) unsettled; the next run settles "
                            f"them by asking Exact")
@@ -298,6 +315,10 @@ def render_text(status: dict) -> str:
         reasons = ", ".join(f"{code} {n}" for code, n in conn["quarantine_by_reason"].items())
         lines.append(f"  quarantine    {conn['quarantine_open']} open report(s)" + (f": {reasons}" if reasons else ""))
         lines.append(f"  ledger        {conn['ledger']['posted']} posted, {conn['ledger']['pending']} pending")
+        for spent in conn.get("error_budget") or []:
+            state = "STOPPED until the next hour" if spent["stopped"] else "calls go on"
+            lines.append(f"  exact errors  {spent['endpoint']}: {spent['errors']}/{spent['limit']} this hour, {state} "
+                         f"(last: HTTP {spent['last_status']} {spent['last_message']})")
         if conn["last_posting"]:
             p = conn["last_posting"]
             lines.append(f"  last posting  run {p['run_id'][:8]} at {p['at'][:16]}Z: posted {p.get('posted', 0)}, "

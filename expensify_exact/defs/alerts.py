@@ -1,7 +1,8 @@
 """Alert sensors: a connector run failed; a report waits in quarantine too long; Exact's refresh token is idle
-for 25 days; Exact's daily budget ran out and reports were deferred; a reconciliation found differences. They
-find and deliver through `expensify_exact.notify.alerts`; each alert goes out once per channel (its key in the
-state database), however often the sensor ticks. A delivery that fails fails the tick, and the next tick retries.
+for 25 days; reports were deferred (Exact's daily budget ran out, an endpoint's error budget is spent, no certain
+answer) or Exact refused the connection (403); a reconciliation found differences. They find and deliver through
+`expensify_exact.notify.alerts`; each alert goes out once per channel (its key in the state database), however
+often the sensor ticks. A delivery that fails fails the tick, and the next tick retries.
 """
 
 import json
@@ -126,7 +127,8 @@ def build(config: ProjectConfig) -> dg.Definitions:
                       "Exact's refresh token has not been renewed for notify.alerts.token_idle_days (25); Exact "
                       "drops it after 30, and then a person must re-authorize. Alerts once per token."),
         _state_sensor(DEFERRED_SENSOR, config, alerts.deferred_reports, 300,
-                      "Exact's daily call budget ran out and reports were deferred to the next run: alerts once "
-                      "per stopped posting."),
+                      "Reports were deferred to the next run (Exact's daily or an endpoint's error budget spent, "
+                      "no certain answer to a POST) or Exact refused the connection (403, 401): alerts once per "
+                      "run, with the reason per report."),
     ]
     return dg.Definitions(sensors=sensors)

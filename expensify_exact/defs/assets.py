@@ -8,7 +8,6 @@ range handles every day in one go (single-run backfills), and each day keeps its
 
 from datetime import date
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pandas as pd
@@ -20,12 +19,12 @@ from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, gro
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.errors import ConnectorError
-from expensify_exact.expensify.client import parse_report_timestamp
 from expensify_exact.posting import OUTCOME_COLUMNS, planned_reports, post_drafts
 from expensify_exact.resources import ConnectorResource
-from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimension
+from expensify_exact.snapshots import DIMENSION_QUERIES, needed_codes, refresh_snapshot
+from expensify_exact.webhooks import webhook_invalidations
 from expensify_exact.transform.draft_checks import DraftLineSchema, split_invalid_drafts
-from expensify_exact.transform.expense_lines import ExpenseLineSchema, normalize_reports
+from expensify_exact.transform.expense_lines import ExpenseLineSchema, approval_day, normalize_reports
 from expensify_exact.transform.journal import (
     DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, JournalDrafts, Reason, build_journal_drafts,
 )
@@ -81,14 +80,6 @@ def _schema_errors(schema, frame: pd.DataFrame) -> pd.DataFrame | None:
         return errors.failure_cases
 
 
-def _approval_day(report: dict, timezone: str, source_timezone: str) -> str | None:
-    try:
-        approved = parse_report_timestamp(report.get("approved"), source_timezone)
-    except ValueError:
-        return None  # normalization reports it as malformed; it is kept, not dropped
-    return approved.astimezone(ZoneInfo(timezone)).date().isoformat() if approved else None
-
-
 def quarantine_rows(outcomes: pd.DataFrame) -> pd.DataFrame:
     """One row per problem of every quarantined report, with what to do about it."""
     rows = []
@@ -140,7 +131,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                                             source_timezone=conn.expensify.timestamp_timezone)
             calls = dict(client.calls)
         for report in reports:
-            day = _approval_day(report, conn.timezone, conn.expensify.timestamp_timezone) or keys[0]
+            day = approval_day(report, conn.timezone, conn.expensify.timestamp_timezone) or keys[0]
             by_day.setdefault(day, []).append(report)
         total = sum(len(by_day[key]) for key in keys)
         context.log.info(f"exported {total} report(s) over {len(keys)} day(s) with {sum(calls.values())} request(s)")
@@ -182,21 +173,29 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
     @dg.multi_asset(
         name=f"{slug(conn.name)}__exact_dimensions",
         outs={name: dg.AssetOut(key=key, group_name=group, kinds={"exactonline", "pandas"}, owners=["team:data"],
-                                description=f"Snapshot of Exact's {DIMENSION_QUERIES[name][0]} in {division}, "
-                                            f"taken at the start of every run. Not partitioned: it is the state "
-                                            f"of Exact now, and each day's drafts record which snapshot validated "
-                                            f"them through their lineage.")
+                                description=f"Snapshot of Exact's {DIMENSION_QUERIES[name][0]} in {division}. "
+                                            f"Kept in the state DB and brought up to date at the start of every "
+                                            f"run: GL accounts and cost centers by what changed since, the other "
+                                            f"tables on a webhook, a miss or weekly (docs/dimension-snapshots.md). "
+                                            f"Not partitioned: it is the state of Exact now, and each day's drafts "
+                                            f"record which snapshot validated them through their lineage.")
               for name, key in dimension_keys.items()},
         pool=exact_pool(conn),
     )
     def exact_dimensions(context: dg.AssetExecutionContext, connector: ConnectorResource):
         progress.publish(progress.Phase(conn.name, f"reading Exact's dimensions of {division}"))
         client = connector.exact_client(conn)
-        client.check_division()
+        store = connector.store()
+        refresh = refresh_snapshot(client, store, conn.exact.division, needed_codes(conn, config),
+                                   invalidated=webhook_invalidations(store, conn.name))
+        context.log.info(f"dimension snapshot of {division}: {client.calls_made} call(s); "
+                         + ", ".join(f"{name} {how}" for name, how in refresh.how.items()))
         for name in dimension_keys:
-            frame = fetch_dimension(client, name)
-            yield dg.Output(frame, output_name=name, metadata={"rows": len(frame), "dagster/row_count": len(frame),
-                                                               "preview": markdown_table(frame, limit=30)})
+            frame = getattr(refresh.dimensions, name)
+            yield dg.Output(frame, output_name=name, metadata={
+                "rows": len(frame), "dagster/row_count": len(frame), "refreshed": refresh.how[name],
+                "rows_changed": refresh.changed[name], "exact_calls_for_dimensions": client.calls_made,
+                "preview": markdown_table(frame, limit=30)})
 
     @dg.asset(
         key=drafts_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,

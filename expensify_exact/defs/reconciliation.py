@@ -1,5 +1,5 @@
-"""Reconciliation and the daily digest, per connection: the read-back of each approval day, a monthly rollup, and
-the accountants' digest. Their checks are the reconciliation's invariants: a red check means the books and
+"""Reconciliation and the daily digest, per connection: a fresh export of each approval day's approved reports, the
+read-back of its entries, a monthly rollup, and the accountants' digest. Their checks are the reconciliation's invariants: a red check means the books and
 Expensify disagree.
 
 These assets sit in their own group per connection (`<connection>_reconciliation`) and run in their own jobs,
@@ -16,14 +16,15 @@ import dagster as dg
 import pandas as pd
 
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.defs.keys import asset_key, exact_pool, group_name
+from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
 from expensify_exact.notify.mail import mail_digest
 from expensify_exact.posting import OUTCOME_COLUMNS
 from expensify_exact.reconcile import (
-    FINDING_COLUMNS, FINDING_FIXES, Finding, Reconciliation, reconcile_connection_month, reconcile_days,
+    FINDING_COLUMNS, FINDING_FIXES, Finding, Reconciliation, approved_lines_by_day, reconcile_connection_month,
+    reconcile_days,
 )
 from expensify_exact.resources import ConnectorResource
 
@@ -62,6 +63,10 @@ def reconciliation_group(conn: Connection) -> str:
     return f"{group_name(conn.name)}_reconciliation"
 
 
+def approved_key(conn: Connection) -> dg.AssetKey:
+    return asset_key(conn.name, "reconciliation", "expensify_approved")
+
+
 def daily_key(conn: Connection) -> dg.AssetKey:
     return asset_key(conn.name, "reconciliation", "daily")
 
@@ -80,10 +85,10 @@ def build(config: ProjectConfig) -> dg.Definitions:
         assets.extend(connection_reconciliation_assets(conn, config))
     daily_job = dg.define_asset_job(
         DAILY_JOB_NAME, selection=dg.AssetSelection.assets(*[k for c in config.connections
-                                                              for k in (daily_key(c), digest_key(c))]),
+                                                              for k in (approved_key(c), daily_key(c), digest_key(c))]),
         partitions_def=DAILY_APPROVALS,
-        description="Read the day's posted entries back from Exact, compare them with Expensify and the ledger, "
-                    "and write the accountants' digest.")
+        description="Re-read the day's approved reports from Expensify and its posted entries from Exact, compare "
+                    "them with the ledger, and write the accountants' digest.")
     monthly_job = dg.define_asset_job(
         MONTHLY_JOB_NAME, selection=dg.AssetSelection.assets(*[monthly_key(c) for c in config.connections]),
         partitions_def=MONTHLY, description="Roll the month's daily reconciliations up; check card liabilities.")
@@ -102,22 +107,42 @@ def build(config: ProjectConfig) -> dg.Definitions:
 
 def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) -> list:
     group = reconciliation_group(conn)
-    lines_key = asset_key(conn.name, "expensify", "expense_lines")
     posted_key = asset_key(conn.name, "exact", "journal_entries_posted")
-    day_key, month_key, mail_key = daily_key(conn), monthly_key(conn), digest_key(conn)
+    reports_key, day_key, month_key, mail_key = approved_key(conn), daily_key(conn), monthly_key(conn), digest_key(conn)
+
+    @dg.asset(
+        key=reports_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=expensify_pool(conn),
+        group_name=group, kinds={"expensify", "pandas"}, owners=["team:finance"], deps=[posted_key],
+        description=f"Expensify's approved reports of policies {', '.join(conn.expensify.policy_ids)} for each day, "
+                    f"re-exported for reconciliation with one export job for the whole range, independently of what "
+                    f"the posting run exported: a report approved for a day but never picked up by that run is what "
+                    f"reconciliation exists to find.",
+    )
+    def expensify_approved(context: dg.AssetExecutionContext, connector: ConnectorResource):
+        with connector.expensify_client(conn) as client:
+            by_day = approved_lines_by_day(client, conn, context.partition_keys)
+            calls = dict(client.calls)
+        lines = sum(len(v.lines) for v in by_day.values())
+        return dg.MaterializeResult(
+            value=_result(context, by_day),
+            metadata={"reports": sum(int(v.lines["report_id"].nunique()) for v in by_day.values()),
+                      "lines": lines, "malformed_lines": sum(len(v.malformed) for v in by_day.values()),
+                      "export_jobs": calls.get("export", 0), "download_polls": calls.get("download", 0),
+                      "dagster/row_count": lines})
 
     @dg.asset(
         key=day_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=exact_pool(conn),
         group_name=group, kinds={"exactonline", "pandas"}, owners=["team:finance"],
-        ins={"expense_lines": dg.AssetIn(lines_key)}, deps=[posted_key],
+        ins={"expense_lines": dg.AssetIn(reports_key)}, deps=[posted_key],
         description=f"Reads the day's posted entries back from Exact (division {conn.exact.division}) and compares "
-                    f"three sides per report, GL account, cost center and currency: Expensify's approved reports, "
-                    f"the connector's ledger and quarantine, and Exact's transaction lines. Each difference is a "
-                    f"finding with a reason code.",
+                    f"three sides per report, GL account, cost center and currency: Expensify's approved reports "
+                    f"(re-exported, not the posting run's copy), the connector's ledger and quarantine, and Exact's "
+                    f"transaction lines. Each difference is a finding with a reason code.",
         check_specs=[dg.AssetCheckSpec(name, asset=day_key, blocking=False, description=text)
                      for name, (_codes, text) in DAILY_CHECKS.items()],
     )
     def reconciliation_daily(context: dg.AssetExecutionContext, connector: ConnectorResource, expense_lines):
+        # expense_lines: the re-exported approved reports of `expensify_approved`, one NormalizedLines per day.
         client = connector.exact_client(conn)
         results = reconcile_days(conn, config, _per_partition(context, expense_lines), connector.store(), client)
         findings = _concat([r.findings for r in results.values()], FINDING_COLUMNS)
@@ -208,7 +233,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
                                          extra={"days_missing": len(result.stats["days_missing"])}),
         )
 
-    return [reconciliation_daily, daily_digest, reconciliation_monthly]
+    return [expensify_approved, reconciliation_daily, daily_digest, reconciliation_monthly]
 
 
 # --- helpers ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.keys import exact_pool, slug
 from expensify_exact.replay import replay_fingerprint, replay_quarantine, replayable
 from expensify_exact.resources import ConnectorResource
-from expensify_exact.snapshots import fetch_dimensions
+from expensify_exact.snapshots import fetch_dimensions, needed_codes
 
 REPLAY_JOB_NAME = "replay_quarantine"
 SENSOR_NAME = "replay_when_dimensions_change"
@@ -132,7 +132,8 @@ def plan_replays(connector: ConnectorResource, cursor: dict[str, str], log=None)
             plan.notes.append(f"{conn.name}: nothing a replay could fix")
             continue
         try:
-            fingerprint = replay_fingerprint(fetch_dimensions(connector.exact_client(conn)), project, conn)
+            dims = fetch_dimensions(connector.exact_client(conn), needed_codes(conn, project))
+            fingerprint = replay_fingerprint(dims, project, conn)
         except Exception as exc:  # noqa: BLE001 - one unreachable division must not stop the others' replays
             plan.notes.append(f"{conn.name}: could not read Exact's dimensions ({exc})")
             if log is not None:

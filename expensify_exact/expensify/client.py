@@ -41,6 +41,10 @@ RECONCILIATION_TEMPLATE = (_HERE / "reconciliation.ftl").read_text(encoding="utf
 _LABEL_TEMPLATE = ('{"reportIDs":[<#list reports as report>"${(report.reportID!"")?json_string}"<#sep>,</#sep>'
                    '</#list>],"end":true}')
 
+# The Policy Getter sections the connector uses, all in the documented list ("categories", "reportFields", "tags",
+# "tax"; docs/api-facts.md "Expensify policy getter"). Employees are left out: undocumented there, and not needed.
+POLICY_FIELDS = ("categories", "tags", "tax")
+
 # Messages Expensify uses for refused credentials, whatever responseCode carries them (expensify.md §7).
 _AUTH_MESSAGES = ("authentication error", "no authentication method specified", "invalid credentials")
 _HTML_TITLE = re.compile(r"<title>(.*?)</title>|<h1>(.*?)</h1>", re.IGNORECASE | re.DOTALL)
@@ -73,21 +77,12 @@ class PolicyTaxRate:
 
 
 @dataclass(frozen=True)
-class PolicyEmployee:
-    email: str
-    role: str = ""
-    submits_to: str = ""
-    employee_id: str = ""
-
-
-@dataclass(frozen=True)
 class PolicyInfo:
     policy_id: str
     categories: tuple[PolicyCategory, ...] = ()
     tags: tuple[PolicyTag, ...] = ()
     tax_rates: tuple[PolicyTaxRate, ...] = ()
     default_tax_rate_id: str = ""
-    employees: tuple[PolicyEmployee, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -340,7 +335,10 @@ class ExpensifyClient:
     # ----------------------------------------------------------------------------------------- policy
 
     def get_policies(self, policy_ids: Sequence[str]) -> dict[str, PolicyInfo]:
-        """Categories, tags, tax rates and employees of these policies (Policy Getter, expensify.md §4.2).
+        """Categories, tags and tax rates of these policies (Policy Getter, expensify.md §4.2).
+
+        Only the documented sections are asked for (`POLICY_FIELDS`); a category or tag without a GL code
+        (no ``glCode`` key, null or empty) has ``gl_code == ""``.
 
         Args:
             policy_ids: the policies to read.
@@ -355,7 +353,7 @@ class ExpensifyClient:
         if not policy_ids:
             return {}
         job = {"type": "get", "credentials": self._credentials(),
-               "inputSettings": {"type": "policy", "fields": ["categories", "tags", "tax", "employees"],
+               "inputSettings": {"type": "policy", "fields": list(POLICY_FIELDS),
                                  "policyIDList": list(policy_ids)}}
         text = self._post("policy", job)
         envelope = self._envelope("policy", text)
@@ -515,6 +513,9 @@ def _approved_within(report: dict, lower: datetime, upper: datetime, source_time
 
 
 def _text(value: Any) -> str:
+    """A code or name as text, whether Expensify typed it as a string or a number (4520, 4520.0 → "4520")."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return "" if value is None else str(value)
 
 
@@ -526,11 +527,8 @@ def _policy_info(policy_id: str, body: dict) -> PolicyInfo:
     rates = tuple(PolicyTaxRate(_text(r.get("rateID")), _text(r.get("name")),
                                 float(r["rate"]) if r.get("rate") not in (None, "") else None)
                   for r in tax.get("rates") or [])
-    employees = tuple(PolicyEmployee(_text(e.get("email")), _text(e.get("role")), _text(e.get("submitsTo")),
-                                     _text(e.get("employeeID")))
-                      for e in body.get("employees") or [])
     return PolicyInfo(policy_id, categories, tuple(_policy_tags(body.get("tags") or [])), rates,
-                      _text(tax.get("default")), employees)
+                      _text(tax.get("default")))
 
 
 def _policy_tags(entries: Iterable[dict]) -> list[PolicyTag]:

@@ -13,13 +13,15 @@ from expensify_exact.config import Connection
 from expensify_exact.notify import ALERT_WEBHOOK_URL
 from expensify_exact.notify.chat import chat_payload, post_chat
 from expensify_exact.notify.mail import build_message, send_mail, send_once, smtp_login
+from expensify_exact.posting import STOPPED_BY_DAILY_BUDGET, STOPPED_BY_REFUSAL
 from expensify_exact.state import StateStore
 from expensify_exact.vault import CredentialVault
 
 RUN_FAILED = "run_failed"
 QUARANTINE_OVERDUE = "quarantine_overdue"
 TOKEN_IDLE = "token_idle"
-BUDGET_DEFERRED = "budget_deferred"
+REPORTS_DEFERRED = "reports_deferred"
+CONNECTION_REFUSED = "connection_refused"
 RECONCILIATION_FINDINGS = "reconciliation_findings"
 DEFERRED_LOOKBACK = timedelta(days=7)  # deferred events older than this are not looked at again
 
@@ -129,26 +131,50 @@ def idle_refresh_token(conn: Connection, store: StateStore, now: datetime) -> li
 
 
 def deferred_reports(conn: Connection, store: StateStore, now: datetime) -> list[Alert]:
-    """One alert per run whose posting stopped because Exact's daily call budget ran out (audit events
-    `deferred`, one per day the run could not finish)."""
+    """One alert per run that deferred reports to the next run, saying why for each (audit events `deferred`):
+    Exact's daily call budget or an endpoint's hourly error budget was spent, a POST got no certain answer, a
+    report was not sent. A run in which Exact refused the connection (a 403 such as a blocked user, missing rights
+    or the error-limit block; a 401 after a refresh; the division out of reach) is its own kind: a person must act."""
     runs: dict[str, list[dict]] = {}
     for row in store.audit_rows(conn.name, since=now - DEFERRED_LOOKBACK):
         if row["event"] == "deferred":
             runs.setdefault(row["run_id"] or f"audit-{row['id']}", []).append(row)
     out = []
     for run_id, rows in runs.items():
-        details = [json.loads(r["detail"] or "{}") for r in rows]
-        reports = sorted({report for d in details for report in d.get("reports") or []})
-        resets = next((d["resets_at"] for d in reversed(details) if d.get("resets_at") not in (None, "None")),
-                      "the daily reset")
+        why: dict[str, set[str]] = {}  # reason -> reports
+        stopped_by, resets = set(), None
+        for row in rows:
+            detail = json.loads(row["detail"] or "{}")
+            reason = detail.get("reason") or "deferred"
+            if detail.get("reports"):  # the connection stopped: its reason ends "; N report(s) wait for ..."
+                reason = reason.rsplit("; ", 1)[0]
+                stopped_by.add(detail.get("stopped_by"))
+            why.setdefault(reason, set()).update(r for r in detail.get("reports") or [row["report_id"]] if r)
+            resets = detail.get("resets_at") or resets
+        reports = sorted(set().union(*why.values()))
+        refused = STOPPED_BY_REFUSAL in stopped_by
+        kind = CONNECTION_REFUSED if refused else REPORTS_DEFERRED
+        if refused:
+            title = f"Exact refused the connection: {len(reports)} report(s) deferred"
+            then = (f"Exact refuses this connection (its Reason is quoted above). Fix the cause — `expensify-exact "
+                    f"preflight --connection {conn.name}` says what to do — and the next run posts them, once.")
+        elif stopped_by == {STOPPED_BY_DAILY_BUDGET} and len(why) == 1:
+            title = f"Exact's daily budget ran out: {len(reports)} report(s) deferred"
+            then = f"The budget resets at {resets or 'the daily reset'}; the next run posts them, once."
+        else:
+            title = f"{len(reports)} report(s) deferred to the next run"
+            then = "The next run settles them first and posts what Exact does not hold, once."
+        lines = [f"- {reason}: {_listed(sorted(group))}" for reason, group in why.items()]
         out.append(Alert(
-            BUDGET_DEFERRED, conn.name, f"{BUDGET_DEFERRED}:{conn.name}:{run_id}",
-            f"[expensify-exact] Exact's daily budget ran out: {len(reports)} report(s) deferred ({conn.name})",
-            f"At {rows[0]['at']:%Y-%m-%d %H:%M} UTC (run {run_id}) Exact's daily call budget for division "
-            f"{conn.exact.division} was used up; {len(reports)} report(s) wait for the next run: "
-            f"{', '.join(reports[:50])}{' …' if len(reports) > 50 else ''}.\nThe budget resets at {resets}; the "
-            f"next run posts them, once. Nothing is lost."))
+            kind, conn.name, f"{kind}:{conn.name}:{run_id}", f"[expensify-exact] {title} ({conn.name})",
+            f"At {rows[0]['at']:%Y-%m-%d %H:%M} UTC (run {run_id}) posting to Exact division {conn.exact.division} "
+            f"deferred {len(reports)} report(s) to the next run:\n" + "\n".join(lines)
+            + f"\n{then} Nothing is lost."))
     return out
+
+
+def _listed(reports: list[str], limit: int = 50) -> str:
+    return ", ".join(reports[:limit]) + (" …" if len(reports) > limit else "")
 
 
 def reconciliation_findings(conn: Connection, run_id: str, days: list[str], counts: dict[str, int]) -> Alert:

@@ -3,12 +3,20 @@
 Built from shared/reference/exact-online.md only. Fault targets for `FaultSwitches` (see ExactSimulator):
 
 * ``exact.api`` (every /api/v1 call): ``rate_limit`` (429 with minutely headers), ``http_503``.
-* ``exact.post_entry`` (POST GeneralJournalEntries): ``http_500_before_store``, ``http_503_before_store``,
+* ``exact.post_entry`` (POST GeneralJournalEntries): ``http_400_before_store`` (a malformed-request refusal),
+  ``http_500_before_store``, ``http_503_before_store``,
   ``drop_before_store``, ``store_then_http_500``, ``store_then_timeout`` (store, wait ``timeout_seconds`` real
   seconds, then answer 201), ``store_then_drop`` (store, then close the socket without answering). A store_then_*
-  fault armed for a POST that fails validation is used up without effect.
+  fault armed for a POST that fails validation is used up without effect. The knob ``post_answer_delay_seconds``
+  slows every stored entry's answer the same way, without a fault.
 * ``exact.token`` (POST /api/oauth2/token): ``http_500``, ``http_503``, ``drop_before_rotate``,
   ``drop_after_rotate`` (the grant succeeds and rotates the refresh token, but the answer never arrives).
+
+Strict by default where the sheet leaves the truth open (§13): Exact assigns its own EntryID and ignores the client's
+(`keep_client_entry_ids`), collection reads of endpoints with a sync twin need a `$filter` on an allowed field
+(`mandatory_filtering`), query strings over 8 KB are refused, and every error an app earns (4xx except 429, and 5xx
+carrying Exact's message) counts per client, division, endpoint and clock hour; from the 10th the endpoint answers
+403 for the rest of that hour.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from expensify_exact.sandbox.exact_odata import (
     atom_single,
     error_json,
     error_xml,
+    filter_fields,
     json_value,
     key_literal,
     parse_key_literal,
@@ -53,7 +62,16 @@ from expensify_exact.sandbox.faults import FaultSwitches
 
 DEFAULT_BASE_URL = "https://start.exactonline.nl"
 CONTROL_PREFIX = "/_sandbox/exact/"
-_ERROR_STATUSES = {400, 401, 403, 404}  # the ones that count toward the hourly error budget (§6)
+# Fields that satisfy mandatory filtering on endpoints with a sync twin (exact-online.md §4.6, §13), strictest
+# reading: the key and the natural key only. The bulk twins take the same fields.
+MANDATORY_FILTER_FIELDS = {
+    "financial/GLAccounts": ("ID", "Code"),
+    "bulk/Financial/GLAccounts": ("ID", "Code"),
+    "financialtransaction/TransactionLines": ("ID", "EntryID"),
+    "bulk/Financial/TransactionLines": ("ID", "EntryID"),
+}
+_SYNC_FILTER = re.compile(r"^\s*Timestamp\s+gt\s+\d+L\s*$")
+QUERY_STRING_TOO_LONG = "Bad Request - Query String Too Long"
 
 
 class DropConnection(Exception):
@@ -86,12 +104,17 @@ class ExactKnobs:
     require_json_accept: bool = True
     select_required_on_key_reads: bool = False
     sync_values_as_strings: bool = False
+    # §13 [?]: Exact may keep the client's EntryID (lenient) or assign its own and echo that one (strict default)
+    keep_client_entry_ids: bool = False
+    # §4.6/§13: endpoints with a sync twin refuse a collection GET without a $filter on an allowed field
+    mandatory_filtering: bool = True
+    # §4.4/§13: a longer query string is refused (IIS); batches of `or` filters must stay below it
+    max_query_string_bytes: int = 8192
     # rate limits and error budget (§6)
     minutely_limit: int = 60
     daily_limit: int = 5000
     error_budget_enabled: bool = True
-    error_budget: int = 10
-    error_block_seconds: int = 3600
+    error_budget: int = 10  # the 10th error of a clock hour blocks the endpoint for the rest of that hour
     error_block_reason: str = "BlockedByErrorLimit"
     # posting (§5)
     closed_periods: set[tuple[int, int]] = field(default_factory=set)
@@ -103,6 +126,7 @@ class ExactKnobs:
     entry_number_start: int = 26900001
     exchange_rates: dict[str, float] = field(default_factory=lambda: {"USD": 0.92, "GBP": 1.17, "CHF": 1.04})
     timeout_seconds: float = 3.0
+    post_answer_delay_seconds: float = 0.0  # real seconds a stored entry's 201 takes, so a test can kill mid-POST
     # webhooks (§8)
     webhook_targets: list[str] = field(default_factory=list)
 
@@ -136,6 +160,13 @@ def _status_line(status: int) -> str:
         return f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
         return f"{status} Unknown"
+
+
+def _exact_answered(reply: Reply) -> bool:
+    """Whether Exact's API itself produced this answer (not a proxy's HTML outage page or a dropped socket)."""
+    if reply.drop:
+        return False
+    return not any(n.lower() == "content-type" and v.startswith("text/html") for n, v in reply.headers)
 
 
 def _epoch_ms(moment: datetime) -> int:
@@ -179,8 +210,7 @@ class ExactSimulator:
         self._minute_calls: dict[tuple, int] = defaultdict(int)
         self._day_calls: dict[tuple, int] = defaultdict(int)
         self._seen_per_minute: dict[tuple, int] = defaultdict(int)
-        self._errors: dict[tuple, list[datetime]] = defaultdict(list)
-        self._blocked_until: dict[tuple, datetime] = {}
+        self._errors: dict[tuple, int] = {}  # (client, division, endpoint, clock hour) -> errors earned
         self._webhooks: list[dict] = []
         self._webhook_queue: queue.Queue = queue.Queue()
         self._webhook_thread: threading.Thread | None = None
@@ -194,7 +224,7 @@ class ExactSimulator:
                 "token": Counter(calls=0, refreshes=0, codes_exchanged=0, consents=0),
                 "refusals": Counter(), "old_refresh_token_used": 0,
                 "posts": Counter(attempted=0, created=0, rejected=0),
-                "blocked_by_error_limit": 0, "faults": Counter()}
+                "blocked_by_error_limit": 0, "errors": Counter(), "faults": Counter()}
 
     # ------------------------------------------------------------------------------------------------
     # WSGI
@@ -280,7 +310,7 @@ class ExactSimulator:
             grant = form.get("grant_type")
             self._stats["token"]["refreshes" if grant == "refresh_token" else "codes_exchanged"] += 1
         self._stats["statuses"][str(reply.status)] += 1
-        self._count_error(block_key, reply.status)
+        self._count_error(block_key, reply.status, _exact_answered(reply))
         if rotated and fault == "drop_after_rotate":
             return Reply(0, drop=True)
         return reply
@@ -343,12 +373,14 @@ class ExactSimulator:
                     raise ODataError(404, f"Resource not found for the segment '{rest.split('(')[0].split('/')[-1]}'.")
                 if method not in spec.methods:
                     raise ODataError(405, f"The requested resource does not support http method '{method}'.")
+                if len(environ.get("QUERY_STRING", "").encode()) > self.knobs.max_query_string_bytes:
+                    raise ODataError(400, QUERY_STRING_TOO_LONG)  # §13: IIS refuses long query strings
                 reply = self._dispatch(method, spec, em, division, environ, body)
             except ODataError as exc:
                 reply = self._odata_reply(exc, environ)
             reply.headers.extend(rate_headers)
         self._stats["statuses"]["dropped" if reply.drop else str(reply.status)] += 1
-        self._count_error(block_key, reply.status)
+        self._count_error(block_key, reply.status, _exact_answered(reply))
         return reply
 
     def _token_owner(self, header: str | None) -> str:
@@ -422,20 +454,26 @@ class ExactSimulator:
         return None, (self._daily_headers(self.knobs.daily_limit - self._day_calls[dkey])
                       + self._minutely_headers(self.knobs.minutely_limit - self._minute_calls[mkey]))
 
-    # -- error budget (§6 table) -----------------------------------------------------------------------
-    def _is_blocked(self, key: tuple) -> bool:
-        until = self._blocked_until.get(key)
-        return bool(self.knobs.error_budget_enabled and until and until > self.clock.now())
+    # -- error budget (§6 table, §13) ------------------------------------------------------------------
+    def _hour(self) -> datetime:
+        return self.clock.now().replace(minute=0, second=0, microsecond=0)
 
-    def _count_error(self, key: tuple, status: int) -> None:
-        if status not in _ERROR_STATUSES:
+    def _is_blocked(self, key: tuple) -> bool:
+        """Whether (client, division, endpoint) has earned `error_budget` errors in this clock hour."""
+        return bool(self.knobs.error_budget_enabled
+                    and self._errors.get((*key, self._hour()), 0) >= self.knobs.error_budget)
+
+    def _count_error(self, key: tuple, status: int, exact_answered: bool = True) -> None:
+        """Count an error the app earned: any 4xx but 429, and a 5xx only when Exact itself answered it (an OData
+        message, e.g. a validation error), not an outage page or a dropped connection."""
+        if status < 400 or status == 429 or (status >= 500 and not exact_answered):
             return
-        now = self.clock.now()
-        window = [t for t in self._errors[key] if (now - t).total_seconds() < 3600] + [now]
-        self._errors[key] = window
-        if self.knobs.error_budget_enabled and len(window) > self.knobs.error_budget:
-            self._blocked_until[key] = now + timedelta(seconds=self.knobs.error_block_seconds)
-            self._errors[key] = []
+        hour = self._hour()
+        if len(self._errors) > 5000:  # keep memory flat during long soak runs
+            for old in [k for k in self._errors if k[-1] < hour]:
+                del self._errors[old]
+        self._errors[(*key, hour)] = self._errors.get((*key, hour), 0) + 1
+        self._stats["errors"][f"{key[1]} {key[2]}"] += 1
 
     def _take(self, target: str) -> str | None:
         fault = self.faults.take(target)
@@ -507,6 +545,8 @@ class ExactSimulator:
         if spec.select_required and q.select is None and q.top != 1 and not count:
             # exact-online.md §4.6: these endpoints refuse an unbounded, unselected read
             raise ODataError(400, SELECT_REQUIRED)
+        if self.knobs.mandatory_filtering:
+            self._check_mandatory_filter(spec, dict(params).get("$filter"), q)
         if q.filter:
             rows = [r for r in rows if q.filter(r)]
         if count:
@@ -532,6 +572,23 @@ class ExactSimulator:
         out = [self._render(spec, r, ledger, environ, q) for r in page]
         return self._collection_reply(out, next_url, environ, spec.path.split("/")[-1],
                                       total if q.inlinecount else None)
+
+    @staticmethod
+    def _check_mandatory_filter(spec: EntitySpec, text: str | None, q: Query) -> None:
+        """§4.6/§13: a sync endpoint reads from a `Timestamp gt NL` watermark; an endpoint with a sync twin only
+        with a $filter that names one of its mandatory-filter fields."""
+        if spec.page == "sync" and spec.path.startswith("sync/"):
+            if text is None or not _SYNC_FILTER.match(text):
+                raise ODataError(400, "A GET request for this endpoint must have a $filter parameter with one of "
+                                      "the following fields in the url: Timestamp (as Timestamp gt 1L)")
+            return
+        allowed = MANDATORY_FILTER_FIELDS.get(spec.path)
+        if allowed is None:
+            return
+        if text is None or not (filter_fields(text) & set(allowed)):
+            raise ODataError(400, "This endpoint has mandatory filtering applied. A GET request for this endpoint "
+                                  "must have a $filter parameter with one of the following fields in the url: "
+                                  + ",".join(allowed))
 
     def _collection_reply(self, rows: list[dict], next_url: str | None, environ: dict, title: str,
                           count: int | None = None) -> Reply:
@@ -589,6 +646,8 @@ class ExactSimulator:
     def _post_entry(self, ledger: Ledger, environ: dict, body: bytes):
         self._stats["posts"]["attempted"] += 1
         fault = self._take("exact.post_entry")
+        if fault == "http_400_before_store":
+            raise ODataError(400, "Error processing request stream. The request body could not be read.")
         if fault == "http_500_before_store":
             raise ODataError(500, "An error has occurred.")
         if fault == "http_503_before_store":
@@ -624,6 +683,7 @@ class ExactSimulator:
         else:
             reply = Reply(201, [("Content-Type", "application/atom+xml;type=entry;charset=utf-8"), *location],
                           atom_single(out, self.clock.now()))
+        reply.delay = float(self.knobs.post_answer_delay_seconds)
         if fault == "store_then_timeout":
             reply.delay = float(self.knobs.timeout_seconds)
         return reply

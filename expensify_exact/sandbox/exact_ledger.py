@@ -63,6 +63,14 @@ SPECS: tuple[EntitySpec, ...] = (
         "ID:g Code:s Description:s SearchCode:s Type:i TypeDescription:s BalanceSide:s BalanceType:s IsBlocked:b "
         "UseCostcenter:y UseCostunit:y Costcenter:s CostcenterDescription:s Costunit:s CostunitDescription:s "
         "VATCode:s VATDescription:s Division:i " + _AUDIT)),
+    EntitySpec("sync/Financial/GLAccounts", "SyncGLAccount", "Timestamp", _f(
+        "Timestamp:i64 ID:g Code:s Description:s SearchCode:s Type:i TypeDescription:s BalanceSide:s BalanceType:s "
+        "IsBlocked:b UseCostcenter:y UseCostunit:y Costcenter:s CostcenterDescription:s Costunit:s "
+        "CostunitDescription:s VATCode:s VATDescription:s Division:i " + _AUDIT), page="sync", select_required=True),
+    EntitySpec("bulk/Financial/GLAccounts", "GLAccount", "ID", _f(
+        "ID:g Code:s Description:s SearchCode:s Type:i TypeDescription:s BalanceSide:s BalanceType:s IsBlocked:b "
+        "UseCostcenter:y UseCostunit:y Costcenter:s CostcenterDescription:s Costunit:s CostunitDescription:s "
+        "VATCode:s VATDescription:s Division:i " + _AUDIT), page="sync", select_required=True),
     EntitySpec("hrm/Costcenters", "Costcenter", "ID", _f(
         "ID:g Code:s Description:s Active:b EndDate:dt Division:i " + _AUDIT), padded_code=True),
     EntitySpec("hrm/Costunits", "Costunit", "ID", _f(
@@ -128,7 +136,7 @@ def nl_amount(value: Decimal) -> str:
 
 
 def _reject(message: str) -> ODataError:
-    # exact-online.md §7: business validation errors are HTTP 500, not 400
+    # exact-online.md §7, §13: business validation and value-conversion errors in a POST body are HTTP 500, not 400
     return ODataError(500, message)
 
 
@@ -142,16 +150,16 @@ def parse_post_date(value: Any, where: str) -> date:
             return datetime.fromisoformat(value.replace("Z", "+00:00")).date()
         except ValueError:
             pass
-    raise ODataError(400, f"Error converting value \"{value}\" to type 'System.DateTime'. Path '{where}'.")
+    raise _reject(f"Error converting value \"{value}\" to type 'System.DateTime'. Path '{where}'.")
 
 
 def _number(value: Any, where: str) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ODataError(400, f"Error converting value \"{value}\" to type 'System.Double'. Path '{where}'.")
+        raise _reject(f"Error converting value \"{value}\" to type 'System.Double'. Path '{where}'.")
     try:
         return Decimal(str(value))
     except ArithmeticError:
-        raise ODataError(400, f"Error converting value \"{value}\" to type 'System.Double'. Path '{where}'.") from None
+        raise _reject(f"Error converting value \"{value}\" to type 'System.Double'. Path '{where}'.") from None
 
 
 @dataclass
@@ -232,6 +240,7 @@ class Ledger:
         # exact-online.md §4.5: SearchCode comes back space-padded (e.g. "RENTE    ")
         row["SearchCode"] = f"{code:<9}"
         row["Modified"] = now
+        row["Timestamp"] = self.bump_timestamp()  # the row version sync/Financial/GLAccounts pages by (§4.3)
         return row
 
     def upsert_dimension(self, kind: str, code: str, description: str | None, end_date: date | None,
@@ -259,7 +268,7 @@ class Ledger:
     # -- reading -----------------------------------------------------------------------------------------
     def rows(self, spec: EntitySpec) -> list[dict]:
         path = spec.path
-        if path == "financial/GLAccounts":
+        if path in ("financial/GLAccounts", "sync/Financial/GLAccounts", "bulk/Financial/GLAccounts"):
             return list(self.gl_accounts.values())
         if path == "hrm/Costcenters":
             return list(self.cost_centers.values())
@@ -292,8 +301,9 @@ class Ledger:
         _refuse_unknown(body, _HEADER_FIELDS, "GeneralJournalEntry")
         entry_id = body.get("EntryID")
         if entry_id is not None and not is_guid(entry_id):
-            raise ODataError(400, f"Error converting value \"{entry_id}\" to type 'System.Guid'. Path 'EntryID'.")
-        entry_id = (entry_id or str(uuid.uuid4())).lower()
+            raise _reject(f"Error converting value \"{entry_id}\" to type 'System.Guid'. Path 'EntryID'.")
+        # §13 [?]: strict mode (the default) ignores the client's EntryID and assigns Exact's own
+        entry_id = (entry_id if entry_id and knobs.keep_client_entry_ids else str(uuid.uuid4())).lower()
 
         code = body.get("JournalCode")
         if code in (None, ""):
@@ -381,7 +391,7 @@ class Ledger:
             year = year if year is not None else when.year
             period = period if period is not None else when.month
         if not isinstance(year, int) or not isinstance(period, int):
-            raise ODataError(400, f"Error converting value \"{year}/{period}\" to type 'System.Int16'.")
+            raise _reject(f"Error converting value \"{year}/{period}\" to type 'System.Int16'.")
         if year not in {y for y, _ in self.periods}:
             raise _reject("Ongeldig: Boekjaar")  # [?]
         if (year, period) not in self.periods:
@@ -398,8 +408,7 @@ class Ledger:
         if gl_id in (None, ""):
             raise _reject("Verplicht: Grootboekrekening")
         if not is_guid(gl_id):
-            raise ODataError(400, f"Error converting value \"{gl_id}\" to type 'System.Guid'. "
-                                  f"Path '{where}.GLAccount'.")
+            raise _reject(f"Error converting value \"{gl_id}\" to type 'System.Guid'. Path '{where}.GLAccount'.")
         gl = self.gl_by_id(gl_id)
         if gl is None:
             raise _reject("Ongeldig: Grootboekrekening")

@@ -319,6 +319,20 @@ def parse_filter(text: str, fields: dict[str, str], type_name: str) -> Callable[
     return _FilterParser(text, fields, type_name).parse()
 
 
+def filter_fields(text: str) -> set[str]:
+    """The property names a (valid) $filter compares, e.g. {'EntryID'} for `EntryID eq guid'…' or EntryID eq …`."""
+    tokens = _tokenize(text)
+    names = set()
+    for i, tok in enumerate(tokens):
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        prev = tokens[i - 1] if i else None
+        if tok.kind != "ident" or tok.text in ("and", "or", "not", "true", "false", "null", *_COMPARISONS):
+            continue
+        if (nxt is not None and nxt.text in _COMPARISONS) or (prev is not None and prev.text in _COMPARISONS):
+            names.add(tok.text)
+    return names
+
+
 def parse_key_literal(text: str) -> Any:
     """`guid'…'`, `123` or `123L` as used in key paths and $skiptoken."""
     toks = _tokenize(text)

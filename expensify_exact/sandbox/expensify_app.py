@@ -14,6 +14,12 @@ Knobs (``sim.set_knobs(...)`` or ``POST /_sandbox/expensify/knobs``), defaults f
     untaxed_fields="missing"        expense taxAmount/taxRate when hasTax is false: "missing" or "zero" (§3.2)
     reconciliation_spend_sign="negative"   raw reconciliation amounts: spend negative per §3.2/§6.3, or "positive"
     add_header=True                 the ``addHeader`` template variable
+    number_typing="documented"      how numeric-looking export fields are typed (§3.1-3.2 types are loose):
+                                    "documented" as the sheet lists them (amounts, cardID, rates numbers; IDs text),
+                                    "strings" every one of them as text (empty text where unset), "numbers" the
+                                    all-digit IDs (transactionID, accountID, user and receipt IDs) as numbers too
+    category_gl_codes="as_set"      policy getter categories: "as_set" omits ``glCode`` where none is set (D-old
+                                    sample carries none), "always" sends ``"glCode": ""`` then
 
 Fault targets (``FaultSwitches``):
     "expensify.any":      "rate_limit" (HTTP 429), "html_500" (Tomcat HTML page, HTTP 500),
@@ -66,6 +72,8 @@ DEFAULT_KNOBS: dict[str, object] = {
     "untaxed_fields": "missing",
     "reconciliation_spend_sign": "negative",
     "add_header": True,
+    "number_typing": "documented",
+    "category_gl_codes": "as_set",
 }
 _KNOB_CHOICES = {
     "not_ready_behaviour": ("empty", "error"),
@@ -75,6 +83,8 @@ _KNOB_CHOICES = {
     "tag_shape": ("levels", "flat", "both"),
     "untaxed_fields": ("missing", "zero"),
     "reconciliation_spend_sign": ("negative", "positive"),
+    "number_typing": ("documented", "strings", "numbers"),
+    "category_gl_codes": ("as_set", "always"),
 }
 
 REPORT_STATES = ("OPEN", "SUBMITTED", "APPROVED", "REIMBURSED", "ARCHIVED")
@@ -88,6 +98,12 @@ RECON_EXTENSIONS = ("csv", "txt", "json", "xml")
 PERSONAL_POLICY_ID = "F1E2D3C4B5A69788"
 OFFICE_GL = {"Amsterdam": "AMS", "Rotterdam": "RTM", "Utrecht": "UTR", "Eindhoven": "EHV"}
 _TS = "%Y-%m-%d %H:%M:%S"
+# Export fields whose values look numeric (§3.1, §3.2): numbers per the sheet, or all-digit IDs typed as text.
+NUMERIC_FIELDS = ("total", "amount", "convertedAmount", "currencyConversionRate", "modifiedAmount", "taxAmount",
+                  "modifiedTaxAmount", "taxRate", "mcc", "cardID", "accountID")
+DIGIT_ID_FIELDS = ("transactionID", "managerUserID", "submitterUserID", "receiptID")
+# Policy getter sections (expensify.md §4.2): the four of the official doc, plus employees, observed live (XRL).
+POLICY_FIELDS = ("categories", "reportFields", "tags", "tax", "employees")
 
 # Used for template:"default" (PD sends it for xls/xlsx/pdf; §2.1); a plain CSV is close enough for rehearsal.
 DEFAULT_EXPORT_TEMPLATE = """<#if addHeader>Report ID,Report Name,Status,Merchant,Amount,Currency,Category,Tag
@@ -547,8 +563,11 @@ class ExpensifySimulator:
                     report.reimbursed = None
 
     def add_report(self, *, name: str, employee_email: str, expenses: list[dict], state: str = "APPROVED",
-                   approved: datetime | None = None, currency: str = "EUR") -> str:
-        """Add a report; each expense dict has merchant, category, tag, amount (cents), optional currency/created."""
+                   approved: datetime | None = None, currency: str = "EUR", submitted: datetime | None = None) -> str:
+        """Add a report; each expense dict has merchant, category, tag, amount (cents), optional currency/created.
+
+        `submitted` (naive UTC, default now) also dates the report's creation, e.g. to add a report that was
+        submitted and approved days ago but reaches the export only now."""
         with self._lock:
             employee = next((e for e in seedmod.EMPLOYEES if e.email == employee_email),
                             seedmod.Employee(employee_email, employee_email.split("@")[0], ""))
@@ -569,7 +588,8 @@ class ExpensifySimulator:
                     tax_amount=int(spec.get("taxAmount", 0)), billable=bool(spec.get("billable", False)),
                     receipt_filename="", inserted=now))
             report = _Report(report_id=report_id, old_id=_numeric_id("old:" + report_id, 16), name=name,
-                             employee=employee, currency=currency, created=now, submitted=None, approved=None,
+                             employee=employee, currency=currency, created=submitted or now,
+                             submitted=submitted if state.upper() != "OPEN" else None, approved=None,
                              reimbursed=None, state="OPEN", policy_id=seedmod.POLICY_ID, expenses=records)
             self._reports[report_id] = report
         if state.upper() != "OPEN":
@@ -861,7 +881,7 @@ class ExpensifySimulator:
             "email": approver.email, "date": _ts(report.approved), "firstName": m_first, "lastName": m_last,
             "fullName": approver.name, "employeeUserID": str(_account_id(approver.email)),
             "employeePayrollID": approver.employee_id}]
-        return {
+        model = {
             "reportID": report.report_id,
             "oldReportID": f"R{report.old_id}",
             "reportName": report.name,
@@ -892,6 +912,7 @@ class ExpensifySimulator:
             "employeeCustomField2": "",
             "transactionList": [self._expense_model(report, e) for e in report.expenses],
         }
+        return self._retyped(model)
 
     def _expense_model(self, report: _Report, exp: _Expense) -> dict:
         gl = dict(seedmod.CATEGORIES)
@@ -953,6 +974,20 @@ class ExpensifySimulator:
         for i, name in enumerate(levels):
             model[f"ntag{i + 1}"] = name
             model[f"ntag{i + 1}GlCode"] = tag_gl[i]
+        return self._retyped(model)
+
+    def _retyped(self, model: dict) -> dict:
+        """The ``number_typing`` knob: the same values, typed as another Expensify might type them."""
+        typing = self.knobs["number_typing"]
+        if typing == "strings":
+            for key in NUMERIC_FIELDS:
+                if key in model and not isinstance(model[key], bool):
+                    value = model[key]
+                    model[key] = "" if value is None else str(value)
+        elif typing == "numbers":
+            for key in DIGIT_ID_FIELDS:
+                if isinstance(model.get(key), str) and model[key].isdigit():
+                    model[key] = int(model[key])
         return model
 
     @staticmethod
@@ -979,7 +1014,8 @@ class ExpensifySimulator:
 
     def _policy(self, settings: dict) -> _Response:
         fields = settings.get("fields")
-        if not isinstance(fields, list) or not fields:
+        # Only the documented sections; what Expensify does with others is unknown, so the strict reading refuses.
+        if not isinstance(fields, list) or not fields or any(f not in POLICY_FIELDS for f in fields):
             raise _Reject(410, "Argument 'fields' is missing or malformed")
         ids = settings.get("policyIDList")
         if ids is None:
@@ -1002,6 +1038,8 @@ class ExpensifySimulator:
                        name == "Gifts", "commentHint": "", "maxExpenseAmount": 50000 if name == "Meals" else 0}
                 if not gl:
                     del cat["enabled"]  # a missing "enabled" means true (expensify.md §4.2)
+                    if self.knobs["category_gl_codes"] == "as_set":
+                        del cat["glCode"]
                 cats.append(cat)
             out["categories"] = cats
         if "tags" in fields:

@@ -158,6 +158,16 @@ def parse_report_timestamp(value: Any, source_timezone: str = "UTC") -> datetime
     return parsed.astimezone(dt_timezone.utc)
 
 
+def approval_day(report: dict, timezone: str, source_timezone: str = "UTC") -> str | None:
+    """The report's approval day (`YYYY-MM-DD`) in the connection's timezone; None if it has none or it does not
+    parse (normalization then reports it as malformed: it is kept, not dropped)."""
+    try:
+        approved = parse_report_timestamp(report.get("approved"), source_timezone)
+    except ValueError:
+        return None
+    return approved.astimezone(ZoneInfo(timezone)).date().isoformat() if approved else None
+
+
 def normalize_reports(reports: list[dict], timezone: str, source_timezone: str = "UTC") -> NormalizedLines:
     """One row per expense of the exported reports, in the shape of ExpenseLineSchema.
 

@@ -74,13 +74,18 @@ def post_window(mappings_dir: str, state_url: str, start: date, end: date, *, ti
 
 def poster_process(fernet_key: str, mappings_dir: str, state_url: str, start: date, end: date,
                    timeout: float) -> None:
-    """Entry point of a killable poster process: exit 0 when the range is settled, 3 on an API error."""
+    """Entry point of a killable poster process: exit 0 when the range is settled, 3 on an API error or when a report
+    was deferred to the next run (no certain answer from Exact)."""
     os.environ["EXPENSIFY_EXACT_KEY"] = fernet_key  # the forkserver started under another test's key
     try:
-        post_window(mappings_dir, state_url, start, end, timeout=timeout, run_id=f"poster-{os.getpid()}",
-                    skip_posted=True)
+        runs = post_window(mappings_dir, state_url, start, end, timeout=timeout, run_id=f"poster-{os.getpid()}",
+                           skip_posted=True)
     except ConnectorError as exc:
         print(f"poster {os.getpid()}: {exc}", file=sys.stderr)
+        sys.exit(EXIT_API_ERROR)
+    deferred = [o.report_id for run in runs.values() for o in run.outcomes if o.outcome == "deferred"]
+    if deferred:
+        print(f"poster {os.getpid()}: {len(deferred)} report(s) deferred to the next run", file=sys.stderr)
         sys.exit(EXIT_API_ERROR)
     sys.exit(0)
 

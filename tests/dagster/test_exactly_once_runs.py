@@ -32,11 +32,12 @@ GIFTS, EINDHOVEN = S._report_id(101), S._report_id(102)
 PROBLEMS = {GIFTS, EINDHOVEN}  # the demo's two seeded problems: quarantined, never posted
 
 
-@pytest.fixture
-def authorized(sandbox, sandbox_mappings, state_url):
-    # Rate limits are not on trial here; with them, every run would wait out Exact's minute.
+@pytest.fixture(params=[False, True], ids=["exact-assigns-entry-ids", "exact-keeps-entry-ids"])
+def authorized(request, sandbox, sandbox_mappings, state_url):
+    # Rate limits are not on trial here; with them, every run would wait out Exact's minute. Every test runs in both
+    # EntryID modes (exact-online.md §13): Exact assigning its own (the sandbox default) and keeping ours.
     sandbox.expensify.set_knobs(rate_limiting=False)
-    sandbox.exact.set_knobs(minutely_limit=10_000)
+    sandbox.exact.set_knobs(minutely_limit=10_000, keep_client_entry_ids=request.param)
     assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
     return sandbox_mappings
 
@@ -77,6 +78,26 @@ def test_rerunning_a_partition_posts_nothing_twice(sandbox, authorized, state_ur
     assert posted == _expected(sandbox, day, day) and posted
     assert (again.outcomes["outcome"] == "already_posted").all()
     assert set(_assert_each_report_once_and_ledger_matches(sandbox, state_url)) == posted
+
+
+@pytest.mark.parametrize("faults", [("store_then_drop", "store_then_http_500"),
+                                    ("store_then_timeout", "http_503_before_store", "drop_before_store")])
+def test_answers_lost_after_exact_stored_the_entry_post_nothing_twice(sandbox, authorized, state_url, tmp_path,
+                                                                      faults):
+    end = sandbox.seed.today - timedelta(days=1)
+    start = end - timedelta(days=6)
+    sandbox.exact.set_knobs(timeout_seconds=0.2)
+    for fault in faults:
+        sandbox.faults.arm("exact.post_entry", fault, times=2)
+    with _instance(tmp_path, "home") as instance:
+        runs = [run_range(start, end, mappings_dir=str(authorized), state_url=state_url, instance=instance)]
+        while (runs[-1].outcomes["outcome"] == "deferred").any():  # no certain answer: the next run settles it
+            assert len(runs) < 4, "deferred reports never settled"
+            runs.append(run_range(start, end, mappings_dir=str(authorized), state_url=state_url, instance=instance))
+    assert all(r.success for r in runs), [r.failure for r in runs]
+    assert sandbox.faults.fired and not sandbox.faults.take("exact.post_entry")
+    posted = set(_assert_each_report_once_and_ledger_matches(sandbox, state_url))
+    assert posted == _expected(sandbox, start, end) - PROBLEMS
 
 
 def test_overlapping_backfills_one_after_the_other_post_the_overlap_once(sandbox, authorized, state_url, tmp_path):

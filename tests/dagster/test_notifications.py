@@ -225,6 +225,33 @@ def test_reports_deferred_because_exacts_daily_budget_ran_out_are_alerted_once(n
     assert _alerts(inbox, webhook, "daily budget ran out") == (mails, posts)
 
 
+def test_exact_refusing_the_connection_with_a_403_is_alerted_once_with_its_reason(notified, sandbox, state_url,
+                                                                                  instance, inbox, webhook):
+    """Exact blocks the posting endpoint (403 BlockedByErrorLimit) after the first error of the hour: the run does
+    not fail, so no run-failure alert; the deferred-reports sensor must tell the operators, once."""
+    connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
+    sandbox.exact.set_knobs(error_budget=1)  # others using this app spent the hour's errors but one
+    sandbox.faults.arm("exact.post_entry", "http_500_before_store")
+    today = sandbox.seed.today
+    summary = run_range(today - timedelta(days=10), today - timedelta(days=1), mappings_dir=str(notified),
+                        state_url=state_url, instance=instance)
+    deferred = sorted(summary.outcomes.loc[summary.outcomes["outcome"] == "deferred", "report_id"])
+    assert summary.success and deferred
+    assert sandbox.exact.stats["blocked_by_error_limit"] >= 1
+    defs = _defs(notified)
+
+    _tick(defs, alert_defs.DEFERRED_SENSOR, instance, connector)
+    mails, posts = _alerts(inbox, webhook, "Exact refused the connection")
+    assert len(mails) == 1 and len(posts) == 1
+    assert f"{len(deferred)} report(s) deferred" in mails[0]["Subject"]
+    text = posts[0]["json"]["text"]
+    assert "BlockedByErrorLimit" in text and f"preflight --connection {CONNECTION}" in text
+    assert all(report_id in text for report_id in deferred)
+
+    _tick(defs, alert_defs.DEFERRED_SENSOR, instance, connector)
+    assert _alerts(inbox, webhook, "Exact refused the connection") == (mails, posts)
+
+
 def test_reconciliation_findings_are_alerted_once_per_reconciliation(notified, sandbox, state_url, instance, inbox,
                                                                      webhook):
     connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)

@@ -5,7 +5,7 @@ deleted in Exact, the check turns red with ERROR severity and the digest and the
 The sandbox's demo data is placed in the last days of the previous month, so the month's partition exists.
 """
 
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta
 
 import dagster as dg
 import pytest
@@ -101,3 +101,42 @@ def test_checks_pass_on_clean_books_and_turn_red_when_an_entry_is_deleted_in_exa
     assert rollup.findings.loc[rollup.findings["code"] == "MISSING_IN_EXACT", "report_id"].tolist() == [
         victim.report_id]
     assert rollup.stats["days_reconciled"] == 3
+
+
+def test_a_report_approved_after_its_day_was_posted_is_found_by_the_reconciliation_job(
+        last_month_sandbox, tmp_path, instance, monkeypatch):
+    """Reconciliation re-reads Expensify itself: a report approved for a day after that day's posting run exported
+    it (an export edge, or a report retracted and approved again with its old date) is a NOT_POSTED finding, and the
+    re-read costs one export job for the whole range."""
+    sandbox = last_month_sandbox
+    monkeypatch.delenv("EXPENSIFY_EXACT_DIGEST_DIR", raising=False)
+    mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
+                 CONNECTION, "--sandbox-demo"]) == 0
+    connector = ConnectorResource(mappings_dir=str(mappings), state_url=state_url)
+    defs = _defs(mappings)
+    today = sandbox.seed.today
+    days = [(today - timedelta(days=n)).isoformat() for n in (3, 2, 1)]
+    assert _run(defs, "post_approved_expenses", instance, connector, days).success
+
+    late_day = days[1]
+    late = sandbox.expensify.add_report(
+        name="Approved after the run", employee_email=sandbox.seed.reports[0].employee.email,
+        expenses=[{"merchant": "NS Reizigers", "category": "Travel", "tag": "Rotterdam:P1003 Havenbedrijf",
+                   "amount": 4210, "created": late_day}],
+        submitted=datetime.combine(date.fromisoformat(late_day), time(9, 0)),
+        approved=datetime.combine(date.fromisoformat(late_day), time(12, 0)))
+    exports_before = sandbox.expensify.stats["export_jobs"]
+
+    result = _run(defs, reconciliation.DAILY_JOB_NAME, instance, connector, days)
+
+    assert result.success
+    assert sandbox.expensify.stats["export_jobs"] - exports_before == 1, "one export for the whole range"
+    checks = _checks(result)
+    assert checks["every_approved_report_posted_or_quarantined"] == (False, "ERROR")
+    by_day = result.output_for_node(asset_key(CONNECTION, "reconciliation", "daily").to_python_identifier())
+    findings = {(day, f.code, f.report_id) for day, r in by_day.items() for f in r.findings.itertuples()}
+    assert findings == {(late_day, "NOT_POSTED", late)}, "nothing else is wrong with the books"
+    text = (tmp_path / "dagster_home" / "digests" / CONNECTION / f"{late_day}.md").read_text()
+    assert "NOT_POSTED" in text and late in text

@@ -58,3 +58,17 @@ def test_without_a_default_limit_no_pool_is_created(tmp_path, config):
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         assert ensure_pools(instance, config) == {pool: None for pool in connector_pools(config)}
         assert _limits(instance) == {}
+
+
+def test_the_pools_sensor_creates_the_pools_for_runs_the_schedule_does_not_start(tmp_path, config):
+    from expensify_exact.defs.pools import SENSOR_NAME
+
+    defs = build_defs(str(MAPPINGS))
+    sensor = defs.get_repository_def().get_sensor_def(SENSOR_NAME)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    with dg.instance_for_test(overrides=POOLS_LIMITED, temp_dir=str(tmp_path)) as instance:
+        with dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def()) as context:
+            result = sensor.evaluate_tick(context)
+        assert result.run_requests == []
+        assert result.skip_message == "pool limits: exact_division_123456=1, expensify_vermeerhals_nl=1"
+        assert _limits(instance) == {pool: 1 for pool in connector_pools(config)}

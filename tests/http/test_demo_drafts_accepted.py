@@ -1,7 +1,7 @@
 """What the validation passes, Exact accepts: drafts built from the sandbox's own data are all taken by its Exact.
 
 The demo's reports are exported through the Expensify client, normalized, checked against dimension snapshots read
-through the Exact client, and every valid draft is POSTed over real HTTP. A RejectedByApi here means the connector's
+through the Exact client, and every valid draft is POSTed over real HTTP. A refusal here means the connector's
 rules let through something Exact refuses (or the reverse would be a missed quarantine): both are bugs. The demo is
 run with the shipped mappings (including VAT codes), with an excluding 21 % VAT code (which needs a rounding line on
 the demo's 86.75 dinner), and with added USD reports on a variable-currency journal and a EUR-only one.
@@ -15,7 +15,6 @@ import yaml
 from expensify_exact.cli import main
 from expensify_exact.config import load_project_config
 from expensify_exact.connections import build_exact_client, build_expensify_client
-from expensify_exact.errors import RejectedByApi
 from expensify_exact.sandbox import seed
 from expensify_exact.sandbox.clock import SandboxClock
 from expensify_exact.sandbox.server import SandboxServer
@@ -63,10 +62,11 @@ def _run(server: SandboxServer, mappings, state_url: str) -> dict:
             for report_id, lines in drafts.lines.groupby("report_id"):
                 body = entry_body(lines)
                 body["EntryID"] = entry_id_for(CONNECTION, report_id, content_hash(body))
-                try:
-                    posted[report_id] = exact.post_general_journal_entry(body)
-                except RejectedByApi as exc:
-                    refused[report_id] = exc.api_message
+                answer = exact.send_general_journal_entry(body)
+                if answer.kind == "created":
+                    posted[report_id] = answer.entry
+                else:
+                    refused[report_id] = answer.message
     finally:
         store.dispose()
     return {"drafts": drafts, "posted": posted, "refused": refused, "reports": normalized.lines["report_id"].nunique()}

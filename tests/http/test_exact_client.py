@@ -14,9 +14,10 @@ import pytest
 
 from expensify_exact.errors import (
     ApiError,
+    ConnectionStopped,
     DivisionAccessError,
+    ErrorBudgetExhausted,
     RateLimitExhausted,
-    RejectedByApi,
     TransientApiError,
 )
 from expensify_exact.connections import StoredRateLimitBoard
@@ -24,6 +25,7 @@ from expensify_exact.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.exact.client import ExactClient
 from expensify_exact.exact.odata import AMSTERDAM
 from expensify_exact.exact.tokens import ExactTokens, InMemoryTokenStore
+from expensify_exact.settlement import find_posted, post_and_settle
 from tests.factories import FakeClock as _FakeClock
 
 BASE = "https://start.exactonline.nl"
@@ -205,7 +207,7 @@ def test_4xx_is_raised_at_once_with_exacts_message_and_reason(status, message, r
     with make_client(app, verify_division=False) as client:
         with pytest.raises(ApiError) as info:
             client.get_all("financial/GLAccounts", ["Code"])
-    assert type(info.value) is ApiError
+    assert type(info.value) is (ConnectionStopped if status == 403 else ApiError)
     assert message in str(info.value) and info.value.status == status and info.value.reason == reason
     assert len(app.api_requests("GLAccounts")) == 1  # no retry: 4xx count toward Exact's error limit
 
@@ -296,84 +298,87 @@ BODY = {"EntryID": ENTRY, "JournalCode": "90", "GeneralJournalEntryLines": [
 def test_post_returns_entry_id_and_number_and_asks_for_the_representation():
     app = FakeExact()
     with make_client(app, verify_division=False) as client:
-        entry = client.post_general_journal_entry(BODY)
-    assert entry["EntryID"] == ENTRY and entry["EntryNumber"] == 24900001
+        answer = client.send_general_journal_entry(BODY)
+    assert answer.kind == "created" and answer.entry["EntryID"] == ENTRY and answer.entry["EntryNumber"] == 24900001
     post = app.api_requests("GeneralJournalEntries", "POST")[0]
     assert post.headers["Prefer"] == "return=representation"
     assert post.headers["Content-Type"] == "application/json"
     assert json.loads(post.content) == BODY
 
 
-@pytest.mark.parametrize("failure", ["timeout", "dropped", "502"])
-def test_a_post_whose_answer_is_lost_is_found_by_entry_id(failure):
+@pytest.mark.parametrize("failure,kind,status", [
+    ("timeout", "unknown", None), ("dropped", "unknown", None), ("502", "unknown", 502),
+    ("500_with_message", "refused", 500), ("400", "rejected", 400), ("404", "rejected", 404),
+    ("409", "rejected", 409), ("415", "rejected", 415), ("422", "rejected", 422),
+])
+def test_every_answer_to_a_post_is_classified_and_nothing_is_retried_or_looked_up_here(failure, kind, status):
     app = FakeExact()
 
-    def store_then_fail(request):
-        app.store_entry(request)
+    def answer(request):
         if failure == "timeout":
             raise httpx.ReadTimeout("read timed out")
         if failure == "dropped":
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
-        return httpx.Response(502, text="<html>Bad gateway</html>")
+        if failure == "502":
+            return httpx.Response(502, text="<html>Bad gateway</html>")
+        if failure == "500_with_message":
+            return odata_error(500, "This entry is not balanced on: 2024 / 03 (Type: Other) - Difference: EUR 1,00")
+        return odata_error(int(failure), "Bad Request - Error in query syntax.")
 
-    app.routes[("POST", f"/api/v1/{DIV}/generaljournalentry/GeneralJournalEntries")] = [store_then_fail]
+    app.routes[("POST", f"/api/v1/{DIV}/generaljournalentry/GeneralJournalEntries")] = [answer]
     with make_client(app, verify_division=False) as client:
-        entry = client.post_general_journal_entry(BODY)
-    assert entry["EntryNumber"] == 24900001
+        result = client.send_general_journal_entry(BODY)
+        spent = client.error_budget.spent("generaljournalentry/GeneralJournalEntries")
+    assert (result.kind, result.status) == (kind, status)
+    if failure == "500_with_message":
+        assert result.message.startswith("This entry is not balanced")
     assert len(app.api_requests("GeneralJournalEntries", "POST")) == 1
-    assert len(app.entries) == 1
+    assert app.api_requests("GeneralJournalEntries", "GET") == []
+    assert spent == (0 if failure in ("timeout", "dropped", "502") else 1)  # what Exact counts: not outages
 
 
-def test_a_post_that_did_not_land_is_transient_and_not_reposted():
-    app = FakeExact()
-
-    def fail(request):
-        raise httpx.ReadTimeout("read timed out")
-
-    app.routes[("POST", f"/api/v1/{DIV}/generaljournalentry/GeneralJournalEntries")] = [fail]
-    with make_client(app, verify_division=False) as client:
-        with pytest.raises(TransientApiError, match="did not land"):
-            client.post_general_journal_entry(BODY)
-    assert len(app.api_requests("GeneralJournalEntries", "POST")) == 1
-    assert app.api_requests("GeneralJournalEntries", "GET")
-
-
-def test_a_500_with_an_exact_message_is_a_rejection_and_not_retried():
+def test_a_403_on_post_stops_the_connection_with_the_reason():
     app = FakeExact()
     app.routes[("POST", f"/api/v1/{DIV}/generaljournalentry/GeneralJournalEntries")] = [
-        odata_error(500, "This entry is not balanced on: 2024 / 03 (Type: Other) - Difference: EUR 1,00")]
+        odata_error(403, "Forbidden", "BlockedByErrorLimit")]
     with make_client(app, verify_division=False) as client:
-        with pytest.raises(RejectedByApi, match="not balanced") as info:
-            client.post_general_journal_entry(BODY)
-    assert info.value.status == 500
-    assert len(app.api_requests("GeneralJournalEntries", "POST")) == 1  # never re-posted
-    assert len(app.api_requests("GeneralJournalEntries", "GET")) == 1   # one look-up, as for any 5xx
-
-
-def test_a_500_for_an_entry_that_landed_anyway_returns_the_entry():
-    app = FakeExact()
-
-    def store_then_500(request):
-        app.store_entry(request)
-        return odata_error(500, "An error has occurred.")
-
-    app.routes[("POST", f"/api/v1/{DIV}/generaljournalentry/GeneralJournalEntries")] = [store_then_500]
-    with make_client(app, verify_division=False) as client:
-        assert client.post_general_journal_entry(BODY)["EntryID"] == ENTRY
+        with pytest.raises(ConnectionStopped, match="BlockedByErrorLimit"):
+            client.send_general_journal_entry(BODY)
 
 
 def test_a_429_on_post_is_resent_because_it_was_not_processed():
     app = FakeExact()
     app.routes[("POST", f"/api/v1/{DIV}/generaljournalentry/GeneralJournalEntries")] = [httpx.Response(429)]
     with make_client(app, verify_division=False) as client:
-        assert client.post_general_journal_entry(BODY)["EntryID"] == ENTRY
+        assert client.send_general_journal_entry(BODY).entry["EntryID"] == ENTRY
     assert len(app.entries) == 1
 
 
-def test_post_requires_an_entry_id():
-    with make_client(FakeExact(), verify_division=False) as client:
-        with pytest.raises(ValueError, match="EntryID"):
-            client.post_general_journal_entry({"JournalCode": "90"})
+def test_an_endpoint_with_five_errors_this_hour_is_not_called_again():
+    app = FakeExact()
+    path = f"/api/v1/{DIV}/financial/Journals"
+    app.routes[("GET", path)] = [odata_error(400, "Bad Request - Error in query syntax.")] * 5
+    with make_client(app, verify_division=False) as client:
+        for _ in range(5):
+            with pytest.raises(ApiError):
+                client.get_all("financial/Journals", ["Code"])
+        with pytest.raises(ErrorBudgetExhausted, match="5 errors on financial/Journals"):
+            client.get_all("financial/Journals", ["Code"])
+        app.routes[("GET", f"/api/v1/{DIV}/hrm/Costcenters")] = [page([{"Code": "A"}])]
+        assert client.get_all("hrm/Costcenters", ["Code"]) == [{"Code": "A"}]  # other endpoints go on
+    assert len(app.api_requests("Journals")) == 5
+
+
+def test_long_or_filters_are_batched_below_the_url_limit():
+    app = FakeExact()
+    app.routes[("GET", f"/api/v1/{DIV}/generaljournalentry/GeneralJournalEntryLines")] = [page([])] * 20
+    descriptions = [f"R{n:011d}/{n:08d} Hotel & Café 'De Gouden Leeuw' #{n}" for n in range(300)]
+    with make_client(app, verify_division=False) as client:
+        client.entry_lines_by_description(descriptions)
+    requests = app.api_requests("GeneralJournalEntryLines")
+    assert len(requests) > 1 and all(len(r.url.query) <= 6000 for r in requests)
+    sent = [c for r in requests for c in query(r)["$filter"].split(" or ")]
+    assert sent == [f"Description eq '{d.replace(chr(39), chr(39) * 2)}'" for d in descriptions]
 
 
 @pytest.mark.parametrize("answer", [
@@ -466,12 +471,12 @@ def date_today_iso() -> str:
 def test_sim_paging_reads_every_row_once_including_the_empty_last_page():
     sim, clock, transport = in_process()
     with sim_client(sim, clock, SIM_BASE, transport) as client:
-        everything = client.get_all("financial/GLAccounts", ["ID", "Code", "Description"])
+        everything = client.get_all("hrm/Costcenters", ["ID", "Code", "Description"])
         sim.set_knobs(page_size=1)  # every page is full, so the last __next leads to an empty page
         calls_before = client.calls_made
-        paged = client.get_all("financial/GLAccounts", ["ID", "Code", "Description"])
+        paged = client.get_all("hrm/Costcenters", ["ID", "Code", "Description"])
         assert client.calls_made - calls_before == len(everything) + 1
-    assert len(everything) >= 10
+    assert len(everything) >= 4
     assert sorted(r["ID"] for r in paged) == sorted(r["ID"] for r in everything)
 
 
@@ -528,63 +533,67 @@ def test_sim_siblings_sharing_the_state_db_board_wait_instead_of_collecting_a_42
     assert store.rate_limits_get(f"exact:division:{S.DIVISION}")["minutely_limit"] == 5
 
 
-def test_sim_post_creates_the_entry_with_its_number():
+def test_sim_post_creates_the_entry_and_echoes_exacts_own_entry_id():
     sim, clock, transport = in_process()
     entry_id = "5f0c8a8e-0000-4000-8000-000000000101"
     with sim_client(sim, clock, SIM_BASE, transport) as client:
-        created = client.post_general_journal_entry(entry_body(sim, entry_id))
-        lines = client.transaction_lines([entry_id])
-    assert created["EntryID"] == entry_id and isinstance(created["EntryNumber"], int)
+        created = client.send_general_journal_entry(entry_body(sim, entry_id)).entry
+        lines = client.transaction_lines([created["EntryID"]])
+    assert created["EntryID"] != entry_id and isinstance(created["EntryNumber"], int)  # strict by default
     assert len(lines) == 2 and sum(line["AmountFC"] for line in lines) == 0
 
 
-def test_sim_unbalanced_entry_is_rejected_with_exacts_message():
+def test_sim_unbalanced_entry_is_refused_with_exacts_message():
     sim, clock, transport = in_process()
     body = entry_body(sim, "5f0c8a8e-0000-4000-8000-000000000102")
     body["GeneralJournalEntryLines"][1]["AmountFC"] = -99.0
     with sim_client(sim, clock, SIM_BASE, transport) as client:
-        with pytest.raises(RejectedByApi, match="not balanced"):
-            client.post_general_journal_entry(body)
+        answer = client.send_general_journal_entry(body)
+    assert (answer.kind, answer.status) == ("refused", 500) and "not balanced" in answer.message
     assert sim.entries() == []
 
 
+@pytest.mark.parametrize("keeps", [False, True], ids=["exact_assigns_entry_ids", "exact_keeps_ours"])
 @pytest.mark.parametrize("fault", ["store_then_drop", "store_then_http_500", "drop_before_store",
                                    "http_503_before_store"])
-def test_sim_post_with_a_lost_answer_yields_exactly_one_entry(fault):
-    sim, clock, transport = in_process()
+def test_sim_post_with_a_lost_answer_yields_exactly_one_entry(store, fault, keeps):
+    sim, clock, transport = in_process(keep_client_entry_ids=keeps)
     sim.faults.arm("exact.post_entry", fault)
-    entry_id = "5f0c8a8e-0000-4000-8000-000000000103"
+    body = entry_body(sim, "5f0c8a8e-0000-4000-8000-000000000103")
     with sim_client(sim, clock, SIM_BASE, transport) as client:
+        settled = post_and_settle(client, store, "sbx", body)
         if fault.endswith("before_store"):
-            with pytest.raises(TransientApiError, match="did not land"):
-                client.post_general_journal_entry(entry_body(sim, entry_id))
-            client.post_general_journal_entry(entry_body(sim, entry_id))  # the caller's later re-post
+            assert settled.outcome == "unknown"  # the caller keeps the intent; the next run looks again
+            again = post_and_settle(client, store, "sbx", body) if find_posted(
+                client, store, "sbx", body, sent_entry_id=body["EntryID"]) is None else None
+            settled = again
         else:
-            assert client.post_general_journal_entry(entry_body(sim, entry_id))["EntryID"] == entry_id
-    assert [e["EntryID"] for e in sim.entries()] == [entry_id]
+            assert settled.found_by == ("EntryID" if keeps else "lines")
+    assert settled.outcome == "posted" and [e["EntryID"] for e in sim.entries()] == [settled.entry_id]
+    assert (settled.entry_id == body["EntryID"]) is keeps
     assert sim.stats["posts"]["attempted"] == (2 if fault.endswith("before_store") else 1)
 
 
 def test_sim_get_entry_finds_posted_and_misses_unknown():
     sim, clock, transport = in_process()
-    entry_id = "5f0c8a8e-0000-4000-8000-000000000104"
     with sim_client(sim, clock, SIM_BASE, transport) as client:
-        client.post_general_journal_entry(entry_body(sim, entry_id))
+        entry_id = client.send_general_journal_entry(
+            entry_body(sim, "5f0c8a8e-0000-4000-8000-000000000104")).entry["EntryID"]
         assert client.get_entry(entry_id)["EntryNumber"] >= 1
         assert client.get_entry("5f0c8a8e-0000-4000-8000-0000000009ff") is None
 
 
-def test_sim_over_http_post_that_times_out_after_storing_is_found_not_reposted():
+def test_sim_over_http_post_that_times_out_after_storing_is_found_not_reposted(store):
     with SandboxServer() as server:
         sim = server.exact
         sim.set_knobs(timeout_seconds=1.0)
         sim.faults.arm("exact.post_entry", "store_then_timeout")
-        entry_id = "5f0c8a8e-0000-4000-8000-000000000105"
+        body = entry_body(sim, "5f0c8a8e-0000-4000-8000-000000000105")
         transport = httpx.HTTPTransport()
         with sim_client(sim, server.clock, server.exact_url, transport, timeout=0.3) as client:
-            entry = client.post_general_journal_entry(entry_body(sim, entry_id))
-        assert entry["EntryID"] == entry_id
-        assert [e["EntryID"] for e in sim.entries()] == [entry_id]
+            settled = post_and_settle(client, store, "sbx", body)
+        assert settled.outcome == "posted" and settled.found_by == "lines"
+        assert [e["EntryID"] for e in sim.entries()] == [settled.entry_id]
         assert sim.stats["posts"]["attempted"] == 1
 
 
@@ -594,12 +603,12 @@ def test_sim_over_http_dropped_answer_and_paging_and_429():
         sim.set_knobs(page_size=4)
         transport = httpx.HTTPTransport()
         with sim_client(sim, server.clock, server.exact_url, transport) as client:
-            rows = client.get_all("financial/GLAccounts", ["Code"], orderby="Code")
-            assert [r["Code"] for r in rows] == sorted(a.code for a in S.GL_ACCOUNTS)
+            rows = client.get_all("hrm/Costcenters", ["Code"], orderby="Code")
+            assert [r["Code"] for r in rows] == sorted(c.code for c in S.COST_CENTERS)
             sim.faults.arm("exact.api", "rate_limit")
             assert client.get_all("financial/Journals", ["Code"])
             sim.faults.arm("exact.post_entry", "store_then_drop")
-            entry_id = "5f0c8a8e-0000-4000-8000-000000000106"
-            assert client.post_general_journal_entry(entry_body(sim, entry_id))["EntryID"] == entry_id
-        assert [e["EntryID"] for e in sim.entries()] == [entry_id]
+            assert client.send_general_journal_entry(entry_body(sim, "5f0c8a8e-0000-4000-8000-000000000106")).kind \
+                == "unknown"
+        assert len(sim.entries()) == 1
         assert sim.stats["rate_limited"]["minutely"] == 1

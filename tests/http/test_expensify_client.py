@@ -203,20 +203,22 @@ def test_mark_exported_labels_only_the_given_reports_in_a_separate_job():
 
 def test_policy_getter_flattens_both_tag_shapes():
     body = {"responseCode": 200, "policyInfo": {
-        "P1": {"categories": [{"name": "Meals", "glCode": "4520", "enabled": True}, {"name": "Old"}],
+        # Categories without a GL code: no key (the official sample), null or empty; a code typed as a number.
+        "P1": {"categories": [{"name": "Meals", "glCode": "4520", "enabled": True}, {"name": "Old"},
+                              {"name": "Parking", "glCode": None}, {"name": "Fuel", "glCode": 4510, "enabled": False}],
                "tags": [{"name": "Enterprise:Jean-Luc Picard", "enabled": True, "glCode": ""},
                         {"name": "Ratio 1\\:2", "glCode": "7"}],
-               "tax": {"name": "Tax", "default": "id_TAX_21", "rates": [{"rate": 21, "name": "Hoog", "rateID": "id_TAX_21"}]},
-               "employees": [{"email": "anna@example.nl", "role": "user", "submitsTo": "boss@example.nl"}]},
+               "tax": {"name": "Tax", "default": "id_TAX_21", "rates": [{"rate": 21, "name": "Hoog", "rateID": "id_TAX_21"}]}},
         "P2": {"tags": [{"name": "Office", "tags": [{"name": "Amsterdam", "enabled": True, "glCode": "AMS"}]},
                         {"name": "Project", "tags": [{"name": "P1001", "enabled": False, "glCode": ""}]}],
                "tax": {}}}}
     app = ScriptedExpensify((200, json.dumps(body)))
     policies = scripted_client(app).get_policies(["P1", "P2"])
-    assert app.jobs[0]["inputSettings"] == {"type": "policy", "fields": ["categories", "tags", "tax", "employees"],
+    assert app.jobs[0]["inputSettings"] == {"type": "policy", "fields": ["categories", "tags", "tax"],
                                             "policyIDList": ["P1", "P2"]}
     p1, p2 = policies["P1"], policies["P2"]
-    assert [(c.name, c.gl_code, c.enabled) for c in p1.categories] == [("Meals", "4520", True), ("Old", "", True)]
+    assert [(c.name, c.gl_code, c.enabled) for c in p1.categories] == [
+        ("Meals", "4520", True), ("Old", "", True), ("Parking", "", True), ("Fuel", "4510", False)]
     # A flat path implies its parent level ("Enterprise"), listed after the explicit entries.
     assert [(t.level, t.name, t.gl_code, t.path) for t in p1.tags] == [
         (2, "Jean-Luc Picard", "", "Enterprise:Jean-Luc Picard"), (1, "Ratio 1:2", "7", "Ratio 1\\:2"),
@@ -224,7 +226,7 @@ def test_policy_getter_flattens_both_tag_shapes():
     assert [(t.level, t.name, t.gl_code, t.enabled, t.list_name) for t in p2.tags] == [
         (1, "Amsterdam", "AMS", True, "Office"), (2, "P1001", "", False, "Project")]
     assert [(r.rate_id, r.rate) for r in p1.tax_rates] == [("id_TAX_21", 21.0)] and p1.default_tax_rate_id == "id_TAX_21"
-    assert p2.tax_rates == () and p1.employees[0].submits_to == "boss@example.nl"
+    assert p2.tax_rates == ()
 
 
 def test_reconciliation_flips_the_sign_and_keeps_unreported_transactions_only():
@@ -416,6 +418,17 @@ def test_policy_getter_reads_every_tag_shape(sandbox, sim_client, shape):
     assert {c.name: c.gl_code for c in policy.categories}["Travel"] == "4500"
     assert {r.name for r in policy.tax_rates} == {name for name, _, _ in sandbox_seed.TAX_RATES}
     assert sim_client.calls["policy"] == 1
+
+
+@pytest.mark.parametrize("gl_codes", ["as_set", "always"])
+def test_policy_getter_asks_only_documented_sections_and_reads_categories_without_a_gl_code(sandbox, sim_client,
+                                                                                            gl_codes):
+    # The sandbox refuses undocumented sections (410) and leaves glCode out where none is set, or sends "".
+    sandbox.expensify.set_knobs(category_gl_codes=gl_codes)
+    categories = {c.name: c for c in sim_client.get_policies([sandbox_seed.POLICY_ID])[sandbox_seed.POLICY_ID]
+                  .categories}
+    assert (categories["Gifts"].gl_code, categories["Gifts"].enabled) == ("", True)
+    assert categories["Travel"].gl_code == "4500"
 
 
 def test_reconciliation_returns_unreported_card_spend_as_positive_cents(sandbox, sim_client):

@@ -289,7 +289,8 @@ def test_top_is_capped_at_the_page_size_and_a_short_page_has_no_next(http, sim, 
 
 
 def test_select_returns_only_the_selected_fields_plus_metadata(http, h):
-    row = get(http, h, "financial/GLAccounts", **{"$select": "Code,Type"}).json()["d"]["results"][0]
+    row = get(http, h, "financial/GLAccounts", **{"$select": "Code,Type", "$filter": "Code eq '4500'"}
+              ).json()["d"]["results"][0]
     assert set(row) == {"__metadata", "Code", "Type"}
     assert row["__metadata"]["type"] == "Exact.Web.Api.Models.GLAccount"
     assert row["__metadata"]["uri"].startswith(f"{BASE}/api/v1/{DIV}/financial/GLAccounts(guid'")
@@ -307,7 +308,8 @@ def test_select_returns_only_the_selected_fields_plus_metadata(http, h):
     ("startswith(Code,'47')", {"4700"}),
     ("not (Type le 121)", {"4700"}),
 ])
-def test_filter_supports_operators_parentheses_and_typed_literals(http, h, flt, expected):
+def test_filter_supports_operators_parentheses_and_typed_literals(http, sim, h, flt, expected):
+    sim.set_knobs(mandatory_filtering=False)  # the filter language itself, not which fields satisfy the rule
     response = get(http, h, "financial/GLAccounts", **{"$select": "Code", "$filter": flt})
     assert {r["Code"] for r in response.json()["d"]["results"]} == expected
 
@@ -344,7 +346,8 @@ def test_malformed_filters_are_400_with_exacts_messages(http, h, flt, message):
     assert response.status_code == 400 and odata_message(response) == message
 
 
-def test_entries_and_transaction_lines_refuse_a_read_without_select_unless_top_is_1(http, h):
+def test_entries_and_transaction_lines_refuse_a_read_without_select_unless_top_is_1(http, sim, h):
+    sim.set_knobs(mandatory_filtering=False)  # the $select rule alone
     for path in ("generaljournalentry/GeneralJournalEntries", "financialtransaction/TransactionLines",
                  "sync/Financial/TransactionLines", "bulk/Financial/TransactionLines"):
         refused = get(http, h, path)
@@ -405,23 +408,25 @@ def test_the_daily_limit_gives_a_429_with_only_the_daily_headers(http, sim, h):
     assert sim.stats["rate_limited"]["daily"] == 1
 
 
-def test_more_than_ten_errors_an_hour_block_that_endpoint_for_an_hour(http, clock, sim, h):
-    for _ in range(11):
+def test_ten_errors_in_a_clock_hour_block_that_endpoint_for_the_rest_of_the_hour(http, clock, sim, h):
+    ok = {"$select": "Code", "$filter": "Code eq '4500'"}
+    for _ in range(10):
         assert get(http, h, "financial/GLAccounts", **{"$filter": "Code eq"}).status_code == 400
-    blocked = get(http, h, "financial/GLAccounts", **{"$select": "Code"})
-    assert blocked.status_code == 403 and blocked.headers["Reason"] == "BlockedByErrorLimit"
+    blocked = get(http, h, "financial/GLAccounts", **ok)
+    assert blocked.status_code == 403 and "blocked" in blocked.headers["Reason"].lower()
     assert get(http, h, "financial/Journals").status_code == 200  # other endpoints still work
-    clock.advance(3600)
+    assert sim.stats["errors"][f"{DIV} financial/GLAccounts"] == 10
+    clock.advance(3600 - 5)  # 10:00:00, the next clock hour
     h = {**h, "Authorization": f"Bearer {sim.issue_tokens()['access_token']}"}
-    assert get(http, h, "financial/GLAccounts", **{"$select": "Code"}).status_code == 200
+    assert get(http, h, "financial/GLAccounts", **ok).status_code == 200
     sim.set_knobs(error_budget_enabled=False)
     for _ in range(12):
         get(http, h, "financial/GLAccounts", **{"$filter": "Code eq"})
-    assert get(http, h, "financial/GLAccounts", **{"$select": "Code"}).status_code == 200
+    assert get(http, h, "financial/GLAccounts", **ok).status_code == 200
 
 
 def test_token_refusals_count_toward_the_error_budget(http):
-    for _ in range(11):
+    for _ in range(10):
         refresh(http, "garbage")
     blocked = refresh(http, S.EXACT_INITIAL_REFRESH_TOKEN)
     assert blocked.status_code == 403 and blocked.headers["Reason"] == "BlockedByErrorLimit"
@@ -430,6 +435,7 @@ def test_token_refusals_count_toward_the_error_budget(http):
 # --- posting (§5.8–§5.11) ----------------------------------------------------------------------------
 
 def test_a_post_is_201_with_sequential_entry_numbers_and_stores_transaction_lines(http, sim, h):
+    sim.set_knobs(keep_client_entry_ids=True)
     first = post(http, h, entry(sim, simple_lines(sim), entry_id="8c1f2d3e-0000-4000-8000-000000000001"))
     second = post(http, h, entry(sim, simple_lines(sim)))
     assert first.status_code == second.status_code == 201
@@ -452,6 +458,7 @@ def test_without_prefer_the_created_entity_has_null_properties_except_its_key(ht
 
 
 def test_a_repeated_entry_id_is_a_500_data_already_exists(http, sim, h):
+    sim.set_knobs(keep_client_entry_ids=True)
     body = entry(sim, simple_lines(sim), entry_id="8c1f2d3e-0000-4000-8000-000000000002")
     assert post(http, h, body).status_code == 201
     again = post(http, h, body)
@@ -534,6 +541,7 @@ def test_unknown_properties_in_the_body_are_refused(http, sim, h):
 
 
 def test_an_entry_can_be_read_by_key_expanded_and_deleted(http, sim, h):
+    sim.set_knobs(keep_client_entry_ids=True)
     entry_id = "8c1f2d3e-0000-4000-8000-000000000003"
     post(http, h, entry(sim, simple_lines(sim), entry_id=entry_id))
     one = get(http, h, f"{GJE}(guid'{entry_id}')", **{"$expand": "GeneralJournalEntryLines"}).json()["d"]
@@ -541,7 +549,8 @@ def test_an_entry_can_be_read_by_key_expanded_and_deleted(http, sim, h):
     deferred = get(http, h, f"{GJE}(guid'{entry_id}')", **{"$select": "GeneralJournalEntryLines"}).json()["d"]
     lines = http.get(deferred["GeneralJournalEntryLines"]["__deferred"]["uri"], headers=h).json()["d"]["results"]
     assert sorted(ln["AmountFC"] for ln in lines) == [-50.0, 50.0]
-    assert get(http, h, f"/api/v1/{DIV}/financial/GLAccounts/$count", **{"$filter": "IsBlocked eq true"}).text == "1"
+    blocked = {"$filter": "Code eq '4800' and IsBlocked eq true"}
+    assert get(http, h, f"/api/v1/{DIV}/financial/GLAccounts/$count", **blocked).text == "1"
     assert http.delete(f"{GJE}(guid'{entry_id}')", headers=h).status_code == 204
     assert get(http, h, f"{GJE}(guid'{entry_id}')").status_code == 404
     assert [w["content"]["Action"] for w in sim.webhooks] == ["Update", "Delete"]
@@ -643,6 +652,7 @@ def _live_token(server) -> str:
 def test_store_then_drop_stores_the_entry_and_closes_the_connection_without_an_answer(server):
     h = {"Authorization": f"Bearer {_live_token(server)}", "Accept": "application/json"}
     sim = server.exact
+    sim.set_knobs(keep_client_entry_ids=True)
     body = entry(sim, simple_lines(sim), entry_id="8c1f2d3e-0000-4000-8000-0000000000d1")
     server.faults.arm("exact.post_entry", "store_then_drop")
     with httpx.Client(base_url=server.exact_url, timeout=5) as http:
@@ -656,12 +666,26 @@ def test_store_then_drop_stores_the_entry_and_closes_the_connection_without_an_a
 def test_store_then_timeout_stores_the_entry_before_the_slow_answer(server):
     h = {"Authorization": f"Bearer {_live_token(server)}", "Accept": "application/json"}
     sim = server.exact
-    sim.set_knobs(timeout_seconds=0.5)
+    sim.set_knobs(timeout_seconds=0.5, keep_client_entry_ids=True)
     body = entry(sim, simple_lines(sim), entry_id="8c1f2d3e-0000-4000-8000-0000000000d2")
     server.faults.arm("exact.post_entry", "store_then_timeout")
     with httpx.Client(base_url=server.exact_url, timeout=0.2) as http:
         with pytest.raises(httpx.ReadTimeout):
             http.post(GJE, json=body, headers=h)
+    assert any(e["EntryID"] == body["EntryID"] for e in sim.entries(DIV))
+
+
+def test_post_answer_delay_stores_every_entry_before_its_slow_answer(server):
+    h = {"Authorization": f"Bearer {_live_token(server)}", "Accept": "application/json"}
+    sim = server.exact
+    body = entry(sim, simple_lines(sim), entry_id="8c1f2d3e-0000-4000-8000-0000000000d3")
+    sim.set_knobs(post_answer_delay_seconds=0.5)
+    try:
+        with httpx.Client(base_url=server.exact_url, timeout=0.2) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(GJE, json=body, headers=h)
+    finally:
+        sim.set_knobs(post_answer_delay_seconds=0.0)  # the server is shared by the module's tests
     assert any(e["EntryID"] == body["EntryID"] for e in sim.entries(DIV))
 
 
@@ -731,3 +755,100 @@ def test_dates_in_posted_bodies_accept_plain_iso_dates(http, sim, h):
     body["GeneralJournalEntryLines"][0]["Date"] = "2026-03-05T00:00:00"
     assert post(http, h, body).status_code == 201
     assert sim.entries(DIV)[0]["lines"][0]["Date"] == date(2026, 3, 5).isoformat()
+
+
+# --- strict by default where the truth is open (§13) ---------------------------------------------------
+
+def test_by_default_exact_assigns_its_own_entry_id_and_ignores_the_clients(http, sim, h):
+    ours = "8c1f2d3e-0000-4000-8000-0000000000e1"
+    echoed = post(http, h, entry(sim, simple_lines(sim), entry_id=ours)).json()["d"]["EntryID"]
+    assert echoed != ours and [e["EntryID"] for e in sim.entries(DIV)] == [echoed]
+    again = post(http, h, entry(sim, simple_lines(sim), entry_id=ours))
+    assert again.status_code == 201 and len(sim.entries(DIV)) == 2  # no duplicate-key protection either
+    sim.set_knobs(keep_client_entry_ids=True)
+    kept = "8c1f2d3e-0000-4000-8000-0000000000e2"
+    assert post(http, h, entry(sim, simple_lines(sim), entry_id=kept)).json()["d"]["EntryID"] == kept
+
+
+@pytest.mark.parametrize("path,allowed", [
+    ("financial/GLAccounts", "ID,Code"), ("bulk/Financial/GLAccounts", "ID,Code"),
+    ("financialtransaction/TransactionLines", "ID,EntryID"), ("bulk/Financial/TransactionLines", "ID,EntryID"),
+])
+def test_endpoints_with_a_sync_twin_refuse_a_read_without_a_mandatory_filter_field(http, sim, h, path, allowed):
+    entry_id = post(http, h, entry(sim, simple_lines(sim))).json()["d"]["EntryID"]
+    select = {"$select": "ID"}
+    for flt in (None, "startswith(Code,'4')" if "GL" in path else "JournalCode eq '90'", "Description eq 'Hotel'"):
+        refused = get(http, h, path, **select, **({"$filter": flt} if flt else {}))
+        assert refused.status_code == 400
+        assert odata_message(refused).endswith(f"must have a $filter parameter with one of the following fields "
+                                               f"in the url: {allowed}")
+    good = "Code eq '4510' or Code eq '1650'" if "GL" in path else f"EntryID eq guid'{entry_id}'"
+    assert len(get(http, h, path, **select, **{"$filter": good}).json()["d"]["results"]) == 2
+    assert get(http, h, "hrm/Costcenters").status_code == 200  # no sync twin, no mandatory filter
+    sim.set_knobs(mandatory_filtering=False)
+    assert get(http, h, path, **select).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["sync/Financial/GLAccounts", "sync/Financial/TransactionLines"])
+def test_sync_twins_read_from_a_timestamp_watermark_only(http, sim, h, path):
+    post(http, h, entry(sim, simple_lines(sim)))
+    for flt in (None, "Timestamp ge 1L", "Timestamp gt 1", "ID eq null", "Timestamp gt 1L and ID eq null"):
+        refused = get(http, h, path, **{"$select": "Timestamp", **({"$filter": flt} if flt else {})})
+        assert refused.status_code == 400 and "Timestamp" in odata_message(refused)
+    rows = get(http, h, path, **{"$select": "Timestamp,ID", "$filter": "Timestamp gt 1L"}).json()["d"]["results"]
+    stamps = [r["Timestamp"] for r in rows]
+    assert stamps == sorted(stamps) and len(rows) >= 2
+    later = get(http, h, path, **{"$select": "Timestamp", "$filter": f"Timestamp gt {stamps[-2]}L"}).json()["d"]
+    assert [r["Timestamp"] for r in later["results"]] == [stamps[-1]]
+
+
+def test_a_changed_gl_account_gets_a_new_sync_timestamp(http, sim, h):
+    def newest():
+        rows = get(http, h, "sync/Financial/GLAccounts",
+                   **{"$select": "Timestamp,Code", "$filter": "Timestamp gt 1L"}).json()["d"]["results"]
+        return max(rows, key=lambda r: r["Timestamp"])
+    before = newest()
+    sim.block_gl_account("4500")
+    after = newest()
+    assert after["Code"] == "4500" and after["Timestamp"] > before["Timestamp"]
+
+
+def test_a_query_string_over_8_kb_is_refused_with_400(http, sim, h):
+    ids = [f"8c1f2d3e-0000-4000-8000-{n:012d}" for n in range(200)]
+    flt = " or ".join(f"EntryID eq guid'{e}'" for e in ids)
+    path = "financialtransaction/TransactionLines"
+    refused = get(http, h, path, **{"$select": "ID", "$filter": flt})
+    assert refused.status_code == 400 and odata_message(refused) == "Bad Request - Query String Too Long"
+    half = " or ".join(f"EntryID eq guid'{e}'" for e in ids[:60])
+    assert get(http, h, path, **{"$select": "ID", "$filter": half}).status_code == 200
+
+
+def test_validation_errors_on_post_are_500_and_malformed_requests_400(http, sim, h):
+    unbalanced = entry(sim, [_line(sim, "4510", 50.0), _line(sim, "1650", -40.0)])
+    assert post(http, h, unbalanced).status_code == 500
+    bad_guid_in_body = entry(sim, [{"GLAccount": "not-a-guid", "AmountFC": 1.0}, _line(sim, "1650", -1.0)])
+    assert post(http, h, bad_guid_in_body).status_code == 500
+    bad_json = http.post(GJE, content=b"{not json", headers={**h, "Content-Type": "application/json"})
+    assert bad_json.status_code == 400
+    assert post(http, h, entry(sim, simple_lines(sim), Colour="red")).status_code == 400  # unknown field
+    assert get(http, h, f"{GJE}(guid'nope')").status_code == 400
+    bad_filter = get(http, h, "financialtransaction/TransactionLines", **{"$select": "ID",
+                                                                          "$filter": "EntryID eq guid'nope'"})
+    assert bad_filter.status_code == 400 and "Unrecognized 'Edm.Guid' literal" in odata_message(bad_filter)
+    assert sim.entries(DIV) == []
+
+
+def test_validation_500s_count_toward_the_error_block_but_outages_do_not(http, sim, h):
+    unbalanced = entry(sim, [_line(sim, "4510", 50.0), _line(sim, "1650", -40.0)])
+    for _ in range(5):
+        sim.faults.arm("exact.post_entry", "http_503_before_store")
+        assert post(http, h, unbalanced).status_code == 503
+    for _ in range(9):
+        assert post(http, h, unbalanced).status_code == 500
+    assert sim.stats["errors"][f"{DIV} generaljournalentry/GeneralJournalEntries"] == 9
+    assert post(http, h, entry(sim, simple_lines(sim))).status_code == 201
+    assert post(http, h, unbalanced).status_code == 500  # the 10th
+    blocked = post(http, h, entry(sim, simple_lines(sim)))
+    assert blocked.status_code == 403 and "blocked" in blocked.headers["Reason"].lower()
+    assert get(http, h, "financialtransaction/TransactionLines",
+               **{"$select": "ID", "$filter": f"EntryID eq guid'{S.stable_guid('x', 'y')}'"}).status_code == 200

@@ -377,6 +377,10 @@ def test_policy_getter_validates_fields_and_policy_ids(client):
     missing_ids = {"type": "get", "inputSettings": {"type": "policy", "fields": ["categories"]}}
     assert envelope(post(client, missing_ids)) == {"responseMessage": "Required parameter 'policyIDList' is missing",
                                                    "responseCode": 410}
+    # Sections outside the documented list (expensify.md §4.2) are refused, the strictest reading.
+    unknown = {"type": "get", "inputSettings": {"type": "policy", "fields": ["categories", "approvalRules"],
+                                                "policyIDList": [S.POLICY_ID]}}
+    assert envelope(post(client, unknown))["responseCode"] == 410
 
 
 def test_policy_getter_returns_only_requested_sections_with_gl_codes(client):
@@ -385,7 +389,8 @@ def test_policy_getter_returns_only_requested_sections_with_gl_codes(client):
     info = envelope(post(client, job))["policyInfo"][S.POLICY_ID]
     assert set(info) == {"categories", "tax", "employees"}
     cats = {c["name"]: c for c in info["categories"]}
-    assert cats["Travel"]["glCode"] == "4500" and "enabled" not in cats["Gifts"]
+    # A category without a GL code carries no glCode key at all, as in the official doc's sample.
+    assert cats["Travel"]["glCode"] == "4500" and "enabled" not in cats["Gifts"] and "glCode" not in cats["Gifts"]
     assert info["tax"]["name"] == "Tax"
     assert {r["rateID"] for r in info["tax"]["rates"]} == {"id_TAX_21", "id_TAX_9", "id_TAX_0"}
 

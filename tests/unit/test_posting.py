@@ -1,12 +1,19 @@
-"""Exactly-once posting against a scripted Exact: intents, settlement after a crash, rejections, dry runs."""
+"""Exactly-once posting against a scripted Exact, in both EntryID modes: intents, settlement after a crash, and the
+rule for every answer to a POST (exact-online.md §7, §13)."""
 
-from datetime import date
+import io
+from datetime import date, datetime, timezone
 
 import pytest
 
+from expensify_exact import progress
 from expensify_exact.config import load_project_config
-from expensify_exact.errors import RateLimitExhausted, RejectedByApi, TransientApiError
+from expensify_exact.errors import ApiError, ConnectionStopped, ErrorBudgetExhausted, RateLimitExhausted
+from expensify_exact.exact.client import PostAnswer
+from expensify_exact.notify import alerts
 from expensify_exact.posting import post_drafts
+from expensify_exact.progress_view import LineView
+from expensify_exact.settlement import KEEPS_CLIENT_ENTRY_ID
 from expensify_exact.transform.journal import build_journal_drafts
 from tests.conftest import MAPPINGS
 from tests.factories import expense_line, lines, seed_dimensions
@@ -20,106 +27,247 @@ def drafts_for(*rows):
 
 
 class ScriptedExact:
-    """Holds entries by EntryID; `fail_next` lists what the next POSTs do instead of answering normally."""
+    """Holds entries like Exact. `keeps_ids=False` assigns Exact's own EntryIDs (the strict reading of §13);
+    `fail_next` lists what the next POSTs do instead of answering normally."""
 
-    def __init__(self):
+    def __init__(self, keeps_ids: bool):
+        self.keeps_ids = keeps_ids
         self.entries: dict[str, dict] = {}
         self.posts = 0
-        self.lookups = 0
+        self.lookups: list[str] = []
         self.fail_next: list[str] = []
+        self.lines_query_refused = False
+        self._stamp = 1000
+
+    def _store(self, body):
+        entry_id = body["EntryID"] if self.keeps_ids else f"eeee0000-0000-4000-8000-{len(self.entries) + 1:012d}"
+        number = 26900000 + len(self.entries) + 1
+        rows = []
+        for line in body["GeneralJournalEntryLines"]:
+            self._stamp += 1
+            rows.append({**line, "EntryID": entry_id, "EntryNumber": number, "Timestamp": self._stamp})
+        self.entries[entry_id] = {"EntryID": entry_id, "EntryNumber": number, "lines": rows}
+        return {"EntryID": entry_id, "EntryNumber": number}
 
     def get_entry(self, entry_id):
-        self.lookups += 1
-        return self.entries.get(entry_id)
+        self.lookups.append("EntryID")
+        entry = self.entries.get(entry_id)
+        return None if entry is None else {k: v for k, v in entry.items() if k != "lines"}
 
-    def post_general_journal_entry(self, body):
+    def entry_lines_by_description(self, descriptions):
+        self.lookups.append("lines")
+        if self.lines_query_refused:
+            raise ApiError("exact", "A required filter is missing.", status=400)
+        wanted = set(descriptions)
+        return [r for e in self.entries.values() for r in e["lines"] if r["Description"] in wanted]
+
+    def sync_rows(self, path, select, since=1):
+        self.lookups.append("sync")
+        assert path == "sync/Financial/TransactionLines"
+        return [r for e in self.entries.values() for r in e["lines"] if r["Timestamp"] > since]
+
+    def send_general_journal_entry(self, body):
         self.posts += 1
         action = self.fail_next.pop(0) if self.fail_next else "ok"
-        if action == "reject":
-            raise RejectedByApi("exact", "Ongeldig: Kostenplaats", status=500)
         if action == "budget":
             raise RateLimitExhausted("exact", "daily limit", resets_at="tomorrow")
-        entry = {"EntryID": body["EntryID"], "EntryNumber": 26900000 + len(self.entries) + 1}
-        if action in ("ok", "lost_answer"):
-            self.entries[body["EntryID"]] = entry
-        if action in ("lost_answer", "timeout_not_stored"):
-            raise TransientApiError("exact", "connection dropped")
-        return entry
+        if action == "error_budget":
+            raise ErrorBudgetExhausted("exact", "5 errors on generaljournalentry/GeneralJournalEntries this hour")
+        if action == "forbidden":
+            raise ConnectionStopped("exact", "Forbidden", status=403, reason="BlockedUser")
+        if action == "reject_500":
+            return PostAnswer("refused", status=500, message="Ongeldig: Kostenplaats")
+        if action == "reject_400":
+            return PostAnswer("rejected", status=400, message="Bad Request - Error in query syntax.")
+        if action == "throttled":
+            return PostAnswer("not_sent", status=429)
+        if action in ("store_then_500", "lost_answer", "store_then_503"):
+            self._store(body)
+            if action == "store_then_500":
+                return PostAnswer("refused", status=500, message="An error has occurred.")
+            return PostAnswer("unknown", status=503 if action == "store_then_503" else None, message="dropped")
+        if action == "timeout_not_stored":
+            return PostAnswer("unknown", message="ReadTimeout")
+        assert action == "ok", action
+        return PostAnswer("created", entry=self._store(body), status=201)
 
 
-def test_posts_each_report_once_and_a_rerun_skips_them(store):
-    exact = ScriptedExact()
-    drafts = drafts_for(expense_line(report_id="R1"), expense_line(report_id="R2"))
-    first = post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False, run_id="r1")
+@pytest.fixture(params=[False, True], ids=["exact_assigns_entry_ids", "exact_keeps_ours"])
+def exact(request):
+    return ScriptedExact(keeps_ids=request.param)
+
+
+def run(store, exact, *report_ids, **kw):
+    drafts = drafts_for(*(expense_line(report_id=r, transaction_id=str(1000 + i)) for i, r in enumerate(report_ids)))
+    return post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False, **kw)
+
+
+def test_posts_each_report_once_records_exacts_entry_id_and_a_rerun_skips_them(store, exact):
+    first = run(store, exact, "R1", "R2")
     assert [o.outcome for o in first.outcomes] == ["posted", "posted"]
-    assert exact.posts == 2 and exact.lookups == 0, "a normal post is one request"
-    second = post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False, run_id="r2")
+    assert exact.posts == 2 and exact.lookups == [], "a normal post is one request"
+    row = store.ledger_get(CONN.name, "R1")
+    assert row.entry_id in exact.entries and first.outcomes[0].entry_id == row.entry_id
+    assert (row.client_entry_id == row.entry_id) is exact.keeps_ids
+    second = run(store, exact, "R1", "R2")
     assert [o.outcome for o in second.outcomes] == ["already_posted", "already_posted"]
     assert exact.posts == 2 and len(exact.entries) == 2
 
 
-def test_a_lost_answer_is_settled_by_entry_id_and_never_posted_twice(store):
-    exact = ScriptedExact()
-    exact.fail_next = ["lost_answer"]
+@pytest.mark.parametrize("fault", ["lost_answer", "store_then_503", "store_then_500"])
+def test_an_answer_lost_after_exact_stored_it_is_found_by_the_reports_lines(store, exact, fault):
+    exact.fail_next = [fault]
+    result = run(store, exact, "R1", "R2")
+    assert [o.outcome for o in result.outcomes] == ["posted", "posted"]
+    assert len(exact.entries) == 2 and exact.posts == 2
+    row = store.ledger_get(CONN.name, "R1")
+    assert row.status == "posted" and row.entry_id in exact.entries
+    # found by the EntryID we sent if Exact kept it; else "not found by EntryID" is never taken as "not there"
+    assert exact.lookups == (["EntryID"] if exact.keeps_ids else ["EntryID", "lines"])
+
+
+def test_a_pending_intent_left_by_a_crash_is_settled_before_anything_is_posted(store, exact):
     drafts = drafts_for(expense_line(report_id="R1"))
-    with pytest.raises(TransientApiError):
+    body = None
+
+    class Crash(BaseException):
+        pass
+
+    def crash_after_store(body_sent):
+        nonlocal body
+        body = body_sent
+        exact._store(body_sent)
+        raise Crash()
+
+    exact.send_general_journal_entry = crash_after_store
+    with pytest.raises(Crash):
         post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False)
     assert store.ledger_get(CONN.name, "R1").status == "pending"
+    del exact.send_general_journal_entry
     rerun = post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False)
     assert [o.outcome for o in rerun.outcomes] == ["already_posted"]
-    assert exact.posts == 1 and len(exact.entries) == 1 and exact.lookups == 1
-    assert store.ledger_get(CONN.name, "R1").status == "posted"
+    assert exact.posts == 0 and len(exact.entries) == 1
+    assert store.ledger_get(CONN.name, "R1").entry_id in exact.entries
 
 
-def test_a_pending_intent_that_never_landed_is_posted_on_the_next_run(store):
-    exact = ScriptedExact()
+def test_the_recorded_fact_that_exact_assigns_its_own_ids_skips_the_entry_id_lookup(store):
+    exact = ScriptedExact(keeps_ids=False)
+    store.connection_fact_put(CONN.name, KEEPS_CLIENT_ENTRY_ID, False)
+    exact.fail_next = ["lost_answer"]
+    assert run(store, exact, "R1").outcomes[0].outcome == "posted"
+    assert exact.lookups == ["lines"]
+
+
+def test_a_wrong_fact_never_causes_a_second_post(store):
+    exact = ScriptedExact(keeps_ids=False)
+    store.connection_fact_put(CONN.name, KEEPS_CLIENT_ENTRY_ID, True)  # wrong: Exact assigns its own
+    exact.fail_next = ["lost_answer"]
+    assert run(store, exact, "R1").outcomes[0].outcome == "posted"
+    assert exact.lookups == ["EntryID", "lines"] and len(exact.entries) == 1
+
+
+def test_a_post_without_an_answer_that_did_not_land_is_deferred_and_the_run_goes_on(store, exact):
     exact.fail_next = ["timeout_not_stored"]
-    drafts = drafts_for(expense_line(report_id="R1"))
-    with pytest.raises(TransientApiError):
-        post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False)
-    rerun = post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False)
-    assert [o.outcome for o in rerun.outcomes] == ["posted"]
-    assert len(exact.entries) == 1 and exact.posts == 2
+    result = run(store, exact, "R1", "R2")
+    assert [o.outcome for o in result.outcomes] == ["deferred", "posted"]
+    assert "no certain answer" in result.outcomes[0].reasons[0]["message"]
+    assert store.ledger_get(CONN.name, "R1").status == "pending"  # the next run looks again first
+    rerun = run(store, exact, "R1", "R2")
+    assert [o.outcome for o in rerun.outcomes] == ["posted", "already_posted"]
+    assert len(exact.entries) == 2
 
 
-def test_a_rejection_by_exact_quarantines_the_report_with_exacts_message(store):
-    exact = ScriptedExact()
-    exact.fail_next = ["reject"]
-    run = post_drafts(drafts_for(expense_line(report_id="R1")), connection=CONN.name, store=store, client=exact,
-                      dry_run=False)
-    assert run.outcomes[0].outcome == "quarantined"
+def test_a_500_with_exacts_message_that_did_not_land_is_quarantined_with_the_message(store, exact):
+    exact.fail_next = ["reject_500"]
+    result = run(store, exact, "R1", "R2")
+    assert [o.outcome for o in result.outcomes] == ["quarantined", "posted"]
     item = store.quarantine_items(CONN.name)[0]
-    assert item.reasons[0]["code"] == "REJECTED_BY_EXACT" and "Ongeldig: Kostenplaats" in item.reasons[0]["message"]
+    assert item.reasons[0]["code"] == "REJECTED_BY_EXACT" and item.reasons[0]["message"] == "Ongeldig: Kostenplaats"
+    assert item.reasons[0]["value"] == "500" and store.ledger_get(CONN.name, "R1") is None
+    assert "lines" in exact.lookups  # a 500 is checked before it is believed
+
+
+def test_a_400_is_quarantined_with_status_and_message_without_a_lookup(store, exact):
+    exact.fail_next = ["reject_400"]
+    result = run(store, exact, "R1", "R2")
+    assert [o.outcome for o in result.outcomes] == ["quarantined", "posted"]
+    reason = store.quarantine_items(CONN.name)[0].reasons[0]
+    assert (reason["value"], reason["message"]) == ("400", "Bad Request - Error in query syntax.")
+    assert exact.lookups == [] and store.ledger_get(CONN.name, "R1") is None
+
+
+def test_a_429_that_outlasts_the_waits_defers_the_report_without_an_intent(store, exact):
+    exact.fail_next = ["throttled"]
+    result = run(store, exact, "R1", "R2")
+    assert [o.outcome for o in result.outcomes] == ["deferred", "posted"]
     assert store.ledger_get(CONN.name, "R1") is None
 
 
-def test_a_changed_report_after_posting_is_quarantined_not_posted_again(store):
-    exact = ScriptedExact()
+@pytest.mark.parametrize("stop,words,alert_kind,title", [
+    ("budget", "daily call budget", alerts.REPORTS_DEFERRED, "Exact's daily budget ran out: 2 report(s) deferred"),
+    ("error_budget", "5 errors", alerts.REPORTS_DEFERRED, "2 report(s) deferred to the next run"),
+    ("forbidden", "BlockedUser", alerts.CONNECTION_REFUSED, "Exact refused the connection: 2 report(s) deferred")])
+def test_a_stop_of_the_connection_defers_the_rest_with_the_reason(store, exact, stop, words, alert_kind, title):
+    exact.fail_next = ["ok", stop]
+    events: list = []
+    with progress.subscribed(events.append):
+        result = run(store, exact, "R1", "R2", "R3", run_id="run-1")
+    assert [o.outcome for o in result.outcomes] == ["posted", "deferred", "deferred"]
+    assert "2 report(s) wait" in result.stopped_reason and words in result.stopped_reason
+    assert words in result.outcomes[1].reasons[0]["message"]
+    # The display hears of the stop once, with the reason, and of every report settled.
+    [stopped] = [e for e in events if isinstance(e, progress.PostingStopped)]
+    assert stopped.deferred == 2 and words in stopped.reason
+    assert [(e.report_id, e.outcome) for e in events if isinstance(e, progress.ReportSettled)] == [
+        ("R1", "posted"), ("R2", "deferred"), ("R3", "deferred")]
+    # The operators are told, once per run: a refused connection as its own kind of alert.
+    [alert] = alerts.deferred_reports(CONN, store, datetime.now(timezone.utc))
+    assert alert.kind == alert_kind and title in alert.title
+    assert words in alert.text and "R2, R3" in alert.text and "run-1" in alert.text
+    assert [r.status for r in store.ledger_rows()] == ["posted"]
+    rerun = run(store, exact, "R1", "R2", "R3")
+    assert [o.outcome for o in rerun.outcomes] == ["already_posted", "posted", "posted"]
+
+
+def test_reports_deferred_one_by_one_are_shown_and_alerted_with_their_own_reasons(store, exact):
+    exact.fail_next = ["timeout_not_stored", "throttled"]
+    shown = io.StringIO()
+    with progress.subscribed(LineView(shown, None)):
+        result = run(store, exact, "R1", "R2", "R3", run_id="run-2")
+    assert [o.outcome for o in result.outcomes] == ["deferred", "deferred", "posted"]
+    lines = shown.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "report R1 deferred: no certain answer from Exact" in lines[0]
+    assert "report R2 deferred: Exact kept answering 429" in lines[1]
+    [alert] = alerts.deferred_reports(CONN, store, datetime.now(timezone.utc))
+    assert alert.kind == alerts.REPORTS_DEFERRED and "2 report(s) deferred to the next run" in alert.title
+    text = alert.text.splitlines()
+    assert any(line.startswith("- no certain answer from Exact") and line.endswith(": R1") for line in text)
+    assert any(line.startswith("- Exact kept answering 429") and line.endswith(": R2") for line in text)
+
+
+def test_when_exact_refuses_the_lines_query_the_sync_twin_finds_the_entry(store):
+    exact = ScriptedExact(keeps_ids=False)
+    exact.lines_query_refused = True
+    exact.fail_next = ["lost_answer"]
+    assert run(store, exact, "R1").outcomes[0].outcome == "posted"
+    assert exact.lookups[-2:] == ["lines", "sync"] and len(exact.entries) == 1
+
+
+def test_a_changed_report_after_posting_is_quarantined_not_posted_again(store, exact):
     post_drafts(drafts_for(expense_line(report_id="R1")), connection=CONN.name, store=store, client=exact,
                 dry_run=False)
     edited = drafts_for(expense_line(report_id="R1", converted_amount_cents=9999, amount_cents=9999))
-    run = post_drafts(edited, connection=CONN.name, store=store, client=exact, dry_run=False)
-    assert run.outcomes[0].reason_codes == ["CHANGED_AFTER_POSTING"]
+    result = post_drafts(edited, connection=CONN.name, store=store, client=exact, dry_run=False)
+    assert result.outcomes[0].reason_codes == ["CHANGED_AFTER_POSTING"]
     assert exact.posts == 1
-    assert "corrected_entry" in store.quarantine_items(CONN.name)[0].reasons[0]["correction"]
+    correction = store.quarantine_items(CONN.name)[0].reasons[0]
+    assert "corrected_entry" in correction["correction"] and correction["value"] in exact.entries
 
 
-def test_dry_run_writes_nothing_to_exact_ledger_or_quarantine(store):
-    exact = ScriptedExact()
+def test_dry_run_writes_nothing_to_exact_ledger_or_quarantine(store, exact):
     drafts = drafts_for(expense_line(report_id="R1"), expense_line(report_id="R2", category="Gifts"))
-    run = post_drafts(drafts, connection=CONN.name, store=store, client=None, dry_run=True)
-    assert sorted(o.outcome for o in run.outcomes) == ["dry_run", "quarantined"]
+    result = post_drafts(drafts, connection=CONN.name, store=store, client=None, dry_run=True)
+    assert sorted(o.outcome for o in result.outcomes) == ["dry_run", "quarantined"]
     assert exact.posts == 0 and store.ledger_rows() == [] and store.quarantine_items() == []
     assert {r["event"] for r in store.audit_rows()} == {"dry_run"}
-
-
-def test_a_used_up_daily_budget_defers_the_rest_without_failing(store):
-    exact = ScriptedExact()
-    exact.fail_next = ["ok", "budget"]
-    drafts = drafts_for(expense_line(report_id="R1"), expense_line(report_id="R2"), expense_line(report_id="R3"))
-    run = post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False)
-    assert [o.outcome for o in run.outcomes] == ["posted", "deferred", "deferred"]
-    assert "2 report(s) wait" in run.stopped_reason
-    assert [r.status for r in store.ledger_rows()] == ["posted"]
-    rerun = post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False)
-    assert [o.outcome for o in rerun.outcomes] == ["already_posted", "posted", "posted"]

@@ -19,7 +19,8 @@ import sqlalchemy as sa
 
 from expensify_exact.cli import main
 from expensify_exact.config import load_project_config
-from expensify_exact.errors import RejectedByApi, StateStoreError
+from expensify_exact.errors import StateStoreError
+from expensify_exact.exact.client import PostAnswer
 from expensify_exact.replay import (
     QuarantineActionError,
     approve_correction,
@@ -141,13 +142,16 @@ class Crash(BaseException):
 
 
 class FakeExact:
-    """Holds entries by EntryID like Exact; can lose the answer of chosen POSTs, or refuse one."""
+    """Holds entries like Exact (keeping the client's EntryIDs, or assigning its own); can lose the answer of chosen
+    POSTs, or refuse one."""
 
-    def __init__(self, store: StateStore, crash_on: dict[int, str] | None = None, refuse: int | None = None):
+    def __init__(self, store: StateStore, crash_on: dict[int, str] | None = None, refuse: int | None = None,
+                 keeps_ids: bool = True):
         self.store = store
         self.entries = {ORIGINAL: ORIGINAL_HEADER | {"lines": _original_lines(), "Reversal": False}}
         self.crash_on = crash_on or {}  # POST number -> "before_store" | "after_store"
         self.refuse = refuse
+        self.keeps_ids = keeps_ids
         self.posts = 0
         self.intents_at_first_post: list[str] | None = None
 
@@ -159,20 +163,30 @@ class FakeExact:
         assert path == "generaljournalentry/GeneralJournalEntryLines" and ORIGINAL in filter
         return self.entries[ORIGINAL]["lines"]
 
-    def post_general_journal_entry(self, body):
+    def entry_lines_by_description(self, descriptions):
+        return [{**line, "EntryID": entry_id, "EntryNumber": entry["EntryNumber"]}
+                for entry_id, entry in self.entries.items() for line in entry["lines"]
+                if line["Description"] in set(descriptions)]
+
+    def sync_rows(self, path, select, since=1):
+        raise AssertionError("the lines query is accepted here")
+
+    def send_general_journal_entry(self, body):
         self.posts += 1
         if self.intents_at_first_post is None:
             self.intents_at_first_post = sorted(r.kind for r in self.store.corrections_for(CONN, "R1"))
         if self.refuse == self.posts:
-            raise RejectedByApi("exact", "Periode is afgesloten: 2026 / 11", status=500)
+            return PostAnswer("refused", status=500, message="Periode is afgesloten: 2026 / 11")
         if self.crash_on.get(self.posts) == "before_store":
             raise Crash()
-        assert body["EntryID"] not in self.entries, "posted twice"
+        entry_id = body["EntryID"] if self.keeps_ids else f"ffff0000-0000-4000-8000-{self.posts:012d}"
+        assert entry_id not in self.entries, "posted twice"
         number = 26900001 + len(self.entries)
-        self.entries[body["EntryID"]] = {**body, "EntryNumber": number, "lines": body["GeneralJournalEntryLines"]}
+        self.entries[entry_id] = {**body, "EntryID": entry_id, "EntryNumber": number,
+                                  "lines": body["GeneralJournalEntryLines"]}
         if self.crash_on.get(self.posts) == "after_store":
             raise Crash()  # Exact has it; the poster never hears back
-        return {"EntryID": body["EntryID"], "EntryNumber": number}
+        return PostAnswer("created", entry={"EntryID": entry_id, "EntryNumber": number}, status=201)
 
 
 def _posted_and_changed(store: StateStore) -> dict:
@@ -201,11 +215,13 @@ def _posted_and_changed(store: StateStore) -> dict:
     {2: "after_store"},                              # the correction landed, its answer was lost
     {1: "after_store", 2: "after_store"},            # both, on two attempts in a row
 ])
-def test_approve_posts_the_reversal_and_the_correction_exactly_once_however_often_it_dies(any_store, crash_on):
+@pytest.mark.parametrize("keeps_ids", [True, False], ids=["exact_keeps_ours", "exact_assigns_entry_ids"])
+def test_approve_posts_the_reversal_and_the_correction_exactly_once_however_often_it_dies(any_store, crash_on,
+                                                                                          keeps_ids):
     store = any_store
     corrected = _posted_and_changed(store)
     conn = load_project_config(MAPPINGS).connection(CONN)
-    exact = FakeExact(store, crash_on=crash_on)
+    exact = FakeExact(store, crash_on=crash_on, keeps_ids=keeps_ids)
     for _attempt in range(len(crash_on) + 1):
         try:
             result = approve_correction(conn, store=store, exact=exact, report_id="R1", actor="tester")
@@ -217,12 +233,17 @@ def test_approve_posts_the_reversal_and_the_correction_exactly_once_however_ofte
         pytest.fail("approve never completed")
 
     assert exact.intents_at_first_post == ["correction", "reversal"], "both intents must exist before any POST"
-    correction_id = entry_id_for(CONN, "R1", content_hash(corrected))
-    assert set(exact.entries) == {ORIGINAL, reversal_entry_id(CONN, "R1", ORIGINAL), correction_id}
+    correction_id = result.correction_entry_id
+    assert set(exact.entries) == {ORIGINAL, result.reversal_entry_id, correction_id}
+    if keeps_ids:
+        assert correction_id == entry_id_for(CONN, "R1", content_hash(corrected))
+        assert result.reversal_entry_id == reversal_entry_id(CONN, "R1", ORIGINAL)
     assert exact.entries[result.reversal_entry_id]["Reversal"] is True
+    assert exact.entries[correction_id]["GeneralJournalEntryLines"] == corrected["GeneralJournalEntryLines"]
     ledger = store.ledger_get(CONN, "R1")
     assert (ledger.status, ledger.entry_id, ledger.entry_number, ledger.total_cents, ledger.content_hash) == \
         ("posted", correction_id, exact.entries[correction_id]["EntryNumber"], 3545, content_hash(corrected))
+    assert ledger.client_entry_id == entry_id_for(CONN, "R1", content_hash(corrected))  # the one we sent
     item = store.quarantine_get(CONN, "R1")
     assert item.status == "resolved" and "reversed by entry" in item.resolution_note
     assert {(r.kind, r.status) for r in store.corrections_for(CONN, "R1")} == {("reversal", "posted"),
@@ -302,10 +323,11 @@ def test_a_version_1_database_is_migrated_to_the_newest_schema(tmp_path):
             table.create(conn)
         conn.execute(schema_migrations.insert().values(version=1, description=version_1[1],
                                                        applied_at=datetime.now(timezone.utc)))
-    assert not {"ee_corrections", "ee_rate_limits", "ee_request_log"} & set(sa.inspect(engine).get_table_names())
+    later = {"ee_corrections", "ee_rate_limits", "ee_request_log", "ee_dimension_snapshots"}
+    assert not later & set(sa.inspect(engine).get_table_names())
     store = StateStore(url)
     assert store.schema_version() == SCHEMA_VERSION == max(version for version, _, _ in MIGRATIONS)
-    assert {"ee_corrections", "ee_rate_limits", "ee_request_log", "ee_notifications"} <= set(
+    assert later | {"ee_connection_facts", "ee_error_budget", "ee_notifications"} <= set(
         sa.inspect(store.engine).get_table_names())
     assert set(metadata.tables) >= {"ee_corrections", "ee_posted_ledger"}
     store.dispose()

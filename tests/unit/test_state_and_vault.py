@@ -12,7 +12,7 @@ from expensify_exact.connections import StoredRateLimitBoard, StoredRequestLog
 from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.exact.tokens import ExactTokens
 from expensify_exact.http.pacing import RateLimitSnapshot
-from expensify_exact.state import StateStore, rate_limits
+from expensify_exact.state import MIGRATIONS, SCHEMA_VERSION, StateStore, rate_limits, schema_migrations
 from expensify_exact.vault import CredentialVault, Secret, VaultTokenStore
 
 
@@ -184,6 +184,50 @@ def test_rate_limit_board_is_advisory_when_the_database_fails(store, caplog):
         assert not sa.inspect(conn).has_table("ee_rate_limits")
 
 
+def test_connection_facts_round_trip_and_unknown_is_none(store):
+    assert store.connection_fact_get("vh", "exact_keeps_client_entry_id") is None
+    store.connection_fact_put("vh", "exact_keeps_client_entry_id", False, detail={"test_entry": "abc"})
+    store.connection_fact_put("vh", "exact_keeps_client_entry_id", True)
+    assert store.connection_fact_get("vh", "exact_keeps_client_entry_id") is True
+    assert store.connection_fact_get("other", "exact_keeps_client_entry_id") is None
+    [fact] = store.connection_facts("vh")
+    assert fact["value"] is True and fact["recorded_at"] is not None
+
+
+def test_error_budget_counts_per_scope_and_hour(store):
+    hour = datetime(2026, 3, 10, 9, tzinfo=timezone.utc)
+    scope = "exact:123456:generaljournalentry/GeneralJournalEntries"
+    assert [store.error_budget_add(scope, hour, 500, "unbalanced") for _ in range(3)] == [1, 2, 3]
+    assert store.error_budget_count(scope, hour) == 3
+    assert store.error_budget_count(scope, hour + timedelta(hours=1)) == 0
+    assert store.error_budget_count("exact:123456:financial/GLAccounts", hour) == 0
+    [row] = store.error_budget_rows(hour)
+    assert (row["errors"], row["last_status"], row["last_message"]) == (3, 500, "unbalanced")
+
+
+def test_migration_4_adds_the_entry_id_columns_to_a_version_3_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ee_schema_migrations (version INTEGER PRIMARY KEY, "
+                             "description VARCHAR(200) NOT NULL, applied_at DATETIME NOT NULL)"))
+        conn.execute(sa.text("CREATE TABLE ee_posted_ledger (connection VARCHAR(100), report_id VARCHAR(64), "
+                             "status VARCHAR(16) NOT NULL, content_hash VARCHAR(64) NOT NULL, entry_id VARCHAR(36) "
+                             "NOT NULL, entry_number INTEGER, partition_date VARCHAR(10), transaction_ids TEXT NOT "
+                             "NULL, total_cents BIGINT NOT NULL, intent_at DATETIME NOT NULL, posted_at DATETIME, "
+                             "run_id VARCHAR(64), PRIMARY KEY (connection, report_id))"))
+        for v in (1, 2, 3):
+            conn.execute(sa.text("INSERT INTO ee_schema_migrations VALUES (:v, 'old', '2026-01-01')"), {"v": v})
+    engine.dispose()
+    store = StateStore(url)
+    assert store.schema_version() == MIGRATIONS[-1][0]  # 4, and whatever came after
+    store.ledger_write_intent("c", "R1", content_hash="h", entry_id="ours", partition_date=None,
+                              transaction_ids=[], total_cents=1, run_id=None)
+    store.ledger_mark_posted("c", "R1", "ours", 5, exact_entry_id="THEIRS")
+    row = store.ledger_get("c", "R1")
+    assert (row.entry_id, row.client_entry_id, row.status) == ("theirs", "ours", "posted")
+
+
 def test_a_notification_is_claimed_once_released_on_failure_and_resent_only_when_forced(store):
     from expensify_exact.notify.mail import send_once
 
@@ -221,3 +265,50 @@ def test_a_failing_webhook_never_puts_its_url_in_the_error():
         with pytest.raises(NotificationError) as caught:
             post_chat(url, {"text": "x"}, transport=transport)
         assert "the-secret-token" not in str(caught.value) and "hooks.slack.com" not in str(caught.value)
+
+
+def _store_at(url: str, newest: int) -> None:
+    """A state database as a connector whose newest migration was `newest` left it."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        schema_migrations.create(conn)
+        for version, description, tables in MIGRATIONS:
+            if version > newest:
+                continue
+            for table in tables:
+                table.create(conn, checkfirst=True)
+            conn.execute(schema_migrations.insert().values(version=version, description=description,
+                                                           applied_at=datetime.now(timezone.utc)))
+    engine.dispose()
+
+
+def test_a_version_5_database_gets_the_notifications_table_and_the_newest_version(tmp_path):
+    url = f"sqlite:///{tmp_path / 'v5.db'}"
+    _store_at(url, 5)
+    assert not sa.inspect(sa.create_engine(url)).has_table("ee_notifications")
+    store = StateStore(url)
+    assert store.schema_version() == SCHEMA_VERSION == max(v for v, _, _ in MIGRATIONS)
+    assert store.notification_claim("digest:c:2026-11-03", kind="digest", connection="c")
+    with store.engine.connect() as conn:
+        applied = {row.version for row in conn.execute(sa.select(schema_migrations.c.version))}
+    assert applied == {v for v, _, _ in MIGRATIONS}
+    store.dispose()
+
+
+def test_a_migration_numbered_below_the_newest_applied_one_is_still_applied(tmp_path):
+    """Branches take migration numbers in advance, so one can arrive after a higher number ran (a gap filled
+    later): migrate() applies every listed version the database lacks, not only those above its newest."""
+    url = f"sqlite:///{tmp_path / 'gap.db'}"
+    StateStore(url).dispose()
+    below = [v for v, _, _ in MIGRATIONS if v < SCHEMA_VERSION][-1]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(schema_migrations.delete().where(schema_migrations.c.version == below))
+        for table in dict((v, t) for v, _, t in MIGRATIONS)[below]:
+            table.drop(conn)
+    engine.dispose()
+    store = StateStore(url)
+    assert store.schema_version() == SCHEMA_VERSION
+    tables = set(sa.inspect(store.engine).get_table_names())
+    assert {t.name for t in dict((v, t) for v, _, t in MIGRATIONS)[below]} <= tables
+    store.dispose()

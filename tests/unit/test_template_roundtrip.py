@@ -8,14 +8,16 @@ full trip: simulator data model → template.ftl → download → json → norma
 from datetime import datetime, timedelta, timezone
 
 import httpx
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from expensify_exact.expensify.client import ExpensifyClient
+from expensify_exact.expensify.client import EXPORT_TEMPLATE, ExpensifyClient
 from expensify_exact.sandbox import seed as sandbox_seed
 from expensify_exact.sandbox.clock import SandboxClock
 from expensify_exact.sandbox.expensify_app import ExpensifySimulator
+from expensify_exact.sandbox.freemarker import Template, TemplateError
 from expensify_exact.transform.expense_lines import normalize_reports, split_tag
 
 T0 = datetime(2026, 8, 3, 9, 0, tzinfo=timezone.utc)
@@ -114,3 +116,46 @@ def test_the_whole_seed_renders_and_normalizes_without_malformed_lines(sandbox, 
     assert result.malformed.empty, result.malformed.to_dict("records")
     seeded = {r.report_id for r in sandbox_seed.build_seed(T0.date()).approved_reports}
     assert seeded <= set(result.lines["report_id"])
+
+
+def _seed_lines(sim, client, clock, **knobs):
+    defaults = sim.set_knobs()
+    sim.set_knobs(**knobs)
+    try:
+        today = clock.now().date()
+        reports = client.export_reports(today - timedelta(days=31), today, [sandbox_seed.POLICY_ID],
+                                        timezone="Europe/Amsterdam")
+        model = sim.export_model()
+    finally:
+        sim.set_knobs(**defaults)
+    result = normalize_reports(reports, "Europe/Amsterdam")
+    assert result.malformed.empty, result.malformed.to_dict("records")
+    return result.lines.sort_values(["report_id", "transaction_id"]).reset_index(drop=True), model
+
+
+@pytest.mark.parametrize("typing", ["strings", "numbers"])
+@pytest.mark.parametrize("untaxed", ["missing", "zero"])
+def test_numeric_looking_fields_as_numbers_text_or_empty_normalize_to_the_same_lines(sandbox, typing, untaxed):
+    # Expensify's field types are documented loosely (expensify.md §3.2): card ID, tax rate, exchange rate and
+    # amounts may come as numbers, as text or empty. Whatever the typing, the normalized lines are the same.
+    sim, client, clock = sandbox
+    documented, documented_model = _seed_lines(sim, client, clock, untaxed_fields=untaxed)
+    retyped, model = _seed_lines(sim, client, clock, untaxed_fields=untaxed, number_typing=typing)
+    expense, reference = model["reports"][0]["transactionList"][0], documented_model["reports"][0]["transactionList"][0]
+    if typing == "strings":
+        # The knob really changed the types, and ?c on such a field is the error a template must avoid.
+        assert isinstance(expense["amount"], str) and isinstance(reference["amount"], int)
+        with pytest.raises(TemplateError):
+            Template("<#list reports as r><#list r.transactionList as e>${e.amount?c}</#list></#list>").render(model)
+    else:
+        assert isinstance(expense["transactionID"], int) and isinstance(reference["transactionID"], str)
+    assert {e["cardID"] for r in model["reports"] for e in r["transactionList"]} & {"", None}, "no cash expense"
+    assert len(documented) > 30
+    pd.testing.assert_frame_equal(retyped, documented)
+
+
+def test_the_template_renders_an_empty_export_to_a_complete_document():
+    import json
+
+    document = json.loads(Template(EXPORT_TEMPLATE).render({"reports": [], "addHeader": True}))
+    assert document == {"reports": [], "count": 0, "end": True}
