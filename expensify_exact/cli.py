@@ -101,21 +101,23 @@ def cmd_secrets_init_key(args) -> int:
 
 def cmd_secrets_set(args) -> int:
     from expensify_exact.connections import SECRET_NAMES
+    from expensify_exact.notify import NOTIFY_SECRET_ENV, NOTIFY_SECRET_NAMES
 
     connector = connector_from_args(args)
     connector.project().connection(args.connection)  # fails early on an unknown connection
     vault = connector.vault()
     values: dict[str, str] = {}
     if args.from_env:
-        values = {name: os.environ[env] for name, env in SECRET_ENV.items() if os.environ.get(env)}
+        values = {name: os.environ[env] for name, env in {**SECRET_ENV, **NOTIFY_SECRET_ENV}.items()
+                  if os.environ.get(env)}
         if os.environ.get(REFRESH_TOKEN_ENV):
             values["exact_refresh_token"] = os.environ[REFRESH_TOKEN_ENV]
     if args.sandbox_demo:
         values.update(_sandbox_demo_credentials())
     if args.stdin:
-        if args.stdin not in (*SECRET_NAMES, "exact_refresh_token"):
-            print(f"unknown secret {args.stdin!r}; known: {', '.join((*SECRET_NAMES, 'exact_refresh_token'))}",
-                  file=sys.stderr)
+        known = (*SECRET_NAMES, "exact_refresh_token", *NOTIFY_SECRET_NAMES)
+        if args.stdin not in known:
+            print(f"unknown secret {args.stdin!r}; known: {', '.join(known)}", file=sys.stderr)
             return EXIT_USAGE
         values[args.stdin] = sys.stdin.readline().strip()
     if not values:
@@ -227,6 +229,8 @@ def cmd_authorize(args) -> int:
 # --- headless runs ------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
+    from expensify_exact.config import load_project_config
+    from expensify_exact.progress_view import showing_progress
     from expensify_exact.recovery import open_embedded, tell
     from expensify_exact.runs import run_range
 
@@ -237,8 +241,10 @@ def cmd_run(args) -> int:
         print("--end is before --start", file=sys.stderr)
         return EXIT_USAGE
     instance, _ = open_embedded(home, connector_from_args(args).store, tell)
-    summary = run_range(start, end, dry_run=args.dry_run, mappings_dir=args.mappings, state_url=args.state_url,
-                        instance=instance, wait_timeout=args.wait_timeout)
+    days = ((end - start).days + 1) * len(load_project_config(args.mappings).connections)
+    with showing_progress(json_output=args.json, total_days=days):
+        summary = run_range(start, end, dry_run=args.dry_run, mappings_dir=args.mappings, state_url=args.state_url,
+                            instance=instance, wait_timeout=args.wait_timeout)
     if args.json:
         print(json.dumps(summary.as_json(), indent=2, sort_keys=True))
     else:
@@ -276,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = secrets.add_parser("set", help="store credentials for a connection from the environment or stdin")
     p.add_argument("--connection", required=True)
     p.add_argument("--from-env", action="store_true",
-                   help="read " + ", ".join([*SECRET_ENV.values(), REFRESH_TOKEN_ENV]) + " where set")
+                   help="read " + ", ".join([*SECRET_ENV.values(), REFRESH_TOKEN_ENV]) + " where set, and "
+                        "SMTP_USERNAME, SMTP_PASSWORD, ALERT_WEBHOOK_URL for mail and alerts")
     p.add_argument("--stdin", metavar="NAME", help="read one secret's value from standard input")
     p.add_argument("--sandbox-demo", action="store_true",
                    help="store the bundled sandbox's demo credentials (for `make demo` and rehearsals)")

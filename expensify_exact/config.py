@@ -103,12 +103,52 @@ class PostingRules(_Strict):
         return value
 
 
+class SmtpSettings(_Strict):
+    """The mail server the digest and alerts go out through; its login is in the vault (`smtp_username`,
+    `smtp_password`), never in the YAML."""
+
+    host: str = Field(min_length=1)
+    port: int | None = Field(None, gt=0, lt=65536, description="default: 587 for starttls, 465 for tls, 25 for plain")
+    security: Literal["starttls", "tls", "plain"] = "starttls"  # plain: unencrypted, only for a local test server
+    sender: str = Field(min_length=3, description="the From address")
+    timeout_seconds: float = Field(30.0, gt=0)
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or {"starttls": 587, "tls": 465, "plain": 25}[self.security]
+
+
+class DigestMail(_Strict):
+    to: list[str] = Field(default_factory=list, description="recipients of the daily digest; empty: not mailed")
+    resend_on_rerun: bool = False  # true: every run of the digest mails it again, not once per day
+
+
+class AlertSettings(_Strict):
+    email_to: list[str] = Field(default_factory=list, description="recipients of alerts; empty: no alert mail")
+    webhook_format: Literal["slack", "teams"] | None = None  # the URL is the vault secret `alert_webhook_url`
+    quarantine_max_age_days: int = Field(7, ge=1)
+    token_idle_days: int = Field(25, ge=1, le=29)
+
+
+class NotifySettings(_Strict):
+    smtp: SmtpSettings | None = None
+    digest: DigestMail = DigestMail()
+    alerts: AlertSettings = AlertSettings()
+
+    @model_validator(mode="after")
+    def _mail_needs_smtp(self) -> "NotifySettings":
+        if (self.digest.to or self.alerts.email_to) and self.smtp is None:
+            raise ValueError("digest.to or alerts.email_to is set, so notify.smtp is needed")
+        return self
+
+
 class Connection(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     timezone: str = "Europe/Amsterdam"
     expensify: ExpensifySettings
     exact: ExactSettings
     posting: PostingRules = PostingRules()
+    notify: NotifySettings = NotifySettings()
 
     @field_validator("timezone")
     @classmethod

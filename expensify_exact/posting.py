@@ -15,6 +15,7 @@ from datetime import datetime
 
 import pandas as pd
 
+from expensify_exact import progress
 from expensify_exact.clock import Clock, SystemClock, next_clock_hour
 from expensify_exact.errors import (
     ApiError,
@@ -35,6 +36,8 @@ OUTCOME_COLUMNS = ["connection", "partition_date", "report_id", "outcome", "entr
 
 
 JournalPoster = EntryGateway  # what posting needs from the Exact client
+# `stopped_by` of the audit event `deferred` when the connection stopped (notify/alerts.py reads it).
+STOPPED_BY_DAILY_BUDGET, STOPPED_BY_ERROR_BUDGET, STOPPED_BY_REFUSAL = "daily_budget", "error_budget", "refused"
 # Refusals after which nothing more is sent through the connection in this run (the rest is deferred).
 _STOPS_THE_CONNECTION = (RateLimitExhausted, ErrorBudgetExhausted, ConnectionStopped, DivisionAccessError,
                          AuthenticationError)
@@ -92,6 +95,7 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
         if closed_days and not dry_run else []
     for report_id, problems in drafts.rejections.groupby("report_id", sort=True):
         outcomes.append(_settle_rejected(report_id, problems, connection, store, dry_run, run_id))
+        _settled(outcomes[-1])
     lines = drafts.lines
     stopped, stop_retry = None, None
     report_ids = list(dict.fromkeys(lines["report_id"])) if len(lines) else []
@@ -106,16 +110,22 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
                 with store.lock(f"post:{connection}:{report_id}", ttl_seconds=300, wait_seconds=600):
                     outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run,
                                               run_id))
+            _settled(outcomes[-1])
         except _STOPS_THE_CONNECTION as exc:
             # Not a failure of these reports: they wait for the next run; nothing is lost and no intent is left open.
             stopped = f"{_stop_reason(exc)}; {len(report_ids) - index} report(s) wait for the next run"
             for waiting in report_ids[index:]:
                 waiting_lines = lines[lines["report_id"] == waiting]
                 outcomes.append(_deferred(connection, waiting, waiting_lines, stopped))
+            resets_at = getattr(exc, "resets_at", None)
             store.audit("deferred", connection=connection, run_id=run_id,
-                        detail={"reports": report_ids[index:], "reason": stopped,
-                                "resets_at": str(getattr(exc, "resets_at", None) or "")})
+                        detail={"reports": report_ids[index:], "reason": stopped, "stopped_by": _stop_kind(exc),
+                                "resets_at": str(resets_at or "")})
             stop_retry = (set(report_ids[index:]), _retry_after(exc, clock.now()))
+            progress.publish(progress.PostingStopped(connection, len(report_ids) - index, _stop_reason(exc),
+                                                     str(resets_at) if resets_at else None))
+            for waiting in outcomes[-(len(report_ids) - index):]:
+                _settled(waiting, with_reason=False)  # PostingStopped said why, once
             break
     if not dry_run:
         _remember_deferrals(store, connection, outcomes, stop_retry, clock)
@@ -179,6 +189,31 @@ def _audit_late_approvals(drafts: JournalDrafts, connection: str, store: StateSt
                     detail={"approval_day": day, "note": "first exported after its approval day was posted"})
         late.append(report_id)
     return late
+
+
+def planned_reports(drafts: JournalDrafts) -> dict[str, int]:
+    """Approval day -> reports `post_drafts` will settle for these drafts (for progress displays)."""
+    frames = [f[["report_id", "partition_date"]] for f in (drafts.rejections, drafts.lines) if len(f)]
+    if not frames:
+        return {}
+    reports = pd.concat(frames).drop_duplicates("report_id")
+    return {str(day): int(n) for day, n in reports.groupby("partition_date")["report_id"].nunique().items()}
+
+
+def _settled(outcome: ReportOutcome, *, with_reason: bool = True) -> None:
+    reason = (outcome.reasons[0].get("message") if with_reason and outcome.outcome == "deferred" and outcome.reasons
+              else None)
+    progress.publish(progress.ReportSettled(outcome.connection, str(outcome.partition_date), outcome.report_id,
+                                            outcome.outcome, reason))
+
+
+def _stop_kind(exc: ApiError) -> str:
+    """What stopped the connection, for the audit log (the deferred-reports alert words itself by it)."""
+    if isinstance(exc, RateLimitExhausted):
+        return STOPPED_BY_DAILY_BUDGET
+    if isinstance(exc, ErrorBudgetExhausted):
+        return STOPPED_BY_ERROR_BUDGET
+    return STOPPED_BY_REFUSAL
 
 
 def _stop_reason(exc: ApiError) -> str:

@@ -28,10 +28,11 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from expensify_exact import progress
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiError
 from expensify_exact.exact.odata import guid_literal
-from expensify_exact.posting import post_drafts
+from expensify_exact.posting import planned_reports, post_drafts
 from expensify_exact.settlement import EntryGateway, find_posted, post_and_settle
 from expensify_exact.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
 from expensify_exact.state import CorrectionRow, QuarantineItem, StateStore
@@ -199,6 +200,8 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
         if not items:
             return ReplayResult(conn.name, dry_run, None, outcomes)
 
+        progress.publish(progress.Phase(conn.name, f"re-validating {len(items)} quarantined report(s) against "
+                                                   f"fresh Exact dimensions"))
         dims = fetch_dimensions(exact, needed_codes(conn, config))
         fingerprint = replay_fingerprint(dims, config, conn)
         reports = expensify.export_reports_by_id(
@@ -217,7 +220,10 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
                             detail={"before": item.reasons, "dimensions_fingerprint": fingerprint,
                                     "now": "not exported (no longer approved in Expensify?)" if verdict is None
                                     else ("passes validation" if not verdict else {"fails": verdict})})
+        progress.publish(progress.ReportsPlanned(conn.name, planned_reports(drafts)))
         run = post_drafts(drafts, connection=conn.name, store=store, client=exact, dry_run=dry_run, run_id=run_id)
+        for day, outcomes_of_day in run.frame().groupby("partition_date"):
+            progress.publish(progress.DayDone(conn.name, str(day), outcomes_of_day["outcome"].value_counts().to_dict()))
         seen = set()
         for o in run.outcomes:
             item = by_id.get(o.report_id)

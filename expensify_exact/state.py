@@ -215,6 +215,19 @@ deferred_reports = sa.Table(
     sa.Column("resets_at", sa.DateTime(timezone=True), nullable=True),
 )
 
+# What was mailed or posted to a chat once and must not go out again: a digest per connection and day, an alert per
+# dedupe key. A row is claimed before sending and marked sent after; a claim left by a crash expires.
+notifications = sa.Table(
+    "ee_notifications", metadata,
+    sa.Column("key", sa.String(300), primary_key=True),  # e.g. digest:<connection>:<day>, alert:<kind>:...
+    sa.Column("connection", sa.String(100), nullable=True),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # sending | sent
+    sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),  # JSON: where it went (channel names), never a URL or address list
+)
+
 # Versioned migrations: each entry creates or alters what its version introduced. Never edit a shipped one.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "locks, secrets, tokens, ledger, quarantine, audit log",
@@ -227,6 +240,7 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (5, "each division's last dimension snapshot, refreshed incrementally", [dimension_snapshots]),
     (6, "approval days posted after they closed, and deferred reports with when to try them again",
      [days_posted, deferred_reports]),
+    (7, "digests and alerts sent once", [notifications]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -749,6 +763,7 @@ class StateStore:
             rows = conn.execute(sa.select(error_budget).where(error_budget.c.hour >= since)
                                 .order_by(error_budget.c.scope, error_budget.c.hour))
             return [dict(r._mapping) | {"hour": _aware(r.hour), "updated_at": _aware(r.updated_at)} for r in rows]
+
     # --- dimension snapshots ------------------------------------------------------------------------
     def snapshot_get(self, scope: str, dimension: str) -> dict[str, Any] | None:
         """The stored snapshot of one dimension table (rows and meta parsed from JSON), or None."""
@@ -821,6 +836,49 @@ class StateStore:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(deferred_reports).where(deferred_reports.c.connection == connection))
             return {r.report_id: Deferral(r.partition_date, _aware(r.resets_at), _aware(r.deferred_at)) for r in rows}
+    # --- notifications sent once (digest mails, alerts) -----------------------------------------------
+    def notification_claim(self, key: str, *, kind: str, connection: str | None, force: bool = False,
+                           stale_after: timedelta = timedelta(minutes=15)) -> bool:
+        """Take the right to send `key`: False if it was sent already or another process is sending it now.
+
+        `force` takes it even if it was sent (an explicit resend). A claim older than `stale_after` that was never
+        marked sent belongs to a process that died mid-send, and is taken over.
+        """
+        now = _utcnow()
+        values = {"connection": connection, "kind": kind, "status": "sending", "claimed_at": now, "sent_at": None,
+                  "detail": None}
+        with self.engine.begin() as conn:
+            try:
+                with conn.begin_nested():
+                    conn.execute(notifications.insert().values(key=key, **values))
+                return True
+            except sa.exc.IntegrityError:
+                pass
+            takeable = (sa.true() if force else
+                        sa.and_(notifications.c.status == "sending", notifications.c.claimed_at < now - stale_after))
+            return bool(conn.execute(notifications.update().where(notifications.c.key == key, takeable)
+                                     .values(**values)).rowcount)
+
+    def notification_sent(self, key: str, detail: dict | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(notifications.update().where(notifications.c.key == key).values(
+                status="sent", sent_at=_utcnow(), detail=json.dumps(detail, sort_keys=True) if detail else None))
+
+    def notification_release(self, key: str) -> None:
+        """Give a claim back after a failed send, so the next attempt sends it."""
+        with self.engine.begin() as conn:
+            conn.execute(notifications.delete().where(notifications.c.key == key,
+                                                      notifications.c.status == "sending"))
+
+    def notifications_sent(self, kind: str | None = None, connection: str | None = None) -> list[dict]:
+        query = sa.select(notifications).where(notifications.c.status == "sent").order_by(notifications.c.sent_at)
+        if kind:
+            query = query.where(notifications.c.kind == kind)
+        if connection:
+            query = query.where(notifications.c.connection == connection)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) | {"sent_at": _aware(r.sent_at), "claimed_at": _aware(r.claimed_at)}
+                    for r in conn.execute(query)]
 
     # --- helpers -------------------------------------------------------------------------------------
     def _upsert(self, table: sa.Table, keys: dict, values: dict) -> None:

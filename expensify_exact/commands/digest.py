@@ -1,4 +1,5 @@
-"""`expensify-exact digest`: print the accountants' digest of one approval day, as Markdown or e-mail HTML.
+"""`expensify-exact digest`: print the accountants' digest of one approval day, as Markdown or e-mail HTML, and
+with `--send` mail it (once per connection and day; `--resend` again).
 
 Prints the digest the `reconcile_and_digest` job wrote (with its reconciliation findings); for a day that job has
 not run yet, builds one from the state database alone (posted ledger, quarantine, token ages) and says so.
@@ -20,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=("md", "html"), default="md", help="md (default) or html for e-mail")
     p.add_argument("--rebuild", action="store_true",
                    help="build it from the state database now instead of printing the stored one")
+    p.add_argument("--send", action="store_true",
+                   help="also mail it to the connection's notify.digest.to (once per connection and day)")
+    p.add_argument("--resend", action="store_true", help="mail it even if that day's digest was mailed before")
     p.set_defaults(func=cmd_digest)
 
 
@@ -45,5 +49,10 @@ def cmd_digest(args: argparse.Namespace) -> int:
                                   quarantine=store.quarantine_items(conn.name, status="open"),
                                   token_ages=store.token_ages(), currency=conn.exact.division_currency)
         rendered.append(digest.render(args.format))
+        if args.send or args.resend:
+            from expensify_exact.notify.mail import mail_digest
+
+            outcome = mail_digest(digest, conn, store, connector.vault(), resend=args.resend)
+            print(f"{conn.name} {day}: digest {outcome}", file=sys.stderr)
     sys.stdout.write(("\n" if args.format == "md" else "").join(rendered))
     return EXIT_OK

@@ -189,6 +189,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    from expensify_exact.progress_view import showing_progress
     from expensify_exact.replay import replay_quarantine
 
     connector = connector_from_args(args)
@@ -202,7 +203,7 @@ def cmd_replay(args) -> int:
         _wait_for_runs_on(connections, connector, args.wait_timeout)
     remaining = 0
     for conn in connections:
-        with connector.expensify_client(conn) as expensify:
+        with connector.expensify_client(conn) as expensify, showing_progress(json_output=args.json):
             result = replay_quarantine(conn, project, store=store, expensify=expensify,
                                        exact=connector.exact_client(conn), report_ids=args.reports,
                                        dry_run=args.dry_run)

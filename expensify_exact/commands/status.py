@@ -40,6 +40,8 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
         issued = token_ages.get(conn.name)
         credentials = {name: (conn.name, name) in stored for name in SECRET_NAMES}
         credentials["exact_tokens"] = issued is not None
+        notify_needs = _notify_secrets(conn, stored)
+        credentials |= {name: (conn.name, name) in stored for name in notify_needs}
         quarantine = store.quarantine_items(connection=conn.name, status="open")
         by_reason = Counter(code for item in quarantine for code in {r.get("code", "?") for r in item.reasons})
         ledger = Counter(row.status for row in store.ledger_rows(connection=conn.name))
@@ -48,7 +50,8 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
             "credentials": credentials,
             # Optional ones (a webhook secret, say) are listed but never reported as missing.
             "missing_credentials": sorted(name for name, present in credentials.items()
-                                          if not present and name in required),
+                                          if not present and (name in required or name in notify_needs)),
+            "notify": _notify(store, conn),
             "tokens": _tokens(connector, conn, issued, now),
             "rate_budget": (_live_budget(connector, conn) if live else None)
                            or _recorded_budget(store, instance, conn),
@@ -61,6 +64,24 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
             "last_complete_day": _last_complete_day(store, conn),
         }
     return out
+
+
+def _notify_secrets(conn, stored: set[tuple[str, str]]) -> list[str]:
+    """The vault secrets the connection's `notify` settings need: the webhook URL once a webhook format is set,
+    the SMTP password once an SMTP user is stored."""
+    from expensify_exact.notify import ALERT_WEBHOOK_URL, SMTP_PASSWORD, SMTP_USERNAME
+
+    needs = [ALERT_WEBHOOK_URL] if conn.notify.alerts.webhook_format else []
+    return needs + ([SMTP_PASSWORD] if (conn.name, SMTP_USERNAME) in stored else [])
+
+
+def _notify(store, conn) -> dict:
+    from expensify_exact.notify.alerts import channels
+    from expensify_exact.notify.mail import DIGEST_KIND
+
+    mailed = store.notifications_sent(DIGEST_KIND, conn.name)
+    return {"digest_to": len(conn.notify.digest.to), "alert_channels": channels(conn),
+            "last_digest_mailed": max((row["key"].rsplit(":", 1)[1] for row in mailed), default=None)}
 
 
 def _error_budget(store, conn, now: datetime) -> list[dict]:
@@ -268,6 +289,11 @@ def render_text(status: dict) -> str:
         lines.append(f"  credentials   present: {', '.join(present) or 'none'}"
                      + (f"; MISSING: {', '.join(conn['missing_credentials'])}" if conn["missing_credentials"] else "")
                      + (f"; not set (optional): {', '.join(optional)}" if optional else ""))
+        notify = conn["notify"]
+        lines.append("  notify        "
+                     + (f"digest to {notify['digest_to']} recipient(s), last mailed "
+                        f"{notify['last_digest_mailed'] or 'never'}" if notify["digest_to"] else "digest not mailed")
+                     + f"; alerts: {', '.join(notify['alert_channels']) or 'none'}")
         tokens = conn["tokens"]
         if not tokens["stored"]:
             lines.append("  exact tokens  none: run `expensify-exact authorize` or `secrets set` with a refresh token")

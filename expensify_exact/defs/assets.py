@@ -13,13 +13,14 @@ import dagster as dg
 import pandas as pd
 from pandera.errors import SchemaErrors
 
+from expensify_exact import progress
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.days import closed_day
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.errors import ConnectorError
-from expensify_exact.posting import OUTCOME_COLUMNS, forget_vanished_deferrals, post_drafts
+from expensify_exact.posting import OUTCOME_COLUMNS, forget_vanished_deferrals, planned_reports, post_drafts
 from expensify_exact.resources import ConnectorResource
 from expensify_exact.snapshots import DIMENSION_QUERIES, needed_codes, refresh_snapshot
 from expensify_exact.webhooks import webhook_invalidations
@@ -125,6 +126,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         keys = context.partition_keys
         start, end = date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
         by_day: dict[str, list[dict]] = {key: [] for key in keys}
+        progress.publish(progress.Phase(conn.name, f"exporting {len(keys)} day(s) of approved reports from Expensify"))
         with connector.expensify_client(conn) as client:
             reports = client.export_reports(start, end, conn.expensify.policy_ids, timezone=conn.timezone,
                                             source_timezone=conn.expensify.timestamp_timezone)
@@ -182,6 +184,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         pool=exact_pool(conn),
     )
     def exact_dimensions(context: dg.AssetExecutionContext, connector: ConnectorResource):
+        progress.publish(progress.Phase(conn.name, f"reading Exact's dimensions of {division}"))
         client = connector.exact_client(conn)
         store = connector.store()
         refresh = refresh_snapshot(client, store, conn.exact.division, needed_codes(conn, config),
@@ -251,11 +254,15 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         stopped, late = [], []
         # Days an earlier run posted after they closed: a report new in one of them is a late approval.
         closed_before = set(store.days_posted(conn.name, list(context.partition_keys)))
-        for key, drafts in _per_partition(context, journal_drafts).items():
+        drafts_by_day = _per_partition(context, journal_drafts)
+        progress.publish(progress.ReportsPlanned(conn.name, {key: sum(planned_reports(drafts).values())
+                                                             for key, drafts in drafts_by_day.items()}))
+        for key, drafts in drafts_by_day.items():
             run = post_drafts(drafts, connection=conn.name, store=store, client=client, dry_run=config.dry_run,
                               run_id=context.run_id, closed_days=closed_before, clock=connector.clock())
             results[key] = run.frame()
             late.extend(run.late_approvals)
+            progress.publish(progress.DayDone(conn.name, key, results[key]["outcome"].value_counts().to_dict()))
             if run.stopped_reason:
                 stopped.append(run.stopped_reason)
         outcomes = _concat(list(results.values()), OUTCOME_COLUMNS)

@@ -22,6 +22,7 @@ from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, gro
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
+from expensify_exact.notify.mail import mail_digest
 from expensify_exact.posting import OUTCOME_COLUMNS
 from expensify_exact.reconcile import (
     FINDING_COLUMNS, FINDING_FIXES, Finding, Reconciliation, approved_lines_by_day, reconcile_connection_month,
@@ -192,7 +193,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
         description=f"The accountants' daily summary for {conn.name}: what was posted, what waits in quarantine and "
                     f"how to fix it, what the reconciliation found, and Exact's rate and token health. Written as "
                     f"Markdown and e-mail-ready HTML under $DAGSTER_HOME/digests/{conn.name}/ "
-                    f"(or ${DIGEST_DIR_ENV}/{conn.name}/).",
+                    f"(or ${DIGEST_DIR_ENV}/{conn.name}/), and mailed once per day to notify.digest.to.",
     )
     def daily_digest(context: dg.AssetExecutionContext, connector: ConnectorResource, reconciliation,
                      journal_entries_posted):
@@ -204,6 +205,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
         outcomes_by_day = _per_partition(context, journal_entries_posted)
         base = _digest_base(context)
         paths: dict[str, str] = {}
+        mailed: dict[str, str] = {}
         last = None
         for day in context.partition_keys:
             digest = build_digest(connection=conn.name, day=day, ledger=ledger, quarantine=quarantine,
@@ -214,12 +216,18 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
             written = write_digest(digest, base)
             paths[day] = str(written["md"])
             last = digest
+            # Written first, mailed after: a mail server that refuses fails the step (and alerts), and the rerun
+            # mails what did not go out; a day already mailed is not mailed again.
+            mailed[day] = mail_digest(digest, conn, store, connector.vault())
+            context.log.info(f"digest of {day}: {mailed[day]}")
         values = {day: str(Path(p).with_suffix("")) for day, p in paths.items()}
         return dg.MaterializeResult(
             value=_result(context, values),
             metadata={"digest": dg.MetadataValue.md(last.render("md")) if last else dg.MetadataValue.md("_none_"),
                       "path_md": dg.MetadataValue.path(paths[context.partition_keys[-1]]),
-                      "days": len(paths), "headline": last.headline if last else ""},
+                      "days": len(paths), "headline": last.headline if last else "",
+                      "mailed": sum(1 for v in mailed.values() if v == "sent"),
+                      "mail": ", ".join(sorted(set(mailed.values())))},
         )
 
     @dg.asset(

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import httpx
 
+from expensify_exact import progress
 from expensify_exact.clock import Clock
 from expensify_exact.errors import RateLimitExhausted
 
@@ -59,6 +60,7 @@ class PacedTransport(httpx.BaseTransport):
                     wait = self._policy.wait_after_429(response, self._clock.now())
                 finally:
                     response.close()
+                self._announce(wait, "the API answered 429 Too Many Requests")
                 self._clock.sleep(wait)
                 attempt += 1
 
@@ -68,7 +70,13 @@ class PacedTransport(httpx.BaseTransport):
     def _wait_until(self, slot: datetime) -> None:
         seconds = (slot - self._clock.now()).total_seconds()
         if seconds > 0:
+            self._announce(seconds, getattr(self._policy, "wait_reason", "rate limit"))
             self._clock.sleep(seconds)
+
+    def _announce(self, seconds: float, reason: str) -> None:
+        """Tell a watching display how long and why (progress.Waiting); never prints from here."""
+        progress.publish(progress.Waiting(getattr(self._policy, "SERVICE", "api"), seconds, reason,
+                                          self._clock.now() + timedelta(seconds=seconds)))
 
 
 class RequestLog(Protocol):
@@ -94,6 +102,8 @@ class SlidingWindowLimits:
     clients, and with Dagster's multiprocess executor separate processes).
     """
 
+    SERVICE = "expensify"
+
     def __init__(self, windows: Sequence[tuple[int, float]] = ((5, 10.0), (20, 60.0)),
                  log: RequestLog | None = None):
         if not windows:
@@ -104,6 +114,7 @@ class SlidingWindowLimits:
         self._sent: deque[datetime] = deque()
         self._log = log
         self.calls_made = 0
+        self.wait_reason = "request window full (" + ", ".join(f"{n} per {s:g} s" for n, s in self._windows) + ")"
 
     def next_slot(self, now: datetime) -> datetime:
         self._forget_before(now)
@@ -184,6 +195,11 @@ class ExactRateLimits:
     """
 
     SERVICE = "exact"
+
+    @property
+    def wait_reason(self) -> str:
+        """Why next_slot asked for a wait: the minute allowance is the only window Exact makes us wait for."""
+        return f"minute budget used up ({self.minutely_limit or 60} calls a minute per division)"
 
     def __init__(self, daily_reserve: int = 50, board: RateLimitBoard | None = None):
         """Args:

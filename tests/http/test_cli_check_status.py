@@ -361,3 +361,15 @@ def test_status_reads_the_budget_of_the_last_exact_answer_any_process_got(tmp_pa
     assert budget == {"source": "the last Exact answer", "as_of": "2026-11-25T08:57:00+00:00",
                       "remaining_daily": 4321, "daily_resets_at": "2026-11-26T00:00:00+00:00",
                       "remaining_minutely": 12}
+
+
+def test_status_reports_a_configured_webhook_without_its_url_as_missing(tmp_path, state_url, capsys, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    mappings = write_mappings(tmp_path / "mappings", notify={"alerts": {"webhook_format": "slack"}})
+    assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
+                 "vermeerhals-nl", "--sandbox-demo"]) == 0
+    capsys.readouterr()
+    assert main(["--mappings", str(mappings), "--state-url", state_url, "status", "--json"]) == 1
+    conn = json.loads(capsys.readouterr().out)["connections"]["vermeerhals-nl"]
+    assert conn["missing_credentials"] == ["alert_webhook_url"]
+    assert conn["notify"] == {"digest_to": 0, "alert_channels": ["webhook"], "last_digest_mailed": None}

@@ -64,3 +64,40 @@ def test_missing_connections_file_is_reported(tmp_path):
     (folder / "connections.yaml").unlink()
     with pytest.raises(ConfigError, match="connections.yaml: file not found"):
         load_project_config(folder)
+
+
+NOTIFY = """    notify:
+      smtp: {host: smtp.example.nl, security: starttls, sender: bot@example.nl}
+      digest:
+        to: [accountant@example.nl]
+      alerts:
+        webhook_format: slack
+"""
+
+
+@pytest.mark.parametrize(("find", "replace", "offset", "message"), [
+    ("security: starttls", "security: ssl", 1, "notify.smtp.security"),  # neither starttls, tls nor plain
+    ("webhook_format: slack", "webhook_format: discord", 5, "notify.alerts.webhook_format"),
+    ("      smtp: {host: smtp.example.nl, security: starttls, sender: bot@example.nl}\n", "", 0,
+     "notify.smtp is needed"),  # recipients without a mail server
+])
+def test_notify_settings_errors_name_the_line(tmp_path, find, replace, offset, message):
+    folder = _copy(tmp_path)
+    path = folder / "connections.yaml"
+    text = path.read_text()
+    notify_line = len(text.splitlines()) + 1
+    path.write_text(text + NOTIFY.replace(find, replace))
+    with pytest.raises(ConfigError) as error:
+        load_project_config(folder)
+    assert error.value.line == notify_line + offset, str(error.value)
+    assert message in str(error.value)
+
+
+def test_notify_defaults_send_nothing_and_ports_follow_the_security(tmp_path):
+    folder = _copy(tmp_path)
+    path = folder / "connections.yaml"
+    assert load_project_config(folder).connections[0].notify.digest.to == []
+    path.write_text(path.read_text() + NOTIFY)
+    notify = load_project_config(folder).connections[0].notify
+    assert notify.smtp.effective_port == 587 and notify.alerts.quarantine_max_age_days == 7
+    assert notify.alerts.token_idle_days == 25 and notify.digest.to == ["accountant@example.nl"]

@@ -311,3 +311,37 @@ def test_paced_transport_never_resends_other_statuses(status):
     with httpx.Client(transport=transport) as http:
         assert http.get("https://start.exactonline.nl/x").status_code == status
     assert count == 1
+
+
+def test_a_wait_for_the_minute_budget_is_announced_with_its_length_and_reason_before_it_starts():
+    from expensify_exact import progress
+
+    clock = FakeClock()
+    announced: list = []
+
+    def app(request):
+        return httpx.Response(200, headers=minute_headers(0, MINUTE_END), json={})
+
+    transport = PacedTransport(httpx.MockTransport(app), ExactRateLimits(daily_reserve=0), clock)
+    with progress.subscribed(lambda event: announced.append((event, clock.now()))), \
+            httpx.Client(transport=transport) as http:
+        http.get("https://start.exactonline.nl/api/v1/1/a")  # uses the minute up
+        http.get("https://start.exactonline.nl/api/v1/1/b")  # waits for the next minute
+    assert len(announced) == 1
+    event, at_time = announced[0]
+    assert at_time == T0  # published before the sleep, not after
+    assert event.service == "exact" and "minute budget used up (60 calls a minute" in event.reason
+    assert event.seconds == clock.sleeps[0] == (MINUTE_END + timedelta(seconds=1) - T0).total_seconds()
+    assert event.until == MINUTE_END + timedelta(seconds=1)
+
+
+def test_expensifys_window_wait_names_the_windows():
+    from expensify_exact import progress
+
+    clock = FakeClock()
+    announced: list = []
+    transport = PacedTransport(httpx.MockTransport(lambda r: httpx.Response(200)), SlidingWindowLimits(), clock)
+    with progress.subscribed(announced.append), httpx.Client(transport=transport) as http:
+        for _ in range(6):
+            http.get("https://integrations.expensify.com/x")
+    assert [(e.service, e.reason) for e in announced] == [("expensify", "request window full (5 per 10 s, 20 per 60 s)")]

@@ -1,14 +1,18 @@
 """Exactly-once posting against a scripted Exact, in both EntryID modes: intents, settlement after a crash, and the
 rule for every answer to a POST (exact-online.md §7, §13)."""
 
-from datetime import date
+import io
+from datetime import date, datetime, timezone
 
 import pytest
 
+from expensify_exact import progress
 from expensify_exact.config import load_project_config
 from expensify_exact.errors import ApiError, ConnectionStopped, ErrorBudgetExhausted, RateLimitExhausted
 from expensify_exact.exact.client import PostAnswer
+from expensify_exact.notify import alerts
 from expensify_exact.posting import post_drafts
+from expensify_exact.progress_view import LineView
 from expensify_exact.settlement import KEEPS_CLIENT_ENTRY_ID
 from expensify_exact.transform.journal import build_journal_drafts
 from tests.conftest import MAPPINGS
@@ -199,17 +203,47 @@ def test_a_429_that_outlasts_the_waits_defers_the_report_without_an_intent(store
     assert store.ledger_get(CONN.name, "R1") is None
 
 
-@pytest.mark.parametrize("stop,words", [("budget", "daily call budget"), ("error_budget", "5 errors"),
-                                        ("forbidden", "BlockedUser")])
-def test_a_stop_of_the_connection_defers_the_rest_with_the_reason(store, exact, stop, words):
+@pytest.mark.parametrize("stop,words,alert_kind,title", [
+    ("budget", "daily call budget", alerts.REPORTS_DEFERRED, "Exact's daily budget ran out: 2 report(s) deferred"),
+    ("error_budget", "5 errors", alerts.REPORTS_DEFERRED, "2 report(s) deferred to the next run"),
+    ("forbidden", "BlockedUser", alerts.CONNECTION_REFUSED, "Exact refused the connection: 2 report(s) deferred")])
+def test_a_stop_of_the_connection_defers_the_rest_with_the_reason(store, exact, stop, words, alert_kind, title):
     exact.fail_next = ["ok", stop]
-    result = run(store, exact, "R1", "R2", "R3")
+    events: list = []
+    with progress.subscribed(events.append):
+        result = run(store, exact, "R1", "R2", "R3", run_id="run-1")
     assert [o.outcome for o in result.outcomes] == ["posted", "deferred", "deferred"]
     assert "2 report(s) wait" in result.stopped_reason and words in result.stopped_reason
     assert words in result.outcomes[1].reasons[0]["message"]
+    # The display hears of the stop once, with the reason, and of every report settled.
+    [stopped] = [e for e in events if isinstance(e, progress.PostingStopped)]
+    assert stopped.deferred == 2 and words in stopped.reason
+    assert [(e.report_id, e.outcome) for e in events if isinstance(e, progress.ReportSettled)] == [
+        ("R1", "posted"), ("R2", "deferred"), ("R3", "deferred")]
+    # The operators are told, once per run: a refused connection as its own kind of alert.
+    [alert] = alerts.deferred_reports(CONN, store, datetime.now(timezone.utc))
+    assert alert.kind == alert_kind and title in alert.title
+    assert words in alert.text and "R2, R3" in alert.text and "run-1" in alert.text
     assert [r.status for r in store.ledger_rows()] == ["posted"]
     rerun = run(store, exact, "R1", "R2", "R3")
     assert [o.outcome for o in rerun.outcomes] == ["already_posted", "posted", "posted"]
+
+
+def test_reports_deferred_one_by_one_are_shown_and_alerted_with_their_own_reasons(store, exact):
+    exact.fail_next = ["timeout_not_stored", "throttled"]
+    shown = io.StringIO()
+    with progress.subscribed(LineView(shown, None)):
+        result = run(store, exact, "R1", "R2", "R3", run_id="run-2")
+    assert [o.outcome for o in result.outcomes] == ["deferred", "deferred", "posted"]
+    lines = shown.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "report R1 deferred: no certain answer from Exact" in lines[0]
+    assert "report R2 deferred: Exact kept answering 429" in lines[1]
+    [alert] = alerts.deferred_reports(CONN, store, datetime.now(timezone.utc))
+    assert alert.kind == alerts.REPORTS_DEFERRED and "2 report(s) deferred to the next run" in alert.title
+    text = alert.text.splitlines()
+    assert any(line.startswith("- no certain answer from Exact") and line.endswith(": R1") for line in text)
+    assert any(line.startswith("- Exact kept answering 429") and line.endswith(": R2") for line in text)
 
 
 def test_when_exact_refuses_the_lines_query_the_sync_twin_finds_the_entry(store):

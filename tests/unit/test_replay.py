@@ -327,9 +327,10 @@ def test_a_version_1_database_is_migrated_to_the_newest_schema(tmp_path):
              "ee_deferred_reports"}
     assert not later & set(sa.inspect(engine).get_table_names())
     store = StateStore(url)
-    assert store.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 6
-    assert [version for version, _, _ in MIGRATIONS] == [1, 2, 3, 4, 5, 6]
-    assert later | {"ee_connection_facts", "ee_error_budget"} <= set(sa.inspect(store.engine).get_table_names())
+    assert store.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 7
+    assert [version for version, _, _ in MIGRATIONS] == [1, 2, 3, 4, 5, 6, 7]
+    assert later | {"ee_connection_facts", "ee_error_budget", "ee_notifications"} <= set(
+        sa.inspect(store.engine).get_table_names())
     assert set(metadata.tables) >= {"ee_corrections", "ee_posted_ledger"}
     store.dispose()
 

@@ -12,7 +12,7 @@ from expensify_exact.connections import StoredRateLimitBoard, StoredRequestLog
 from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.exact.tokens import ExactTokens
 from expensify_exact.http.pacing import RateLimitSnapshot
-from expensify_exact.state import MIGRATIONS, StateStore, rate_limits
+from expensify_exact.state import MIGRATIONS, SCHEMA_VERSION, StateStore, rate_limits, schema_migrations
 from expensify_exact.vault import CredentialVault, Secret, VaultTokenStore
 
 
@@ -226,3 +226,89 @@ def test_migration_4_adds_the_entry_id_columns_to_a_version_3_database(tmp_path)
     store.ledger_mark_posted("c", "R1", "ours", 5, exact_entry_id="THEIRS")
     row = store.ledger_get("c", "R1")
     assert (row.entry_id, row.client_entry_id, row.status) == ("theirs", "ours", "posted")
+
+
+def test_a_notification_is_claimed_once_released_on_failure_and_resent_only_when_forced(store):
+    from expensify_exact.notify.mail import send_once
+
+    sent: list[str] = []
+    assert send_once(store, "digest:c:2026-11-03", kind="digest", connection="c", send=lambda: sent.append("a"))
+    assert not send_once(store, "digest:c:2026-11-03", kind="digest", connection="c", send=lambda: sent.append("b"))
+
+    def failing():
+        raise OSError("server gone")
+
+    with pytest.raises(OSError):
+        send_once(store, "digest:c:2026-11-04", kind="digest", connection="c", send=failing)
+    assert send_once(store, "digest:c:2026-11-04", kind="digest", connection="c", send=lambda: sent.append("c"))
+    assert send_once(store, "digest:c:2026-11-03", kind="digest", connection="c", send=lambda: sent.append("d"),
+                     force=True)
+    assert sent == ["a", "c", "d"]
+    assert [r["key"] for r in store.notifications_sent("digest", "c")] == ["digest:c:2026-11-04", "digest:c:2026-11-03"]
+
+
+def test_a_claim_left_by_a_sender_that_died_is_taken_over_after_it_goes_stale(store):
+    assert store.notification_claim("alert:x|email", kind="x", connection="c")
+    assert not store.notification_claim("alert:x|email", kind="x", connection="c")  # someone is sending it
+    assert store.notification_claim("alert:x|email", kind="x", connection="c", stale_after=timedelta(0))
+
+
+def test_a_failing_webhook_never_puts_its_url_in_the_error():
+    import httpx
+
+    from expensify_exact.notify import NotificationError
+    from expensify_exact.notify.chat import post_chat
+
+    url = "https://hooks.slack.com/services/T0/B0/the-secret-token"
+    for transport in (httpx.MockTransport(lambda r: httpx.Response(404, text="no_service")),
+                      httpx.MockTransport(lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused", request=r)))):
+        with pytest.raises(NotificationError) as caught:
+            post_chat(url, {"text": "x"}, transport=transport)
+        assert "the-secret-token" not in str(caught.value) and "hooks.slack.com" not in str(caught.value)
+
+
+def _store_at(url: str, newest: int) -> None:
+    """A state database as a connector whose newest migration was `newest` left it."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        schema_migrations.create(conn)
+        for version, description, tables in MIGRATIONS:
+            if version > newest:
+                continue
+            for table in tables:
+                table.create(conn, checkfirst=True)
+            conn.execute(schema_migrations.insert().values(version=version, description=description,
+                                                           applied_at=datetime.now(timezone.utc)))
+    engine.dispose()
+
+
+def test_a_version_5_database_gets_the_notifications_table_and_the_newest_version(tmp_path):
+    url = f"sqlite:///{tmp_path / 'v5.db'}"
+    _store_at(url, 5)
+    assert not sa.inspect(sa.create_engine(url)).has_table("ee_notifications")
+    store = StateStore(url)
+    assert store.schema_version() == SCHEMA_VERSION == max(v for v, _, _ in MIGRATIONS)
+    assert store.notification_claim("digest:c:2026-11-03", kind="digest", connection="c")
+    with store.engine.connect() as conn:
+        applied = {row.version for row in conn.execute(sa.select(schema_migrations.c.version))}
+    assert applied == {v for v, _, _ in MIGRATIONS}
+    store.dispose()
+
+
+def test_a_migration_numbered_below_the_newest_applied_one_is_still_applied(tmp_path):
+    """Branches take migration numbers in advance, so one can arrive after a higher number ran (a gap filled
+    later): migrate() applies every listed version the database lacks, not only those above its newest."""
+    url = f"sqlite:///{tmp_path / 'gap.db'}"
+    StateStore(url).dispose()
+    below = [v for v, _, _ in MIGRATIONS if v < SCHEMA_VERSION][-1]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(schema_migrations.delete().where(schema_migrations.c.version == below))
+        for table in dict((v, t) for v, _, t in MIGRATIONS)[below]:
+            table.drop(conn)
+    engine.dispose()
+    store = StateStore(url)
+    assert store.schema_version() == SCHEMA_VERSION
+    tables = set(sa.inspect(store.engine).get_table_names())
+    assert {t.name for t in dict((v, t) for v, _, t in MIGRATIONS)[below]} <= tables
+    store.dispose()
