@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean chromium
+.PHONY: install demo test test-slow clean chromium
 
 # `browser` brings the Playwright driver only; the browser is Debian's Chromium (see `chromium`), never a download.
 $(STAMP): pyproject.toml Makefile
@@ -39,9 +39,14 @@ chromium:
 	  fi; \
 	fi
 
-## The whole suite (unit, HTTP, sandbox, Dagster end-to-end, PostgreSQL, the Dagster UI in Chromium).
+## The suite (unit, HTTP, sandbox, Dagster end-to-end, PostgreSQL, the Dagster UI in Chromium), about ten minutes.
 test: install chromium
-	TMPDIR=$(TEST_TMP) $(BIN)/python -m pytest -q
+	TMPDIR=$(TEST_TMP) $(BIN)/python -m pytest -q -m "not slow"
+
+## The slower proofs (real processes SIGKILLed, the daemon topology, 1,000 property examples, the second EntryID
+## mode, real waits), about eight minutes; CI runs them after `make test`.
+test-slow: install
+	TMPDIR=$(TEST_TMP) $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf .dagster_home .demo .pytest_cache

@@ -74,9 +74,10 @@ def build(config: ProjectConfig) -> dg.Definitions:
     @dg.sensor(
         name=DEFERRED_SENSOR_NAME, job=job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
         default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"connector"},
-        description="For each connection with reports deferred because Exact's daily budget ran out: once the "
-                    "budget has reset (`X-RateLimit-Reset`), one run over the days that hold them, keyed by the "
-                    "reset time, so a long backfill finishes by itself over as many days as the budget needs.",
+        description="For each connection with deferred reports: once each one's retry time has passed (Exact's "
+                    "daily reset, `X-RateLimit-Reset`, for a spent daily budget; the next clock hour for a spent "
+                    "endpoint error budget, a refused connection or a POST without a certain answer), one run over "
+                    "the days that hold them, keyed by that time, so a long backfill finishes by itself.",
     )
     def post_deferred_after_reset(context: dg.SensorEvaluationContext):
         return _requests(context, context.resources.connector,

@@ -34,6 +34,8 @@ DAYS = 10
 KILLS = 5
 RECOVERY_MAY_ADD = timedelta(seconds=30)  # issue 14's bound, read from the ledger's timestamps
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def crowded_sandbox():

@@ -148,7 +148,7 @@ def _prepare(tmp_path: Path, sandbox, state_url: str) -> tuple[str, date, date]:
     # Strict (the sandbox's default): Exact assigns its own EntryIDs, so only the report's lines find an entry.
     pytest.param(False, id="exact-assigns-entry-ids"),
     # Lenient: Exact keeps ours; fewer kills keep the runtime sane, the strict mode carries the full load.
-    pytest.param(True, id="exact-keeps-entry-ids"),
+    pytest.param(True, id="exact-keeps-entry-ids", marks=pytest.mark.slow),
 ])
 def test_poster_killed_at_random_points_posts_every_report_exactly_once(tmp_path, forkserver, crash_state_url,
                                                                          faults, keeps_ids):

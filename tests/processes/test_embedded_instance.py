@@ -28,6 +28,8 @@ from tests.processes.embedded import CONNECTION, cli_env, cpu_seconds, ledger, r
 
 WAIT_TIMEOUT = 8.0
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def unlimited_sandbox(sandbox):

@@ -151,6 +151,7 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None,
                                        HealthCheck.data_too_large])
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, **SETTINGS)
 @given(data=st.data())
 def test_mutated_reports_never_stop_the_day(data, exported, baseline):
