@@ -357,7 +357,7 @@ class Preflight:
         self.connector.store().connection_fact_put(
             self.conn.name, KEEPS_CLIENT_ENTRY_ID, keeps,
             {"division": division, "sent": sent, "echoed": got, "tested_at": self.now().isoformat(timespec="seconds")})
-        self.add(KEEPS_CLIENT_ENTRY_ID, "Exact keeps the EntryID the connector sends", OK,
+        self.add(KEEPS_CLIENT_ENTRY_ID, "whether Exact keeps the EntryID the connector sends (posting handles either)", OK,
                  ("yes: the echoed EntryID is the one sent; posting looks entries up by it directly"
                   if keeps else
                   f"no: Exact assigned its own EntryID (sent {sent}, got {got}); posting records Exact's and "
