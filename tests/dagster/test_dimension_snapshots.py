@@ -27,13 +27,6 @@ DIMENSION_ENDPOINTS = {"GET current/Me", "GET system/Divisions", "GET financial/
 
 
 @pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        yield instance
-
-
-@pytest.fixture
 def connector(sandbox_mappings, state_url):
     assert main(["--mappings", str(sandbox_mappings), "--state-url", state_url, "secrets", "set", "--connection",
                  CONNECTION, "--sandbox-demo"]) == 0

@@ -34,13 +34,6 @@ def _expected_report_ids(sandbox, start: date, end: date) -> set[str]:
     return found
 
 
-@pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "dagster_home").mkdir(exist_ok=True)
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        yield instance
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def backend(request, tmp_path):
     """(state URL, Dagster instance): the embedded SQLite default, or production storage on PostgreSQL."""

@@ -43,13 +43,6 @@ def webhook():
 
 
 @pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        yield instance
-
-
-@pytest.fixture
 def notified(tmp_path, sandbox, inbox, webhook, state_url, monkeypatch):
     """Mappings pointed at the sandbox with mail and alerts configured, credentials and the webhook URL stored."""
     sandbox.expensify.set_knobs(rate_limiting=False)

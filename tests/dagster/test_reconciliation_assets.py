@@ -30,13 +30,6 @@ def last_month_sandbox():
         yield server
 
 
-@pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
-        yield instance
-
-
 def _defs(mappings) -> dg.Definitions:
     # The modules this feature plugs into, built as definitions.build_defs builds them.
     config = load_project_config(mappings)
@@ -56,18 +49,21 @@ def _checks(result) -> dict[str, tuple[bool, str]]:
     return {e.check_name: (e.passed, e.severity.value) for e in result.get_asset_check_evaluations()}
 
 
-def test_checks_pass_on_clean_books_and_turn_red_when_an_entry_is_deleted_in_exact(
-        last_month_sandbox, tmp_path, instance, monkeypatch):
-    sandbox = last_month_sandbox
+@pytest.fixture
+def three_days(last_month_sandbox, tmp_path, monkeypatch):
+    """(sandbox, connector, defs, the three days before the seed's today), demo credentials stored."""
     monkeypatch.delenv("EXPENSIFY_EXACT_DIGEST_DIR", raising=False)
-    mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
+    mappings = write_mappings(tmp_path / "mappings", last_month_sandbox, expensify__poll_interval_seconds=0.2)
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
                  CONNECTION, "--sandbox-demo"]) == 0
-    connector = ConnectorResource(mappings_dir=str(mappings), state_url=state_url)
-    defs = _defs(mappings)
-    today = sandbox.seed.today
-    days = [(today - timedelta(days=n)).isoformat() for n in (3, 2, 1)]
+    today = last_month_sandbox.seed.today
+    return (last_month_sandbox, ConnectorResource(mappings_dir=str(mappings), state_url=state_url), _defs(mappings),
+            [(today - timedelta(days=n)).isoformat() for n in (3, 2, 1)])
+
+
+def test_checks_pass_on_clean_books_and_turn_red_when_an_entry_is_deleted_in_exact(three_days, tmp_path, instance):
+    sandbox, connector, defs, days = three_days
 
     posting = _run(defs, "post_approved_expenses", instance, connector, days)
     assert posting.success
@@ -103,21 +99,11 @@ def test_checks_pass_on_clean_books_and_turn_red_when_an_entry_is_deleted_in_exa
     assert rollup.stats["days_reconciled"] == 3
 
 
-def test_a_report_approved_after_its_day_was_posted_is_found_by_the_reconciliation_job(
-        last_month_sandbox, tmp_path, instance, monkeypatch):
+def test_a_report_approved_after_its_day_was_posted_is_found_by_the_reconciliation_job(three_days, tmp_path, instance):
     """Reconciliation re-reads Expensify itself: a report approved for a day after that day's posting run exported
     it (an export edge, or a report retracted and approved again with its old date) is a NOT_POSTED finding, and the
     re-read costs one export job for the whole range."""
-    sandbox = last_month_sandbox
-    monkeypatch.delenv("EXPENSIFY_EXACT_DIGEST_DIR", raising=False)
-    mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
-    state_url = f"sqlite:///{tmp_path / 'state.db'}"
-    assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
-                 CONNECTION, "--sandbox-demo"]) == 0
-    connector = ConnectorResource(mappings_dir=str(mappings), state_url=state_url)
-    defs = _defs(mappings)
-    today = sandbox.seed.today
-    days = [(today - timedelta(days=n)).isoformat() for n in (3, 2, 1)]
+    sandbox, connector, defs, days = three_days
     assert _run(defs, "post_approved_expenses", instance, connector, days).success
 
     late_day = days[1]
