@@ -162,8 +162,9 @@ def forget_vanished_deferrals(store: StateStore, connection: str, days: Collecti
                               run_id: str | None) -> list[str]:
     """Drop deferred reports of `days` that a fresh export of those days no longer holds (reopened, or approved
     again on another day, where their own run settles them); otherwise their days would be rerun at every reset."""
+    days, seen = set(days), set(seen)
     gone = sorted(rid for rid, deferral in store.deferred(connection).items()
-                  if deferral.partition_date in set(days) and rid not in set(seen))
+                  if deferral.partition_date in days and rid not in seen)
     if gone:
         store.deferred_clear(connection, gone)
         store.audit("deferral_dropped", connection=connection, run_id=run_id,
