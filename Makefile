@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo test test-slow clean chromium
 
 # `browser` brings the Playwright driver only; the browser is Debian's Chromium (see `chromium`), never a download.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml sandbox/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,browser]'
+	$(BIN)/python -m pip install -q -e '.[test,browser]' -e ./sandbox
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -72,15 +72,18 @@ def _mappings_for(target: Path, sandbox) -> Path:
 
 def _authorized(tmp: Path, sandbox):
     """(ConnectorResource, state URL) with the sandbox's demo credentials stored in a fresh state database."""
-    from expensify_exact.cli import main
-    from expensify_exact.resources import ConnectorResource
+    from expensify_exact.cli.main import main
+    from expensify_exact.defs.resources import ConnectorResource
+
+    from expensify_exact_sandbox.cli import DEMO_CREDENTIALS_ENV
 
     _ensure_key()
+    os.environ.update(DEMO_CREDENTIALS_ENV)  # what `secrets set --from-env` reads
     mappings = _mappings_for(tmp / "mappings", sandbox)
     state_url = f"sqlite:///{tmp / 'state.db'}"
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
-                     CONNECTION, "--sandbox-demo"])
+                     CONNECTION, "--from-env"])
     if code != 0:
         raise RuntimeError("storing the sandbox credentials failed")
     return ConnectorResource(mappings_dir=str(mappings), state_url=state_url), state_url
@@ -88,8 +91,8 @@ def _authorized(tmp: Path, sandbox):
 
 def seed_dimensions():
     """Exact's dimension tables as the sandbox seeds them (the same IDs the sandbox answers with)."""
-    from expensify_exact.sandbox import seed as S
-    from expensify_exact.transform.journal import Dimensions
+    from expensify_exact_sandbox import seed as S
+    from expensify_exact.core.journal import Dimensions
 
     periods = []
     for y in S.FINANCIAL_YEARS:
@@ -170,8 +173,8 @@ def normalized_lines(n_lines: int, days: list[str], bad_every: int = 0) -> pd.Da
 
 def _drafts(lines: pd.DataFrame):
     from expensify_exact.config import load_project_config
-    from expensify_exact.transform.draft_checks import split_invalid_drafts
-    from expensify_exact.transform.journal import build_journal_drafts
+    from expensify_exact.core.draft_checks import split_invalid_drafts
+    from expensify_exact.core.journal import build_journal_drafts
 
     config = load_project_config(MAPPINGS)
     drafts = build_journal_drafts(lines, config.connection(CONNECTION), config, seed_dimensions(),
@@ -196,8 +199,8 @@ class RecordingTransport(httpx.HTTPTransport):
 
 def _post_backlog(n_reports: int, start_on_minute: bool):
     """Post `n_reports` fresh reports to a new sandbox through the real client, the sandbox's clock shared."""
-    from expensify_exact.posting import post_drafts
-    from expensify_exact.sandbox.server import SandboxServer
+    from expensify_exact.core.posting import post_drafts
+    from expensify_exact_sandbox.server import SandboxServer
 
     with tempfile.TemporaryDirectory() as tmp, SandboxServer() as sandbox:
         connector, _ = _authorized(Path(tmp), sandbox)
@@ -208,7 +211,7 @@ def _post_backlog(n_reports: int, start_on_minute: bool):
         lines = normalized_lines(n_reports * 5, days)
         lines = lines[lines["report_id"].isin(sorted(set(lines["report_id"]))[:n_reports])]
         drafts = _drafts(lines)
-        from expensify_exact.connections import build_exact_client
+        from expensify_exact.api.connections import build_exact_client
 
         recorder = RecordingTransport(sandbox.clock)
         client = build_exact_client(conn, connector.vault(), connector.store(), clock=sandbox.clock,
@@ -278,7 +281,7 @@ def bench_exact_calls(quick: bool) -> list[Row]:
 # --- (c) Expensify calls per partition and per backfill ------------------------------------------------------------
 
 def _year_seed(today: date, per_day: int):
-    from expensify_exact.sandbox import seed as S
+    from expensify_exact_sandbox import seed as S
 
     reports = []
     n = 0
@@ -298,9 +301,9 @@ def _year_seed(today: date, per_day: int):
 
 
 def bench_expensify_calls(quick: bool) -> list[Row]:
-    from expensify_exact.connections import build_expensify_client
-    from expensify_exact.sandbox.clock import SandboxClock
-    from expensify_exact.sandbox.server import SandboxServer
+    from expensify_exact.api.connections import build_expensify_client
+    from expensify_exact_sandbox.clock import SandboxClock
+    from expensify_exact_sandbox.server import SandboxServer
 
     clock = SandboxClock()
     today = clock.now().date()
@@ -355,7 +358,7 @@ def bench_backlog(quick: bool) -> list[Row]:
 # --- (e) end to end -------------------------------------------------------------------------------------------------
 
 def _day_seed(today: date, day: date, n_reports: int):
-    from expensify_exact.sandbox import seed as S
+    from expensify_exact_sandbox import seed as S
 
     reports = []
     for n in range(n_reports):
@@ -379,7 +382,7 @@ def _embedded_instance(tmp: Path):
     """The embedded default `expensify-exact run` uses: a SQLite Dagster instance in a fresh DAGSTER_HOME."""
     import dagster as dg
 
-    from expensify_exact.cli import EMBEDDED_INSTANCE_CONFIG
+    from expensify_exact.cli.main import EMBEDDED_INSTANCE_CONFIG
 
     home = tmp / "dagster_home"
     home.mkdir()
@@ -399,9 +402,9 @@ def _embedded_instance(tmp: Path):
 def _one_day_run(n_reports: int, minutely_limit: int | None, start_at_second: float | None = None) -> dict:
     """Times `run_range` for one day of `n_reports` reports; `start_at_second`: first wait for that second of a
     clock minute (Exact's minute window is a fixed clock minute, so where in it a run starts matters)."""
-    from expensify_exact.runs import run_range
-    from expensify_exact.sandbox.clock import SandboxClock
-    from expensify_exact.sandbox.server import SandboxServer
+    from expensify_exact.defs.runs import run_range
+    from expensify_exact_sandbox.clock import SandboxClock
+    from expensify_exact_sandbox.server import SandboxServer
 
     clock = SandboxClock()
     today = clock.now().date()
@@ -462,9 +465,9 @@ def bench_dimension_calls(quick: bool) -> list[Row]:
     """Daily runs on a warm dimension snapshot (the previous morning's run stored it): the Exact calls a run spends
     on dimensions when nothing changed, and every Exact call of a day of 100 reports. Every call to Exact's API is
     counted (division check included; only the token endpoint is not)."""
-    from expensify_exact.runs import run_range
-    from expensify_exact.sandbox.clock import SandboxClock
-    from expensify_exact.sandbox.server import SandboxServer
+    from expensify_exact.defs.runs import run_range
+    from expensify_exact_sandbox.clock import SandboxClock
+    from expensify_exact_sandbox.server import SandboxServer
 
     n = 100
     clock = SandboxClock()

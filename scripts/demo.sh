@@ -9,7 +9,7 @@ mkdir -p "$DAGSTER_HOME" .demo
 
 [ -f "$EXPENSIFY_EXACT_KEY_FILE" ] || "$BIN/expensify-exact" secrets init-key --key-file "$EXPENSIFY_EXACT_KEY_FILE"
 
-"$BIN/expensify-exact" sandbox --exact-port 8765 --expensify-port 8766 > .demo/sandbox.log 2>&1 &
+"$BIN/expensify-exact-sandbox" serve --exact-port 8765 --expensify-port 8766 > .demo/sandbox.log 2>&1 &
 SANDBOX_PID=$!
 trap 'kill $SANDBOX_PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 50); do
@@ -17,7 +17,9 @@ for _ in $(seq 1 50); do
   sleep 0.2
 done
 
-"$BIN/expensify-exact" secrets set --connection vermeerhals-nl --sandbox-demo
+# The simulators' demo credentials (they open nothing else), stored encrypted like real ones.
+eval "$("$BIN/expensify-exact-sandbox" credentials)"
+"$BIN/expensify-exact" secrets set --connection vermeerhals-nl --from-env
 START=$("$BIN/python" -c "import datetime; print(datetime.date.today() - datetime.timedelta(days=31))")
 END=$("$BIN/python" -c "import datetime; print(datetime.date.today() - datetime.timedelta(days=1))")
 echo "Running the main job for approval days $START .. $END (Dagster instance: $DAGSTER_HOME)"

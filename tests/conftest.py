@@ -20,6 +20,16 @@ def _fernet_key(monkeypatch):
     monkeypatch.setenv("EXPENSIFY_EXACT_KEY", Fernet.generate_key().decode())
 
 
+@pytest.fixture(autouse=True)
+def _demo_credentials_env(monkeypatch):
+    """The sandbox's demo credentials where `expensify-exact secrets set --from-env` reads them, as `make demo` sets
+    them from `expensify-exact-sandbox credentials` (the connector itself knows no sandbox)."""
+    from expensify_exact_sandbox.cli import DEMO_CREDENTIALS_ENV
+
+    for name, value in DEMO_CREDENTIALS_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture
 def state_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'state.db'}"
@@ -27,7 +37,7 @@ def state_url(tmp_path) -> str:
 
 @pytest.fixture
 def store(state_url):
-    from expensify_exact.state import StateStore
+    from expensify_exact.store import StateStore
 
     store = StateStore(state_url)
     yield store
@@ -36,7 +46,7 @@ def store(state_url):
 
 @pytest.fixture
 def sandbox():
-    from expensify_exact.sandbox.server import SandboxServer
+    from expensify_exact_sandbox.server import SandboxServer
 
     with SandboxServer() as server:
         # Real Expensify renders take seconds; the tests keep the quirk (a first poll finds nothing) but not the wait.

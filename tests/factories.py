@@ -7,8 +7,8 @@ from datetime import date, datetime, timedelta, timezone
 
 import pandas as pd
 
-from expensify_exact.sandbox import seed
-from expensify_exact.transform.journal import Dimensions
+from expensify_exact_sandbox import seed
+from expensify_exact.core.journal import Dimensions
 
 
 def seed_dimensions() -> Dimensions:
@@ -78,6 +78,6 @@ class FakeClock:
 
 def run_cli(mappings, state_url: str, *args: str) -> int:
     """`expensify-exact --mappings M --state-url S ARGS…` in this process; returns the exit code."""
-    from expensify_exact.cli import main
+    from expensify_exact.cli.main import main
 
     return main(["--mappings", str(mappings), "--state-url", state_url, *args])

@@ -13,7 +13,7 @@ import dagster as dg
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.reconciliation import daily_key
 from expensify_exact.notify import alerts
-from expensify_exact.resources import ConnectorResource
+from expensify_exact.defs.resources import ConnectorResource
 
 RUN_FAILED_SENSOR = "alert_on_failed_run"
 QUARANTINE_SENSOR = "alert_on_old_quarantine"

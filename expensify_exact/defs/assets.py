@@ -15,18 +15,18 @@ from pandera.errors import SchemaErrors
 
 from expensify_exact import progress
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.days import closed_day
+from expensify_exact.core.days import closed_day
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.errors import ConnectorError
-from expensify_exact.posting import OUTCOME_COLUMNS, forget_vanished_deferrals, planned_reports, post_drafts
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.snapshots import DIMENSION_QUERIES, needed_codes, refresh_snapshot
-from expensify_exact.webhooks import webhook_invalidations
-from expensify_exact.transform.draft_checks import DraftLineSchema, split_invalid_drafts
-from expensify_exact.transform.expense_lines import ExpenseLineSchema, approval_day, normalize_reports
-from expensify_exact.transform.journal import (
+from expensify_exact.core.posting import OUTCOME_COLUMNS, forget_vanished_deferrals, planned_reports, post_drafts
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.core.snapshots import DIMENSION_QUERIES, needed_codes, refresh_snapshot
+from expensify_exact.core.webhooks import webhook_invalidations
+from expensify_exact.core.draft_checks import DraftLineSchema, split_invalid_drafts
+from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day, normalize_reports
+from expensify_exact.core.journal import (
     DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, JournalDrafts, Reason, build_journal_drafts,
 )
 

@@ -4,11 +4,11 @@ in the connection's timezone, and the one that posts deferred reports once Exact
 import dagster as dg
 
 from expensify_exact.config import ProjectConfig
-from expensify_exact.days import DayRun, daily_run, deferred_run
+from expensify_exact.core.days import DayRun, daily_run, deferred_run
 from expensify_exact.defs.keys import ensure_pools, group_name
 from expensify_exact.defs.partitions import DAILY_APPROVALS
 from expensify_exact.defs.replay import CONNECTION_TAG, TRIGGER_TAG
-from expensify_exact.resources import ConnectorResource
+from expensify_exact.defs.resources import ConnectorResource
 
 MAIN_JOB_NAME = "post_approved_expenses"
 SENSOR_NAME = "post_closed_days"

@@ -16,19 +16,19 @@ import dagster as dg
 import pandas as pd
 
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.days import DayRun, reconciliation_day
+from expensify_exact.core.days import DayRun, reconciliation_day
 from expensify_exact.defs.jobs import day_run_request
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import DAILY_APPROVALS
-from expensify_exact.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
+from expensify_exact.core.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
 from expensify_exact.notify.mail import mail_digest
-from expensify_exact.posting import OUTCOME_COLUMNS
-from expensify_exact.reconcile import (
+from expensify_exact.core.posting import OUTCOME_COLUMNS
+from expensify_exact.core.reconcile import (
     FINDING_COLUMNS, FINDING_FIXES, Finding, Reconciliation, approved_lines_by_day, reconcile_connection_month,
     reconcile_days,
 )
-from expensify_exact.resources import ConnectorResource
+from expensify_exact.defs.resources import ConnectorResource
 
 MONTHLY = dg.MonthlyPartitionsDefinition(start_date="2024-01-01", timezone="Europe/Amsterdam")
 SINGLE_RUN = dg.BackfillPolicy.single_run()

@@ -1,4 +1,4 @@
-"""The `replay_quarantine` job and the `replay_when_dimensions_change` sensor: wiring for `expensify_exact.replay`.
+"""The `replay_quarantine` job and the `replay_when_dimensions_change` sensor: wiring for `expensify_exact.core.replay`.
 
 How the sensor notices that a replay could now succeed: on each evaluation, for every connection that has open
 quarantine items a fresh snapshot could help (not only CHANGED_AFTER_POSTING ones), it reads Exact's six dimension
@@ -22,9 +22,9 @@ import dagster as dg
 
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.keys import exact_pool, slug
-from expensify_exact.replay import replay_fingerprint, replay_quarantine, replayable
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.snapshots import fetch_dimensions, needed_codes
+from expensify_exact.core.replay import replay_fingerprint, replay_quarantine, replayable
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.core.snapshots import fetch_dimensions, needed_codes
 
 REPLAY_JOB_NAME = "replay_quarantine"
 SENSOR_NAME = "replay_when_dimensions_change"

@@ -7,9 +7,9 @@ import dagster as dg
 
 from expensify_exact.config import ProjectConfig
 from expensify_exact.defs.replay import CONNECTION_TAG, REPLAY_JOB_NAME, TRIGGER_TAG
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.state import StateStore
-from expensify_exact.webhooks import EVENT_DIMENSIONS_CHANGED, EVENT_POSTED_ENTRY_DELETED, webhook_events_after
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.store import StateStore
+from expensify_exact.core.webhooks import EVENT_DIMENSIONS_CHANGED, EVENT_POSTED_ENTRY_DELETED, webhook_events_after
 
 SENSOR_NAME = "refresh_on_exact_webhooks"
 EVENTS_PER_EVALUATION = 1000

@@ -13,9 +13,9 @@ from expensify_exact.config import Connection
 from expensify_exact.notify import ALERT_WEBHOOK_URL
 from expensify_exact.notify.chat import chat_payload, post_chat
 from expensify_exact.notify.mail import build_message, send_mail, send_once, smtp_login
-from expensify_exact.posting import STOPPED_BY_DAILY_BUDGET, STOPPED_BY_REFUSAL
-from expensify_exact.state import StateStore
-from expensify_exact.vault import CredentialVault
+from expensify_exact.core.posting import STOPPED_BY_DAILY_BUDGET, STOPPED_BY_REFUSAL
+from expensify_exact.store import StateStore
+from expensify_exact.store.vault import CredentialVault
 
 RUN_FAILED = "run_failed"
 QUARANTINE_OVERDUE = "quarantine_overdue"

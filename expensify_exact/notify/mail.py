@@ -10,10 +10,10 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from expensify_exact.config import Connection, SmtpSettings
-from expensify_exact.digest import Digest
+from expensify_exact.core.digest import Digest
 from expensify_exact.notify import SMTP_PASSWORD, SMTP_USERNAME, NotificationError
-from expensify_exact.state import StateStore
-from expensify_exact.vault import CredentialVault
+from expensify_exact.store import StateStore
+from expensify_exact.store.vault import CredentialVault
 
 DIGEST_KIND = "digest"
 

@@ -101,9 +101,9 @@ def demo_ui(tmp_path_factory):
     import dagster as dg
     from cryptography.fernet import Fernet
 
-    from expensify_exact.cli import main
-    from expensify_exact.runs import run_range
-    from expensify_exact.sandbox.server import SandboxServer
+    from expensify_exact.cli.main import main
+    from expensify_exact.defs.runs import run_range
+    from expensify_exact_sandbox.server import SandboxServer
 
     _require_browser()
     root = tmp_path_factory.mktemp("dagster_ui")
@@ -127,7 +127,7 @@ def demo_ui(tmp_path_factory):
             process = subprocess.Popen(command, cwd=REPO, env=server_env, stdout=out, stderr=subprocess.STDOUT)
         try:
             assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set",
-                         "--connection", CONNECTION, "--sandbox-demo"]) == 0
+                         "--connection", CONNECTION, "--from-env"]) == 0
             start, end = sandbox.seed.today - timedelta(days=31), sandbox.seed.today - timedelta(days=1)
             with dg.DagsterInstance.get() as instance:
                 summary = run_range(start, end, mappings_dir=str(mappings), state_url=state_url, instance=instance)

@@ -12,16 +12,16 @@ from datetime import date, datetime, time, timedelta
 
 from expensify_exact.clock import SystemClock
 from expensify_exact.config import load_project_config
-from expensify_exact.connections import build_expensify_client, build_token_refresher, exact_base_url
+from expensify_exact.api.connections import build_expensify_client, build_token_refresher, exact_base_url
 from expensify_exact.errors import ConnectorError
-from expensify_exact.exact.auth import ExactAuth
-from expensify_exact.exact.client import ExactClient
-from expensify_exact.posting import PostingRun, post_drafts
-from expensify_exact.replay import drafts_for_reports
-from expensify_exact.sandbox import seed as S
-from expensify_exact.snapshots import fetch_dimensions
-from expensify_exact.state import StateStore
-from expensify_exact.vault import CredentialVault
+from expensify_exact.api.exact.auth import ExactAuth
+from expensify_exact.api.exact.client import ExactClient
+from expensify_exact.core.posting import PostingRun, post_drafts
+from expensify_exact.core.replay import drafts_for_reports
+from expensify_exact_sandbox import seed as S
+from expensify_exact.core.snapshots import fetch_dimensions
+from expensify_exact.store import StateStore
+from expensify_exact.store.vault import CredentialVault
 
 EXIT_API_ERROR = 3
 

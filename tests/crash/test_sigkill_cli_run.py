@@ -23,8 +23,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from expensify_exact.sandbox import seed as S
-from expensify_exact.sandbox.server import SandboxServer
+from expensify_exact_sandbox import seed as S
+from expensify_exact_sandbox.server import SandboxServer
 from tests.conftest import write_mappings
 from tests.crash.driver import many_reports_seed, report_of_entry
 from tests.processes.embedded import CONNECTION, cli_env, ledger, run_cli_process, start_cli
@@ -69,7 +69,7 @@ def test_sigkilled_cli_runs_are_recovered_and_every_report_is_posted_once(crowde
     mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
     home = tmp_path / "dagster_home"
     env = cli_env(home)
-    assert run_cli_process(env, mappings, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo",
+    assert run_cli_process(env, mappings, "secrets", "set", "--connection", CONNECTION, "--from-env",
                            log=tmp_path / "secrets.log") == 0
     today = sandbox.seed.today
     window = ("run", "--start", (today - timedelta(days=DAYS)).isoformat(),

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from expensify_exact.cli import main
-from expensify_exact.sandbox import seed as S
-from expensify_exact.sandbox.server import SandboxServer
-from expensify_exact.state import StateStore
+from expensify_exact.cli.main import main
+from expensify_exact_sandbox import seed as S
+from expensify_exact_sandbox.server import SandboxServer
+from expensify_exact.store import StateStore
 from tests.conftest import write_mappings
 from tests.crash.driver import many_reports_seed, poster_process, report_of_entry
 
@@ -123,12 +123,12 @@ def _prepare(tmp_path: Path, sandbox, state_url: str) -> tuple[str, date, date]:
     sandbox.exact.set_knobs(minutely_limit=1_000_000, daily_limit=10_000_000)
     mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.05)
     assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
-                 CONNECTION, "--sandbox-demo"]) == 0
+                 CONNECTION, "--from-env"]) == 0
     # Trade the refresh token once here: a poster killed inside a token refresh would otherwise lose the chain,
     # which is the token store's concern (tests/http/test_exact_auth.py), not this test's.
     from tests.crash.driver import exact_client
     from expensify_exact.config import load_project_config
-    from expensify_exact.vault import CredentialVault
+    from expensify_exact.store.vault import CredentialVault
 
     conn = load_project_config(mappings).connection(CONNECTION)
     store = StateStore(state_url)

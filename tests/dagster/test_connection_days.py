@@ -16,17 +16,17 @@ import dagster as dg
 import pytest
 import yaml
 
-from expensify_exact import connections
-from expensify_exact.commands.status import collect_status, render_text
+from expensify_exact.api import connections
+from expensify_exact.cli.commands.status import collect_status, render_text
 from expensify_exact.definitions import build_defs
-from expensify_exact.digest import read_digest
+from expensify_exact.core.digest import read_digest
 from expensify_exact.defs.jobs import DEFERRED_SENSOR_NAME, MAIN_JOB_NAME, SENSOR_NAME
 from expensify_exact.defs.reconciliation import DAILY_JOB_NAME, DAILY_SENSOR_NAME
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.runs import run_range
-from expensify_exact.sandbox import seed as S
-from expensify_exact.sandbox.clock import SandboxClock
-from expensify_exact.sandbox.server import SandboxServer
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.defs.runs import run_range
+from expensify_exact_sandbox import seed as S
+from expensify_exact_sandbox.clock import SandboxClock
+from expensify_exact_sandbox.server import SandboxServer
 from tests.conftest import write_mappings
 from tests.crash.driver import report_of_entry
 from tests.factories import run_cli
@@ -71,7 +71,7 @@ def _mappings(tmp_path, sandbox, *, with_la: bool):
 
 def _authorize(mappings, state_url, sandbox, monkeypatch, names):
     for name in names:
-        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--sandbox-demo") == 0
+        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
     for name in names[1:]:  # one consent per connection: a refresh token belongs to one chain
         token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
         monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))

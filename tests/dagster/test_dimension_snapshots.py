@@ -11,13 +11,13 @@ import dagster as dg
 import httpx
 import pytest
 
-from expensify_exact.cli import main
+from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
 from expensify_exact.defs import assets, jobs, resources
 from expensify_exact.defs.keys import slug
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.sandbox import seed
-from expensify_exact.webhooks import WebhookProcessor, WebhookServer, sign, vault_secrets, webhook_app
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact_sandbox import seed
+from expensify_exact.core.webhooks import WebhookProcessor, WebhookServer, sign, vault_secrets, webhook_app
 
 CONNECTION = "vermeerhals-nl"
 # Every call a dimension refresh may make: the division check and the six tables (and the GL accounts' sync twin).
@@ -29,7 +29,7 @@ DIMENSION_ENDPOINTS = {"GET current/Me", "GET system/Divisions", "GET financial/
 @pytest.fixture
 def connector(sandbox_mappings, state_url):
     assert main(["--mappings", str(sandbox_mappings), "--state-url", state_url, "secrets", "set", "--connection",
-                 CONNECTION, "--sandbox-demo"]) == 0
+                 CONNECTION, "--from-env"]) == 0
     return ConnectorResource(mappings_dir=str(sandbox_mappings), state_url=state_url)
 
 

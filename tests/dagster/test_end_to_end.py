@@ -11,8 +11,8 @@ import dagster as dg
 import pytest
 
 from expensify_exact.defs.keys import asset_key
-from expensify_exact.runs import run_range
-from expensify_exact.sandbox import seed
+from expensify_exact.defs.runs import run_range
+from expensify_exact_sandbox import seed
 from tests.factories import run_cli as _cli
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
@@ -51,7 +51,7 @@ def backend(request, tmp_path):
 
 @pytest.fixture
 def authorized(sandbox_mappings, state_url):
-    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     return sandbox_mappings
 
 
@@ -62,7 +62,7 @@ def _sandbox_entries(sandbox) -> list[dict]:
 def test_demo_window_posts_every_approved_report_once_and_quarantines_the_two_seeded_problems(
         sandbox, sandbox_mappings, backend):
     state_url, instance = backend
-    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     authorized = sandbox_mappings
     start, end = _window(sandbox)
     summary = run_range(start, end, mappings_dir=str(authorized), state_url=state_url, instance=instance)
@@ -118,7 +118,7 @@ def test_dry_run_shows_full_drafts_and_posts_nothing(sandbox, authorized, state_
     assert summary.success, summary.failure
     assert (summary.outcomes["outcome"] == "dry_run").sum() == len(_expected_report_ids(sandbox, start, end)) - 2
     assert _sandbox_entries(sandbox) == []
-    from expensify_exact.state import StateStore
+    from expensify_exact.store import StateStore
     store = StateStore(state_url)
     assert store.ledger_rows() == [] and store.quarantine_items(status=None) == []
     assert "would post" in summary.as_text()
@@ -140,7 +140,7 @@ def test_mark_exported_labels_only_reports_that_reached_the_ledger(sandbox, tmp_
 
     mappings = write_mappings(tmp_path / "labelled", sandbox, expensify__poll_interval_seconds=0.2,
                               expensify__mark_exported_label="Posted to Exact")
-    assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     _, end = _window(sandbox)
     start = end - timedelta(days=9)  # includes both seeded problems
     summary = run_range(start, end, mappings_dir=str(mappings), state_url=state_url, instance=instance)

@@ -19,10 +19,10 @@ import pytest
 
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.replay import REPLAY_JOB_NAME, SENSOR_NAME
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.runs import run_range
-from expensify_exact.sandbox import seed as S
-from expensify_exact.state import StateStore
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.defs.runs import run_range
+from expensify_exact_sandbox import seed as S
+from expensify_exact.store import StateStore
 from tests.crash.driver import report_of_entry
 from tests.factories import run_cli as _cli
 
@@ -40,7 +40,7 @@ def authorized(request, sandbox, sandbox_mappings, state_url):
     # EntryID modes (exact-online.md §13): Exact assigning its own (the sandbox default) and keeping ours.
     sandbox.expensify.set_knobs(rate_limiting=False)
     sandbox.exact.set_knobs(minutely_limit=10_000, keep_client_entry_ids=request.param)
-    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     return sandbox_mappings
 
 

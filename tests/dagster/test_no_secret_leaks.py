@@ -11,9 +11,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from expensify_exact.cli import main
-from expensify_exact.runs import run_range
-from expensify_exact.sandbox import seed
+from expensify_exact.cli.main import main
+from expensify_exact.defs.runs import run_range
+from expensify_exact_sandbox import seed
 
 
 def _secrets(sandbox) -> dict[str, str]:
@@ -41,7 +41,7 @@ def test_no_secret_reaches_logs_event_log_stored_values_or_state_db(sandbox, san
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     args = ["--mappings", str(sandbox_mappings), "--state-url", state_url]
-    assert main([*args, "secrets", "set", "--connection", "vermeerhals-nl", "--sandbox-demo"]) == 0
+    assert main([*args, "secrets", "set", "--connection", "vermeerhals-nl", "--from-env"]) == 0
     start, end = sandbox.seed.today - timedelta(days=31), sandbox.seed.today - timedelta(days=1)
     # Let the access token expire mid-way so the run also refreshes (and rotates) under the lock.
     with dg.instance_for_test(temp_dir=str(home)) as instance:

@@ -13,16 +13,16 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 import pytest
 
-from expensify_exact.cli import main
+from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
 from expensify_exact.defs import alerts as alert_defs
 from expensify_exact.defs import assets, jobs, reconciliation, resources
-from expensify_exact.exact.tokens import ExactTokens
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.runs import run_range
-from expensify_exact.sandbox import seed as S
-from expensify_exact.state import StateStore, quarantine
-from expensify_exact.vault import CredentialVault, VaultTokenStore
+from expensify_exact.api.exact.tokens import ExactTokens
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.defs.runs import run_range
+from expensify_exact_sandbox import seed as S
+from expensify_exact.store import StateStore, quarantine
+from expensify_exact.store.vault import CredentialVault, VaultTokenStore
 from tests.conftest import write_mappings
 from tests.receivers import SmtpInbox, WebhookReceiver, self_signed_certificate
 
@@ -55,7 +55,7 @@ def notified(tmp_path, sandbox, inbox, webhook, state_url, monkeypatch):
                 "digest": {"to": ["accountant@vermeerhals.nl"]},
                 "alerts": {"email_to": ["ops@vermeerhals.nl"], "webhook_format": "slack",
                            "quarantine_max_age_days": 3}})
-    assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     monkeypatch.setattr("sys.stdin", io.StringIO(webhook.url + "\n"))
     assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--stdin", "alert_webhook_url") == 0
     return mappings
@@ -286,7 +286,7 @@ def test_digest_over_starttls_with_the_vaults_login_and_no_notification_secret_l
                              "sender": "connector@vermeerhals.nl"},
                     "digest": {"to": ["accountant@vermeerhals.nl"]},
                     "alerts": {"email_to": ["ops@vermeerhals.nl"], "webhook_format": "teams"}})
-        assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+        assert _cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
         monkeypatch.setenv("SMTP_USERNAME", "digest-bot")
         monkeypatch.setenv("SMTP_PASSWORD", password)
         monkeypatch.setenv("ALERT_WEBHOOK_URL", webhook.url)

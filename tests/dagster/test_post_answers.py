@@ -8,9 +8,9 @@ from datetime import date, timedelta
 
 import pytest
 
-from expensify_exact.sandbox import seed as S
-from expensify_exact.sandbox.server import SandboxServer
-from expensify_exact.state import StateStore
+from expensify_exact_sandbox import seed as S
+from expensify_exact_sandbox.server import SandboxServer
+from expensify_exact.store import StateStore
 from tests.conftest import write_mappings
 from tests.crash.driver import many_reports_seed, report_of_entry
 from tests.factories import run_cli
@@ -28,7 +28,7 @@ def day_of_20(request, tmp_path, state_url, monkeypatch):
         sandbox.expensify.set_knobs(rate_limiting=False)
         sandbox.exact.set_knobs(minutely_limit=10_000, keep_client_entry_ids=request.param)
         mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.1)
-        assert run_cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+        assert run_cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
         yield sandbox, mappings, (sandbox.seed.today - timedelta(days=1)).isoformat()
 
 

@@ -10,13 +10,13 @@ from datetime import date, datetime, time, timedelta
 import dagster as dg
 import pytest
 
-from expensify_exact.cli import main
+from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
 from expensify_exact.defs import assets, jobs, reconciliation, resources
 from expensify_exact.defs.keys import asset_key
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.sandbox.seed import build_seed
-from expensify_exact.sandbox.server import SandboxServer
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact_sandbox.seed import build_seed
+from expensify_exact_sandbox.server import SandboxServer
 from tests.conftest import write_mappings
 
 CONNECTION = "vermeerhals-nl"
@@ -56,7 +56,7 @@ def three_days(last_month_sandbox, tmp_path, monkeypatch):
     mappings = write_mappings(tmp_path / "mappings", last_month_sandbox, expensify__poll_interval_seconds=0.2)
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
-                 CONNECTION, "--sandbox-demo"]) == 0
+                 CONNECTION, "--from-env"]) == 0
     today = last_month_sandbox.seed.today
     return (last_month_sandbox, ConnectorResource(mappings_dir=str(mappings), state_url=state_url), _defs(mappings),
             [(today - timedelta(days=n)).isoformat() for n in (3, 2, 1)])

@@ -1,4 +1,4 @@
-"""`expensify_exact.recovery` on a real SQLite Dagster instance: which runs count as dead, what is freed, what is
+"""`expensify_exact.defs.recovery` on a real SQLite Dagster instance: which runs count as dead, what is freed, what is
 said, and which broken homes are repaired. The CLI-level proofs are tests/crash/test_sigkill_cli_run.py and
 tests/processes/test_embedded_instance.py; these pin the rules in between.
 """
@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 from dagster._core.storage.dagster_run import DagsterRun
 
-from expensify_exact.recovery import (PROCESS_TAG, BrokenInstance, PoolWaitTimeout, process_tag, recover_dead_runs,
+from expensify_exact.defs.recovery import (PROCESS_TAG, BrokenInstance, PoolWaitTimeout, process_tag, recover_dead_runs,
                                       repair_sqlite_storages, wait_for_pools)
 
 POOL = "exact_division_1"
@@ -23,7 +23,7 @@ POOL = "exact_division_1"
 @pytest.fixture
 def instance(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    from expensify_exact.cli import EMBEDDED_INSTANCE_CONFIG
+    from expensify_exact.cli.main import EMBEDDED_INSTANCE_CONFIG
 
     (tmp_path / "dagster.yaml").write_text(EMBEDDED_INSTANCE_CONFIG)
     with dg.DagsterInstance.get() as instance:

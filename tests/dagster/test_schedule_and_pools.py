@@ -7,13 +7,13 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 
-from expensify_exact import connections
+from expensify_exact.api import connections
 from expensify_exact.config import load_project_config
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.jobs import MAIN_JOB_NAME, RANGE_END_TAG, RANGE_START_TAG, SENSOR_NAME
 from expensify_exact.defs.keys import connector_pools, ensure_pools
 from expensify_exact.defs.replay import CONNECTION_TAG
-from expensify_exact.resources import ConnectorResource
+from expensify_exact.defs.resources import ConnectorResource
 from tests.conftest import MAPPINGS
 from tests.factories import FakeClock
 

@@ -11,8 +11,8 @@ from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.keys import asset_key, connector_pools
 from expensify_exact.defs.replay import CONNECTION_TAG, REPLAY_JOB_NAME, replay_op_name
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.sandbox import seed
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact_sandbox import seed
 from tests.conftest import write_mappings
 from tests.factories import run_cli
 
@@ -58,7 +58,7 @@ def test_each_connection_has_its_own_group_pools_and_ops(two_connections):
 
 def test_a_replay_run_tagged_for_one_connection_leaves_the_other_alone(two_connections, state_url, tmp_path):
     for name in (NL, BE):
-        assert run_cli(two_connections, state_url, "secrets", "set", "--connection", name, "--sandbox-demo") == 0
+        assert run_cli(two_connections, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
     connector = ConnectorResource(mappings_dir=str(two_connections), state_url=state_url)
     store = connector.store()
     store.quarantine_put(NL, "R00NL0000001", partition_date="2026-11-20",

@@ -14,13 +14,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from expensify_exact.cli import EMBEDDED_INSTANCE_CONFIG, main
-from expensify_exact.commands.check import find_problems
-from expensify_exact.commands.status import collect_status, needs_attention, render_text
+from expensify_exact.cli.main import EMBEDDED_INSTANCE_CONFIG, main
+from expensify_exact.cli.commands.check import find_problems
+from expensify_exact.cli.commands.status import collect_status, needs_attention, render_text
 from expensify_exact.config import load_project_config
-from expensify_exact.expensify.client import PolicyCategory, PolicyInfo, PolicyTag, PolicyTaxRate
-from expensify_exact.mapping_locations import MappingLocations
-from expensify_exact.sandbox import seed
+from expensify_exact.api.expensify.client import PolicyCategory, PolicyInfo, PolicyTag, PolicyTaxRate
+from expensify_exact.core.mapping_locations import MappingLocations
+from expensify_exact_sandbox import seed
 from tests.conftest import MAPPINGS, write_mappings
 
 CONNECTION = "vermeerhals-nl"
@@ -180,7 +180,7 @@ def test_mapping_locations_point_at_the_line_of_each_category_tag_vat_code_and_c
 @pytest.fixture
 def authorized(capsys, sandbox_mappings, state_url):
     assert _cli(capsys, sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION,
-                "--sandbox-demo")[0] == 0
+                "--from-env")[0] == 0
     return sandbox_mappings
 
 
@@ -248,7 +248,7 @@ def test_status_lists_credential_names_never_values_and_exits_1_until_everything
     assert "MISSING: exact_client_id, exact_client_secret, exact_tokens" in out
     assert "no Dagster instance yet" in out
 
-    assert _cli(capsys, mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo")[0] == 0
+    assert _cli(capsys, mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env")[0] == 0
     code, out, _ = _cli(capsys, mappings, state_url, "status")
     assert code == 0, out
     assert "present: expensify_partner_user_id, expensify_partner_user_secret, exact_client_id" in out
@@ -260,9 +260,9 @@ def test_status_lists_credential_names_never_values_and_exits_1_until_everything
 
 
 def test_status_warns_and_exits_1_when_the_refresh_token_nears_exacts_30_day_idle_expiry(tmp_path, state_url):
-    from expensify_exact.exact.tokens import ExactTokens
-    from expensify_exact.resources import ConnectorResource
-    from expensify_exact.vault import VaultTokenStore
+    from expensify_exact.api.exact.tokens import ExactTokens
+    from expensify_exact.defs.resources import ConnectorResource
+    from expensify_exact.store.vault import VaultTokenStore
 
     connector = ConnectorResource(mappings_dir=str(MAPPINGS), state_url=state_url)
     conn = connector.project().connection(CONNECTION)
@@ -284,7 +284,7 @@ def test_status_warns_and_exits_1_when_the_refresh_token_nears_exacts_30_day_idl
 def test_status_exits_1_when_the_instance_leaves_the_api_pools_unlimited(tmp_path, state_url):
     import dagster as dg
 
-    from expensify_exact.resources import ConnectorResource
+    from expensify_exact.defs.resources import ConnectorResource
 
     connector = ConnectorResource(mappings_dir=str(MAPPINGS), state_url=state_url)
     conn = connector.project().connection(CONNECTION)
@@ -304,7 +304,7 @@ def test_status_after_the_seeded_problem_days_shows_quarantine_by_reason_ledger_
         capsys, authorized, sandbox, state_url, tmp_path, monkeypatch):
     import dagster as dg
 
-    from expensify_exact.runs import run_range
+    from expensify_exact.defs.runs import run_range
 
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -346,9 +346,9 @@ def test_status_after_the_seeded_problem_days_shows_quarantine_by_reason_ledger_
 
 
 def test_status_reads_the_budget_of_the_last_exact_answer_any_process_got(tmp_path, state_url):
-    from expensify_exact.connections import StoredRateLimitBoard
-    from expensify_exact.http.pacing import RateLimitSnapshot
-    from expensify_exact.resources import ConnectorResource
+    from expensify_exact.api.connections import StoredRateLimitBoard
+    from expensify_exact.api.http.pacing import RateLimitSnapshot
+    from expensify_exact.defs.resources import ConnectorResource
 
     connector = ConnectorResource(mappings_dir=str(MAPPINGS), state_url=state_url)
     conn = connector.project().connection(CONNECTION)
@@ -367,7 +367,7 @@ def test_status_reports_a_configured_webhook_without_its_url_as_missing(tmp_path
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     mappings = write_mappings(tmp_path / "mappings", notify={"alerts": {"webhook_format": "slack"}})
     assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
-                 "vermeerhals-nl", "--sandbox-demo"]) == 0
+                 "vermeerhals-nl", "--from-env"]) == 0
     capsys.readouterr()
     assert main(["--mappings", str(mappings), "--state-url", state_url, "status", "--json"]) == 1
     conn = json.loads(capsys.readouterr().out)["connections"]["vermeerhals-nl"]

@@ -12,10 +12,10 @@ import json
 
 import pytest
 
-from expensify_exact.commands.preflight import KEEPS_CLIENT_ENTRY_ID
-from expensify_exact.sandbox import seed
-from expensify_exact.state import StateStore
-from expensify_exact.vault import CredentialVault, VaultTokenStore
+from expensify_exact.cli.commands.preflight import KEEPS_CLIENT_ENTRY_ID
+from expensify_exact_sandbox import seed
+from expensify_exact.store import StateStore
+from expensify_exact.store.vault import CredentialVault, VaultTokenStore
 from tests.conftest import write_mappings
 from tests.factories import run_cli
 
@@ -33,7 +33,7 @@ SECRETS = (seed.EXACT_CLIENT_SECRET, seed.EXPENSIFY_PARTNER_USER_SECRET)
 
 
 def _preflight(capsys, mappings, state_url, *args) -> tuple[int, dict, str]:
-    assert run_cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert run_cli(mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     capsys.readouterr()
     code = run_cli(mappings, state_url, "preflight", "--connection", CONNECTION, "--json", *args)
     out, err = capsys.readouterr()
@@ -101,7 +101,7 @@ def test_write_test_without_confirmation_posts_nothing(capsys, sandbox, sandbox_
     write_test = ("preflight", "--connection", CONNECTION, "--write-test", "--division", str(TEST_DIVISION),
                   "--debit-account", "4510", "--credit-account", "1650")
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{TEST_DIVISION}\n"))  # not a terminal
-    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     assert run_cli(sandbox_mappings, state_url, *write_test) == 2
     assert "--yes" in capsys.readouterr().err
     # At a terminal, anything but the division number declines.
@@ -145,7 +145,7 @@ def test_an_expensify_export_that_never_completes_fails_with_advice(capsys, sand
 
 
 def test_text_output_names_each_verdict_and_the_totals(capsys, sandbox, sandbox_mappings, state_url):
-    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     capsys.readouterr()
     assert run_cli(sandbox_mappings, state_url, "preflight", "--connection", CONNECTION) == 0
     out = capsys.readouterr().out
@@ -166,7 +166,7 @@ def test_a_second_preflight_inside_exacts_570_second_floor_knows_the_rotation_it
 
 def test_a_token_pair_another_command_fetched_is_not_refreshed_inside_the_floor(capsys, sandbox, sandbox_mappings,
                                                                                state_url):
-    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     assert run_cli(sandbox_mappings, state_url, "check") == 1  # the demo's two seeded problems; it refreshed
     capsys.readouterr()
     refreshes = sandbox.exact.stats["token"]["refreshes"]

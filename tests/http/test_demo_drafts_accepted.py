@@ -12,18 +12,18 @@ from datetime import datetime, time, timedelta
 import pytest
 import yaml
 
-from expensify_exact.cli import main
+from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
-from expensify_exact.connections import build_exact_client, build_expensify_client
-from expensify_exact.sandbox import seed
-from expensify_exact.sandbox.clock import SandboxClock
-from expensify_exact.sandbox.server import SandboxServer
-from expensify_exact.snapshots import fetch_dimensions
-from expensify_exact.state import StateStore
-from expensify_exact.transform.draft_checks import split_invalid_drafts
-from expensify_exact.transform.expense_lines import normalize_reports
-from expensify_exact.transform.journal import build_journal_drafts, content_hash, entry_body, entry_id_for
-from expensify_exact.vault import CredentialVault
+from expensify_exact.api.connections import build_exact_client, build_expensify_client
+from expensify_exact_sandbox import seed
+from expensify_exact_sandbox.clock import SandboxClock
+from expensify_exact_sandbox.server import SandboxServer
+from expensify_exact.core.snapshots import fetch_dimensions
+from expensify_exact.store import StateStore
+from expensify_exact.core.draft_checks import split_invalid_drafts
+from expensify_exact.core.expense_lines import normalize_reports
+from expensify_exact.core.journal import build_journal_drafts, content_hash, entry_body, entry_id_for
+from expensify_exact.store.vault import CredentialVault
 from tests.conftest import write_mappings
 
 CONNECTION = "vermeerhals-nl"
@@ -40,7 +40,7 @@ def _run(server: SandboxServer, mappings, state_url: str) -> dict:
     """Export the demo window, build and check drafts, post every valid one; what was posted and what was refused."""
     server.exact.set_knobs(minutely_limit=10_000)  # the pacing is tested elsewhere; here it would only add minutes
     assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection", CONNECTION,
-                 "--sandbox-demo"]) == 0
+                 "--from-env"]) == 0
     config = load_project_config(mappings)
     conn = config.connection(CONNECTION)
     store = StateStore(state_url)

@@ -11,11 +11,11 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from expensify_exact.cli import main
-from expensify_exact.connections import build_exact_client
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.sandbox import seed
-from expensify_exact.snapshots import GL_SYNC_PATH, MAX_AGE, needed_codes, refresh_snapshot
+from expensify_exact.cli.main import main
+from expensify_exact.api.connections import build_exact_client
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact_sandbox import seed
+from expensify_exact.core.snapshots import GL_SYNC_PATH, MAX_AGE, needed_codes, refresh_snapshot
 
 CONNECTION = "vermeerhals-nl"
 
@@ -39,7 +39,7 @@ class WithoutGLSyncTwin(httpx.BaseTransport):
 @pytest.fixture
 def connector(sandbox_mappings, state_url):
     assert main(["--mappings", str(sandbox_mappings), "--state-url", state_url, "secrets", "set", "--connection",
-                 CONNECTION, "--sandbox-demo"]) == 0
+                 CONNECTION, "--from-env"]) == 0
     return ConnectorResource(mappings_dir=str(sandbox_mappings), state_url=state_url)
 
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from expensify_exact.errors import AuthenticationError, ReconsentRequired, TransientApiError
-from expensify_exact.exact.auth import ExactAuth, TokenRefresher
-from expensify_exact.exact.oauth import build_authorize_url, exchange_code, parse_redirect, wait_for_callback
-from expensify_exact.exact.tokens import ExactTokens, InMemoryTokenStore
+from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
+from expensify_exact.api.exact.oauth import build_authorize_url, exchange_code, parse_redirect, wait_for_callback
+from expensify_exact.api.exact.tokens import ExactTokens, InMemoryTokenStore
 from tests.factories import FakeClock as _FakeClock
 
 BASE = "https://start.exactonline.nl"
@@ -439,12 +439,12 @@ def test_wait_for_callback_returns_the_code_from_a_real_redirect():
 # Two workers share one connection (one TokenStore), as two Dagster runs would. The simulator
 # enforces single-use refresh tokens and the 570 s floor, so any race shows up as a refusal.
 
-from expensify_exact.exact.client import ExactClient  # noqa: E402
-from expensify_exact.exact.regions import token_url  # noqa: E402
-from expensify_exact.sandbox import seed as S  # noqa: E402
-from expensify_exact.sandbox.clock import SandboxClock  # noqa: E402
-from expensify_exact.sandbox.exact_app import ExactSimulator  # noqa: E402
-from expensify_exact.sandbox.server import SandboxServer  # noqa: E402
+from expensify_exact.api.exact.client import ExactClient  # noqa: E402
+from expensify_exact.api.exact.regions import token_url  # noqa: E402
+from expensify_exact_sandbox import seed as S  # noqa: E402
+from expensify_exact_sandbox.clock import SandboxClock  # noqa: E402
+from expensify_exact_sandbox.exact_app import ExactSimulator  # noqa: E402
+from expensify_exact_sandbox.server import SandboxServer  # noqa: E402
 
 
 def share_one_connection_for_30_minutes(sim, clock, base, transport_factory, workers=2, step_seconds=15):

@@ -20,12 +20,12 @@ from expensify_exact.errors import (
     RateLimitExhausted,
     TransientApiError,
 )
-from expensify_exact.connections import StoredRateLimitBoard
-from expensify_exact.exact.auth import ExactAuth, TokenRefresher
-from expensify_exact.exact.client import ExactClient
-from expensify_exact.exact.odata import AMSTERDAM
-from expensify_exact.exact.tokens import ExactTokens, InMemoryTokenStore
-from expensify_exact.settlement import find_posted, post_and_settle
+from expensify_exact.api.connections import StoredRateLimitBoard
+from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
+from expensify_exact.api.exact.client import ExactClient
+from expensify_exact.api.exact.odata import AMSTERDAM
+from expensify_exact.api.exact.tokens import ExactTokens, InMemoryTokenStore
+from expensify_exact.core.settlement import find_posted, post_and_settle
 from tests.factories import FakeClock as _FakeClock
 
 BASE = "https://start.exactonline.nl"
@@ -411,11 +411,11 @@ def test_errors_and_reprs_never_contain_tokens_or_secrets():
 # The simulator is written from the reference sheet, not from this client, so agreement here means
 # the client survives the behaviour the sheet describes (paging, rate limits, lost answers).
 
-from expensify_exact.exact.regions import token_url  # noqa: E402
-from expensify_exact.sandbox import seed as S  # noqa: E402
-from expensify_exact.sandbox.clock import SandboxClock  # noqa: E402
-from expensify_exact.sandbox.exact_app import ExactSimulator  # noqa: E402
-from expensify_exact.sandbox.server import SandboxServer  # noqa: E402
+from expensify_exact.api.exact.regions import token_url  # noqa: E402
+from expensify_exact_sandbox import seed as S  # noqa: E402
+from expensify_exact_sandbox.clock import SandboxClock  # noqa: E402
+from expensify_exact_sandbox.exact_app import ExactSimulator  # noqa: E402
+from expensify_exact_sandbox.server import SandboxServer  # noqa: E402
 
 SIM_BASE = "http://exact.sandbox"
 

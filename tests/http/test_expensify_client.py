@@ -17,11 +17,11 @@ import httpx
 import pytest
 
 from expensify_exact.errors import AuthenticationError, RejectedByApi, TransientApiError
-from expensify_exact.expensify.client import ExpensifyClient
-from expensify_exact.sandbox import seed as sandbox_seed
-from expensify_exact.sandbox.clock import SandboxClock
-from expensify_exact.sandbox.server import SandboxServer
-from expensify_exact.transform.expense_lines import normalize_reports
+from expensify_exact.api.expensify.client import ExpensifyClient
+from expensify_exact_sandbox import seed as sandbox_seed
+from expensify_exact_sandbox.clock import SandboxClock
+from expensify_exact_sandbox.server import SandboxServer
+from expensify_exact.core.expense_lines import normalize_reports
 
 URL = "https://expensify.test/Integration-Server/ExpensifyIntegrations"
 USER, SECRET = "aa_finance_example_nl", "s3cret-partner-value"
@@ -379,7 +379,7 @@ def test_a_burst_of_jobs_never_exceeds_five_requests_per_ten_seconds(sandbox, si
 
 def test_clients_sharing_the_state_db_request_log_stay_inside_the_window_together(sandbox, sim_client, store):
     """The steps of a run each build their own client; Expensify counts them together (expensify.md §7)."""
-    from expensify_exact.connections import StoredRequestLog
+    from expensify_exact.api.connections import StoredRequestLog
 
     before = sandbox.expensify.stats["rate_limited"]
     clients = [ExpensifyClient(sandbox.expensify_url, sandbox_seed.EXPENSIFY_PARTNER_USER_ID,

@@ -17,15 +17,15 @@ import httpx
 import pandas as pd
 import pytest
 
-from expensify_exact import reconcile
-from expensify_exact.cli import main
-from expensify_exact.connections import build_exact_client
-from expensify_exact.posting import post_drafts
-from expensify_exact.reconcile import Finding
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.snapshots import fetch_dimensions
-from expensify_exact.transform.expense_lines import NormalizedLines, normalize_reports
-from expensify_exact.transform.journal import JournalDrafts, build_journal_drafts
+from expensify_exact.core import reconcile
+from expensify_exact.cli.main import main
+from expensify_exact.api.connections import build_exact_client
+from expensify_exact.core.posting import post_drafts
+from expensify_exact.core.reconcile import Finding
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.core.snapshots import fetch_dimensions
+from expensify_exact.core.expense_lines import NormalizedLines, normalize_reports
+from expensify_exact.core.journal import JournalDrafts, build_journal_drafts
 
 CONNECTION = "vermeerhals-nl"
 
@@ -51,7 +51,7 @@ class Posted:
 
 def _post_window(sandbox, mappings, state_url, start: date, end: date, skip: set[str] = frozenset()) -> Posted:
     assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
-                 CONNECTION, "--sandbox-demo"]) == 0
+                 CONNECTION, "--from-env"]) == 0
     connector = ConnectorResource(mappings_dir=str(mappings), state_url=state_url)
     project = connector.project()
     conn = project.connection(CONNECTION)

@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import pytest
 
-from expensify_exact.sandbox import seed as S
-from expensify_exact.state import StateStore
+from expensify_exact_sandbox import seed as S
+from expensify_exact.store import StateStore
 from tests.crash.driver import post_window, report_of_entry
 from tests.factories import run_cli as _cli
 
@@ -28,7 +28,7 @@ def quarantined(sandbox, sandbox_mappings, state_url):
     # Rate limits are not on trial here (tests/http/test_*_client.py): without them each test takes seconds.
     sandbox.expensify.set_knobs(rate_limiting=False)
     sandbox.exact.set_knobs(minutely_limit=10_000)
-    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert _cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     today = sandbox.seed.today
     runs = post_window(str(sandbox_mappings), state_url, today - timedelta(days=31), today - timedelta(days=1))
     outcomes = {o.report_id: o for o in runs[CONNECTION].outcomes}

@@ -15,12 +15,12 @@ from datetime import date
 import httpx
 import pytest
 
-from expensify_exact.cli import main
-from expensify_exact.posting import post_drafts
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.sandbox import seed
-from expensify_exact.transform.journal import build_journal_drafts
-from expensify_exact.webhooks import (
+from expensify_exact.cli.main import main
+from expensify_exact.core.posting import post_drafts
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact_sandbox import seed
+from expensify_exact.core.journal import build_journal_drafts
+from expensify_exact.core.webhooks import (
     EVENT_POSTED_ENTRY_DELETED,
     EVENT_RECEIVED,
     EXACT_WEBHOOK_SECRET,
@@ -39,7 +39,7 @@ CONNECTION = "vermeerhals-nl"
 @pytest.fixture
 def connector(sandbox_mappings, state_url):
     assert main(["--mappings", str(sandbox_mappings), "--state-url", state_url,
-                 "secrets", "set", "--connection", CONNECTION, "--sandbox-demo"]) == 0
+                 "secrets", "set", "--connection", CONNECTION, "--from-env"]) == 0
     return ConnectorResource(mappings_dir=str(sandbox_mappings), state_url=state_url)
 
 
@@ -130,7 +130,7 @@ def test_the_cli_receiver_records_a_sandbox_delete_and_stops_on_sigterm(sandbox,
                                                                         state_url):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "expensify_exact.cli", "--mappings", str(sandbox_mappings), "--state-url", state_url,
+        [sys.executable, "-m", "expensify_exact.cli.main", "--mappings", str(sandbox_mappings), "--state-url", state_url,
          "webhooks", "serve", "--port", str(port)],
         cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

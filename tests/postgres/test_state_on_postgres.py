@@ -5,8 +5,8 @@ import multiprocessing
 import pytest
 
 from expensify_exact.errors import StateStoreError
-from expensify_exact.state import SCHEMA_VERSION, StateStore
-from expensify_exact.vault import CredentialVault
+from expensify_exact.store import SCHEMA_VERSION, StateStore
+from expensify_exact.store.vault import CredentialVault
 from tests.unit.test_state_and_vault import (
     _enter_and_leave_under_lock,
     check_rate_limit_board_round_trip,

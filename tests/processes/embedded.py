@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from expensify_exact.state import process_stat
+from expensify_exact.store import process_stat
 
 CONNECTION = "vermeerhals-nl"
 
@@ -23,7 +23,7 @@ def cli_env(home: Path) -> dict[str, str]:
 
 def start_cli(env: dict[str, str], mappings: Path, *args: str, log: Path) -> subprocess.Popen:
     """`expensify-exact --mappings M ARGS…` as its own process, stdout and stderr into `log`."""
-    return subprocess.Popen([sys.executable, "-m", "expensify_exact.cli", "--mappings", str(mappings), *args],
+    return subprocess.Popen([sys.executable, "-m", "expensify_exact.cli.main", "--mappings", str(mappings), *args],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from expensify_exact.cli import main
-from expensify_exact.exact.tokens import ExactTokens
-from expensify_exact.state import StateStore
-from expensify_exact.vault import CredentialVault, VaultTokenStore
+from expensify_exact.cli.main import main
+from expensify_exact.api.exact.tokens import ExactTokens
+from expensify_exact.store import StateStore
+from expensify_exact.store.vault import CredentialVault, VaultTokenStore
 from tests.conftest import write_mappings
 from tests.receivers import WebhookReceiver
 

@@ -17,8 +17,8 @@ import yaml
 
 from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.keys import slug
-from expensify_exact.sandbox import seed
-from expensify_exact.state import StateStore
+from expensify_exact_sandbox import seed
+from expensify_exact.store import StateStore
 from tests.dagster.test_end_to_end import CONNECTION, _expected_report_ids, _window
 from tests.factories import run_cli
 
@@ -31,9 +31,9 @@ def _run_in_own_process(dagster_home: str, key: str, mappings_dir: str, state_ur
                         start: date, end: date, barrier, results) -> None:
     os.environ["DAGSTER_HOME"] = dagster_home
     os.environ["EXPENSIFY_EXACT_KEY"] = key
-    from expensify_exact import connections
-    from expensify_exact.runs import run_range
-    from expensify_exact.sandbox.clock import RemoteSandboxClock
+    from expensify_exact.api import connections
+    from expensify_exact.defs.runs import run_range
+    from expensify_exact_sandbox.clock import RemoteSandboxClock
 
     # The clients this process builds wait on the sandbox's simulated clock instead of the wall clock.
     connections.SystemClock = lambda: RemoteSandboxClock(sandbox_url)
@@ -58,7 +58,7 @@ def _step_spans(instance: dg.DagsterInstance, run_id: str, step_keys: set[str]) 
 def test_two_concurrent_runs_on_one_division_stay_inside_its_minute_limit(sandbox, sandbox_mappings, pg_database,
                                                                           tmp_path, monkeypatch):
     state_url = pg_database
-    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     sandbox.exact.set_knobs(minutely_limit=MINUTELY_LIMIT)
     home = tmp_path / "dagster_home"
     home.mkdir()

@@ -20,7 +20,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from expensify_exact.sandbox import seed as S
+from expensify_exact_sandbox import seed as S
 from tests.conftest import write_mappings
 from tests.crash.driver import report_of_entry
 from tests.dagster.test_end_to_end import _expected_report_ids
@@ -44,7 +44,7 @@ def setup(unlimited_sandbox, tmp_path):
     mappings = write_mappings(tmp_path / "mappings", unlimited_sandbox, expensify__poll_interval_seconds=0.2)
     home = tmp_path / "dagster_home"
     env = cli_env(home)
-    assert run_cli_process(env, mappings, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo",
+    assert run_cli_process(env, mappings, "secrets", "set", "--connection", CONNECTION, "--from-env",
                            log=tmp_path / "secrets.log") == 0
     assert not (home / "dagster.yaml").exists(), "secrets set must not create the Dagster instance"
     today = unlimited_sandbox.seed.today

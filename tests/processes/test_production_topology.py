@@ -32,8 +32,8 @@ from expensify_exact.config import load_project_config
 from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.keys import connector_pools, exact_pool
-from expensify_exact.sandbox import seed
-from expensify_exact.state import StateStore
+from expensify_exact_sandbox import seed
+from expensify_exact.store import StateStore
 from tests.conftest import REPO
 from tests.crash.driver import report_of_entry
 from tests.dagster.test_end_to_end import CONNECTION, _expected_report_ids, _window
@@ -119,7 +119,7 @@ def _start(processes: dict, name: str, args: list[str], env: dict, logs: Path) -
 def deployment(sandbox, sandbox_mappings, pg_database, tmp_path, processes, monkeypatch):
     """Code server and daemon on one PostgreSQL-backed instance, connector credentials stored, schedules off."""
     state_url = pg_database  # Dagster's tables and the connector's `ee_` tables share the database, as in production
-    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--sandbox-demo") == 0
+    assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     # Exact's and Expensify's rate limits are not on trial here (tests/processes/test_concurrent_runs.py).
     sandbox.exact.set_knobs(minutely_limit=1_000_000, daily_limit=10_000_000)
 

@@ -19,9 +19,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from expensify_exact.cli import main
-from expensify_exact.sandbox import seed as S
-from expensify_exact.state import StateStore
+from expensify_exact.cli.main import main
+from expensify_exact_sandbox import seed as S
+from expensify_exact.store import StateStore
 from tests.conftest import write_mappings
 
 CONNECTION = "vermeerhals-nl"
@@ -62,7 +62,7 @@ def test_run_over_30_days_shows_progress_on_a_terminal_and_keeps_json_output_one
     sandbox.expensify.set_knobs(rate_limiting=False)
     mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
     assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection", CONNECTION,
-                 "--sandbox-demo"]) == 0
+                 "--from-env"]) == 0
     # Another run has just used up this minute's Exact calls: this run must wait for the reset, and say so.
     now = datetime.now(timezone.utc)
     StateStore(state_url).rate_limits_put(f"exact:division:{S.DIVISION}", {
@@ -71,7 +71,7 @@ def test_run_over_30_days_shows_progress_on_a_terminal_and_keeps_json_output_one
         "daily_resets_at": None})
     today = sandbox.seed.today
     start, end = (today - timedelta(days=30)).isoformat(), (today - timedelta(days=1)).isoformat()
-    argv = [sys.executable, "-m", "expensify_exact.cli", "--mappings", str(mappings), "--state-url", state_url,
+    argv = [sys.executable, "-m", "expensify_exact.cli.main", "--mappings", str(mappings), "--state-url", state_url,
             "run", "--start", start, "--end", end]
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "TERM": "xterm-256color"}
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from expensify_exact.sandbox import seed
+from expensify_exact_sandbox import seed
 
 SIMULATED_MINUTES = 30
 STEP_SECONDS = 45
@@ -19,12 +19,12 @@ STEP_SECONDS = 45
 def _worker(state_url: str, key: str, exact_url: str, results) -> None:
     os.environ["EXPENSIFY_EXACT_KEY"] = key
     from expensify_exact.errors import ConnectorError
-    from expensify_exact.exact.auth import ExactAuth, TokenRefresher
-    from expensify_exact.exact.client import ExactClient
-    from expensify_exact.exact.regions import token_url
-    from expensify_exact.sandbox.clock import RemoteSandboxClock
-    from expensify_exact.state import StateStore
-    from expensify_exact.vault import CredentialVault, VaultTokenStore
+    from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
+    from expensify_exact.api.exact.client import ExactClient
+    from expensify_exact.api.exact.regions import token_url
+    from expensify_exact_sandbox.clock import RemoteSandboxClock
+    from expensify_exact.store import StateStore
+    from expensify_exact.store.vault import CredentialVault, VaultTokenStore
 
     clock = RemoteSandboxClock(exact_url)
     store = StateStore(state_url)
@@ -49,9 +49,9 @@ def _worker(state_url: str, key: str, exact_url: str, results) -> None:
 def _run_two_processes(sandbox, state_url: str) -> list:
     from datetime import datetime, timezone
 
-    from expensify_exact.exact.tokens import ExactTokens
-    from expensify_exact.state import StateStore
-    from expensify_exact.vault import CredentialVault, VaultTokenStore
+    from expensify_exact.api.exact.tokens import ExactTokens
+    from expensify_exact.store import StateStore
+    from expensify_exact.store.vault import CredentialVault, VaultTokenStore
 
     store = StateStore(state_url)
     long_ago = datetime(2000, 1, 1, tzinfo=timezone.utc)

@@ -18,12 +18,12 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from expensify_exact.sandbox import seed as S
-from expensify_exact.sandbox.clock import SandboxClock
-from expensify_exact.sandbox.exact_app import DropConnection, ExactSimulator
-from expensify_exact.sandbox.faults import FaultSwitches
+from expensify_exact_sandbox import seed as S
+from expensify_exact_sandbox.clock import SandboxClock
+from expensify_exact_sandbox.exact_app import DropConnection, ExactSimulator
+from expensify_exact_sandbox.faults import FaultSwitches
 
-from expensify_exact.sandbox.server import SandboxServer
+from expensify_exact_sandbox.server import SandboxServer
 
 BASE = "https://start.exactonline.nl"
 DIV = S.DIVISION

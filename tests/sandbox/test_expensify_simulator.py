@@ -15,10 +15,10 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import httpx
 import pytest
 
-from expensify_exact.sandbox import seed as S
-from expensify_exact.sandbox.clock import SandboxClock
-from expensify_exact.sandbox.expensify_app import RATE_LIMIT_MESSAGE, ExpensifySimulator
-from expensify_exact.sandbox.faults import FaultSwitches
+from expensify_exact_sandbox import seed as S
+from expensify_exact_sandbox.clock import SandboxClock
+from expensify_exact_sandbox.expensify_app import RATE_LIMIT_MESSAGE, ExpensifySimulator
+from expensify_exact_sandbox.faults import FaultSwitches
 
 TODAY = date(2026, 8, 10)
 URL = "/Integration-Server/ExpensifyIntegrations"

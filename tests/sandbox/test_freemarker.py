@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expensify_exact.sandbox.freemarker import (
+from expensify_exact_sandbox.freemarker import (
     Template,
     TemplateError,
     TemplateSyntaxError,

@@ -6,9 +6,9 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 
 from expensify_exact.config import load_project_config
-from expensify_exact.days import daily_run, deferred_run, reconciliation_day
-from expensify_exact.posting import forget_vanished_deferrals
-from expensify_exact.state import StateStore
+from expensify_exact.core.days import daily_run, deferred_run, reconciliation_day
+from expensify_exact.core.posting import forget_vanished_deferrals
+from expensify_exact.store import StateStore
 from tests.conftest import MAPPINGS
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)

@@ -9,8 +9,8 @@ from datetime import date, datetime, timezone
 import pandas as pd
 import pytest
 
-from expensify_exact.expensify.client import export_windows
-from expensify_exact.transform.expense_lines import (
+from expensify_exact.api.expensify.client import export_windows
+from expensify_exact.core.expense_lines import (
     COLUMNS,
     ExpenseLineSchema,
     normalize_reports,

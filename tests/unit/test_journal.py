@@ -5,8 +5,8 @@ from datetime import date
 import pytest
 
 from expensify_exact.config import load_project_config
-from expensify_exact.transform.draft_checks import split_invalid_drafts
-from expensify_exact.transform.journal import build_journal_drafts, content_hash, entry_body, entry_id_for
+from expensify_exact.core.draft_checks import split_invalid_drafts
+from expensify_exact.core.journal import build_journal_drafts, content_hash, entry_body, entry_id_for
 from tests.conftest import MAPPINGS
 from tests.factories import expense_line, lines, seed_dimensions
 
@@ -166,7 +166,7 @@ def test_schema_check_moves_an_unbalanced_report_to_the_rejections_whole():
 def test_excluding_vat_net_is_chosen_so_exacts_vat_line_lands_on_the_gross(gross, percentage, expected):
     from decimal import Decimal
 
-    from expensify_exact.transform.journal import net_for_gross, vat_on_top_cents
+    from expensify_exact.core.journal import net_for_gross, vat_on_top_cents
 
     net, vat, residue = net_for_gross(gross, Decimal(percentage))
     assert (net, vat, residue) == expected
@@ -204,6 +204,6 @@ def test_new_mapping_keys_report_errors_with_file_and_line(tmp_path, filename, t
 
 
 def test_rejection_reasons_all_say_what_to_do():
-    from expensify_exact.transform.journal import REASON_FIXES, Reason
+    from expensify_exact.core.journal import REASON_FIXES, Reason
 
     assert set(REASON_FIXES) == set(Reason)

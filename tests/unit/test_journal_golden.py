@@ -14,8 +14,8 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 
 from expensify_exact.config import CategoryMapping, Defaults, DimensionDefaults, load_project_config
-from expensify_exact.transform.draft_checks import split_invalid_drafts
-from expensify_exact.transform.journal import build_journal_drafts
+from expensify_exact.core.draft_checks import split_invalid_drafts
+from expensify_exact.core.journal import build_journal_drafts
 from tests.conftest import MAPPINGS
 from tests.factories import expense_line, lines, seed_dimensions
 

@@ -8,7 +8,7 @@ from datetime import date, datetime, timezone
 import httpx
 import pytest
 
-from expensify_exact.exact.odata import (
+from expensify_exact.api.exact.odata import (
     AMSTERDAM,
     clean_record,
     datetime_literal,

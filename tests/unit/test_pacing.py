@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from expensify_exact.errors import RateLimitExhausted
-from expensify_exact.http.pacing import (
+from expensify_exact.api.http.pacing import (
     ExactRateLimits,
     PacedTransport,
     RateLimitSnapshot,

@@ -9,12 +9,12 @@ import pytest
 from expensify_exact import progress
 from expensify_exact.config import load_project_config
 from expensify_exact.errors import ApiError, ConnectionStopped, ErrorBudgetExhausted, RateLimitExhausted
-from expensify_exact.exact.client import PostAnswer
+from expensify_exact.api.exact.client import PostAnswer
 from expensify_exact.notify import alerts
-from expensify_exact.posting import post_drafts
-from expensify_exact.progress_view import LineView
-from expensify_exact.settlement import KEEPS_CLIENT_ENTRY_ID
-from expensify_exact.transform.journal import build_journal_drafts
+from expensify_exact.core.posting import post_drafts
+from expensify_exact.cli.progress_view import LineView
+from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID
+from expensify_exact.core.journal import build_journal_drafts
 from tests.conftest import MAPPINGS
 from tests.factories import expense_line, lines, seed_dimensions
 
@@ -283,7 +283,7 @@ def test_every_deferred_report_is_recorded_with_when_the_sensor_may_try_it_again
     its plan asks for the report's day then and not before, and a rerun that settles the report forgets it."""
     from datetime import datetime, timedelta, timezone
 
-    from expensify_exact.days import deferred_run
+    from expensify_exact.core.days import deferred_run
 
     now = datetime(2026, 11, 25, 12, 20, tzinfo=timezone.utc)
     daily_reset = datetime(2026, 11, 26, 0, 0, tzinfo=timezone.utc)

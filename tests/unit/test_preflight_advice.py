@@ -2,7 +2,7 @@
 
 import pytest
 
-from expensify_exact.commands.preflight import _read_advice
+from expensify_exact.cli.commands.preflight import _read_advice
 from expensify_exact.errors import (
     ApiError,
     AuthenticationError,

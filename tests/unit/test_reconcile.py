@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
-from expensify_exact.reconcile import (
+from expensify_exact.core.reconcile import (
     EXPECTED_COLUMNS, Finding, card_liability_balances, exact_lines_frame, reconcile_day, reconcile_month,
     trace_ids,
 )
-from expensify_exact.state import LedgerRow, QuarantineItem
+from expensify_exact.store import LedgerRow, QuarantineItem
 
 DAY = "2026-11-03"
 NOW = datetime(2026, 11, 4, tzinfo=timezone.utc)

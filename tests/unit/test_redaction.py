@@ -2,7 +2,7 @@
 
 import pytest
 
-from expensify_exact.http.redaction import MASK, redact_headers, redact_text, redact_url
+from expensify_exact.api.http.redaction import MASK, redact_headers, redact_text, redact_url
 
 
 @pytest.mark.parametrize("url, expected", [

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from expensify_exact.cli import main
+from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
 from expensify_exact.errors import StateStoreError
-from expensify_exact.exact.client import PostAnswer
-from expensify_exact.replay import (
+from expensify_exact.api.exact.client import PostAnswer
+from expensify_exact.core.replay import (
     QuarantineActionError,
     approve_correction,
     close_item,
@@ -31,8 +31,8 @@ from expensify_exact.replay import (
     reversal_body,
     reversal_entry_id,
 )
-from expensify_exact.state import MIGRATIONS, SCHEMA_VERSION, StateStore, metadata, schema_migrations
-from expensify_exact.transform.journal import Dimensions, content_hash, entry_id_for
+from expensify_exact.store import MIGRATIONS, SCHEMA_VERSION, StateStore, metadata, schema_migrations
+from expensify_exact.core.journal import Dimensions, content_hash, entry_id_for
 from tests.conftest import MAPPINGS
 from tests.factories import seed_dimensions
 

@@ -8,12 +8,12 @@ import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
-from expensify_exact.connections import StoredRateLimitBoard, StoredRequestLog
+from expensify_exact.api.connections import StoredRateLimitBoard, StoredRequestLog
 from expensify_exact.errors import StateStoreError, VaultError
-from expensify_exact.exact.tokens import ExactTokens
-from expensify_exact.http.pacing import RateLimitSnapshot
-from expensify_exact.state import MIGRATIONS, SCHEMA_VERSION, StateStore, rate_limits, schema_migrations
-from expensify_exact.vault import CredentialVault, Secret, VaultTokenStore
+from expensify_exact.api.exact.tokens import ExactTokens
+from expensify_exact.api.http.pacing import RateLimitSnapshot
+from expensify_exact.store import MIGRATIONS, SCHEMA_VERSION, StateStore, rate_limits, schema_migrations
+from expensify_exact.store.vault import CredentialVault, Secret, VaultTokenStore
 
 
 def _enter_and_leave_under_lock(url: str, rounds: int) -> None:
@@ -127,7 +127,7 @@ def test_key_rotation_reencrypts_everything_and_old_key_alone_no_longer_needed(s
 
 
 def test_missing_key_is_reported_with_what_to_do(monkeypatch, tmp_path):
-    from expensify_exact.vault import load_keys
+    from expensify_exact.store.vault import load_keys
 
     monkeypatch.delenv("EXPENSIFY_EXACT_KEY")
     monkeypatch.setenv("EXPENSIFY_EXACT_KEY_FILE", str(tmp_path / "nope"))

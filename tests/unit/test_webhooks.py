@@ -13,8 +13,8 @@ import pytest
 
 from expensify_exact.config import load_project_config
 from expensify_exact.defs import webhooks as webhook_defs
-from expensify_exact.resources import ConnectorResource
-from expensify_exact.webhooks import (
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.core.webhooks import (
     EVENT_DIMENSIONS_CHANGED,
     EVENT_POSTED_ENTRY_DELETED,
     EVENT_RECEIVED,

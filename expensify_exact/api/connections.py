@@ -1,0 +1,135 @@
+"""Builds the API clients of one configured connection from its settings and the encrypted credentials."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import datetime, timedelta, timezone
+
+import sqlalchemy as sa
+
+from expensify_exact.clock import Clock, SystemClock
+from expensify_exact.config import Connection
+from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
+from expensify_exact.api.exact.client import ExactClient
+from expensify_exact.api.exact.regions import resolve_base_url, token_url
+from expensify_exact.api.expensify.client import ExpensifyClient
+from expensify_exact.api.http.pacing import RateLimitSnapshot
+from expensify_exact.core.snapshots import DivisionChecks
+from expensify_exact.store import StateStore
+from expensify_exact.store.vault import CredentialVault, VaultTokenStore
+
+logger = logging.getLogger(__name__)
+
+# Names of the secrets kept per connection in the vault.
+EXPENSIFY_USER_ID = "expensify_partner_user_id"
+EXPENSIFY_USER_SECRET = "expensify_partner_user_secret"
+EXACT_CLIENT_ID = "exact_client_id"
+EXACT_CLIENT_SECRET = "exact_client_secret"
+SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT_CLIENT_SECRET,
+                "exact_webhook_secret")  # expensify_exact.core.webhooks.EXACT_WEBHOOK_SECRET
+
+
+class _Advisory:
+    """What the shared rate-limit records have in common: the state DB is a help, not a dependency. If it
+    cannot be read or written for a moment, pacing carries on with what this process saw itself (and a 429,
+    should one come, is still waited out)."""
+
+    def __init__(self, store: StateStore, scope: str):
+        self._store = store
+        self.scope = scope
+
+    def _try(self, what: str, action, fallback=None):
+        try:
+            return action()
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("could not %s the shared rate-limit records of %s: %s", what, self.scope,
+                           type(exc).__name__)
+            return fallback
+
+
+class StoredRateLimitBoard(_Advisory):
+    """Shares one Exact division's reported budgets through the state DB between all runs and processes."""
+
+    def __init__(self, store: StateStore, division: int):
+        super().__init__(store, f"exact:division:{division}")
+
+    def load(self) -> RateLimitSnapshot | None:
+        values = self._try("read", lambda: self._store.rate_limits_get(self.scope))
+        return RateLimitSnapshot(**values) if values else None
+
+    def save(self, snapshot: RateLimitSnapshot) -> None:
+        self._try("publish", lambda: self._store.rate_limits_put(self.scope, dataclasses.asdict(snapshot)))
+
+
+class StoredRequestLog(_Advisory):
+    """Records one Expensify credential's requests in the state DB, so every step and process counts them."""
+
+    def __init__(self, store: StateStore, connection: str):
+        super().__init__(store, f"expensify:{connection}")
+
+    def since(self, moment: datetime) -> list[datetime]:
+        return self._try("read", lambda: self._store.request_log_since(self.scope, moment), fallback=[])
+
+    def add(self, at: datetime, keep: timedelta) -> None:
+        self._try("record", lambda: self._store.request_log_add(self.scope, at, keep))
+
+
+class StoredErrorBudget:
+    """Counts the errors Exact answered per endpoint of one division and clock hour in the state DB, so every run
+    and process using the division stays under the same budget (exact-online.md §6). Not advisory: if the count
+    cannot be read, the call is not made (an error block would stop the whole division for an hour)."""
+
+    def __init__(self, store: StateStore, division: int, clock: Clock):
+        self._store = store
+        self._division = division
+        self._clock = clock
+
+    def scope(self, endpoint: str) -> str:
+        return f"exact:{self._division}:{endpoint}"
+
+    def _hour(self) -> datetime:
+        return self._clock.now().astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+    def spent(self, endpoint: str) -> int:
+        return self._store.error_budget_count(self.scope(endpoint), self._hour())
+
+    def add(self, endpoint: str, status: int | None, message: str) -> int:
+        return self._store.error_budget_add(self.scope(endpoint), self._hour(), status, message)
+
+
+def exact_base_url(conn: Connection) -> str:
+    return resolve_base_url(conn.exact.region.replace("_", " "), conn.exact.base_url)
+
+
+def build_expensify_client(conn: Connection, vault: CredentialVault, clock: Clock | None = None,
+                           transport=None, store: StateStore | None = None) -> ExpensifyClient:
+    """With `store`, the client counts Expensify's windows over every request of this connection's credential."""
+    return ExpensifyClient(
+        conn.expensify.endpoint_url,
+        vault.get(conn.name, EXPENSIFY_USER_ID),
+        vault.get(conn.name, EXPENSIFY_USER_SECRET),
+        clock or SystemClock(),
+        transport=transport,
+        poll_interval_seconds=conn.expensify.poll_interval_seconds,
+        poll_timeout_seconds=conn.expensify.poll_timeout_seconds,
+        request_log=StoredRequestLog(store, conn.name) if store is not None else None,
+    )
+
+
+def build_token_refresher(conn: Connection, vault: CredentialVault, store: StateStore,
+                          clock: Clock | None = None) -> TokenRefresher:
+    return TokenRefresher(
+        VaultTokenStore(store, vault), conn.name, token_url(exact_base_url(conn)),
+        vault.get(conn.name, EXACT_CLIENT_ID), vault.get(conn.name, EXACT_CLIENT_SECRET), clock or SystemClock(),
+    )
+
+
+def build_exact_client(conn: Connection, vault: CredentialVault, store: StateStore, clock: Clock | None = None,
+                       transport=None) -> ExactClient:
+    clock = clock or SystemClock()
+    refresher = build_token_refresher(conn, vault, store, clock)
+    return ExactClient(exact_base_url(conn), conn.exact.division, ExactAuth(refresher), clock, transport=transport,
+                       rate_limit_board=StoredRateLimitBoard(store, conn.exact.division),
+                       error_budget=StoredErrorBudget(store, conn.exact.division, clock),
+                       division_checks=DivisionChecks(store, conn.exact.division))

@@ -1,0 +1,288 @@
+"""`expensify-exact check`: validates mappings/ against Exact's dimensions and Expensify's policies before a run.
+
+Everything a run would quarantine because of the configuration (an unmapped category, a cost center Exact lacks,
+a blocked account, a journal of the wrong type) is reported here first, one line per problem, with the file and
+line of the mapping row to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from datetime import date
+
+import pandas as pd
+
+from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, connector_from_args
+from expensify_exact.config import CATEGORIES_FILE, TAGS_FILE, VAT_FILE, Connection, ProjectConfig
+from expensify_exact.errors import ConfigError, ConnectorError
+from expensify_exact.core.mapping_locations import MappingLocations
+from expensify_exact.core.journal import Reason
+
+ERROR, WARNING = "error", "warning"
+# Only the tables a mapping can point at; financial periods belong to a run's date, not to the config.
+CHECKED_DIMENSIONS = ("gl_accounts", "cost_centers", "cost_units", "journals", "vat_codes")
+# Findings that are not quarantine reasons (the rest reuse transform.journal.Reason).
+GL_CODE_MISMATCH = "GL_CODE_MISMATCH"
+UNKNOWN_POLICY = "UNKNOWN_POLICY"
+UNREACHABLE = "UNREACHABLE"
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # error | warning
+    code: str  # a quarantine Reason where one fits, so `check` and the quarantine speak the same language
+    connection: str
+    where: str  # file or file:line of the mapping row, or the service that answered
+    message: str
+
+    def line(self) -> str:
+        return f"{self.where}: {self.severity}: {self.code}: {self.message} [{self.connection}]"
+
+
+def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.DataFrame], policies: dict,
+                  locations: MappingLocations, today: date) -> list[Finding]:
+    """Every mapping of `conn` checked against Exact's dimension snapshots and Expensify's policies.
+
+    Args:
+        conn: the connection whose division and policies are checked.
+        project: the loaded mappings.
+        dims: DataFrames as `snapshots.fetch_dimension` returns them, by name (CHECKED_DIMENSIONS).
+        policies: `ExpensifyClient.get_policies(conn.expensify.policy_ids)`.
+        locations: line numbers of the mapping rows.
+        today: the day against which end dates count.
+
+    Returns:
+        Findings in the order of the mapping files; errors would quarantine reports, warnings would not.
+    """
+    findings: list[Finding] = []
+
+    def add(severity: str, code: str, where, message: str) -> None:
+        findings.append(Finding(severity, str(code), conn.name, str(where), message))
+
+    gl = _by_code(dims["gl_accounts"])
+    centers, units = _by_code(dims["cost_centers"]), _by_code(dims["cost_units"])
+    journals, vat_codes = _by_code(dims["journals"]), _by_code(dims["vat_codes"])
+    division = f"Exact division {conn.exact.division}"
+
+    def account(code: str, what: str, where) -> None:
+        row = gl.get(code)
+        if row is None:
+            add(ERROR, Reason.UNKNOWN_GL_ACCOUNT, where, f"GL account {code} ({what}) does not exist in {division}")
+        elif _true(row.get("is_blocked")):
+            add(ERROR, Reason.BLOCKED_GL_ACCOUNT, where, f"GL account {code} ({what}) is blocked in {division}")
+
+    # connections.yaml: the journal and the credit side.
+    journal = journals.get(conn.exact.journal)
+    where = locations.connection(conn.name, "exact", "journal")
+    if journal is None:
+        add(ERROR, Reason.UNKNOWN_JOURNAL, where, f"journal {conn.exact.journal} does not exist in {division}")
+    elif _int(journal.get("type")) != 90:
+        add(ERROR, Reason.INVALID_JOURNAL_TYPE, where,
+            f"journal {conn.exact.journal} has type {journal.get('type')}, not 90 (general journal)")
+    credit = [("employee_payable_account", conn.exact.employee_payable_account, ("exact", "employee_payable_account")),
+              ("card_liability_account", conn.exact.card_liability_account, ("exact", "card_liability_account"))]
+    credit += [(f"card_accounts.{card}", code, ("exact", "card_accounts", card))
+               for card, code in conn.exact.card_accounts.items()]
+    if conn.exact.rounding_account:
+        credit.append(("rounding_account", conn.exact.rounding_account, ("exact", "rounding_account")))
+    for what, code, keys in credit:
+        account(code, what, locations.connection(conn.name, *keys))
+
+    # categories.yaml: the rows that apply to this connection's policies.
+    for row in project.categories:
+        if row.policy_id is None or row.policy_id in conn.expensify.policy_ids:
+            account(row.gl_account, f"category {row.category!r}", locations.category(row.category, row.policy_id))
+
+    def dimension(kind: str, code: str, what: str, where) -> None:
+        """A cost center or cost unit code must exist in Exact and not have ended."""
+        table, unknown, ended = ((centers, Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER)
+                                 if kind == "cost_center" else (units, Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT))
+        label = kind.replace("_", " ")
+        row = table.get(code)
+        end = _day(row.get("end_date")) if row is not None else None
+        if row is None:
+            add(ERROR, unknown, where, f"{label} {code} ({what}) does not exist in {division}")
+        elif end is not None and end < today:
+            add(ERROR, ended, where, f"{label} {code} ({what}) ended on {end} in {division}")
+
+    # tags.yaml: every code a tag (or a level's default) can set.
+    for level in project.tags:
+        for name, code in level.values.items():
+            dimension(level.dimension, code, f"tag {name!r}, level {level.level}", locations.tag(level.level, name))
+        if level.default:
+            dimension(level.dimension, level.default, f"default of level {level.level}",
+                      locations.tag_default(level.level))
+
+    # defaults.yaml: per-employee and per-category cost centers and cost units.
+    defaults = getattr(project, "defaults", None)
+    for section in ("employees", "categories"):
+        for key, row in (getattr(defaults, section, None) or {}).items():
+            for kind in ("cost_center", "cost_unit"):
+                if code := getattr(row, kind, None):
+                    dimension(kind, code, f"default for {key!r}", locations.default(section, key, kind))
+
+    # vat.yaml: the same rules as transform/journal.py. A wrong code is reported even on a journal without VAT,
+    # where it is not used yet: it would be the day the journal changes.
+    for tax_name, code in project.vat_codes.items():
+        if code == "":
+            continue  # "" posts that tax name gross, without a VAT code
+        row = vat_codes.get(code)
+        where = locations.vat(tax_name)
+        if row is None:
+            add(ERROR, Reason.UNKNOWN_VAT_CODE, where,
+                f"VAT code {code} (tax {tax_name!r}) does not exist in {division}")
+        elif _true(row.get("is_blocked")):
+            add(ERROR, Reason.BLOCKED_VAT_CODE, where, f"VAT code {code} (tax {tax_name!r}) is blocked in {division}")
+    vat_journal = journal is not None and _true(journal.get("allow_vat"))
+    if (journal is not None and not vat_journal and conn.posting.require_vat
+            and any(code for code in project.vat_codes.values())):
+        add(ERROR, Reason.VAT_NOT_ALLOWED, locations.connection(conn.name, "posting", "require_vat"),
+            f"journal {conn.exact.journal} does not allow VAT, yet posting.require_vat quarantines every expense "
+            f"whose tax maps to a VAT code; use a journal with AllowVAT or turn require_vat off")
+
+    # Expensify's policies: what employees can pick, before any report uses it.
+    levels = {level.level: level for level in project.tags}
+    for policy_id in conn.expensify.policy_ids:
+        policy = policies.get(policy_id)
+        if policy is None:
+            add(ERROR, UNKNOWN_POLICY, locations.connection(conn.name, "expensify", "policy_ids"),
+                f"Expensify returned no policy {policy_id}; check the ID and that the partner user can see it")
+            continue
+        for category in policy.categories:
+            if not category.enabled:
+                continue
+            mapped = project.gl_account_for(category.name, policy_id)
+            if mapped is None:
+                if conn.posting.fallback_to_category_gl_code and category.gl_code:
+                    account(category.gl_code, f"Expensify GL code of category {category.name!r}",
+                            locations.file(CATEGORIES_FILE))
+                    continue
+                add(ERROR, Reason.UNMAPPED_CATEGORY, locations.file(CATEGORIES_FILE),
+                    f"category {category.name!r} of Expensify policy {policy_id} maps to no GL account; "
+                    f"add a row to {CATEGORIES_FILE}")
+            elif category.gl_code and category.gl_code != mapped:
+                add(WARNING, GL_CODE_MISMATCH, locations.category(category.name, policy_id),
+                    f"category {category.name!r} maps to {mapped}, but Expensify policy {policy_id} gives it GL "
+                    f"code {category.gl_code}; the mapping wins")
+        if project.vat_codes and vat_journal:
+            # Once vat.yaml has rows, a tax name it lacks quarantines the report on a journal that allows VAT.
+            for rate in policy.tax_rates:
+                if rate.name and rate.name not in project.vat_codes:
+                    add(ERROR, Reason.UNMAPPED_TAX_NAME, locations.file(VAT_FILE),
+                        f"tax {rate.name!r} of Expensify policy {policy_id} maps to no VAT code; add it to "
+                        f"{VAT_FILE} (\"\" posts it gross)")
+        for tag in policy.tags:
+            level = levels.get(tag.level)
+            # A level no tags.yaml entry configures sets no dimension, so any tag there is fine.
+            if not tag.enabled or level is None or tag.name in level.values:
+                continue
+            add(ERROR, Reason.UNMAPPED_TAG, locations.tag_level(tag.level),
+                f"tag {tag.name!r} (level {tag.level}) of Expensify policy {policy_id} maps to no "
+                f"{level.dimension.replace('_', ' ')}; add it to {TAGS_FILE}")
+    return findings
+
+
+def _by_code(frame: pd.DataFrame) -> dict[str, dict]:
+    return {str(r["code"]): r for r in frame.to_dict("records")} if len(frame) else {}
+
+
+def _true(value) -> bool:
+    return value is not None and not (isinstance(value, float) and pd.isna(value)) and bool(value)
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _day(value) -> date | None:
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NaT:
+        return None
+    if hasattr(value, "date") and callable(value.date):
+        return value.date()
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+
+
+def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations,
+                     today: date) -> list[Finding]:
+    """Reads Exact's dimensions and Expensify's policies for `conn` and checks the mappings against them."""
+    from expensify_exact.core.snapshots import fetch_dimension, needed_codes
+
+    try:
+        client = connector.exact_client(conn)
+        with client:
+            needed = needed_codes(conn, project)
+            dims = {name: fetch_dimension(client, name, needed.get(name)) for name in CHECKED_DIMENSIONS}
+            _remember_rate_budget(connector, conn, client)
+    except ConnectorError as exc:
+        return [Finding(ERROR, UNREACHABLE, conn.name, f"Exact division {conn.exact.division}",
+                        f"cannot read the dimensions: {exc}")]
+    try:
+        with connector.expensify_client(conn) as expensify:
+            policies = expensify.get_policies(conn.expensify.policy_ids)
+    except ConnectorError as exc:
+        return [Finding(ERROR, UNREACHABLE, conn.name, "Expensify", f"cannot read the policies: {exc}")]
+    return find_problems(conn, project, dims, policies, locations, today)
+
+
+def _remember_rate_budget(connector, conn: Connection, client) -> None:
+    """Leave Exact's rate budget in the audit log, where `status` finds it without spending a call."""
+    status = client.rate_limits.status()
+    if status.get("remaining_daily") is not None:
+        connector.store().audit("exact_rate_budget", connection=conn.name, detail=status | {"source": "check"})
+
+
+def cmd_check(args) -> int:
+    connector = connector_from_args(args)
+    try:
+        project = connector.project()
+        connections = [project.connection(args.connection)] if args.connection else project.connections
+    except ConfigError as exc:
+        _emit(args, [], error=str(exc))
+        return EXIT_CONFIG
+    locations = MappingLocations(args.mappings)
+    today = date.today()
+    findings: list[Finding] = []
+    for conn in connections:
+        if not args.json:
+            print(f"{conn.name}: Exact division {conn.exact.division}, Expensify policies "
+                  f"{', '.join(conn.expensify.policy_ids)}", flush=True)
+        findings.extend(check_connection(connector, conn, project, locations, today))
+    _emit(args, findings, checked=[c.name for c in connections])
+    return EXIT_FAILED if any(f.severity == ERROR for f in findings) else EXIT_OK
+
+
+def _emit(args, findings: list[Finding], checked: list[str] | None = None, error: str | None = None) -> None:
+    errors = [f for f in findings if f.severity == ERROR]
+    warnings = [f for f in findings if f.severity == WARNING]
+    if args.json:
+        print(json.dumps({"ok": error is None and not errors, "config_error": error, "connections": checked or [],
+                          "problems": len(errors), "warnings": len(warnings),
+                          "findings": [asdict(f) for f in findings]}, indent=2))
+        return
+    if error:
+        print(f"config error: {error}", file=sys.stderr)
+        return
+    for finding in findings:
+        print(finding.line())
+    print(f"{len(errors)} problem(s), {len(warnings)} warning(s)" if findings else "no problems found")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "check", help="validate mappings/ against Exact's dimensions and Expensify's policies",
+        description="Validate mappings/ and check every mapped GL account, cost center, cost unit, journal, "
+                    "credit account and VAT code against Exact Online, and every category and tag of the "
+                    "connection's Expensify policies against the mappings. One line per problem, with the "
+                    "file:line of the mapping row where there is one.",
+        epilog="Exit codes: 0 no problems (warnings allowed), 1 problems found or a service unreachable, "
+               "3 the configuration itself is invalid. Uses about 7 Exact calls and 1 Expensify call per connection.",
+    )
+    p.add_argument("--connection", help="check only this connection (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.set_defaults(func=cmd_check)

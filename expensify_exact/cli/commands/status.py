@@ -1,0 +1,407 @@
+"""`expensify-exact status`: per connection, what an operator checks first — credentials, tokens, Exact's rate
+budget, the Dagster pools that keep runs inside it, the open quarantine and the ledger — plus the latest runs of the
+main job on the Dagster instance.
+
+Reads only the state database and the Dagster instance; `--live` spends two Exact calls to read the rate budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, connector_from_args
+from expensify_exact.errors import ConfigError, ConnectorError
+
+RECENT_RUNS = 5
+RATE_BUDGET_EVENT = "exact_rate_budget"  # audit event `check` and `status --live` write
+# Metadata keys on `<connection>/exact/journal_entries_posted` that, when a run records them, carry the budget.
+# -1 means the run did not learn it.
+RATE_METADATA_KEYS = {"exact_daily_calls_left": "remaining_daily", "exact_daily_resets_at": "daily_resets_at",
+                      "exact_minutely_calls_left": "remaining_minutely"}
+# `secrets set --sandbox-demo` / `--from-env` store a refresh token with this issue time: its real age is unknown.
+NEVER_EXCHANGED = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def collect_status(connector, connections, instance, now: datetime, live: bool = False) -> dict:
+    """Everything `status` shows, as one JSON-ready dict; `instance` may be None (no Dagster instance yet)."""
+    from expensify_exact.api.connections import SECRET_NAMES
+
+    required = _required_secrets()
+    store = connector.store()
+    stored = {(scope, name) for scope, name, _ in store.list_secrets()}
+    token_ages = store.token_ages()
+    out: dict = {"checked_at": now.isoformat(), "connections": {}, "runs": _recent_runs(instance)}
+    for conn in connections:
+        issued = token_ages.get(conn.name)
+        credentials = {name: (conn.name, name) in stored for name in SECRET_NAMES}
+        credentials["exact_tokens"] = issued is not None
+        notify_needs = _notify_secrets(conn, stored)
+        credentials |= {name: (conn.name, name) in stored for name in notify_needs}
+        quarantine = store.quarantine_items(connection=conn.name, status="open")
+        by_reason = Counter(code for item in quarantine for code in {r.get("code", "?") for r in item.reasons})
+        ledger = Counter(row.status for row in store.ledger_rows(connection=conn.name))
+        out["connections"][conn.name] = {
+            "exact_division": conn.exact.division,
+            "credentials": credentials,
+            # Optional ones (a webhook secret, say) are listed but never reported as missing.
+            "missing_credentials": sorted(name for name, present in credentials.items()
+                                          if not present and (name in required or name in notify_needs)),
+            "notify": _notify(store, conn),
+            "tokens": _tokens(connector, conn, issued, now),
+            "rate_budget": (_live_budget(connector, conn) if live else None)
+                           or _recorded_budget(store, instance, conn),
+            "pools": _pools(instance, conn),
+            "quarantine_open": len(quarantine),
+            "quarantine_by_reason": dict(sorted(by_reason.items())),
+            "ledger": {"posted": ledger.get("posted", 0), "pending": ledger.get("pending", 0)},
+            "error_budget": _error_budget(store, conn, now),
+            "last_posting": _last_posting(instance, conn),
+            "last_complete_day": _last_complete_day(store, conn),
+        }
+    return out
+
+
+def _notify_secrets(conn, stored: set[tuple[str, str]]) -> list[str]:
+    """The vault secrets the connection's `notify` settings need: the webhook URL once a webhook format is set,
+    the SMTP password once an SMTP user is stored."""
+    from expensify_exact.notify import ALERT_WEBHOOK_URL, SMTP_PASSWORD, SMTP_USERNAME
+
+    needs = [ALERT_WEBHOOK_URL] if conn.notify.alerts.webhook_format else []
+    return needs + ([SMTP_PASSWORD] if (conn.name, SMTP_USERNAME) in stored else [])
+
+
+def _notify(store, conn) -> dict:
+    from expensify_exact.notify.alerts import channels
+    from expensify_exact.notify.mail import DIGEST_KIND
+
+    mailed = store.notifications_sent(DIGEST_KIND, conn.name)
+    return {"digest_to": len(conn.notify.digest.to), "alert_channels": channels(conn),
+            "last_digest_mailed": max((row["key"].rsplit(":", 1)[1] for row in mailed), default=None)}
+
+
+def _error_budget(store, conn, now: datetime) -> list[dict]:
+    """Errors Exact answered this clock hour per endpoint of the connection's division (exact-online.md §6)."""
+    from expensify_exact.api.exact.client import ERROR_BUDGET_PER_ENDPOINT
+
+    hour = now.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    prefix = f"exact:{conn.exact.division}:"
+    return [{"endpoint": row["scope"][len(prefix):], "errors": row["errors"], "limit": ERROR_BUDGET_PER_ENDPOINT,
+             "stopped": row["errors"] >= ERROR_BUDGET_PER_ENDPOINT, "last_status": row["last_status"],
+             "last_message": row["last_message"]}
+            for row in store.error_budget_rows(hour) if row["scope"].startswith(prefix) and row["hour"] == hour]
+
+
+def _last_complete_day(store, conn) -> dict:
+    """The newest approval day run after it ended in the connection's zone, when, and what still waits."""
+    last = store.last_day_posted(conn.name)
+    return {"day": last[0] if last else None, "posted_at": last[1].isoformat() if last else None,
+            "timezone": conn.timezone, "deferred_reports": len(store.deferred(conn.name))}
+
+
+def _required_secrets() -> set[str]:
+    from expensify_exact.api import connections as c
+
+    return {c.EXPENSIFY_USER_ID, c.EXPENSIFY_USER_SECRET, c.EXACT_CLIENT_ID, c.EXACT_CLIENT_SECRET, "exact_tokens"}
+
+
+def needs_attention(status: dict) -> list[str]:
+    """What makes `status` exit 1: things that stop or will soon stop the next run. Open quarantine does not."""
+    reasons = []
+    for name, conn in status["connections"].items():
+        if conn["missing_credentials"]:
+            reasons.append(f"{name}: missing {', '.join(conn['missing_credentials'])}")
+        if conn["tokens"].get("idle_warning"):
+            reasons.append(f"{name}: {conn['tokens']['idle_warning']}")
+        if conn["tokens"].get("error"):
+            reasons.append(f"{name}: {conn['tokens']['error']}")
+        for pool, limit in (conn["pools"] or {}).items():
+            if limit is None:
+                reasons.append(f"{name}: Dagster pool {pool} has no limit, so concurrent runs can exceed the API's "
+                               f"rate limit; set concurrency.pools.default_limit: 1 in dagster.yaml")
+        for spent in conn.get("error_budget") or []:
+            if spent["stopped"]:
+                reasons.append(f"{name}: Exact answered {spent['errors']} errors on {spent['endpoint']} this hour; "
+                               f"the connector does not call it again before the next hour (Exact blocks at 10)")
+        if conn["ledger"]["pending"]:
+            reasons.append(f"{name}: {conn['ledger']['pending']} posting intent(s) unsettled; the next run settles "
+                           f"them by asking Exact")
+    runs = status["runs"].get("latest") or []
+    if runs and runs[0]["status"] == "FAILURE":
+        reasons.append(f"the latest run {runs[0]['run_id']} failed")
+    return reasons
+
+
+def _tokens(connector, conn, issued, now: datetime) -> dict:
+    from expensify_exact.clock import SystemClock
+    from expensify_exact.api.exact.auth import TokenRefresher
+    from expensify_exact.store.vault import VaultTokenStore
+
+    if issued is None:
+        return {"stored": False}
+    access_issued, refresh_issued = issued
+    if refresh_issued <= NEVER_EXCHANGED:
+        return {"stored": True, "issued_at": None, "note": "refresh token stored but not yet exchanged; "
+                                                           "the first run trades it for an access token"}
+    info = {"stored": True, "issued_at": access_issued.isoformat(), "age_seconds": int((now - access_issued)
+                                                                                        .total_seconds()),
+            "refresh_issued_at": refresh_issued.isoformat(), "idle_warning": None}
+    try:
+        # Only the token store is read: no client ID or secret is needed, and nothing is refreshed.
+        refresher = TokenRefresher(VaultTokenStore(connector.store(), connector.vault()), conn.name, "", "", "",
+                                   SystemClock())
+        info["idle_warning"] = refresher.refresh_token_idle_warning(now)
+    except ConnectorError as exc:
+        info["error"] = f"cannot read the stored tokens: {exc}"
+    return info
+
+
+def _live_budget(connector, conn) -> dict | None:
+    """Two cheap calls: current/Me (no rate headers, exact-online.md §6) then system/Divisions, which has them."""
+    try:
+        with connector.exact_client(conn) as client:
+            client.check_division()
+            status = client.rate_limits.status()
+    except ConnectorError as exc:
+        return {"source": "live", "error": str(exc)}
+    now = datetime.now(timezone.utc)
+    connector.store().audit(RATE_BUDGET_EVENT, connection=conn.name, detail=status | {"source": "status --live"})
+    return {"source": "live", "as_of": now.isoformat(), **_budget_fields(status)}
+
+
+def _pools(instance, conn) -> dict[str, int | None] | None:
+    """Pool -> the limit a step claiming it will get (an existing row's, else the instance default); None: no limit."""
+    from expensify_exact.defs.keys import exact_pool, expensify_pool
+
+    if instance is None or not instance.event_log_storage.supports_global_concurrency_limits:
+        return None
+    storage = instance.event_log_storage
+    limits = {pool.name: pool.limit for pool in storage.get_pool_limits()}
+    default = storage.get_pool_config().default_pool_limit
+    return {pool: limits.get(pool, default) for pool in (exact_pool(conn), expensify_pool(conn))}
+
+
+def _recorded_budget(store, instance, conn) -> dict | None:
+    """The newest budget known without calling Exact: the last answer any run got, a run's metadata, the audit log."""
+    from expensify_exact.api.connections import StoredRateLimitBoard
+
+    candidates = []
+    shared = StoredRateLimitBoard(store, conn.exact.division).load()
+    if shared is not None and shared.remaining_daily is not None:
+        candidates.append({"source": "the last Exact answer", "as_of": shared.observed_at.isoformat(),
+                           "remaining_daily": shared.remaining_daily,
+                           "daily_resets_at": shared.daily_resets_at.isoformat() if shared.daily_resets_at else None,
+                           "remaining_minutely": shared.remaining_minutely})
+    for row in reversed(store.audit_rows(connection=conn.name)):
+        if row["event"] == RATE_BUDGET_EVENT and row.get("detail"):
+            detail = json.loads(row["detail"])
+            candidates.append({"source": f"audit ({detail.get('source', '?')})", "as_of": row["at"].isoformat(),
+                               **_budget_fields(detail)})
+            break
+    event = _latest_posted_materialization(instance, conn)
+    if event is not None:
+        metadata = event.asset_materialization.metadata
+        fields = {ours: getattr(metadata[key], "value", metadata[key])
+                  for key, ours in RATE_METADATA_KEYS.items() if key in metadata}
+        fields = {key: value for key, value in fields.items() if value not in (None, -1)}
+        if fields.get("remaining_daily") is not None:
+            as_of = datetime.fromtimestamp(event.timestamp, timezone.utc).isoformat()
+            candidates.append({"source": f"run {event.run_id}", "as_of": as_of, **_budget_fields(fields)})
+    return max(candidates, key=lambda c: c["as_of"]) if candidates else None
+
+
+def _budget_fields(status: dict) -> dict:
+    return {key: status.get(key) for key in ("remaining_daily", "daily_resets_at", "remaining_minutely")}
+
+
+def _posted_keys(conn):
+    import dagster as dg
+
+    from expensify_exact.defs.keys import asset_key
+
+    # Per-connection key first; the single-group layout of earlier versions second.
+    return [asset_key(conn.name, "exact", "journal_entries_posted"), dg.AssetKey(["exact", "journal_entries_posted"])]
+
+
+def _latest_posted_materialization(instance, conn):
+    if instance is None:
+        return None
+    events = [e for e in (instance.get_latest_materialization_event(k) for k in _posted_keys(conn)) if e is not None]
+    return max(events, key=lambda e: e.timestamp) if events else None
+
+
+def _last_posting(instance, conn) -> dict | None:
+    event = _latest_posted_materialization(instance, conn)
+    if event is None:
+        return None
+    materialization = event.asset_materialization
+    metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()
+                if k in ("posted", "already_posted", "quarantined", "deferred", "is_dry_run")}
+    return {"run_id": event.run_id, "at": datetime.fromtimestamp(event.timestamp, timezone.utc).isoformat(),
+            "partition": materialization.partition, **metadata}
+
+
+def _recent_runs(instance) -> dict:
+    import dagster as dg
+
+    from expensify_exact.defs.jobs import MAIN_JOB_NAME
+
+    if instance is None:
+        return {"dagster_home": os.environ.get("DAGSTER_HOME"), "latest": [],
+                "note": "no Dagster instance yet: nothing has run"}
+    records = instance.get_run_records(filters=dg.RunsFilter(job_name=MAIN_JOB_NAME), limit=RECENT_RUNS)
+    latest = []
+    for record in records:
+        run = record.dagster_run
+        tags = run.tags
+        start = tags.get("dagster/asset_partition_range_start") or tags.get("dagster/partition")
+        end = tags.get("dagster/asset_partition_range_end") or start
+        latest.append({
+            "run_id": run.run_id, "status": run.status.value,
+            "started_at": _ts(record.start_time or record.create_timestamp.timestamp()),
+            "ended_at": _ts(record.end_time), "days": f"{start}..{end}" if start and start != end else start,
+        })
+    return {"dagster_home": os.environ.get("DAGSTER_HOME"), "job": MAIN_JOB_NAME, "latest": latest}
+
+
+def _ts(value: float | None) -> str | None:
+    return datetime.fromtimestamp(value, timezone.utc).isoformat() if value else None
+
+
+def _age(seconds: int) -> str:
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} days"
+
+
+def render_text(status: dict) -> str:
+    lines = []
+    for name, conn in status["connections"].items():
+        lines.append(f"{name} (Exact division {conn['exact_division']})")
+        present = [n for n, ok in conn["credentials"].items() if ok]
+        optional = [n for n, ok in conn["credentials"].items() if not ok and n not in conn["missing_credentials"]]
+        lines.append(f"  credentials   present: {', '.join(present) or 'none'}"
+                     + (f"; MISSING: {', '.join(conn['missing_credentials'])}" if conn["missing_credentials"] else "")
+                     + (f"; not set (optional): {', '.join(optional)}" if optional else ""))
+        notify = conn["notify"]
+        lines.append("  notify        "
+                     + (f"digest to {notify['digest_to']} recipient(s), last mailed "
+                        f"{notify['last_digest_mailed'] or 'never'}" if notify["digest_to"] else "digest not mailed")
+                     + f"; alerts: {', '.join(notify['alert_channels']) or 'none'}")
+        tokens = conn["tokens"]
+        if not tokens["stored"]:
+            lines.append("  exact tokens  none: run `expensify-exact authorize` or `secrets set` with a refresh token")
+        elif tokens.get("issued_at") is None:
+            lines.append(f"  exact tokens  {tokens['note']}")
+        else:
+            lines.append(f"  exact tokens  last rotated {_age(tokens['age_seconds'])} ago "
+                         f"({tokens['issued_at'][:16]}Z)")
+        for key in ("idle_warning", "error"):
+            if tokens.get(key):
+                lines.append(f"  WARNING       {tokens[key]}")
+        budget = conn["rate_budget"]
+        if budget is None:
+            lines.append("  rate budget   unknown (no run or check recorded it; `status --live` asks Exact)")
+        elif budget.get("error"):
+            lines.append(f"  rate budget   could not ask Exact: {budget['error']}")
+        else:
+            resets = f" (resets {budget['daily_resets_at'][:16]}Z)" if budget.get("daily_resets_at") else ""
+            minute = (f", {budget['remaining_minutely']} this minute" if budget.get("remaining_minutely") is not None
+                      else "")
+            lines.append(f"  rate budget   {budget['remaining_daily']} calls left today{resets}{minute}; "
+                         f"as of {budget['as_of'][:16]}Z from {budget['source']}")
+        if conn["pools"]:
+            lines.append("  pools         " + ", ".join(
+                f"{pool}: {'NO LIMIT' if limit is None else f'{limit} step(s) at a time'}"
+                for pool, limit in conn["pools"].items()))
+        reasons = ", ".join(f"{code} {n}" for code, n in conn["quarantine_by_reason"].items())
+        lines.append(f"  quarantine    {conn['quarantine_open']} open report(s)" + (f": {reasons}" if reasons else ""))
+        lines.append(f"  ledger        {conn['ledger']['posted']} posted, {conn['ledger']['pending']} pending")
+        day = conn["last_complete_day"]
+        lines.append(f"  last day      {day['day']} ({day['timezone']}) posted at {day['posted_at'][:16]}Z"
+                     if day["day"] else f"  last day      none posted yet ({day['timezone']})")
+        if day["deferred_reports"]:
+            lines[-1] += (f"; {day['deferred_reports']} deferred report(s) wait to be tried again "
+                          f"(sensor post_deferred_after_reset)")
+        for spent in conn.get("error_budget") or []:
+            state = "STOPPED until the next hour" if spent["stopped"] else "calls go on"
+            lines.append(f"  exact errors  {spent['endpoint']}: {spent['errors']}/{spent['limit']} this hour, {state} "
+                         f"(last: HTTP {spent['last_status']} {spent['last_message']})")
+        if conn["last_posting"]:
+            p = conn["last_posting"]
+            lines.append(f"  last posting  run {p['run_id'][:8]} at {p['at'][:16]}Z: posted {p.get('posted', 0)}, "
+                         f"already posted {p.get('already_posted', 0)}, quarantined {p.get('quarantined', 0)}"
+                         + (" (dry run)" if p.get("is_dry_run") else ""))
+    runs = status["runs"]
+    lines.append(f"latest runs of {runs.get('job', 'the main job')} (DAGSTER_HOME={runs['dagster_home']})")
+    if not runs["latest"]:
+        lines.append(f"  {runs.get('note', 'none')}")
+    for run in runs["latest"]:
+        lines.append(f"  {run['run_id'][:8]}  {run['status']:<9} {(run['started_at'] or '')[:16]}Z  "
+                     f"days {run['days'] or '-'}")
+    return "\n".join(lines)
+
+
+def _instance():
+    """The Dagster instance at $DAGSTER_HOME (default ./.dagster_home), or None if there is none yet."""
+    import dagster as dg
+
+    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    os.environ["DAGSTER_HOME"] = str(home)
+    if not home.is_dir():
+        return None
+    return dg.DagsterInstance.get()
+
+
+def cmd_status(args) -> int:
+    connector = connector_from_args(args)
+    try:
+        project = connector.project()
+        connections = [project.connection(args.connection)] if args.connection else project.connections
+    except ConfigError as exc:
+        if args.json:
+            print(json.dumps({"config_error": str(exc)}))
+        else:
+            print(f"config error: {exc}")
+        return EXIT_CONFIG
+    instance = _instance()
+    try:
+        status = collect_status(connector, connections, instance, datetime.now(timezone.utc), live=args.live)
+    finally:
+        if instance is not None:
+            instance.dispose()
+    attention = needs_attention(status)
+    status["attention"] = attention
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        print(render_text(status))
+        for reason in attention:
+            print(f"attention: {reason}")
+    return EXIT_FAILED if attention else EXIT_OK
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "status", help="credentials, tokens, rate budget, quarantine, ledger and latest runs per connection",
+        description="Per connection: which credentials are stored (names only, never values), the age of the "
+                    "Exact tokens and a warning when the refresh token nears Exact's 30-day idle expiry, Exact's "
+                    "rate budget as last recorded, open quarantine by reason code, ledger counts, and the latest "
+                    f"{RECENT_RUNS} runs of the main job on the Dagster instance at $DAGSTER_HOME.",
+        epilog="The rate budget comes from the newest of: the last `check` or `status --live` (audit log), or the "
+               "last run's `exact_daily_calls_left` metadata on <connection>/exact/journal_entries_posted. "
+               "`--live` asks Exact with two calls "
+               "(current/Me carries no rate headers, system/Divisions does). Exit codes: 0 nothing needs "
+               "attention (open quarantine does not count), 1 something does (missing credentials, refresh "
+               "token near expiry, unsettled posting intents, latest run failed), 3 invalid configuration.",
+    )
+    p.add_argument("--connection", help="only this connection (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--live", action="store_true", help="ask Exact for the current rate budget (2 API calls)")
+    p.set_defaults(func=cmd_status)

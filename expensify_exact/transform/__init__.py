@@ -1,1 +1,0 @@
-"""Pure transformations of DataFrames: Expensify reports to expense lines, lines to journal drafts."""
