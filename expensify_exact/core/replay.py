@@ -32,20 +32,17 @@ from expensify_exact import progress
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiError
 from expensify_exact.api.exact.odata import guid_literal
+from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact.core.posting import planned_reports, post_drafts
 from expensify_exact.core.settlement import EntryGateway, find_posted, post_and_settle
 from expensify_exact.core.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
 from expensify_exact.store import CorrectionRow, QuarantineItem, StateStore
-from expensify_exact.core.draft_checks import split_invalid_drafts
-from expensify_exact.core.expense_lines import normalize_reports
 from expensify_exact.core.journal import (
     ENTRY_ID_NAMESPACE,
     NOTES_MAX,
-    REJECTION_COLUMNS,
     Dimensions,
     JournalDrafts,
     Reason,
-    build_journal_drafts,
     content_hash,
     entry_id_for,
 )
@@ -261,25 +258,6 @@ def _earliest_day(items: list[QuarantineItem]) -> date:
     days = [date.fromisoformat(i.partition_date) for i in items if i.partition_date]
     days += [(i.first_seen_at - timedelta(days=FALLBACK_LOOKBACK_DAYS)).date() for i in items if not i.partition_date]
     return min(days) - timedelta(days=EXPORT_MARGIN_DAYS)
-
-
-def drafts_for_reports(reports: list[dict], conn: Connection, config: ProjectConfig, dims: Dimensions,
-                       run_date: date) -> JournalDrafts:
-    """Exported reports -> journal drafts and rejections for one connection: the steps of the main job's
-    expense_lines and journal_drafts assets (normalize, set malformed reports aside, map, validate)."""
-    normalized = normalize_reports(reports, conn.timezone, source_timezone=conn.expensify.timestamp_timezone)
-    lines, malformed = normalized.lines, normalized.malformed
-    bad = set(malformed["report_id"])
-    drafts = build_journal_drafts(lines[~lines["report_id"].isin(bad)], conn, config, dims, run_date=run_date)
-    drafts, _failures = split_invalid_drafts(drafts)
-    day_of = dict(zip(lines["report_id"], lines["partition_date"]))
-    malformed_rows = [{"connection": conn.name, "partition_date": day_of.get(r.report_id, run_date.isoformat()),
-                       "report_id": r.report_id, "transaction_id": r.transaction_id or "",
-                       "code": Reason.MALFORMED_SOURCE.value, "dimension": "source", "value": r.reason,
-                       "message": r.detail} for r in malformed.itertuples(index=False)]
-    rejections = pd.concat([drafts.rejections, pd.DataFrame(malformed_rows, columns=REJECTION_COLUMNS)],
-                           ignore_index=True)
-    return JournalDrafts(lines=drafts.lines, rejections=rejections)
 
 
 def _verdicts(drafts: JournalDrafts) -> dict[str, list[str]]:

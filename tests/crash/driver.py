@@ -17,7 +17,7 @@ from expensify_exact.errors import ConnectorError
 from expensify_exact.api.exact.auth import ExactAuth
 from expensify_exact.api.exact.client import ExactClient
 from expensify_exact.core.posting import PostingRun, post_drafts
-from expensify_exact.core.replay import drafts_for_reports
+from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact_sandbox import seed as S
 from expensify_exact.core.snapshots import fetch_dimensions
 from expensify_exact.store import StateStore

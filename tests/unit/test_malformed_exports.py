@@ -5,7 +5,7 @@ json). Hypothesis then breaks them the way a faulty export could: nulls, wrong t
 strings, dates in year 1 or 9999, missing or odd transaction lists, expenses that are not objects, nested junk,
 duplicated expenses. Whatever it does, `normalize_reports` must return; every expense must end as a valid line or
 set aside with a reason (none lost); a report with a bad expense must be quarantined whole by the drafts step
-(`replay.drafts_for_reports`, the same steps as the main job's assets); and the untouched reports of the day must
+(`pipeline.drafts_for_reports`, the same steps as the main job's assets); and the untouched reports of the day must
 come through as if nothing had happened. Once this found 8 crashes in 1,000 mutated reports (issue 14).
 """
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from expensify_exact.config import load_project_config
 from expensify_exact.api.expensify.client import ExpensifyClient
-from expensify_exact.core.replay import drafts_for_reports
+from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact_sandbox import seed as S
 from expensify_exact_sandbox.clock import SandboxClock
 from expensify_exact_sandbox.expensify_app import ExpensifySimulator
