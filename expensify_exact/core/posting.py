@@ -75,7 +75,8 @@ class PostingRun:
     late_approvals: list[str] = field(default_factory=list)  # reports first seen in a day already posted
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(o) for o in self.outcomes], columns=OUTCOME_COLUMNS)
+        # Plain strings in the frame: it is pickled per partition and must not depend on where `Outcome` lives.
+        return pd.DataFrame([asdict(o) | {"outcome": str(o.outcome)} for o in self.outcomes], columns=OUTCOME_COLUMNS)
 
 
 def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, client: JournalPoster | None,

@@ -72,7 +72,7 @@ class LedgerRow:
 
     connection: str
     report_id: str
-    status: str
+    status: IntentStatus
     content_hash: str
     entry_id: str  # as Exact holds it once posted
     entry_number: int | None

@@ -19,6 +19,19 @@ from expensify_exact.store.schema import (
 # Tables of versions 1-7 that migration 8 moved into `ee_intents` and dropped: the posted ledger (one row per
 # report) and the correction intents (reversal and corrected entry of an approved CHANGED_AFTER_POSTING report).
 legacy = sa.MetaData()
+
+
+def _entry_columns() -> list[sa.Column]:
+    """The columns both legacy tables had for the entry they record."""
+    return [sa.Column("entry_number", sa.Integer, nullable=True),
+            sa.Column("partition_date", sa.String(10), nullable=True),
+            sa.Column("transaction_ids", sa.Text, nullable=False),
+            sa.Column("total_cents", sa.BigInteger, nullable=False),
+            sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
+            sa.Column("run_id", sa.String(64), nullable=True)]
+
+
 posted_ledger = sa.Table(
     "ee_posted_ledger", legacy,
     sa.Column("connection", sa.String(100), primary_key=True),
@@ -26,13 +39,7 @@ posted_ledger = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("entry_id", sa.String(36), nullable=False),  # Exact's EntryID once posted
-    sa.Column("entry_number", sa.Integer, nullable=True),
-    sa.Column("partition_date", sa.String(10), nullable=True),
-    sa.Column("transaction_ids", sa.Text, nullable=False),
-    sa.Column("total_cents", sa.BigInteger, nullable=False),
-    sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("run_id", sa.String(64), nullable=True),
+    *_entry_columns(),
     sa.Column("client_entry_id", sa.String(36), nullable=True),  # ours (migration 4)
     sa.Column("body", sa.Text, nullable=True),  # migration 4
 )
@@ -46,13 +53,7 @@ corrections = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("body", sa.Text, nullable=False),
-    sa.Column("entry_number", sa.Integer, nullable=True),
-    sa.Column("partition_date", sa.String(10), nullable=True),
-    sa.Column("transaction_ids", sa.Text, nullable=False),
-    sa.Column("total_cents", sa.BigInteger, nullable=False),
-    sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("run_id", sa.String(64), nullable=True),
+    *_entry_columns(),
     sa.Column("exact_entry_id", sa.String(36), nullable=True),  # migration 4
 )
 

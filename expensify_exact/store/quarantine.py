@@ -25,7 +25,7 @@ class QuarantineStatus(StrEnum):
 class QuarantineItem:
     connection: str
     report_id: str
-    status: str
+    status: QuarantineStatus
     partition_date: str | None
     reasons: list[dict]
     transaction_ids: list[str]
@@ -105,6 +105,6 @@ class QuarantineStore(StoreBase):
 
 
 def _quarantine_item(r) -> QuarantineItem:
-    return QuarantineItem(r.connection, r.report_id, r.status, r.partition_date, json.loads(r.reasons),
-                          json.loads(r.transaction_ids), r.content_hash, aware(r.first_seen_at), aware(r.updated_at),
-                          r.resolution_note, json.loads(r.correction) if r.correction else None)
+    return QuarantineItem(r.connection, r.report_id, QuarantineStatus(r.status), r.partition_date,
+                          json.loads(r.reasons), json.loads(r.transaction_ids), r.content_hash, aware(r.first_seen_at),
+                          aware(r.updated_at), r.resolution_note, json.loads(r.correction) if r.correction else None)

@@ -27,7 +27,8 @@ class SecretStore(StoreBase):
                                 .order_by(secrets.c.scope, secrets.c.name))
             return [(r.scope, r.name, aware(r.updated_at)) for r in rows]
 
-    def put_token_blob(self, connection: str, ciphertext: str, issued_at: datetime, refresh_issued_at: datetime) -> None:
+    def put_token_blob(self, connection: str, ciphertext: str, issued_at: datetime,
+                       refresh_issued_at: datetime) -> None:
         self._upsert(exact_tokens, {"connection": connection},
                      {"ciphertext": ciphertext, "issued_at": issued_at, "refresh_issued_at": refresh_issued_at,
                       "updated_at": utcnow()})
