@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 from expensify_exact.core.reconcile import FINDING_FIXES, Finding, Reconciliation
-from expensify_exact.store import LedgerRow, QuarantineItem
+from expensify_exact.core.posting import Outcome
+from expensify_exact.store import IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus
 from expensify_exact.core.journal import REASON_FIXES, Reason
 
 DIGEST_DIR_ENV = "EXPENSIFY_EXACT_DIGEST_DIR"
@@ -130,14 +131,14 @@ def _posted_section(day: str, ledger: Sequence[LedgerRow], outcomes: pd.DataFram
             if o.outcome not in labels:
                 continue
             counts[keys[o.outcome]] += 1
-            if o.outcome == "posted":
+            if o.outcome == Outcome.POSTED:
                 totals[currency] = totals.get(currency, 0) + int(o.total_cents)
             rows.append([o.report_id, _number(o.entry_number), _money(int(o.total_cents), currency),
                          str(len(o.transaction_ids)), labels[o.outcome]])
     else:
         # No posting run's outcomes at hand (e.g. the CLI): the ledger says what is posted for the day.
         for row in sorted((r for r in ledger if r.partition_date == day), key=lambda r: r.report_id):
-            if row.status == "posted":
+            if row.status == IntentStatus.POSTED:
                 counts["posted_today"] += 1
                 totals[currency] = totals.get(currency, 0) + row.total_cents
                 state = f"posted {row.posted_at:%Y-%m-%d}" if row.posted_at else "posted"
@@ -154,7 +155,7 @@ def _posted_section(day: str, ledger: Sequence[LedgerRow], outcomes: pd.DataFram
 
 
 def _quarantine_sections(day: str, items: Sequence[QuarantineItem]) -> tuple[list[Section], int, int]:
-    open_items = [i for i in items if i.status == "open"]
+    open_items = [i for i in items if i.status == QuarantineStatus.OPEN]
     today = [i for i in open_items if i.partition_date == day]
     older = [i for i in open_items if i.partition_date != day]
     if not open_items:

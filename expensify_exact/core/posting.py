@@ -8,10 +8,10 @@ report's refusal never stops the others.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
 import pandas as pd
 
@@ -26,7 +26,7 @@ from expensify_exact.errors import (
     RateLimitExhausted,
 )
 from expensify_exact.core.settlement import EntryGateway, Settled, find_posted, post_and_settle
-from expensify_exact.store import StateStore
+from expensify_exact.store import IntentKind, IntentStatus, NewIntent, QuarantineStatus, StateStore
 from expensify_exact.core.journal import (
     JournalDrafts, Reason, content_hash, entry_body, entry_id_for, entry_total_cents,
 )
@@ -43,12 +43,23 @@ _STOPS_THE_CONNECTION = (RateLimitExhausted, ErrorBudgetExhausted, ConnectionSto
                          AuthenticationError)
 
 
+class Outcome(StrEnum):
+    """How a run settled a report."""
+
+    POSTED = "posted"
+    ALREADY_POSTED = "already_posted"  # the ledger holds it with this content (or it now fails, but is in Exact)
+    QUARANTINED = "quarantined"
+    DEFERRED = "deferred"  # left for a later run (a budget, a refusal of the connection, no certain answer)
+    NOT_EXPORTED = "not_exported"  # replay: Expensify no longer returns it as approved
+    SKIPPED = "skipped"  # replay: changed after posting, it waits for approve or ignore
+
+
 @dataclass
 class ReportOutcome:
     connection: str
     partition_date: str
     report_id: str
-    outcome: str  # posted | already_posted | quarantined | dry_run | deferred
+    outcome: str  # an Outcome, or dry_run
     entry_id: str | None = None
     entry_number: int | None = None
     reason_codes: list[str] = field(default_factory=list)
@@ -64,7 +75,8 @@ class PostingRun:
     late_approvals: list[str] = field(default_factory=list)  # reports first seen in a day already posted
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(o) for o in self.outcomes], columns=OUTCOME_COLUMNS)
+        # Plain strings in the frame: it is pickled per partition and must not depend on where `Outcome` lives.
+        return pd.DataFrame([asdict(o) | {"outcome": str(o.outcome)} for o in self.outcomes], columns=OUTCOME_COLUMNS)
 
 
 def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, client: JournalPoster | None,
@@ -148,14 +160,14 @@ def _remember_deferrals(store: StateStore, connection: str, outcomes: list[Repor
     an uncertain POST or one not sent, in the next clock hour) for the sensor `post_deferred_after_reset`, and
     forget the deferrals of reports this run settled."""
     stopped_ids, stop_at = stop_retry or (set(), None)
-    deferred = [o for o in outcomes if o.outcome == "deferred"]
+    deferred = [o for o in outcomes if o.outcome == Outcome.DEFERRED]
     by_stop = {o.report_id: o.partition_date for o in deferred if o.report_id in stopped_ids}
     on_their_own = {o.report_id: o.partition_date for o in deferred if o.report_id not in stopped_ids}
     if by_stop:
         store.deferred_put(connection, by_stop, stop_at)
     if on_their_own:
         store.deferred_put(connection, on_their_own, next_clock_hour(clock.now()))
-    store.deferred_clear(connection, [o.report_id for o in outcomes if o.outcome != "deferred"])
+    store.deferred_clear(connection, [o.report_id for o in outcomes if o.outcome != Outcome.DEFERRED])
 
 
 def forget_vanished_deferrals(store: StateStore, connection: str, days: Collection[str], seen: Collection[str],
@@ -202,8 +214,8 @@ def planned_reports(drafts: JournalDrafts) -> dict[str, int]:
 
 
 def _settled(outcome: ReportOutcome, *, with_reason: bool = True) -> None:
-    reason = (outcome.reasons[0].get("message") if with_reason and outcome.outcome == "deferred" and outcome.reasons
-              else None)
+    reason = (outcome.reasons[0].get("message")
+              if with_reason and outcome.outcome == Outcome.DEFERRED and outcome.reasons else None)
     progress.publish(progress.ReportSettled(outcome.connection, str(outcome.partition_date), outcome.report_id,
                                             outcome.outcome, reason))
 
@@ -226,7 +238,7 @@ def _stop_reason(exc: ApiError) -> str:
 
 
 def _deferred(connection: str, report_id: str, report_lines: pd.DataFrame, message: str) -> ReportOutcome:
-    return ReportOutcome(connection, report_lines.iloc[0]["partition_date"], report_id, "deferred",
+    return ReportOutcome(connection, report_lines.iloc[0]["partition_date"], report_id, Outcome.DEFERRED,
                          reasons=[{"transaction_id": "", "code": "DEFERRED", "dimension": "exact", "value": "",
                                    "message": message}],
                          transaction_ids=_tids(report_lines), total_cents=entry_total_cents(report_lines))
@@ -243,12 +255,12 @@ def _settle_rejected(report_id: str, problems: pd.DataFrame, connection: str, st
     codes = sorted(set(problems["code"]))
     tids = _tids(problems)
     ledger = store.ledger_get(connection, report_id)
-    if ledger is not None and ledger.status == "posted":
+    if ledger is not None and ledger.status == IntentStatus.POSTED:
         # Already in Exact; a rule that fails today (e.g. a cost center ended since) does not un-post it.
         store.audit("skipped_already_posted", connection=connection, report_id=report_id, entry_id=ledger.entry_id,
                     entry_number=ledger.entry_number, run_id=run_id, partition_date=partition_date,
                     detail={"note": "now fails validation", "codes": codes})
-        return ReportOutcome(connection, partition_date, report_id, "already_posted", ledger.entry_id,
+        return ReportOutcome(connection, partition_date, report_id, Outcome.ALREADY_POSTED, ledger.entry_id,
                              ledger.entry_number, codes, reasons, ledger.transaction_ids, ledger.total_cents)
     if dry_run:
         store.audit("dry_run", connection=connection, report_id=report_id, transaction_ids=tids, run_id=run_id,
@@ -258,8 +270,8 @@ def _settle_rejected(report_id: str, problems: pd.DataFrame, connection: str, st
                              transaction_ids=tids, content_hash=None)
         store.audit("quarantined", connection=connection, report_id=report_id, transaction_ids=tids, run_id=run_id,
                     partition_date=partition_date, detail={"reasons": reasons})
-    return ReportOutcome(connection, partition_date, report_id, "quarantined", reason_codes=codes, reasons=reasons,
-                         transaction_ids=tids)
+    return ReportOutcome(connection, partition_date, report_id, Outcome.QUARANTINED, reason_codes=codes,
+                         reasons=reasons, transaction_ids=tids)
 
 
 def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store: StateStore,
@@ -276,7 +288,7 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
                  partition_date=partition_date)
 
     ledger = store.ledger_get(connection, report_id)
-    if ledger is not None and ledger.status == "pending" and not dry_run:
+    if ledger is not None and ledger.status == IntentStatus.PENDING and not dry_run:
         try:
             ledger = _settle_pending(ledger, body, body_hash, store, client, run_id)
         except _STOPS_THE_CONNECTION:
@@ -285,10 +297,10 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
             message = f"an earlier POST of this report got no certain answer and Exact could not be asked now: {exc}"
             store.audit("deferred", entry_id=ledger.entry_id, detail={"reason": message}, **audit)
             return _deferred(connection, report_id, report_lines, message)
-    if ledger is not None and ledger.status == "posted":
+    if ledger is not None and ledger.status == IntentStatus.POSTED:
         if ledger.content_hash == body_hash:
             store.audit("skipped_already_posted", entry_id=ledger.entry_id, entry_number=ledger.entry_number, **audit)
-            return ReportOutcome(outcome="already_posted", entry_id=ledger.entry_id,
+            return ReportOutcome(outcome=Outcome.ALREADY_POSTED, entry_id=ledger.entry_id,
                                  entry_number=ledger.entry_number, **base)
         return _changed_after_posting(ledger, body, report_lines, store, dry_run, audit, base)
 
@@ -296,19 +308,18 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
         store.audit("dry_run", entry_id=entry_id, detail={"would_post": body | {"EntryID": entry_id}}, **audit)
         return ReportOutcome(outcome="dry_run", entry_id=entry_id, **base)
 
-    store.ledger_write_intent(connection, report_id, content_hash=body_hash, entry_id=entry_id,
-                              partition_date=partition_date, transaction_ids=tids, total_cents=total, run_id=run_id,
-                              body=body)
+    store.intents_write(connection, report_id, [NewIntent(IntentKind.POST, entry_id, body_hash, body, partition_date,
+                                                          tids, total)], run_id=run_id)
     store.audit("validated", entry_id=entry_id, detail={"lines": len(report_lines)}, **audit)
     try:
         settled = post_and_settle(client, store, connection, body | {"EntryID": entry_id}, settling_report=report_id)
     except _STOPS_THE_CONNECTION:
         # Refused before sending, or answered 401/403: Exact did not process it.
-        store.ledger_drop_intent(connection, report_id, entry_id)
+        store.intent_drop(connection, report_id, IntentKind.POST, entry_id)
         raise
     except ApiError as exc:
         # Failed before the POST went out (the division check, a token refresh): nothing reached Exact.
-        store.ledger_drop_intent(connection, report_id, entry_id)
+        store.intent_drop(connection, report_id, IntentKind.POST, entry_id)
         message = f"not sent: {exc}; posted by the next run"
         store.audit("deferred", entry_id=entry_id, detail={"reason": message}, **audit)
         return _deferred(connection, report_id, report_lines, message)
@@ -316,16 +327,16 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
         return _record_posted(settled, entry_id, body, total, store, audit, base)
     if settled.outcome == "rejected":
         # Exact refused the entry and does not hold it: forget the intent and quarantine with Exact's words.
-        store.ledger_drop_intent(connection, report_id, entry_id)
+        store.intent_drop(connection, report_id, IntentKind.POST, entry_id)
         reasons = [{"transaction_id": "", "code": Reason.REJECTED_BY_EXACT.value, "dimension": "exact",
                     "value": str(settled.status or ""), "message": settled.message}]
         store.quarantine_put(connection, report_id, partition_date=partition_date, reasons=reasons,
                              transaction_ids=tids, content_hash=body_hash)
         store.audit("quarantined", entry_id=entry_id, detail={"reasons": reasons}, **audit)
-        return ReportOutcome(outcome="quarantined", entry_id=None, reason_codes=[Reason.REJECTED_BY_EXACT.value],
+        return ReportOutcome(outcome=Outcome.QUARANTINED, entry_id=None, reason_codes=[Reason.REJECTED_BY_EXACT.value],
                              reasons=reasons, **base)
     if settled.outcome == "not_sent":
-        store.ledger_drop_intent(connection, report_id, entry_id)
+        store.intent_drop(connection, report_id, IntentKind.POST, entry_id)
         message = f"Exact kept answering 429 (HTTP {settled.status}); not processed, posted by the next run"
     else:
         # Unknown: the intent stays, so the next run looks again before it posts anything.
@@ -337,9 +348,9 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
 def _record_posted(settled: Settled, entry_id: str, body: dict, total: int, store: StateStore, audit: dict,
                    base: dict) -> ReportOutcome:
     """Mark the intent posted under Exact's EntryID (ours stays in the ledger's client_entry_id)."""
-    store.ledger_mark_posted(base["connection"], base["report_id"], entry_id, settled.entry_number,
+    store.intent_mark_posted(base["connection"], base["report_id"], IntentKind.POST, entry_id, settled.entry_number,
                              exact_entry_id=settled.entry_id)
-    store.quarantine_set_status(base["connection"], base["report_id"], "replayed",
+    store.quarantine_set_status(base["connection"], base["report_id"], QuarantineStatus.REPLAYED,
                                 note=f"posted as entry {settled.entry_number}")
     detail = {"request": {"lines": len(body["GeneralJournalEntryLines"]), "total_cents": total,
                           "entry_id_sent": entry_id},
@@ -347,7 +358,7 @@ def _record_posted(settled: Settled, entry_id: str, body: dict, total: int, stor
     if settled.found_by != "answer":
         detail["settled"] = f"no certain answer; found in Exact by {settled.found_by}"
     store.audit("posted", entry_id=settled.entry_id, entry_number=settled.entry_number, detail=detail, **audit)
-    return ReportOutcome(outcome="posted", entry_id=settled.entry_id, entry_number=settled.entry_number, **base)
+    return ReportOutcome(outcome=Outcome.POSTED, entry_id=settled.entry_id, entry_number=settled.entry_number, **base)
 
 
 def _settle_pending(ledger, body: dict, body_hash: str, store: StateStore, client: JournalPoster,
@@ -379,8 +390,8 @@ def _settle_pending(ledger, body: dict, body_hash: str, store: StateStore, clien
         store.audit("intent_not_found", entry_id=ledger.entry_id, **audit,
                     detail={"looked_up": "by EntryID and by the report's lines"})
         return None
-    store.ledger_mark_posted(ledger.connection, ledger.report_id, ledger.entry_id, found.entry_number,
-                             exact_entry_id=found.entry_id)
+    store.intent_mark_posted(ledger.connection, ledger.report_id, IntentKind.POST, ledger.client_entry_id,
+                             found.entry_number, exact_entry_id=found.entry_id)
     store.audit("posted", entry_id=found.entry_id, entry_number=found.entry_number,
                 transaction_ids=ledger.transaction_ids,
                 detail={"settled": f"pending intent found in Exact by {found.found_by}",
@@ -394,15 +405,15 @@ def _changed_after_posting(ledger, body: dict, report_lines: pd.DataFrame, store
     reasons = [{"transaction_id": "", "code": Reason.CHANGED_AFTER_POSTING.value, "dimension": "report",
                 "value": ledger.entry_id,
                 "message": f"posted as entry {ledger.entry_number} ({ledger.total_cents / 100:.2f}); the report now "
-                           f"totals {base['total_cents'] / 100:.2f} over {len(base['transaction_ids'])} transaction(s)",
-                "correction": json.dumps({"reverse_entry_id": ledger.entry_id, "corrected_entry": body},
-                                         sort_keys=True)}]
+                           f"totals {base['total_cents'] / 100:.2f} over {len(base['transaction_ids'])} "
+                           f"transaction(s)"}]
     if not dry_run:
         store.quarantine_put(base["connection"], base["report_id"], partition_date=base["partition_date"],
                              reasons=reasons, transaction_ids=base["transaction_ids"],
-                             content_hash=content_hash(body))
+                             content_hash=content_hash(body),
+                             correction={"reverse_entry_id": ledger.entry_id, "corrected_entry": body})
     store.audit("dry_run" if dry_run else "quarantined", entry_id=ledger.entry_id, detail={"reasons": reasons},
                 **audit)
-    return ReportOutcome(outcome="quarantined", entry_id=ledger.entry_id, entry_number=ledger.entry_number,
+    return ReportOutcome(outcome=Outcome.QUARANTINED, entry_id=ledger.entry_id, entry_number=ledger.entry_number,
                          reason_codes=[Reason.CHANGED_AFTER_POSTING.value], reasons=reasons,
                          **{k: v for k, v in base.items()})

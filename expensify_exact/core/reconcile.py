@@ -22,7 +22,7 @@ import pandas as pd
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ApiError
 from expensify_exact.api.exact.odata import string_literal
-from expensify_exact.store import LedgerRow, QuarantineItem
+from expensify_exact.store import IntentKind, IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus
 from expensify_exact.core.expense_lines import NormalizedLines, approval_day, normalize_reports
 from expensify_exact.core.journal import Dimensions, JournalDrafts, Reason, build_journal_drafts
 
@@ -343,8 +343,8 @@ def reconcile_day(*, connection: str, day: str, approved: pd.DataFrame, malforme
     approved_ids = set(approved["report_id"]) | set(malformed["report_id"])
     ledger_by_report = {row.report_id: row for row in ledger
                         if row.partition_date == day or row.report_id in approved_ids}
-    held = {item.report_id: item for item in quarantine if item.status != "replayed"}
-    posted = {rid: row for rid, row in ledger_by_report.items() if row.status == "posted"}
+    held = {item.report_id: item for item in quarantine if item.status != QuarantineStatus.REPLAYED}
+    posted = {rid: row for rid, row in ledger_by_report.items() if row.status == IntentStatus.POSTED}
 
     # 1. Every approved report ends posted or quarantined.
     for report_id in sorted(approved_ids):
@@ -674,13 +674,13 @@ def reconcile_connection_month(connection: Connection, month: str, days: dict[st
 
 def _cancelled_by_corrections(store, connection: str, report_ids: Iterable[str]) -> set[str]:
     """Entries an approved correction cancelled: each posted reversal and the entry it reverses."""
-    corrections_for = getattr(store, "corrections_for", None)
-    if corrections_for is None:
+    intents_for = getattr(store, "intents_for", None)
+    if intents_for is None:
         return set()
     out: set[str] = set()
     for report_id in sorted(report_ids):
-        for row in corrections_for(connection, report_id):
-            if row.kind == "reversal" and row.status == "posted":
+        for row in intents_for(connection, report_id):
+            if row.kind == IntentKind.REVERSAL and row.status == IntentStatus.POSTED:
                 out |= {row.posted_entry_id.lower(), row.replaces_entry_id.lower()}
     return out
 

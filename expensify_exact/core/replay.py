@@ -33,10 +33,12 @@ from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiError
 from expensify_exact.api.exact.odata import guid_literal
 from expensify_exact.core.pipeline import drafts_for_reports
-from expensify_exact.core.posting import planned_reports, post_drafts
+from expensify_exact.core.posting import Outcome, planned_reports, post_drafts
 from expensify_exact.core.settlement import EntryGateway, find_posted, post_and_settle
 from expensify_exact.core.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
-from expensify_exact.store import CorrectionRow, QuarantineItem, StateStore
+from expensify_exact.store import (
+    Intent, IntentKind, IntentStatus, NewIntent, QuarantineItem, QuarantineStatus, StateStore,
+)
 from expensify_exact.core.journal import (
     ENTRY_ID_NAMESPACE,
     NOTES_MAX,
@@ -79,7 +81,7 @@ class ExactGateway(EntryGateway, Protocol):
 class ReplayOutcome:
     connection: str
     report_id: str
-    outcome: str  # posted | already_posted | quarantined | not_exported | dry_run | deferred | skipped
+    outcome: str  # an Outcome, or dry_run
     previous_codes: list[str]
     reason_codes: list[str] = field(default_factory=list)
     reasons: list[dict] = field(default_factory=list)
@@ -101,7 +103,8 @@ class ReplayResult:
 
     @property
     def still_quarantined(self) -> list[str]:
-        return [o.report_id for o in self.outcomes if o.outcome in ("quarantined", "not_exported", "deferred")]
+        return [o.report_id for o in self.outcomes
+                if o.outcome in (Outcome.QUARANTINED, Outcome.NOT_EXPORTED, Outcome.DEFERRED)]
 
     def as_json(self) -> dict:
         return {"connection": self.connection, "dry_run": self.dry_run, "fingerprint": self.fingerprint,
@@ -188,10 +191,11 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
     """
     run_id = run_id or f"replay-{uuid.uuid4().hex[:12]}"
     with store.lock(f"replay:{conn.name}", ttl_seconds=900, wait_seconds=600):
-        items = store.quarantine_items(conn.name, status="open", report_ids=list(report_ids) if report_ids else None)
+        items = store.quarantine_items(conn.name, status=QuarantineStatus.OPEN,
+                                       report_ids=list(report_ids) if report_ids else None)
         skipped = [i for i in items if not replayable(i)]
         items = [i for i in items if replayable(i)]
-        outcomes = [ReplayOutcome(conn.name, i.report_id, "skipped", _codes(i.reasons), _codes(i.reasons),
+        outcomes = [ReplayOutcome(conn.name, i.report_id, Outcome.SKIPPED, _codes(i.reasons), _codes(i.reasons),
                                   i.reasons, message="changed after posting: approve or ignore it")
                     for i in skipped]
         if not items:
@@ -229,16 +233,16 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
             seen.add(o.report_id)
             outcome = ReplayOutcome(conn.name, o.report_id, o.outcome, _codes(item.reasons), list(o.reason_codes),
                                     list(o.reasons), o.entry_id, o.entry_number)
-            if o.outcome == "already_posted" and not dry_run:
+            if o.outcome == Outcome.ALREADY_POSTED and not dry_run:
                 # Posted by an earlier run with this very content: nothing to post, the item is simply done.
                 note = f"already posted as entry {o.entry_number}"
-                store.quarantine_close(conn.name, o.report_id, "resolved", note)
+                store.quarantine_close(conn.name, o.report_id, QuarantineStatus.RESOLVED, note)
                 outcome.message = note
             outcomes.append(outcome)
         for item in items:
             if item.report_id not in seen:
                 outcomes.append(ReplayOutcome(
-                    conn.name, item.report_id, "not_exported", _codes(item.reasons), _codes(item.reasons),
+                    conn.name, item.report_id, Outcome.NOT_EXPORTED, _codes(item.reasons), _codes(item.reasons),
                     item.reasons, message="Expensify did not return it as approved: reopened, deleted or moved? "
                                           "It stays quarantined."))
         return ReplayResult(conn.name, dry_run, fingerprint, outcomes, run.stopped_reason)
@@ -270,14 +274,14 @@ def _verdicts(drafts: JournalDrafts) -> dict[str, list[str]]:
 
 # ------------------------------------------------------------------------------------------- resolve / ignore
 
-def close_item(store: StateStore, connection: str, report_id: str, status: str, reason: str,
+def close_item(store: StateStore, connection: str, report_id: str, status: QuarantineStatus, reason: str,
                actor: str | None = None) -> QuarantineItem:
     """Resolve (the cause was dealt with outside the connector) or ignore (never post it) an open item.
 
     Raises:
         QuarantineActionError: no open item for this report, or an empty reason.
     """
-    if status not in ("resolved", "ignored"):
+    if status not in (QuarantineStatus.RESOLVED, QuarantineStatus.IGNORED):
         raise ValueError(f"status must be resolved or ignored, not {status!r}")
     if not reason.strip():
         raise QuarantineActionError("a reason is required: it goes into the audit log")
@@ -301,10 +305,7 @@ def reversal_entry_id(connection: str, report_id: str, original_entry_id: str) -
 
 def pending_correction(item: QuarantineItem) -> dict | None:
     """The drafted {reverse_entry_id, corrected_entry} of a CHANGED_AFTER_POSTING item, if it has one."""
-    for reason in item.reasons:
-        if reason.get("code") == Reason.CHANGED_AFTER_POSTING.value and reason.get("correction"):
-            return json.loads(reason["correction"])
-    return None
+    return item.correction
 
 
 def reversal_body(entry: dict, lines: list[dict]) -> dict:
@@ -368,11 +369,11 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
         if correction is None:
             raise QuarantineActionError(f"report {report_id} is not CHANGED_AFTER_POSTING "
                                         f"({', '.join(_codes(item.reasons))}): replay, resolve or ignore it instead")
-        if item.status != "open":
+        if item.status != QuarantineStatus.OPEN:
             raise QuarantineActionError(f"report {report_id} is {item.status}, not open; nothing to approve")
         ledger = store.ledger_get(conn.name, report_id)
         original_id = correction["reverse_entry_id"]
-        if ledger is None or ledger.status != "posted" or ledger.entry_id != original_id:
+        if ledger is None or ledger.status != IntentStatus.POSTED or ledger.entry_id != original_id:
             raise QuarantineActionError(
                 f"the ledger no longer holds entry {original_id} as posted for report {report_id}; rerun its day so "
                 f"the correction is drafted again")
@@ -382,14 +383,14 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
         corrected_hash = content_hash(corrected)
         correction_id = entry_id_for(conn.name, report_id, corrected_hash)
         reversal_id = reversal_entry_id(conn.name, report_id, original_id)
-        rows = {r.entry_id: r for r in store.corrections_for(conn.name, report_id, replaces_entry_id=original_id)}
+        rows = {r.entry_id: r for r in store.intents_for(conn.name, report_id, replaces_entry_id=original_id)}
 
         # Earlier attempts may have left intents for another drafted correction: settle them by asking Exact.
         for row in rows.values():
-            if row.status == "pending" and row.entry_id not in (reversal_id, correction_id):
+            if row.status == IntentStatus.PENDING and row.entry_id not in (reversal_id, correction_id):
                 _settle(row, store, exact, audit, _known_entries(ledger.entry_id, rows.values(), row))
-        rows = {r.entry_id: r for r in store.corrections_for(conn.name, report_id, replaces_entry_id=original_id)}
-        posted_other = [r for r in rows.values() if r.kind == "correction" and r.status == "posted"
+        rows = {r.entry_id: r for r in store.intents_for(conn.name, report_id, replaces_entry_id=original_id)}
+        posted_other = [r for r in rows.values() if r.kind == IntentKind.CORRECTION and r.status == IntentStatus.POSTED
                         and r.entry_id != correction_id]
         if posted_other:
             correction_row = posted_other[0]  # an older approval landed: finish that one, never post a second
@@ -403,48 +404,41 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
                 lines = exact.get_all(GJE_LINES_PATH, select=list(REVERSAL_LINE_SELECT),
                                       filter=f"EntryID eq {guid_literal(original_id)}")
                 body = reversal_body(entry, lines)
-                intents.append({"entry_id": reversal_id, "kind": "reversal", "replaces_entry_id": original_id,
-                                "content_hash": content_hash(body), "body": body,
-                                "partition_date": ledger.partition_date, "transaction_ids": ledger.transaction_ids,
-                                "total_cents": -ledger.total_cents})
+                intents.append(NewIntent(IntentKind.REVERSAL, reversal_id, content_hash(body), body,
+                                         ledger.partition_date, ledger.transaction_ids, -ledger.total_cents,
+                                         replaces_entry_id=original_id))
             if correction_id not in rows:
-                intents.append({"entry_id": correction_id, "kind": "correction", "replaces_entry_id": original_id,
-                                "content_hash": corrected_hash, "body": corrected,
-                                "partition_date": item.partition_date, "transaction_ids": item.transaction_ids,
-                                "total_cents": _debit_cents(corrected)})
+                intents.append(NewIntent(IntentKind.CORRECTION, correction_id, corrected_hash, corrected,
+                                         item.partition_date, item.transaction_ids, _debit_cents(corrected),
+                                         replaces_entry_id=original_id))
             if intents:
-                store.corrections_write_intents(conn.name, report_id, intents, run_id=run_id)
+                store.intents_write(conn.name, report_id, intents, run_id=run_id)
                 store.audit("approve_intents", entry_id=correction_id, transaction_ids=item.transaction_ids,
                             detail={"reversal": reversal_id, "correction": correction_id, "replaces": original_id,
                                     "by": actor}, **audit)
-            rows = {r.entry_id: r for r in store.corrections_for(conn.name, report_id, replaces_entry_id=original_id)}
+            rows = {r.entry_id: r for r in store.intents_for(conn.name, report_id, replaces_entry_id=original_id)}
             correction_row = rows[correction_id]
         reversal_row = rows[reversal_id]
 
         for row in (reversal_row, correction_row):
-            if row.status != "posted":
-                known = store.corrections_for(conn.name, report_id, replaces_entry_id=original_id)
+            if row.status != IntentStatus.POSTED:
+                known = store.intents_for(conn.name, report_id, replaces_entry_id=original_id)
                 try:
                     _post_correction(row, store, exact, audit, _known_entries(original_id, known, row))
                 except RejectedByApi as exc:
-                    for pending in store.corrections_for(conn.name, report_id, replaces_entry_id=original_id):
-                        if pending.status == "pending":
-                            store.correction_drop_intent(conn.name, report_id, pending.entry_id)
+                    for pending in store.intents_for(conn.name, report_id, replaces_entry_id=original_id):
+                        if pending.status == IntentStatus.PENDING:
+                            store.intent_drop(conn.name, report_id, pending.kind, pending.entry_id)
                     store.audit("approve_failed", entry_id=row.entry_id,
                                 detail={"kind": row.kind, "message": exc.api_message, "by": actor}, **audit)
                     raise QuarantineActionError(f"Exact refused the {row.kind} of report {report_id}: "
                                                 f"{exc.api_message}") from None
-        rows = {r.entry_id: r for r in store.corrections_for(conn.name, report_id, replaces_entry_id=original_id)}
+        rows = {r.entry_id: r for r in store.intents_for(conn.name, report_id, replaces_entry_id=original_id)}
         reversal_row, correction_row = rows[reversal_id], rows[correction_row.entry_id]
         note = (f"approved: entry {ledger.entry_number} reversed by entry {reversal_row.entry_number}, corrected by "
                 f"entry {correction_row.entry_number}")
         store.correction_complete(conn.name, report_id, replaces_entry_id=original_id,
-                                  content_hash=correction_row.content_hash, entry_id=correction_row.posted_entry_id,
-                                  client_entry_id=correction_row.entry_id,
-                                  entry_number=correction_row.entry_number,
-                                  partition_date=correction_row.partition_date,
-                                  transaction_ids=correction_row.transaction_ids,
-                                  total_cents=correction_row.total_cents, run_id=run_id, note=note)
+                                  entry_id=correction_row.entry_id, note=note)
         store.audit("approved", entry_id=correction_row.posted_entry_id, entry_number=correction_row.entry_number,
                     transaction_ids=correction_row.transaction_ids,
                     detail={"by": actor, "replaced_entry": {"id": original_id, "number": ledger.entry_number},
@@ -456,26 +450,27 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
                              correction_row.posted_entry_id, correction_row.entry_number, original_id)
 
 
-def _known_entries(original_id: str, rows, row: CorrectionRow) -> set[str]:
+def _known_entries(original_id: str, rows, row: Intent) -> set[str]:
     """Entries Exact holds that are accounted for elsewhere: never taken for `row`'s when looking it up."""
-    return {original_id} | {r.posted_entry_id for r in rows if r.status == "posted" and r.entry_id != row.entry_id}
+    return {original_id} | {r.posted_entry_id for r in rows
+                            if r.status == IntentStatus.POSTED and r.entry_id != row.entry_id}
 
 
-def _settle(row: CorrectionRow, store: StateStore, exact: ExactGateway, audit: dict, known: set[str]) -> None:
+def _settle(row: Intent, store: StateStore, exact: ExactGateway, audit: dict, known: set[str]) -> None:
     """An intent of an earlier drafted correction: record it if Exact holds it, else forget it."""
     found = find_posted(exact, store, row.connection, row.body | {"EntryID": row.entry_id}, sent_entry_id=row.entry_id,
                         exclude_entry_ids=known)
     if found is None:
-        store.correction_drop_intent(row.connection, row.report_id, row.entry_id)
+        store.intent_drop(row.connection, row.report_id, row.kind, row.entry_id)
     else:
-        store.correction_mark_posted(row.connection, row.report_id, row.entry_id, found.entry_number,
-                                     exact_entry_id=found.entry_id)
+        store.intent_mark_posted(row.connection, row.report_id, row.kind, row.entry_id, found.entry_number,
+                                 exact_entry_id=found.entry_id)
         store.audit(f"{row.kind}_posted", entry_id=found.entry_id, entry_number=found.entry_number,
                     detail={"settled": f"pending intent found in Exact by {found.found_by}",
                             "entry_id_sent": row.entry_id}, **audit)
 
 
-def _post_correction(row: CorrectionRow, store: StateStore, exact: ExactGateway, audit: dict, known: set[str]) -> None:
+def _post_correction(row: Intent, store: StateStore, exact: ExactGateway, audit: dict, known: set[str]) -> None:
     """Post one pending correction intent, unless Exact already holds it (a crash after the POST); the same rules
     for every answer as daily posting (`settlement`).
 
@@ -494,8 +489,8 @@ def _post_correction(row: CorrectionRow, store: StateStore, exact: ExactGateway,
             raise TransientApiError("exact", f"the {row.kind} of report {row.report_id} got no certain answer "
                                              f"({found.message}); run approve again, it is looked up first",
                                     status=found.status)
-    store.correction_mark_posted(row.connection, row.report_id, row.entry_id, found.entry_number,
-                                 exact_entry_id=found.entry_id)
+    store.intent_mark_posted(row.connection, row.report_id, row.kind, row.entry_id, found.entry_number,
+                             exact_entry_id=found.entry_id)
     store.audit(f"{row.kind}_posted", entry_id=found.entry_id, entry_number=found.entry_number,
                 detail={"total_cents": row.total_cents, "lines": len(row.body["GeneralJournalEntryLines"]),
                         "entry_id_sent": row.entry_id,

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from expensify_exact.errors import ApiError, ErrorBudgetExhausted
 from expensify_exact.api.exact.client import PostAnswer
+from expensify_exact.store import IntentStatus
 
 # Written by `preflight --write-test`: True = Exact keeps the client's EntryID, False = it assigns its own.
 KEEPS_CLIENT_ENTRY_ID = "exact_keeps_client_entry_id"
@@ -37,7 +38,7 @@ class FactStore(Protocol):
 
     def connection_fact_put(self, connection: str, name: str, value: Any, detail: dict | None = None) -> None: ...
 
-    def ledger_rows(self, connection: str | None = None, status: str | None = None) -> list: ...
+    def ledger_rows(self, connection: str | None = None, status: IntentStatus | None = None) -> list: ...
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,6 @@ def _advance_watermark(store: FactStore, connection: str, rows: list[dict], sinc
     newest = max((int(r["Timestamp"]) for r in rows if r.get("Timestamp") is not None), default=since)
     if settling_report is None or newest <= since:
         return
-    pending = {row.report_id for row in store.ledger_rows(connection, status="pending")}
+    pending = {row.report_id for row in store.ledger_rows(connection, status=IntentStatus.PENDING)}
     if pending <= {settling_report}:
         store.connection_fact_put(connection, SYNC_WATERMARK, newest)

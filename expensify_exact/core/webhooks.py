@@ -33,7 +33,7 @@ import sqlalchemy as sa
 
 from expensify_exact.config import ProjectConfig
 from expensify_exact.errors import VaultError
-from expensify_exact.store import StateStore, audit_log, posted_ledger
+from expensify_exact.store import StateStore, audit_log
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class WebhookProcessor:
             return EVENT_DIMENSIONS_CHANGED
         if n.is_entry_delete and n.key:
             for connection in connections:
-                row = self._ledger_row_for_entry(connection, n.key)
+                row = self.store.ledger_find_entry(connection, n.key)
                 if row is not None:
                     self.store.audit(EVENT_POSTED_ENTRY_DELETED, connection=connection, report_id=row.report_id,
                                      transaction_ids=row.transaction_ids, entry_id=row.entry_id,
@@ -217,15 +217,6 @@ class WebhookProcessor:
                     return EVENT_POSTED_ENTRY_DELETED
         self.store.audit(EVENT_RECEIVED, connection=connections[0], entry_id=n.key[:36] or None, detail=n.detail())
         return EVENT_RECEIVED
-
-    def _ledger_row_for_entry(self, connection: str, entry_id: str):
-        """The ledger row (posted or pending) whose EntryID is `entry_id`, or None."""
-        query = sa.select(posted_ledger.c.report_id).where(
-            posted_ledger.c.connection == connection,
-            sa.func.lower(posted_ledger.c.entry_id) == entry_id.strip("{}").lower())
-        with self.store.engine.connect() as conn:
-            report_id = conn.execute(query).scalar_one_or_none()
-        return self.store.ledger_get(connection, report_id) if report_id else None
 
 
 def webhook_app(processor: WebhookProcessor) -> Callable:

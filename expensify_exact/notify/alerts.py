@@ -14,7 +14,7 @@ from expensify_exact.notify import ALERT_WEBHOOK_URL
 from expensify_exact.notify.chat import chat_payload, post_chat
 from expensify_exact.notify.mail import build_message, send_mail, send_once, smtp_login
 from expensify_exact.core.posting import STOPPED_BY_DAILY_BUDGET, STOPPED_BY_REFUSAL
-from expensify_exact.store import StateStore
+from expensify_exact.store import QuarantineStatus, StateStore
 from expensify_exact.store.vault import CredentialVault
 
 RUN_FAILED = "run_failed"
@@ -93,7 +93,7 @@ def overdue_quarantine(conn: Connection, store: StateStore, now: datetime) -> li
     """One alert per open quarantine item waiting longer than `notify.alerts.quarantine_max_age_days`."""
     days = conn.notify.alerts.quarantine_max_age_days
     out = []
-    for item in store.quarantine_items(conn.name, status="open"):
+    for item in store.quarantine_items(conn.name, status=QuarantineStatus.OPEN):
         age = now - item.first_seen_at
         if age < timedelta(days=days):
             continue

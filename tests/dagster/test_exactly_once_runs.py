@@ -180,7 +180,7 @@ def test_an_edited_and_reapproved_report_is_quarantined_and_approve_posts_revers
 
         store = StateStore(state_url)
         item = store.quarantine_get(CONNECTION, report.report_id)
-        correction = json.loads(item.reasons[0]["correction"])
+        correction = item.correction
         assert correction["reverse_entry_id"] == original["EntryID"]
 
         # A replay cannot fix it (it waits for a person), and approving posts exactly two entries, once.

@@ -5,12 +5,13 @@ import multiprocessing
 import pytest
 
 from expensify_exact.errors import StateStoreError
-from expensify_exact.store import SCHEMA_VERSION, StateStore
+from expensify_exact.store import SCHEMA_VERSION, IntentKind, StateStore
 from expensify_exact.store.vault import CredentialVault
 from tests.unit.test_state_and_vault import (
     _enter_and_leave_under_lock,
     check_rate_limit_board_round_trip,
     check_request_log,
+    write_post_intent,
 )
 
 pytestmark = pytest.mark.postgres
@@ -35,12 +36,10 @@ def test_lease_lock_is_exclusive_across_processes_on_postgres(pg_database):
 
 def test_ledger_quarantine_and_vault_on_postgres(pg_database):
     store = StateStore(pg_database)
-    store.ledger_write_intent("c", "R1", content_hash="h", entry_id="e1", partition_date="2026-11-01",
-                              transaction_ids=["t1"], total_cents=100, run_id=None)
-    store.ledger_mark_posted("c", "R1", "e1", 7)
+    write_post_intent(store, "c", "R1", "e1", partition_date="2026-11-01", transaction_ids=["t1"], total_cents=100)
+    store.intent_mark_posted("c", "R1", IntentKind.POST, "e1", 7)
     with pytest.raises(StateStoreError):
-        store.ledger_write_intent("c", "R1", content_hash="x", entry_id="e2", partition_date=None,
-                                  transaction_ids=[], total_cents=0, run_id=None)
+        write_post_intent(store, "c", "R1", "e2")
     store.quarantine_put("c", "R2", partition_date=None, reasons=[{"code": "UNMAPPED_TAG"}], transaction_ids=[],
                          content_hash=None)
     assert [i.report_id for i in store.quarantine_items("c")] == ["R2"]

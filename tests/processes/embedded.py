@@ -51,9 +51,9 @@ def ledger(home: Path) -> list[dict]:
     engine = sa.create_engine(state_url(home), connect_args={"timeout": 30})
     try:
         with engine.connect() as conn:
-            if not sa.inspect(conn).has_table("ee_posted_ledger"):
+            if not sa.inspect(conn).has_table("ee_intents"):
                 return []
             return [dict(r._mapping) for r in conn.execute(sa.text(
-                "SELECT report_id, status, run_id, intent_at, posted_at FROM ee_posted_ledger"))]
+                "SELECT report_id, status, run_id, intent_at, posted_at FROM ee_intents WHERE stands"))]
     finally:
         engine.dispose()

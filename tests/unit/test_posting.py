@@ -14,7 +14,7 @@ from expensify_exact.notify import alerts
 from expensify_exact.core.posting import post_drafts
 from expensify_exact.cli.progress_view import LineView
 from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID
-from expensify_exact.core.journal import build_journal_drafts
+from expensify_exact.core.journal import build_journal_drafts, entry_body
 from tests.conftest import MAPPINGS
 from tests.factories import expense_line, lines, seed_dimensions
 
@@ -261,8 +261,10 @@ def test_a_changed_report_after_posting_is_quarantined_not_posted_again(store, e
     result = post_drafts(edited, connection=CONN.name, store=store, client=exact, dry_run=False)
     assert result.outcomes[0].reason_codes == ["CHANGED_AFTER_POSTING"]
     assert exact.posts == 1
-    correction = store.quarantine_items(CONN.name)[0].reasons[0]
-    assert "corrected_entry" in correction["correction"] and correction["value"] in exact.entries
+    item = store.quarantine_items(CONN.name)[0]
+    assert item.reasons[0]["value"] in exact.entries and "correction" not in item.reasons[0]
+    assert item.correction == {"reverse_entry_id": item.reasons[0]["value"],
+                               "corrected_entry": entry_body(edited.lines)}
 
 
 def test_dry_run_writes_nothing_to_exact_ledger_or_quarantine(store, exact):

@@ -31,10 +31,15 @@ from expensify_exact.core.replay import (
     reversal_body,
     reversal_entry_id,
 )
-from expensify_exact.store import MIGRATIONS, SCHEMA_VERSION, StateStore, metadata, schema_migrations
-from expensify_exact.core.journal import Dimensions, content_hash, entry_id_for
+from expensify_exact.store import (
+    MIGRATIONS, SCHEMA_VERSION, IntentKind, NewIntent, QuarantineStatus, StateStore, metadata, schema_migrations,
+)
+from expensify_exact.store.migrations import corrections, migrate, posted_ledger
+from expensify_exact.core.journal import Dimensions, content_hash, entry_body, entry_id_for
 from tests.conftest import MAPPINGS
-from tests.factories import seed_dimensions
+from tests.factories import expense_line, seed_dimensions
+from tests.unit.test_posting import ScriptedExact, drafts_for, run
+from tests.unit.test_state_and_vault import write_post_intent
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 CONN = "vermeerhals-nl"
@@ -43,10 +48,15 @@ GL_COST, GL_PAYABLE = "aaaaaaaa-0000-4000-8000-000000004500", "aaaaaaaa-0000-400
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def any_store(request, state_url):
+def any_state_url(request, state_url):
+    """The URL of an empty state database, the embedded SQLite default or PostgreSQL."""
+    return state_url if request.param == "sqlite" else request.getfixturevalue("pg_database")
+
+
+@pytest.fixture
+def any_store(any_state_url):
     """The connector's state on the embedded SQLite default and on PostgreSQL."""
-    url = state_url if request.param == "sqlite" else request.getfixturevalue("pg_database")
-    store = StateStore(url)
+    store = StateStore(any_state_url)
     yield store
     store.dispose()
 
@@ -174,7 +184,7 @@ class FakeExact:
     def send_general_journal_entry(self, body):
         self.posts += 1
         if self.intents_at_first_post is None:
-            self.intents_at_first_post = sorted(r.kind for r in self.store.corrections_for(CONN, "R1"))
+            self.intents_at_first_post = sorted(r.kind for r in self.store.intents_for(CONN, "R1", ORIGINAL))
         if self.refuse == self.posts:
             return PostAnswer("refused", status=500, message="Periode is afgesloten: 2026 / 11")
         if self.crash_on.get(self.posts) == "before_store":
@@ -191,21 +201,28 @@ class FakeExact:
 
 def _posted_and_changed(store: StateStore) -> dict:
     """R1 posted as ORIGINAL (25.45), then seen again at 35.45: quarantined with a drafted correction."""
-    store.ledger_write_intent(CONN, "R1", content_hash="h-original", entry_id=ORIGINAL, partition_date="2026-11-03",
-                              transaction_ids=["t1"], total_cents=2545, run_id="r1")
-    store.ledger_mark_posted(CONN, "R1", ORIGINAL, 26900001)
-    corrected = {"JournalCode": "90", "FinancialYear": 2026, "FinancialPeriod": 11, "Currency": "EUR",
+    write_post_intent(store, CONN, "R1", ORIGINAL, partition_date="2026-11-03", transaction_ids=("t1",),
+                      total_cents=2545, run_id="r1")
+    store.intent_mark_posted(CONN, "R1", IntentKind.POST, ORIGINAL, 26900001)
+    corrected = _corrected()
+    store.quarantine_put(CONN, "R1", partition_date="2026-11-20", reasons=[_changed_reason()], transaction_ids=["t1"],
+                         content_hash=content_hash(corrected),
+                         correction={"reverse_entry_id": ORIGINAL, "corrected_entry": corrected})
+    return corrected
+
+
+def _corrected() -> dict:
+    return {"JournalCode": "90", "FinancialYear": 2026, "FinancialPeriod": 11, "Currency": "EUR",
                  "GeneralJournalEntryLines": [
                      {"GLAccount": GL_COST, "AmountFC": 35.45, "Date": "2026-11-20", "Description": "R1/t1 NS",
                       "Notes": "n", "CostCenter": "AMS"},
                      {"GLAccount": GL_PAYABLE, "AmountFC": -35.45, "Date": "2026-11-20", "Description": "R1/t1 NS",
                       "Notes": "n"}]}
-    reasons = [{"transaction_id": "", "code": "CHANGED_AFTER_POSTING", "dimension": "report", "value": ORIGINAL,
-                "message": "posted as entry 26900001 (25.45); the report now totals 35.45",
-                "correction": json.dumps({"reverse_entry_id": ORIGINAL, "corrected_entry": corrected})}]
-    store.quarantine_put(CONN, "R1", partition_date="2026-11-20", reasons=reasons, transaction_ids=["t1"],
-                         content_hash=content_hash(corrected))
-    return corrected
+
+
+def _changed_reason() -> dict:
+    return {"transaction_id": "", "code": "CHANGED_AFTER_POSTING", "dimension": "report", "value": ORIGINAL,
+            "message": "posted as entry 26900001 (25.45); the report now totals 35.45"}
 
 
 @pytest.mark.parametrize("crash_on", [
@@ -246,8 +263,8 @@ def test_approve_posts_the_reversal_and_the_correction_exactly_once_however_ofte
     assert ledger.client_entry_id == entry_id_for(CONN, "R1", content_hash(corrected))  # the one we sent
     item = store.quarantine_get(CONN, "R1")
     assert item.status == "resolved" and "reversed by entry" in item.resolution_note
-    assert {(r.kind, r.status) for r in store.corrections_for(CONN, "R1")} == {("reversal", "posted"),
-                                                                                ("correction", "posted")}
+    assert {(r.kind, r.status) for r in store.intents_for(CONN, "R1", ORIGINAL)} == {("reversal", "posted"),
+                                                                                      ("correction", "posted")}
     events = [r["event"] for r in store.audit_rows(CONN, report_id="R1")]
     assert events.count("reversal_posted") == 1 and events.count("correction_posted") == 1
     assert events[-1] == "approved"
@@ -264,10 +281,20 @@ def test_a_refused_reversal_posts_nothing_drops_both_intents_and_leaves_the_item
     with pytest.raises(QuarantineActionError, match="refused the reversal.*afgesloten"):
         approve_correction(conn, store=store, exact=exact, report_id="R1")
     assert list(exact.entries) == [ORIGINAL]
-    assert store.corrections_for(CONN, "R1") == []
+    assert store.intents_for(CONN, "R1", ORIGINAL) == []
     assert store.quarantine_get(CONN, "R1").status == "open"
     assert store.ledger_get(CONN, "R1").entry_id == ORIGINAL
     assert [r["event"] for r in store.audit_rows(CONN, report_id="R1")][-1] == "approve_failed"
+
+
+def _corrected_by_another_route(store: StateStore) -> None:
+    _posted_and_changed(store)
+    other = NewIntent(IntentKind.CORRECTION, "other", "h", {"GeneralJournalEntryLines": []}, None, [], 0,
+                      replaces_entry_id=ORIGINAL)
+    store.intents_write(CONN, "R1", [other], run_id=None)
+    store.intent_mark_posted(CONN, "R1", IntentKind.CORRECTION, "other", 1)
+    store.correction_complete(CONN, "R1", replaces_entry_id=ORIGINAL, entry_id="other", note="n")
+    store.quarantine_set_status(CONN, "R1", QuarantineStatus.OPEN)
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -277,10 +304,7 @@ def test_a_refused_reversal_posts_nothing_drops_both_intents_and_leaves_the_item
     (lambda s: s.quarantine_put(CONN, "R1", partition_date=None, reasons=[{"code": "UNMAPPED_TAG"}],
                                 transaction_ids=[], content_hash=None), "is not CHANGED_AFTER_POSTING"),
     # The ledger moved on since the correction was drafted (e.g. approved already by another route).
-    (lambda s: (_posted_and_changed(s), s.correction_complete(
-        CONN, "R1", replaces_entry_id=ORIGINAL, content_hash="h", entry_id="other", entry_number=1,
-        partition_date=None, transaction_ids=[], total_cents=0, run_id=None, note="n"),
-        s.quarantine_set_status(CONN, "R1", "open")), "no longer holds entry"),
+    (lambda s: _corrected_by_another_route(s), "no longer holds entry"),
 ])
 def test_approve_refuses_what_it_cannot_carry_out_safely(store, setup, message):
     setup(store)
@@ -323,19 +347,89 @@ def test_a_version_1_database_is_migrated_to_the_newest_schema(tmp_path):
             table.create(conn)
         conn.execute(schema_migrations.insert().values(version=1, description=version_1[1],
                                                        applied_at=datetime.now(timezone.utc)))
-    later = {"ee_corrections", "ee_rate_limits", "ee_request_log", "ee_dimension_snapshots", "ee_days_posted",
+    later = {"ee_intents", "ee_rate_limits", "ee_request_log", "ee_dimension_snapshots", "ee_days_posted",
              "ee_deferred_reports"}
     assert not later & set(sa.inspect(engine).get_table_names())
     store = StateStore(url)
-    assert store.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 7
-    assert [version for version, _, _ in MIGRATIONS] == [1, 2, 3, 4, 5, 6, 7]
-    assert later | {"ee_connection_facts", "ee_error_budget", "ee_notifications"} <= set(
-        sa.inspect(store.engine).get_table_names())
-    assert set(metadata.tables) >= {"ee_corrections", "ee_posted_ledger"}
+    assert store.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 8
+    assert [version for version, _, _ in MIGRATIONS] == [1, 2, 3, 4, 5, 6, 7, 8]
+    tables = set(sa.inspect(store.engine).get_table_names())
+    assert later | {"ee_connection_facts", "ee_error_budget", "ee_notifications"} <= tables
+    assert not {"ee_corrections", "ee_posted_ledger"} & (tables | set(metadata.tables))  # moved into ee_intents
     store.dispose()
 
 
-def test_racing_intents_for_one_report_never_fail_on_the_primary_key(any_store):
+def test_a_version_7_database_keeps_its_pending_intents_and_drafted_corrections_after_migration_8(any_state_url):
+    """Intents written before the upgrade are settled after it by asking Exact, never posted again."""
+    engine = sa.create_engine(any_state_url)
+    migrate(engine, up_to=7)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE ee_quarantine DROP COLUMN correction"))  # not there in version 7
+    engine.dispose()
+    posting_exact = ScriptedExact(keeps_ids=False)
+    # R2: its POST landed in Exact, the answer was lost, and the intent (with its body) is still pending.
+    pending = drafts_for(expense_line(report_id="R2", transaction_id="1000"))
+    body = entry_body(pending.lines)
+    sent = entry_id_for(CONN, "R2", content_hash(body))
+    posting_exact._store(body | {"EntryID": sent})
+    # R1: posted as ORIGINAL, changed, approved; the reversal landed in Exact, the correction was never sent.
+    corrected = _corrected()
+    exact = FakeExact(None)
+    reversal_id = reversal_entry_id(CONN, "R1", ORIGINAL)
+    reversal = reversal_body(ORIGINAL_HEADER, _original_lines())
+    exact.entries[reversal_id] = {**reversal, "EntryID": reversal_id, "EntryNumber": 26900002,
+                                  "lines": reversal["GeneralJournalEntryLines"]}
+    now = datetime.now(timezone.utc)
+    ledger = {"content_hash": "h", "partition_date": "2026-11-03", "transaction_ids": '["t1"]', "intent_at": now,
+              "run_id": "r1"}
+    correction_id = entry_id_for(CONN, "R1", content_hash(corrected))
+    engine = sa.create_engine(any_state_url)
+    with engine.begin() as conn:
+        conn.execute(posted_ledger.insert(), [
+            ledger | {"connection": CONN, "report_id": "R1", "status": "posted", "entry_id": ORIGINAL,
+                      "client_entry_id": ORIGINAL, "entry_number": 26900001, "total_cents": 2545, "posted_at": now,
+                      "body": None},
+            ledger | {"connection": CONN, "report_id": "R2", "status": "pending", "entry_id": sent,
+                      "client_entry_id": sent, "content_hash": content_hash(body), "entry_number": None,
+                      "total_cents": 1, "posted_at": None,
+                      "body": json.dumps(body, sort_keys=True)}])
+        intent = {"connection": CONN, "report_id": "R1", "replaces_entry_id": ORIGINAL, "status": "pending",
+                  "transaction_ids": '["t1"]', "intent_at": now}
+        conn.execute(corrections.insert(), [
+            intent | {"entry_id": reversal_id, "kind": "reversal", "content_hash": content_hash(reversal),
+                      "body": json.dumps(reversal), "total_cents": -2545, "partition_date": "2026-11-03"},
+            intent | {"entry_id": correction_id, "kind": "correction", "content_hash": content_hash(corrected),
+                      "body": json.dumps(corrected), "total_cents": 3545, "partition_date": "2026-11-20"}])
+        reason = _changed_reason() | {"correction": json.dumps({"reverse_entry_id": ORIGINAL,
+                                                                "corrected_entry": corrected})}
+        conn.execute(sa.text("INSERT INTO ee_quarantine (connection, report_id, status, partition_date, reasons, "
+                             "transaction_ids, first_seen_at, updated_at) VALUES (:c, 'R1', 'open', '2026-11-20', "
+                             ":reasons, '[\"t1\"]', :now, :now)"),
+                     {"c": CONN, "reasons": json.dumps([reason]), "now": now})
+    engine.dispose()
+
+    store = StateStore(any_state_url)
+    assert store.schema_version() == 8
+    item = store.quarantine_get(CONN, "R1")
+    assert item.reasons == [_changed_reason()] and item.correction["reverse_entry_id"] == ORIGINAL
+    assert {(i.kind, i.status) for i in store.intents_for(CONN, "R1")} == {
+        ("post", "posted"), ("reversal", "pending"), ("correction", "pending")}
+    assert store.ledger_get(CONN, "R2").status == "pending"
+
+    settled = run(store, posting_exact, "R2")
+    assert [o.outcome for o in settled.outcomes] == ["already_posted"] and posting_exact.posts == 0
+    assert store.ledger_get(CONN, "R2").entry_id in posting_exact.entries  # found there, settled as posted
+
+    exact.store = store
+    result = approve_correction(load_project_config(MAPPINGS).connection(CONN), store=store, exact=exact,
+                                report_id="R1")
+    assert exact.posts == 1, "the reversal is found in Exact; only the correction is posted"
+    assert result.reversal_entry_id == reversal_id and store.ledger_get(CONN, "R1").entry_id == correction_id
+    assert store.quarantine_get(CONN, "R1").status == "resolved"
+    store.dispose()
+
+
+def test_racing_intents_for_one_report_never_fail_on_the_standing_entry(any_store):
     store = any_store
     errors: list[BaseException] = []
     barrier = threading.Barrier(6)
@@ -343,8 +437,7 @@ def test_racing_intents_for_one_report_never_fail_on_the_primary_key(any_store):
     def write() -> None:
         barrier.wait()
         try:
-            store.ledger_write_intent(CONN, "R9", content_hash="h", entry_id="e", partition_date=None,
-                                      transaction_ids=["t"], total_cents=1, run_id=None)
+            write_post_intent(store, CONN, "R9", "e", transaction_ids=("t",))
         except BaseException as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 
@@ -355,10 +448,9 @@ def test_racing_intents_for_one_report_never_fail_on_the_primary_key(any_store):
         thread.join()
     assert errors == []
     assert store.ledger_get(CONN, "R9").status == "pending"
-    store.ledger_mark_posted(CONN, "R9", "e", 1)
+    store.intent_mark_posted(CONN, "R9", IntentKind.POST, "e", 1)
     with pytest.raises(StateStoreError, match="already posted"):
-        store.ledger_write_intent(CONN, "R9", content_hash="h", entry_id="e", partition_date=None,
-                                  transaction_ids=["t"], total_cents=1, run_id=None)
+        write_post_intent(store, CONN, "R9", "e", transaction_ids=("t",))
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -12,7 +12,9 @@ from expensify_exact.api.connections import StoredRateLimitBoard, StoredRequestL
 from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.api.http.pacing import RateLimitSnapshot
-from expensify_exact.store import MIGRATIONS, SCHEMA_VERSION, StateStore, rate_limits, schema_migrations
+from expensify_exact.store import (
+    MIGRATIONS, SCHEMA_VERSION, IntentKind, NewIntent, StateStore, rate_limits, schema_migrations,
+)
 from expensify_exact.store.vault import CredentialVault, Secret, VaultTokenStore
 
 
@@ -70,15 +72,24 @@ def test_a_held_lock_times_out_with_a_clear_error(store):
 
 
 def test_ledger_refuses_a_new_intent_for_a_posted_report(store):
-    store.ledger_write_intent("c", "R1", content_hash="h", entry_id="e1", partition_date="2026-11-01",
-                              transaction_ids=["t1"], total_cents=100, run_id="run")
+    write_post_intent(store, "c", "R1", "e1", partition_date="2026-11-01", transaction_ids=["t1"], total_cents=100)
     assert store.ledger_get("c", "R1").status == "pending"
-    store.ledger_mark_posted("c", "R1", "e1", 26900001)
+    write_post_intent(store, "c", "R1", "e1b", partition_date="2026-11-01", transaction_ids=["t1"], total_cents=100)
+    assert [(i.entry_id, i.status) for i in store.intents_for("c", "R1")] == [("e1b", "pending")]  # replaced
+    store.intent_mark_posted("c", "R1", IntentKind.POST, "e1b", 26900001)
     row = store.ledger_get("c", "R1")
     assert (row.status, row.entry_number, row.transaction_ids) == ("posted", 26900001, ["t1"])
     with pytest.raises(StateStoreError, match="already posted"):
-        store.ledger_write_intent("c", "R1", content_hash="h2", entry_id="e2", partition_date=None,
-                                  transaction_ids=[], total_cents=0, run_id=None)
+        write_post_intent(store, "c", "R1", "e2")
+
+
+def write_post_intent(store, connection: str, report_id: str, entry_id: str, *, partition_date: str | None = None,
+                      transaction_ids: tuple[str, ...] = (), total_cents: int = 1, run_id: str | None = None) -> None:
+    """Record a post intent for `report_id` with a one-line body, as posting does before its POST."""
+    body = {"JournalCode": "90", "GeneralJournalEntryLines": [{"Description": f"{report_id}/{entry_id}"}]}
+    store.intents_write(connection, report_id, [NewIntent(IntentKind.POST, entry_id, "h-" + entry_id, body,
+                                                          partition_date, list(transaction_ids), total_cents)],
+                        run_id=run_id)
 
 
 def test_quarantine_keeps_one_row_per_report(store):
@@ -221,9 +232,8 @@ def test_migration_4_adds_the_entry_id_columns_to_a_version_3_database(tmp_path)
     engine.dispose()
     store = StateStore(url)
     assert store.schema_version() == MIGRATIONS[-1][0]  # 4, and whatever came after
-    store.ledger_write_intent("c", "R1", content_hash="h", entry_id="ours", partition_date=None,
-                              transaction_ids=[], total_cents=1, run_id=None)
-    store.ledger_mark_posted("c", "R1", "ours", 5, exact_entry_id="THEIRS")
+    write_post_intent(store, "c", "R1", "ours")
+    store.intent_mark_posted("c", "R1", IntentKind.POST, "ours", 5, exact_entry_id="THEIRS")
     row = store.ledger_get("c", "R1")
     assert (row.entry_id, row.client_entry_id, row.status) == ("theirs", "ours", "posted")
 

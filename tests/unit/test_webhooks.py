@@ -14,6 +14,7 @@ import pytest
 from expensify_exact.config import load_project_config
 from expensify_exact.defs import webhooks as webhook_defs
 from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.store import IntentKind, NewIntent
 from expensify_exact.core.webhooks import (
     EVENT_DIMENSIONS_CHANGED,
     EVENT_POSTED_ENTRY_DELETED,
@@ -64,10 +65,10 @@ def call(app, body: bytes, method: str = "POST", path: str = "/webhooks/exact") 
 
 
 def post_entry_to_ledger(store, report_id="R00WEBHOOK01", entry_id=ENTRY_ID, entry_number=26900042):
-    store.ledger_write_intent(CONN.name, report_id, content_hash="h" * 64, entry_id=entry_id,
-                              partition_date="2026-11-20", transaction_ids=["1001", "1002"], total_cents=4680,
-                              run_id="run-1")
-    store.ledger_mark_posted(CONN.name, report_id, entry_id, entry_number)
+    body = {"JournalCode": "90", "GeneralJournalEntryLines": []}
+    store.intents_write(CONN.name, report_id, [NewIntent(IntentKind.POST, entry_id, "h" * 64, body, "2026-11-20",
+                                                         ["1001", "1002"], 4680)], run_id="run-1")
+    store.intent_mark_posted(CONN.name, report_id, IntentKind.POST, entry_id, entry_number)
 
 
 # --- signature ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import sys
 from datetime import date
 
 from expensify_exact.cli.main import EXIT_OK, EXIT_USAGE, connector_from_args
+from expensify_exact.store import QuarantineStatus
 
 
 def register(subparsers) -> None:
@@ -46,7 +47,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
         digest = None if args.rebuild else read_digest(conn.name, day, digest_dir())
         if digest is None:
             digest = build_digest(connection=conn.name, day=day, ledger=store.ledger_rows(conn.name),
-                                  quarantine=store.quarantine_items(conn.name, status="open"),
+                                  quarantine=store.quarantine_items(conn.name, status=QuarantineStatus.OPEN),
                                   token_ages=store.token_ages(), currency=conn.exact.division_currency)
         rendered.append(digest.render(args.format))
         if args.send or args.resend:

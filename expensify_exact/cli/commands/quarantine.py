@@ -12,6 +12,8 @@ import json
 import sys
 
 from expensify_exact.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_wait_timeout, connector_from_args
+from expensify_exact.core.posting import Outcome
+from expensify_exact.store import IntentKind, QuarantineStatus
 
 EXIT_NO_ITEM = 4
 EXIT_STILL_QUARANTINED = 5
@@ -52,10 +54,10 @@ def register(subparsers) -> None:
     add_wait_timeout(p)
     p.set_defaults(func=cmd_replay)
 
-    for status, verb, meaning in (("resolved", "resolve", "the cause was dealt with outside the connector, e.g. "
-                                   "booked by hand; a later failure of the report reopens it"),
-                                  ("ignored", "ignore", "never ask about this report again (a test report, a "
-                                   "duplicate); it stays ignored across reruns")):
+    for status, verb, meaning in ((QuarantineStatus.RESOLVED, "resolve", "the cause was dealt with outside the "
+                                   "connector, e.g. booked by hand; a later failure of the report reopens it"),
+                                  (QuarantineStatus.IGNORED, "ignore", "never ask about this report again (a test "
+                                   "report, a duplicate); it stays ignored across reruns")):
         p = sub.add_parser(verb, help=f"close an open item as {status}: {meaning}",
                            description=f"Close an open quarantine item as {status}: {meaning}. The reason goes into "
                                        f"the audit log.")
@@ -103,7 +105,7 @@ def _item_json(item) -> dict:
 
     out = {"connection": item.connection, "report_id": item.report_id, "status": item.status,
            "partition_date": item.partition_date, "reason_codes": sorted({r.get("code") for r in item.reasons}),
-           "reasons": [{k: v for k, v in r.items() if k != "correction"} for r in item.reasons],
+           "reasons": item.reasons,
            "transaction_ids": item.transaction_ids, "first_seen_at": item.first_seen_at.isoformat(),
            "updated_at": item.updated_at.isoformat(), "note": item.resolution_note}
     correction = pending_correction(item)
@@ -142,7 +144,7 @@ def cmd_show(args) -> int:
         return code
     ledger = store.ledger_get(item.connection, item.report_id)
     audit = store.audit_rows(connection=item.connection, report_id=item.report_id)
-    corrections = store.corrections_for(item.connection, item.report_id)
+    corrections = [i for i in store.intents_for(item.connection, item.report_id) if i.kind != IntentKind.POST]
     if args.json:
         print(json.dumps(_item_json(item) | {
             "ledger": None if ledger is None else {"status": ledger.status, "entry_id": ledger.entry_id,
@@ -214,11 +216,11 @@ def cmd_replay(args) -> int:
         print(f"{conn.name}: {len(result.outcomes)} item(s) replayed"
               + (" (dry run: nothing posted or changed)" if args.dry_run else ""))
         for o in result.outcomes:
-            if o.outcome in ("posted", "already_posted"):
+            if o.outcome in (Outcome.POSTED, Outcome.ALREADY_POSTED):
                 what = f"-> entry {o.entry_number}"
             elif o.outcome == "dry_run":
                 what = "passes now: would be posted"
-            elif o.outcome == "quarantined":
+            elif o.outcome == Outcome.QUARANTINED:
                 what = "still fails: " + "; ".join(f"{r.get('code')}: {r.get('message')}" for r in o.reasons)
             else:
                 what = o.message
@@ -273,7 +275,7 @@ def cmd_approve(args) -> int:
     item, code = _find(store, args.report_id, args.connection)
     if item is None:
         return code
-    if item.status != "open" or pending_correction(item) is None:
+    if item.status != QuarantineStatus.OPEN or pending_correction(item) is None:
         print(f"error: report {item.report_id} is {item.status} with "
               f"{', '.join(sorted({r.get('code') for r in item.reasons}))}; only an open CHANGED_AFTER_POSTING "
               f"item can be approved", file=sys.stderr)

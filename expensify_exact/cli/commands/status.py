@@ -16,6 +16,7 @@ from pathlib import Path
 
 from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, connector_from_args
 from expensify_exact.errors import ConfigError, ConnectorError
+from expensify_exact.store import IntentStatus, QuarantineStatus
 
 RECENT_RUNS = 5
 RATE_BUDGET_EVENT = "exact_rate_budget"  # audit event `check` and `status --live` write
@@ -42,7 +43,7 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
         credentials["exact_tokens"] = issued is not None
         notify_needs = _notify_secrets(conn, stored)
         credentials |= {name: (conn.name, name) in stored for name in notify_needs}
-        quarantine = store.quarantine_items(connection=conn.name, status="open")
+        quarantine = store.quarantine_items(connection=conn.name, status=QuarantineStatus.OPEN)
         by_reason = Counter(code for item in quarantine for code in {r.get("code", "?") for r in item.reasons})
         ledger = Counter(row.status for row in store.ledger_rows(connection=conn.name))
         out["connections"][conn.name] = {
@@ -58,7 +59,7 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
             "pools": _pools(instance, conn),
             "quarantine_open": len(quarantine),
             "quarantine_by_reason": dict(sorted(by_reason.items())),
-            "ledger": {"posted": ledger.get("posted", 0), "pending": ledger.get("pending", 0)},
+            "ledger": {"posted": ledger.get(IntentStatus.POSTED, 0), "pending": ledger.get(IntentStatus.PENDING, 0)},
             "error_budget": _error_budget(store, conn, now),
             "last_posting": _last_posting(instance, conn),
             "last_complete_day": _last_complete_day(store, conn),
