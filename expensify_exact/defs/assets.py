@@ -164,7 +164,9 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         progress.publish(progress.Phase(conn.name, f"reading Exact's dimensions of {division}"))
         client = connector.exact_client(conn)
         store = connector.store()
+        clock = connector.clock()
         refresh = refresh_snapshot(client, store, conn.exact.division, needed_codes(conn, config),
+                                   now=clock.now(), today=connection_today(conn.timezone, clock),
                                    invalidated=webhook_invalidations(store, conn.name))
         context.log.info(f"dimension snapshot of {division}: {client.calls_made} call(s); "
                          + ", ".join(f"{name} {how}" for name, how in refresh.how.items()))

@@ -214,7 +214,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
                                   outcomes=_own_outcomes(outcomes_by_day.get(day), conn.name),
                                   reconciliation=recon_by_day.get(day), token_ages=token_ages,
                                   currency=conn.exact.division_currency,
-                                  last_day_posted=store.last_day_posted(conn.name))
+                                  last_day_posted=store.last_day_posted(conn.name), now=connector.clock().now())
             written = write_digest(digest, base)
             paths[day] = str(written["md"])
             last = digest
