@@ -25,7 +25,9 @@ The rules, in the order they are applied to a report (README, "Posting rules"):
 - **Credit**: per expense, to employee payable (reimbursable) or the card's liability account; refunds are
   negative amounts on the same side.
 
-Any failure rejects the whole report with one row per problem (reason code, dimension, value).
+Any failure rejects the whole report with one row per problem (reason code, dimension, value). The rules on one
+mapped value (`journal_problems`, `account_problem`, `dimension_problem`, `vat_code_for`, ...) are public:
+`expensify-exact check` applies the same functions to the mappings before any report does.
 """
 
 from __future__ import annotations
