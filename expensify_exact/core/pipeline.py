@@ -34,12 +34,13 @@ def draft(normalized: NormalizedLines, conn: Connection, config: ProjectConfig, 
     bad = set(malformed["report_id"])
     drafts = build_journal_drafts(lines[~lines["report_id"].isin(bad)], conn, config, dims, run_date=today)
     drafts, _failures = split_invalid_drafts(drafts)
-    frames = [f for f in (drafts.rejections, malformed_rejections(normalized, conn, day or today.isoformat())) if len(f)]
+    set_aside = _malformed_rejections(normalized, conn, day or today.isoformat())
+    frames = [f for f in (drafts.rejections, set_aside) if len(f)]
     rejections = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=REJECTION_COLUMNS)
     return JournalDrafts(lines=drafts.lines, rejections=rejections)
 
 
-def malformed_rejections(normalized: NormalizedLines, conn: Connection, day: str) -> pd.DataFrame:
+def _malformed_rejections(normalized: NormalizedLines, conn: Connection, day: str) -> pd.DataFrame:
     """One MALFORMED_SOURCE rejection per malformed line, on its report's approval day (else on `day`)."""
     day_of = dict(zip(normalized.lines["report_id"], normalized.lines["partition_date"]))
     rows = [{"connection": conn.name, "partition_date": day_of.get(r.report_id, day), "report_id": r.report_id,
