@@ -1,18 +1,19 @@
 """One clock: "today" is the connection's day by the connector's clock, whichever path asks.
 
 The `run_date` posting rule dates an entry on the day it is drafted. The main job (`run`), `quarantine replay`
-and the daily reconciliation each draft reports, and `check` counts a cost center's end date against today: they
-must all agree on that day, even when the connection's zone, UTC and the host's zone each see a different date.
-The sandbox's clock stands at 10:45 UTC on day D, the connection lives on Kiritimati (UTC+14, already D+1) and
-the process runs in Pago Pago (UTC-11, still D-1); every path must use D+1.
+and the daily reconciliation each draft reports, the monthly reconciliation expects the month's days before today,
+and `check` counts a cost center's end date against today: they must all agree on that day, even when the
+connection's zone, UTC and the host's zone each see a different date. The sandbox's clock stands at 10:45 UTC on
+day D, the last day of last month (so that month is a partition); the connection lives on Kiritimati (UTC+14,
+already D+1) and the process runs in Pago Pago (UTC-11, still D-1): every path must use D+1.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from datetime import date, datetime, timedelta, timezone
+import time as host_time
+from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -21,7 +22,9 @@ import yaml
 from expensify_exact.api import connections
 from expensify_exact.core import pipeline
 from expensify_exact.definitions import build_defs
-from expensify_exact.defs.reconciliation import DAILY_CHECKS, DAILY_JOB_NAME, approved_key, daily_key
+from expensify_exact.defs.reconciliation import (
+    DAILY_CHECKS, DAILY_JOB_NAME, MONTHLY_JOB_NAME, approved_key, daily_key, monthly_key,
+)
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
@@ -34,8 +37,8 @@ from tests.factories import run_cli
 CONNECTION = "vermeerhals-nl"
 ZONE, HOST_ZONE = "Pacific/Kiritimati", "Pacific/Pago_Pago"
 GIFTS = S._report_id(101)  # quarantined by the run (Gifts maps to no GL account), posted by the replay
-MOMENT = datetime.combine(datetime.now(timezone.utc).date() - timedelta(days=8), datetime.min.time(),
-                          timezone.utc).replace(hour=10, minute=45)
+MOMENT = datetime.combine(datetime.now(timezone.utc).date().replace(day=1) - timedelta(days=1), time(10, 45),
+                          timezone.utc)
 D = MOMENT.date()
 
 
@@ -44,13 +47,13 @@ def host_in_pago_pago():
     """The process's local zone is Pago Pago, where the clock's moment is still the day before D."""
     before = os.environ.get("TZ")
     os.environ["TZ"] = HOST_ZONE
-    time.tzset()
+    host_time.tzset()
     yield
     if before is None:
         os.environ.pop("TZ", None)
     else:
         os.environ["TZ"] = before
-    time.tzset()
+    host_time.tzset()
 
 
 @pytest.fixture
@@ -131,6 +134,13 @@ def test_run_replay_reconciliation_and_check_all_use_the_connections_day_by_the_
     assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == dict.fromkeys(DAILY_CHECKS, True)
     assert len(drafted_on) == 3, "run, replay and reconciliation each drafted once, through the one pipeline"
     assert set(drafted_on) == {connection_day}
+
+    # The monthly rollup of D's month misses every day before today that was not reconciled: D is one of them.
+    month = build_defs(str(mappings)).resolve_job_def(MONTHLY_JOB_NAME).execute_in_process(
+        instance=instance, partition_key=D.replace(day=1).isoformat(), asset_selection=[monthly_key(conn)])
+    assert month.success
+    missing = month.output_for_node(monthly_key(conn).to_python_identifier()).stats["days_missing"]
+    assert D.isoformat() in missing and day not in missing
 
     # `check`: a cost center that ended on D has ended today; one that ends on D+1 still runs today.
     sandbox.exact.add_cost_center("UTR", "Kantoor Utrecht", end_date=D)
