@@ -132,4 +132,4 @@ def build_exact_client(conn: Connection, vault: CredentialVault, store: StateSto
     return ExactClient(exact_base_url(conn), conn.exact.division, ExactAuth(refresher), clock, transport=transport,
                        rate_limit_board=StoredRateLimitBoard(store, conn.exact.division),
                        error_budget=StoredErrorBudget(store, conn.exact.division, clock),
-                       division_checks=DivisionChecks(store, conn.exact.division))
+                       division_checks=DivisionChecks(store, conn.exact.division, clock))

@@ -79,7 +79,7 @@ class Digest:
 def build_digest(*, connection: str, day: str, ledger: Sequence[LedgerRow], quarantine: Sequence[QuarantineItem],
                  outcomes: pd.DataFrame | None = None, reconciliation: Reconciliation | None = None,
                  token_ages: dict[str, tuple[datetime, datetime]] | None = None,
-                 now: datetime | None = None, currency: str = "EUR",
+                 now: datetime, currency: str = "EUR",
                  last_day_posted: tuple[str, datetime] | None = None) -> Digest:
     """One connection's digest for one approval day.
 
@@ -91,11 +91,10 @@ def build_digest(*, connection: str, day: str, ledger: Sequence[LedgerRow], quar
         outcomes: the day's `journal_entries_posted` value (posting.OUTCOME_COLUMNS), if the day was run.
         reconciliation: the day's reconciliation, if it ran; its `exact_status` feeds the rate health.
         token_ages: `StateStore.token_ages()`.
-        now: the time the digest is made (aware); default: the current time.
+        now: the time the digest is made (aware), by the connector's clock.
         currency: the division's currency, in which the connector posts.
         last_day_posted: `StateStore.last_day_posted()`: the connection's newest complete day and when it was posted.
     """
-    now = now or datetime.now(timezone.utc)
     posted, counts, posted_total = _posted_section(day, ledger, outcomes, currency)
     posted.bullets.append(f"Last complete day posted: {last_day_posted[0]}, at {_when(last_day_posted[1].isoformat())}."
                           if last_day_posted else "Last complete day posted: none yet.")

@@ -25,7 +25,9 @@ The rules, in the order they are applied to a report (README, "Posting rules"):
 - **Credit**: per expense, to employee payable (reimbursable) or the card's liability account; refunds are
   negative amounts on the same side.
 
-Any failure rejects the whole report with one row per problem (reason code, dimension, value).
+Any failure rejects the whole report with one row per problem (reason code, dimension, value). The rules on one
+mapped value (`journal_problems`, `account_problem`, `dimension_problem`, `vat_code_for`, ...) are public:
+`expensify-exact check` applies the same functions to the mappings before any report does.
 """
 
 from __future__ import annotations
@@ -205,12 +207,11 @@ class _Lookup:
     """Dimension snapshots indexed by code for O(1) checks per line."""
 
     def __init__(self, dims: Dimensions):
-        # Exact may space-pad codes (exact-online.md §4.5); mappings never are.
-        self.gl = {str(r["code"]).strip(): r for r in dims.gl_accounts.to_dict("records")}
-        self.cost_centers = {str(r["code"]).strip(): r for r in dims.cost_centers.to_dict("records")}
-        self.cost_units = {str(r["code"]).strip(): r for r in dims.cost_units.to_dict("records")}
-        self.journals = {str(r["code"]).strip(): r for r in dims.journals.to_dict("records")}
-        self.vat = {str(r["code"]).strip(): r for r in dims.vat_codes.to_dict("records")}
+        self.gl = index_by_code(dims.gl_accounts)
+        self.cost_centers = index_by_code(dims.cost_centers)
+        self.cost_units = index_by_code(dims.cost_units)
+        self.journals = index_by_code(dims.journals)
+        self.vat = index_by_code(dims.vat_codes)
         periods = dims.financial_periods.sort_values("start_date").to_dict("records")
         self.periods = [(_as_date(p["start_date"]), _as_date(p["end_date"]), int(p["fin_year"]), int(p["fin_period"]))
                         for p in periods]
@@ -248,9 +249,92 @@ def _flag(value) -> bool:
     return bool(value) and not (isinstance(value, float) and pd.isna(value))
 
 
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _use(account: dict | None, field: str) -> int:
     value = account.get(field) if account is not None else None
     return 0 if value is None or (isinstance(value, float) and pd.isna(value)) else int(value)
+
+
+# --- the rules on one mapped value: the drafts below and `expensify-exact check` both apply these ------------
+
+def index_by_code(frame: pd.DataFrame) -> dict[str, dict]:
+    """A dimension snapshot's rows by code; Exact may space-pad codes (exact-online.md §4.5), mappings never are."""
+    return {str(r["code"]).strip(): r for r in frame.to_dict("records")} if len(frame) else {}
+
+
+def journal_problems(journal: dict | None) -> list[Reason]:
+    """What keeps a journal from taking the entries: missing, or blocked and/or not a type-90 general journal."""
+    if journal is None:
+        return [Reason.UNKNOWN_JOURNAL]
+    blocked = [Reason.BLOCKED_JOURNAL] if _flag(journal.get("is_blocked")) else []
+    return blocked + ([Reason.INVALID_JOURNAL_TYPE] if _int(journal.get("type")) != 90 else [])
+
+
+def allows_vat(journal: dict | None) -> bool:
+    return journal is not None and _flag(journal.get("allow_vat"))
+
+
+def account_problem(account: dict | None) -> Reason | None:
+    """A GL account a line cannot use: missing or blocked."""
+    if account is None:
+        return Reason.UNKNOWN_GL_ACCOUNT
+    return Reason.BLOCKED_GL_ACCOUNT if _flag(account.get("is_blocked")) else None
+
+
+def dimension_problem(dimension: str, row: dict | None, day: date) -> Reason | None:
+    """A cost center or cost unit (`dimension`) a line dated `day` cannot carry: missing, or ended before `day`."""
+    unknown, ended = ((Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER) if dimension == "cost_center"
+                      else (Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT))
+    if row is None:
+        return unknown
+    end = end_date(row)
+    return ended if end is not None and end < day else None
+
+
+def end_date(row: dict) -> date | None:
+    """The last day of a cost center or cost unit, if it has one."""
+    return _as_date(row.get("end_date"))
+
+
+def vat_code_problem(vat: dict | None) -> Reason | None:
+    """A VAT code a line cannot carry: missing or blocked."""
+    if vat is None:
+        return Reason.UNKNOWN_VAT_CODE
+    return Reason.BLOCKED_VAT_CODE if _flag(vat.get("is_blocked")) else None
+
+
+def gl_code_for(config: ProjectConfig, conn: Connection, category: str, policy_id: str | None,
+                category_gl_code: str | None) -> str | None:
+    """The GL account of a category: categories.yaml, else (with `fallback_to_category_gl_code`) Expensify's."""
+    code = config.gl_account_for(category, policy_id)
+    if code is None and conn.posting.fallback_to_category_gl_code and category_gl_code:
+        code = str(category_gl_code).strip()
+    return code
+
+
+def vat_code_for(tax_name: str, config: ProjectConfig, conn: Connection,
+                 journal: dict | None) -> tuple[str | None, Reason | None]:
+    """(the VAT code an expense with `tax_name` carries, None to post it gross; the problem that rejects it).
+
+    Only with a vat.yaml table and on a journal that allows VAT; on one that does not, a mapped code is a problem
+    only with `posting.require_vat`. "" in vat.yaml posts the tax name gross.
+    """
+    table = config.vat_codes
+    if not table or not tax_name:
+        return None, None
+    code = table.get(tax_name)
+    if not allows_vat(journal):
+        # Exact refuses a VAT code here (§5.11 "Not allowed: VAT-code"): post gross unless told to insist.
+        return None, Reason.VAT_NOT_ALLOWED if code and conn.posting.require_vat else None
+    if code is None:
+        return None, Reason.UNMAPPED_TAX_NAME
+    return code or None, None
 
 
 def build_journal_drafts(lines: pd.DataFrame, connection: Connection, config: ProjectConfig, dims: Dimensions,
@@ -304,16 +388,12 @@ class _ReportDraft:
     def build(self) -> tuple[list[dict], list[dict]]:
         conn = self.conn
         journal = self.lookup.journals.get(conn.exact.journal)
+        for reason in journal_problems(journal):
+            what = {Reason.UNKNOWN_JOURNAL: "does not exist in Exact", Reason.BLOCKED_JOURNAL: "is blocked in Exact",
+                    Reason.INVALID_JOURNAL_TYPE: f"has type {(journal or {}).get('type')}, not 90"}[reason]
+            self.problem(reason, f"journal {conn.exact.journal} {what}", dimension="journal", value=conn.exact.journal)
         if journal is None:
-            self.problem(Reason.UNKNOWN_JOURNAL, f"journal {conn.exact.journal} does not exist in Exact",
-                         dimension="journal", value=conn.exact.journal)
             return [], self.problems
-        if _flag(journal.get("is_blocked")):
-            self.problem(Reason.BLOCKED_JOURNAL, f"journal {conn.exact.journal} is blocked in Exact",
-                         dimension="journal", value=conn.exact.journal)
-        if int(journal["type"]) != 90:
-            self.problem(Reason.INVALID_JOURNAL_TYPE, f"journal {conn.exact.journal} has type {journal['type']}, "
-                         f"not 90", dimension="journal", value=conn.exact.journal)
         self.journal = journal
         if not self._entry_date_and_period():
             return [], self.problems
@@ -386,9 +466,7 @@ class _ReportDraft:
     # -- one expense -------------------------------------------------------------------------------------
     def _expense_lines(self, expense, rows: list[dict], residues: list, payables: dict) -> None:
         tid = expense.transaction_id
-        gl_code = self.config.gl_account_for(expense.category, expense.policy_id)
-        if gl_code is None and self.conn.posting.fallback_to_category_gl_code and expense.category_gl_code:
-            gl_code = str(expense.category_gl_code).strip()
+        gl_code = gl_code_for(self.config, self.conn, expense.category, expense.policy_id, expense.category_gl_code)
         if gl_code is None:
             self.problem(Reason.UNMAPPED_CATEGORY, f"category {expense.category!r} maps to no GL account",
                          tid, "category", expense.category)
@@ -426,11 +504,10 @@ class _ReportDraft:
 
     def _account(self, code: str, tid: str) -> dict | None:
         account = self.lookup.gl.get(code)
-        if account is None:
-            self.problem(Reason.UNKNOWN_GL_ACCOUNT, f"GL account {code} does not exist in Exact", tid, "gl_account",
-                         code)
-        elif _flag(account.get("is_blocked")):
-            self.problem(Reason.BLOCKED_GL_ACCOUNT, f"GL account {code} is blocked in Exact", tid, "gl_account", code)
+        reason = account_problem(account)
+        if reason is not None:
+            what = "does not exist" if reason == Reason.UNKNOWN_GL_ACCOUNT else "is blocked"
+            self.problem(reason, f"GL account {code} {what} in Exact", tid, "gl_account", code)
             return None
         return account
 
@@ -449,11 +526,8 @@ class _ReportDraft:
             code, source = self._dimension_code(expense, dimension)
             use = _use(account, "use_costcenter" if dimension == "cost_center" else "use_costunit")
             label = dimension.replace("_", " ")
-            reasons = {"cost_center": (Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER,
-                                       Reason.COST_CENTER_NOT_ALLOWED, Reason.MISSING_COST_CENTER),
-                       "cost_unit": (Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT,
-                                     Reason.COST_UNIT_NOT_ALLOWED, Reason.MISSING_COST_UNIT)}[dimension]
-            unknown, ended, not_allowed, missing = reasons
+            not_allowed, missing = {"cost_center": (Reason.COST_CENTER_NOT_ALLOWED, Reason.MISSING_COST_CENTER),
+                                    "cost_unit": (Reason.COST_UNIT_NOT_ALLOWED, Reason.MISSING_COST_UNIT)}[dimension]
             tid = expense.transaction_id
             if code and use == 2:
                 if source == "tag":
@@ -465,13 +539,10 @@ class _ReportDraft:
             if code:
                 snapshot = self.lookup.cost_centers if dimension == "cost_center" else self.lookup.cost_units
                 row = snapshot.get(code)
-                end = _as_date(row.get("end_date")) if row is not None else None
-                if row is None:
-                    self.problem(unknown, f"{label} {code} (from {source}) does not exist in Exact", tid, dimension,
-                                 code)
-                    code = None
-                elif end is not None and end < self.entry_date:
-                    self.problem(ended, f"{label} {code} ended on {end}", tid, dimension, code)
+                reason = dimension_problem(dimension, row, self.entry_date)
+                if reason is not None:
+                    self.problem(reason, f"{label} {code} (from {source}) does not exist in Exact" if row is None
+                                 else f"{label} {code} ended on {end_date(row)}", tid, dimension, code)
                     code = None
             if code == "" and use == 1:
                 self.problem(missing, f"GL account {gl_code} requires a {label}", tid, dimension, "")
@@ -499,31 +570,22 @@ class _ReportDraft:
 
     def _vat(self, expense) -> dict | None:
         """The VAT code row for the expense, or None to post the gross amount without a code."""
-        table = self.config.vat_codes
         tax_name = expense.tax_name or ""
-        if not table or not tax_name:
-            return None  # without a VAT table, gross amounts
         tid = expense.transaction_id
-        code = table.get(tax_name)
-        if not _flag(self.journal.get("allow_vat")):
-            # Exact refuses a VAT code here (§5.11 "Not allowed: VAT-code"): post gross unless told to insist.
-            if code and self.conn.posting.require_vat:
-                self.problem(Reason.VAT_NOT_ALLOWED, f"journal {self.conn.exact.journal} does not allow VAT, but "
-                             f"tax {tax_name!r} maps to VAT code {code}", tid, "vat_code", code)
-            return None
+        code, reason = vat_code_for(tax_name, self.config, self.conn, self.journal)
+        if reason == Reason.VAT_NOT_ALLOWED:
+            self.problem(reason, f"journal {self.conn.exact.journal} does not allow VAT, but tax {tax_name!r} maps "
+                         f"to VAT code {self.config.vat_codes[tax_name]}", tid, "vat_code",
+                         self.config.vat_codes[tax_name])
+        elif reason == Reason.UNMAPPED_TAX_NAME:
+            self.problem(reason, f"tax {tax_name!r} is not in mappings/vat.yaml", tid, "tax_name", tax_name)
         if code is None:
-            self.problem(Reason.UNMAPPED_TAX_NAME, f"tax {tax_name!r} is not in mappings/vat.yaml", tid, "tax_name",
-                         tax_name)
-            return None
-        if code == "":
-            return None
+            return None  # gross: no VAT table, no tax, "" in vat.yaml, or a journal without VAT
         vat = self.lookup.vat.get(code)
-        if vat is None:
-            self.problem(Reason.UNKNOWN_VAT_CODE, f"VAT code {code} (tax {tax_name!r}) does not exist in Exact",
-                         tid, "vat_code", code)
-            return None
-        if _flag(vat.get("is_blocked")):
-            self.problem(Reason.BLOCKED_VAT_CODE, f"VAT code {code} is blocked in Exact", tid, "vat_code", code)
+        reason = vat_code_problem(vat)
+        if reason is not None:
+            self.problem(reason, f"VAT code {code} (tax {tax_name!r}) does not exist in Exact" if vat is None
+                         else f"VAT code {code} is blocked in Exact", tid, "vat_code", code)
             return None
         return vat | {"code": code}
 

@@ -23,8 +23,9 @@ from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ApiError
 from expensify_exact.api.exact.odata import string_literal
 from expensify_exact.store import IntentKind, IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus
-from expensify_exact.core.expense_lines import NormalizedLines, approval_day, normalize_reports
-from expensify_exact.core.journal import Dimensions, JournalDrafts, Reason, build_journal_drafts
+from expensify_exact.core.expense_lines import NormalizedLines, approval_day
+from expensify_exact.core.journal import Dimensions, JournalDrafts, Reason
+from expensify_exact.core.pipeline import draft, normalize
 
 
 class Finding(StrEnum):
@@ -256,23 +257,20 @@ def approved_lines_by_day(client: ReportExporter, connection: Connection, days: 
         day = approval_day(report, connection.timezone, connection.expensify.timestamp_timezone) or wanted[0]
         if day in by_day:
             by_day[day].append(report)
-    return {day: normalize_reports(found, connection.timezone,
-                                   source_timezone=connection.expensify.timestamp_timezone)
-            for day, found in by_day.items()}
+    return {day: normalize(found, connection) for day, found in by_day.items()}
 
 
 # --- what Expensify's reports should have become --------------------------------------------------------
 
-def expected_drafts(lines: pd.DataFrame, malformed_report_ids: Iterable[str], connection: Connection,
-                    config: ProjectConfig, dims: Dimensions, run_date: date) -> JournalDrafts:
-    """The drafts the approved reports map to today, with the period lock lifted (a closed month is reconciled too).
-
-    Reports with malformed lines are left out, as posting leaves them out.
+def expected_drafts(normalized: NormalizedLines, connection: Connection, config: ProjectConfig, dims: Dimensions,
+                    today: date) -> JournalDrafts:
+    """The drafts the approved reports map to today, by the posting run's own pipeline (`pipeline.draft`), with the
+    period lock lifted (a closed month is reconciled too). Reports with malformed lines are rejected, as posting
+    rejects them.
     """
     open_books = connection.model_copy(update={"posting": connection.posting.model_copy(
         update={"closed_through": None})})
-    bad = set(malformed_report_ids)
-    return build_journal_drafts(lines[~lines["report_id"].isin(bad)], open_books, config, dims, run_date=run_date)
+    return draft(normalized, open_books, config, dims, today)
 
 
 def expected_lines(drafts: JournalDrafts) -> pd.DataFrame:
@@ -606,7 +604,7 @@ def reconcile_month(*, connection: str, month: str, days: dict[str, Reconciliati
 # --- running it against Exact and the state store -------------------------------------------------------
 
 def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: dict[str, Any], store,
-                   client, run_date: date | None = None) -> dict[str, Reconciliation]:
+                   client, *, today: date) -> dict[str, Reconciliation]:
     """Reconcile several approval days of one connection, reading Exact's dimensions once.
 
     Args:
@@ -616,7 +614,7 @@ def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: 
             (`approved_lines_by_day`); a `connection` column, if present, is used to keep this connection's rows.
         store: the StateStore (ledger, quarantine, audit log).
         client: the connection's ExactClient.
-        run_date: today (only the `run_date` posting-date policy uses it).
+        today: the connection's day (`clock.connection_today`; only the `run_date` posting-date policy uses it).
 
     Raises:
         ApiError: Exact could not be read; nothing is concluded from a partial read-back.
@@ -642,7 +640,7 @@ def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: 
     exact = read_back_entries(client, sorted(entry_ids), all_reports)
     results = {}
     for day, (lines, malformed, report_ids) in prepared.items():
-        drafts = expected_drafts(lines, malformed["report_id"], connection, config, dims, run_date or date.today())
+        drafts = expected_drafts(NormalizedLines(lines, malformed), connection, config, dims, today)
         result = reconcile_day(connection=connection.name, day=day, approved=lines, malformed=malformed,
                                expected=expected_lines(drafts), ledger=ledger, quarantine=quarantine, exact=exact,
                                known_entry_ids={r: known[r] for r in report_ids if r in known},

@@ -23,12 +23,13 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any, Protocol
 
 import pandas as pd
 
 from expensify_exact import progress
+from expensify_exact.clock import Clock, connection_today
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiError
 from expensify_exact.api.exact.odata import guid_literal
@@ -168,7 +169,7 @@ def replayable(item: QuarantineItem) -> bool:
 
 def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateStore, expensify: ReportSource,
                       exact: ExactGateway, report_ids: Sequence[str] | None = None, dry_run: bool = False,
-                      run_id: str | None = None, today: date | None = None) -> ReplayResult:
+                      clock: Clock, run_id: str | None = None) -> ReplayResult:
     """Re-validate the open quarantine items of one connection and post those that now pass, exactly once.
 
     Args:
@@ -179,8 +180,9 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
         exact: reads the fresh dimension snapshot and posts.
         report_ids: only these items (default: every open, replayable item of the connection).
         dry_run: validate and show, write nothing to Exact, the ledger or the quarantine.
+        clock: the connector's clock; its day in the connection's zone is the run date of the `run_date`
+            posting-date policy.
         run_id: for the audit log (a Dagster run ID, or a CLI-made one).
-        today: the run date for the `run_date` posting-date policy (default: today in the connection's zone).
 
     Returns:
         One outcome per selected item.
@@ -208,8 +210,7 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
         reports = expensify.export_reports_by_id(
             [i.report_id for i in items], conn.expensify.policy_ids, approved_since=_earliest_day(items),
             timezone=conn.timezone, source_timezone=conn.expensify.timestamp_timezone)
-        run_date = today or datetime.now(timezone.utc).astimezone(_zone(conn.timezone)).date()
-        drafts = drafts_for_reports(reports, conn, config, dims, run_date)
+        drafts = drafts_for_reports(reports, conn, config, dims, connection_today(conn.timezone, clock))
         verdicts = _verdicts(drafts)
 
         by_id = {i.report_id: i for i in items}
@@ -250,12 +251,6 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
 
 def _codes(reasons: list[dict]) -> list[str]:
     return sorted({r.get("code", "") for r in reasons})
-
-
-def _zone(name: str):
-    from zoneinfo import ZoneInfo
-
-    return ZoneInfo(name)
 
 
 def _earliest_day(items: list[QuarantineItem]) -> date:

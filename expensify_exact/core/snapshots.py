@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any, Protocol
 
 import pandas as pd
 
+from expensify_exact.clock import Clock
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ApiError
 from expensify_exact.api.exact.odata import AMSTERDAM, datetime_literal, string_literal
@@ -184,8 +185,8 @@ class DivisionChecks:
     skips `current/Me` + `system/Divisions`. A division that became unreachable since still fails the first call with
     403 (DivisionAccessError); only the list of reachable divisions in that message waits for the next check."""
 
-    def __init__(self, store, division: int, ttl: timedelta = DIVISION_CHECK_TTL):
-        self._store, self._scope, self._ttl = store, snapshot_scope(division), ttl
+    def __init__(self, store, division: int, clock: Clock, ttl: timedelta = DIVISION_CHECK_TTL):
+        self._store, self._scope, self._clock, self._ttl = store, snapshot_scope(division), clock, ttl
 
     def fresh(self) -> bool:
         try:
@@ -193,10 +194,10 @@ class DivisionChecks:
         except Exception as exc:  # noqa: BLE001 - an unreadable cache only costs the check
             logger.warning("could not read the stored division check of %s: %s", self._scope, exc)
             return False
-        return stored is not None and _now() - stored["checked_at"] < self._ttl
+        return stored is not None and self._clock.now() - stored["checked_at"] < self._ttl
 
     def record(self) -> None:
-        moment = _now()
+        moment = self._clock.now()
         try:
             self._store.snapshot_put(self._scope, DIVISION_ACCESS, rows=[], cursor=None, meta={},
                                      refreshed_at=moment, checked_at=moment)
@@ -204,13 +205,8 @@ class DivisionChecks:
             logger.warning("could not record the division check of %s: %s", self._scope, exc)
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def refresh_snapshot(client: DimensionReader, store: SnapshotStore, division: int, needed: dict[str, set[str]],
-                     *, invalidated: dict[str, int] | None = None, now: datetime | None = None,
-                     today: date | None = None) -> SnapshotRefresh:
+                     *, now: datetime, today: date, invalidated: dict[str, int] | None = None) -> SnapshotRefresh:
     """Bring the division's stored snapshot up to date with as few calls as honesty allows, and return it.
 
     Per table: no snapshot, one a webhook invalidated, or one older than MAX_AGE → read in full. Otherwise GL
@@ -226,11 +222,9 @@ def refresh_snapshot(client: DimensionReader, store: SnapshotStore, division: in
         needed: `needed_codes` of the connection(s) validating against this division.
         invalidated: table → id of the newest webhook event about it (`webhooks.dimensions_changed_since`); a
             table whose stored snapshot has not seen that event is re-read in full.
-        now: the current time (UTC).
-        today: the current Amsterdam day (periods).
+        now: the current time, by the connector's clock.
+        today: the connection's day (`clock.connection_today`): a period must cover it.
     """
-    now = now or _now()
-    today = today or now.astimezone(AMSTERDAM).date()
     scope = snapshot_scope(division)
     frames, hows, counts = {}, {}, {}
     for name in DIMENSION_QUERIES:

@@ -6,7 +6,7 @@ often the sensor ticks. A delivery that fails fails the tick, and the next tick 
 """
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import dagster as dg
 
@@ -56,7 +56,7 @@ def _state_sensor(name: str, config: ProjectConfig, find, interval: int, descrip
     @dg.sensor(name=name, minimum_interval_seconds=interval, default_status=dg.DefaultSensorStatus.RUNNING,
                description=description)
     def _sensor(context: dg.SensorEvaluationContext, connector: ConnectorResource):
-        now = datetime.now(timezone.utc)
+        now = connector.clock().now()
         watched = [c for c in config.connections if alerts.channels(c)]
         if not watched:
             return dg.SkipReason("no connection has alert channels (notify.alerts in connections.yaml)")
@@ -100,7 +100,7 @@ def build(config: ProjectConfig) -> dg.Definitions:
                 dg.AssetRecordsFilter(
                     asset_key=daily_key(conn), after_storage_id=cursor.get(conn.name),
                     after_timestamp=None if conn.name in cursor
-                    else (datetime.now(timezone.utc) - FIRST_LOOK_BACK).timestamp()),
+                    else (connector.clock().now() - FIRST_LOOK_BACK).timestamp()),
                 limit=1000, ascending=True).records
             runs: dict[str, tuple[list[str], dict[str, int]]] = {}
             for record in records:

@@ -7,7 +7,6 @@ range handles every day in one go (single-run backfills), and each day keeps its
 """
 
 from datetime import date
-from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -18,17 +17,20 @@ from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import closed_day
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
 from expensify_exact.defs.metadata import markdown_table
+from expensify_exact.clock import connection_today
 from expensify_exact.defs.partitions import DAILY_APPROVALS
+from expensify_exact.defs.partitions import concat as _concat
+from expensify_exact.defs.partitions import partition_result as _result
+from expensify_exact.defs.partitions import per_partition as _per_partition
 from expensify_exact.errors import ConnectorError
 from expensify_exact.core.posting import OUTCOME_COLUMNS, forget_vanished_deferrals, planned_reports, post_drafts
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.core.snapshots import DIMENSION_QUERIES, needed_codes, refresh_snapshot
 from expensify_exact.core.webhooks import webhook_invalidations
-from expensify_exact.core.draft_checks import DraftLineSchema, split_invalid_drafts
-from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day, normalize_reports
-from expensify_exact.core.journal import (
-    DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, JournalDrafts, Reason, build_journal_drafts,
-)
+from expensify_exact.core.draft_checks import DraftLineSchema
+from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day
+from expensify_exact.core.journal import DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, Reason
+from expensify_exact.core.pipeline import draft, normalize
 
 SINGLE_RUN = dg.BackfillPolicy.single_run()
 LINES_SCHEMA_CHECK = "expense_lines_schema"
@@ -55,22 +57,6 @@ def build(config: ProjectConfig) -> dg.Definitions:
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-def _per_partition(context: dg.AssetExecutionContext, value: Any) -> dict[str, Any]:
-    """An upstream value keyed by partition: the IO manager hands a dict only when a run spans several days."""
-    keys = context.partition_keys
-    return {keys[0]: value} if len(keys) == 1 else value
-
-
-def _result(context: dg.AssetExecutionContext, values: dict[str, Any]) -> Any:
-    keys = context.partition_keys
-    return values[keys[0]] if len(keys) == 1 else values
-
-
-def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-
-
 def _schema_errors(schema, frame: pd.DataFrame) -> pd.DataFrame | None:
     if frame.empty:
         return None
@@ -92,14 +78,6 @@ def quarantine_rows(outcomes: pd.DataFrame) -> pd.DataFrame:
                          "dimension": reason.get("dimension", ""), "value": reason.get("value", ""),
                          "message": reason.get("message", ""), "fix": REASON_FIXES.get(Reason(code), "")})
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
-
-
-def _malformed_rejections(malformed: pd.DataFrame, connection: str, day: str) -> pd.DataFrame:
-    rows = [{"connection": connection, "partition_date": day, "report_id": r.report_id,
-             "transaction_id": r.transaction_id or "", "code": Reason.MALFORMED_SOURCE.value,
-             "dimension": "source", "value": r.reason, "message": r.detail}
-            for r in malformed.itertuples(index=False)]
-    return pd.DataFrame(rows, columns=REJECTION_COLUMNS)
 
 
 # --- the chain of one connection ----------------------------------------------------------------------
@@ -153,8 +131,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                                        description="The expense lines satisfy the pandera ExpenseLineSchema.")],
     )
     def expense_lines(context: dg.AssetExecutionContext, raw_reports):
-        results = {key: normalize_reports(reports, conn.timezone, source_timezone=conn.expensify.timestamp_timezone)
-                   for key, reports in _per_partition(context, raw_reports).items()}
+        results = {key: normalize(reports, conn) for key, reports in _per_partition(context, raw_reports).items()}
         lines = _concat([r.lines for r in results.values()], [])
         malformed = _concat([r.malformed for r in results.values()], ["report_id", "transaction_id", "reason",
                                                                       "detail"])
@@ -187,7 +164,9 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         progress.publish(progress.Phase(conn.name, f"reading Exact's dimensions of {division}"))
         client = connector.exact_client(conn)
         store = connector.store()
+        clock = connector.clock()
         refresh = refresh_snapshot(client, store, conn.exact.division, needed_codes(conn, config),
+                                   now=clock.now(), today=connection_today(conn.timezone, clock),
                                    invalidated=webhook_invalidations(store, conn.name))
         context.log.info(f"dimension snapshot of {division}: {client.calls_made} call(s); "
                          + ", ".join(f"{name} {how}" for name, how in refresh.how.items()))
@@ -209,17 +188,12 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                                        description="Every draft entry sums to zero, has an account on every line, "
                                                    "two-decimal amounts and both Expensify IDs on every line.")],
     )
-    def journal_drafts(context: dg.AssetExecutionContext, expense_lines, **dimension_inputs):
+    def journal_drafts(context: dg.AssetExecutionContext, connector: ConnectorResource, expense_lines,
+                       **dimension_inputs):
         dims = Dimensions(**dimension_inputs)
-        results: dict[str, JournalDrafts] = {}
-        for key, normalized in _per_partition(context, expense_lines).items():
-            bad = set(normalized.malformed["report_id"])
-            lines = normalized.lines[~normalized.lines["report_id"].isin(bad)]
-            drafts, _failures = split_invalid_drafts(
-                build_journal_drafts(lines, conn, config, dims, run_date=date.today()))
-            rejections = _concat([drafts.rejections, _malformed_rejections(normalized.malformed, conn.name, key)],
-                                 REJECTION_COLUMNS)
-            results[key] = JournalDrafts(lines=drafts.lines, rejections=rejections)
+        today = connection_today(conn.timezone, connector.clock())
+        results = {key: draft(normalized, conn, config, dims, today, day=key)
+                   for key, normalized in _per_partition(context, expense_lines).items()}
         lines = _concat([d.lines for d in results.values()], DRAFT_COLUMNS)
         rejections = _concat([d.rejections for d in results.values()], REJECTION_COLUMNS)
         errors = _schema_errors(DraftLineSchema, lines)

@@ -8,19 +8,20 @@ after the posting job: reconciling never slows posting down, and a finding never
 
 
 import calendar
-from datetime import date, datetime, timezone
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
+from expensify_exact.clock import connection_today
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import DayRun, reconciliation_day
 from expensify_exact.defs.jobs import day_run_request
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name
 from expensify_exact.defs.metadata import markdown_table
-from expensify_exact.defs.partitions import DAILY_APPROVALS
+from expensify_exact.defs.partitions import DAILY_APPROVALS, concat, partition_result, per_partition
 from expensify_exact.core.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
 from expensify_exact.notify.mail import mail_digest
 from expensify_exact.core.posting import OUTCOME_COLUMNS
@@ -90,12 +91,11 @@ def build(config: ProjectConfig) -> dg.Definitions:
     daily_job = dg.define_asset_job(
         DAILY_JOB_NAME, selection=dg.AssetSelection.assets(*[k for c in config.connections
                                                               for k in (approved_key(c), daily_key(c), digest_key(c))]),
-        partitions_def=DAILY_APPROVALS,
         description="Re-read the day's approved reports from Expensify and its posted entries from Exact, compare "
                     "them with the ledger, and write the accountants' digest.")
     monthly_job = dg.define_asset_job(
         MONTHLY_JOB_NAME, selection=dg.AssetSelection.assets(*[monthly_key(c) for c in config.connections]),
-        partitions_def=MONTHLY, description="Roll the month's daily reconciliations up; check card liabilities.")
+        description="Roll the month's daily reconciliations up; check card liabilities.")
 
     @dg.sensor(
         name=DAILY_SENSOR_NAME, job=daily_job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
@@ -151,7 +151,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
             calls = dict(client.calls)
         lines = sum(len(v.lines) for v in by_day.values())
         return dg.MaterializeResult(
-            value=_result(context, by_day),
+            value=partition_result(context, by_day),
             metadata={"reports": sum(int(v.lines["report_id"].nunique()) for v in by_day.values()),
                       "lines": lines, "malformed_lines": sum(len(v.malformed) for v in by_day.values()),
                       "export_jobs": calls.get("export", 0), "download_polls": calls.get("download", 0),
@@ -171,12 +171,13 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
     def reconciliation_daily(context: dg.AssetExecutionContext, connector: ConnectorResource, expense_lines):
         # expense_lines: the re-exported approved reports of `expensify_approved`, one NormalizedLines per day.
         client = connector.exact_client(conn)
-        results = reconcile_days(conn, config, _per_partition(context, expense_lines), connector.store(), client)
-        findings = _concat([r.findings for r in results.values()], FINDING_COLUMNS)
+        results = reconcile_days(conn, config, per_partition(context, expense_lines), connector.store(), client,
+                                 today=connection_today(conn.timezone, connector.clock()))
+        findings = concat([r.findings for r in results.values()], FINDING_COLUMNS)
         for result in results.values():
             (context.log.info if result.clean else context.log.warning)(result.summary())
         return dg.MaterializeResult(
-            value=_result(context, results),
+            value=partition_result(context, results),
             metadata={**_finding_metadata(findings), "days": len(results),
                       "reports_approved": sum(r.stats["reports_approved"] for r in results.values()),
                       "entries_checked": sum(r.stats["entries_checked"] for r in results.values()),
@@ -201,8 +202,8 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
         ledger = store.ledger_rows(conn.name)
         quarantine = store.quarantine_items(conn.name, status="open")
         token_ages = store.token_ages()
-        recon_by_day = _per_partition(context, reconciliation)
-        outcomes_by_day = _per_partition(context, journal_entries_posted)
+        recon_by_day = per_partition(context, reconciliation)
+        outcomes_by_day = per_partition(context, journal_entries_posted)
         base = _digest_base(context)
         paths: dict[str, str] = {}
         mailed: dict[str, str] = {}
@@ -212,7 +213,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
                                   outcomes=_own_outcomes(outcomes_by_day.get(day), conn.name),
                                   reconciliation=recon_by_day.get(day), token_ages=token_ages,
                                   currency=conn.exact.division_currency,
-                                  last_day_posted=store.last_day_posted(conn.name))
+                                  last_day_posted=store.last_day_posted(conn.name), now=connector.clock().now())
             written = write_digest(digest, base)
             paths[day] = str(written["md"])
             last = digest
@@ -222,7 +223,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
             context.log.info(f"digest of {day}: {mailed[day]}")
         values = {day: str(Path(p).with_suffix("")) for day, p in paths.items()}
         return dg.MaterializeResult(
-            value=_result(context, values),
+            value=partition_result(context, values),
             metadata={"digest": dg.MetadataValue.md(last.render("md")) if last else dg.MetadataValue.md("_none_"),
                       "path_md": dg.MetadataValue.path(paths[context.partition_keys[-1]]),
                       "days": len(paths), "headline": last.headline if last else "",
@@ -243,7 +244,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
     def reconciliation_monthly(context: dg.AssetExecutionContext, connector: ConnectorResource, daily):
         month = context.partition_key[:7]
         days = _days_of(daily, context)
-        expected_days = _month_days(month)
+        expected_days = _month_days(month, connection_today(conn.timezone, connector.clock()))
         result = reconcile_connection_month(conn, month, days, expected_days, connector.store(),
                                             connector.exact_client(conn))
         context.log.info(result.summary())
@@ -266,25 +267,15 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-def _per_partition(context: dg.AssetExecutionContext, value: Any) -> dict[str, Any]:
-    keys = context.partition_keys
-    return {keys[0]: value} if len(keys) == 1 else dict(value)
-
-
-def _result(context: dg.AssetExecutionContext, values: dict[str, Any]) -> Any:
-    keys = context.partition_keys
-    return values[keys[0]] if len(keys) == 1 else values
-
-
 def _days_of(daily: Any, context: dg.AssetExecutionContext) -> dict[str, Reconciliation]:
     if isinstance(daily, Reconciliation):  # a month whose days map to a single stored partition
         return {daily.period: daily}
     return {day: value for day, value in (daily or {}).items() if isinstance(value, Reconciliation)}
 
 
-def _month_days(month: str) -> list[str]:
+def _month_days(month: str, today: date) -> list[str]:
+    """The month's days before `today` (the connection's day): those that should have a reconciliation."""
     year, number = int(month[:4]), int(month[5:7])
-    today = datetime.now(timezone.utc).date()
     days = [date(year, number, d) for d in range(1, calendar.monthrange(year, number)[1] + 1)]
     return [d.isoformat() for d in days if d < today]
 
@@ -327,11 +318,6 @@ def _check_results(checks: dict[str, tuple[tuple[Finding, ...], str]], findings:
                       if len(broken) else dg.MetadataValue.md("_none_"),
                       "what_to_do": dg.MetadataValue.md(fixes or "_nothing_")}))
     return out
-
-
-def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def _money_frame(frame: pd.DataFrame, cent_columns: list[str]) -> pd.DataFrame:

@@ -64,7 +64,7 @@ def post_window(mappings_dir: str, state_url: str, start: date, end: date, *, ti
                 reports = [r for r in reports if str(r.get("reportID")) not in posted]
             with exact_client(conn, vault, store, timeout) as exact:
                 dims = fetch_dimensions(exact)
-                drafts = drafts_for_reports(reports, conn, config, dims, run_date=end)
+                drafts = drafts_for_reports(reports, conn, config, dims, today=end)
                 runs[conn.name] = post_drafts(drafts, connection=conn.name, store=store, client=exact,
                                               dry_run=False, run_id=run_id)
     finally:

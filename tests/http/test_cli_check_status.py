@@ -47,7 +47,8 @@ def _dims(**changes) -> dict[str, pd.DataFrame]:
         "cost_centers": pd.DataFrame([{"code": d.code, "end_date": d.end_date} for d in seed.COST_CENTERS]
                                      + [{"code": "EHV", "end_date": None}]),
         "cost_units": pd.DataFrame([{"code": d.code, "end_date": d.end_date} for d in seed.COST_UNITS]),
-        "journals": pd.DataFrame([{"code": j.code, "type": j.type, "allow_vat": j.allow_vat} for j in seed.JOURNALS]),
+        "journals": pd.DataFrame([{"code": j.code, "type": j.type, "allow_vat": j.allow_vat, "is_blocked": False}
+                                  for j in seed.JOURNALS]),
         "vat_codes": pd.DataFrame([{"code": v.code, "type": v.type, "is_blocked": False} for v in seed.VAT_CODES]),
     }
     return dims | changes
@@ -92,6 +93,9 @@ RULES = [
      [("error", "UNKNOWN_JOURNAL", "connections.yaml", "journal 90")]),
     ("bank journal", {"journals": _with(BASE["journals"], "90", type=12)}, {},
      [("error", "INVALID_JOURNAL_TYPE", "connections.yaml", "type 12")]),
+    # A blocked journal quarantines every report of a run, so check says so first (the journal's own rule).
+    ("blocked journal", {"journals": _with(BASE["journals"], "90", is_blocked=True)}, {},
+     [("error", "BLOCKED_JOURNAL", "connections.yaml", "journal 90 is blocked")]),
     # A cost center that ended yesterday is as bad as a missing one.
     ("ended cost center", {"cost_centers": _with(BASE["cost_centers"], "UTR", end_date=TODAY - timedelta(days=1))},
      {}, [("error", "ENDED_COST_CENTER", "tags.yaml", "UTR")]),

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
+from expensify_exact.clock import connection_today
 from expensify_exact.cli.main import main
 from expensify_exact.api.connections import build_exact_client
 from expensify_exact.defs.resources import ConnectorResource
@@ -46,6 +47,8 @@ def connector(sandbox_mappings, state_url):
 def _refresh(connector, transport=None, needed=None, **kw):
     conn = connector.project().connection(CONNECTION)
     client = build_exact_client(conn, connector.vault(), connector.store(), transport=transport)
+    kw.setdefault("now", connector.clock().now())
+    kw.setdefault("today", connection_today(conn.timezone, connector.clock()))
     with client:
         result = refresh_snapshot(client, connector.store(), conn.exact.division,
                                   needed if needed is not None else needed_codes(conn, connector.project()), **kw)

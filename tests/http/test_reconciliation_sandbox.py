@@ -17,6 +17,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from expensify_exact.clock import connection_today
 from expensify_exact.core import reconcile
 from expensify_exact.cli.main import main
 from expensify_exact.api.connections import build_exact_client
@@ -43,7 +44,11 @@ class Posted:
     def reconcile(self, days=None) -> dict[str, reconcile.Reconciliation]:
         wanted = {d: v for d, v in self.lines_by_day.items() if days is None or d in days}
         return reconcile.reconcile_days(self.conn, self.connector.project(), wanted, self.connector.store(),
-                                        self.connector.exact_client(self.conn))
+                                        self.connector.exact_client(self.conn), today=self.today)
+
+    @property
+    def today(self) -> date:
+        return connection_today(self.conn.timezone, self.connector.clock())
 
     def posted(self) -> pd.DataFrame:
         return self.outcomes[self.outcomes["outcome"] == "posted"].sort_values(["partition_date", "report_id"])
@@ -97,7 +102,7 @@ def test_a_clean_month_reports_zero_findings_and_says_so(sandbox, sandbox_mappin
 
     client = posted.connector.exact_client(posted.conn)
     days = reconcile.reconcile_days(posted.conn, posted.connector.project(), posted.lines_by_day,
-                                    posted.connector.store(), client)
+                                    posted.connector.store(), client, today=posted.today)
     result = reconcile.reconcile_connection_month(posted.conn, month.isoformat()[:7], days, list(days),
                                                   posted.connector.store(), client)
 

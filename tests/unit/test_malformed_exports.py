@@ -166,7 +166,7 @@ def test_a_report_with_a_set_aside_expense_is_quarantined_whole(data, exported, 
     reports, touched = data.draw(mutated_day(exported))
     result = _check_day(reports, touched, baseline)
     conn, config, dims = drafting
-    drafts = drafts_for_reports(reports, conn, config, dims, run_date=date(2026, 8, 3))
+    drafts = drafts_for_reports(reports, conn, config, dims, today=date(2026, 8, 3))
     bad = set(result.malformed["report_id"])
     assert not set(drafts.lines["report_id"]) & bad, "no draft line of a report with a set-aside expense"
     flagged = set(drafts.rejections.loc[drafts.rejections["code"] == Reason.MALFORMED_SOURCE.value, "report_id"])

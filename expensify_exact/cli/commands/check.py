@@ -15,16 +15,20 @@ from datetime import date
 
 import pandas as pd
 
+from expensify_exact.clock import connection_today
 from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, connector_from_args
 from expensify_exact.config import CATEGORIES_FILE, TAGS_FILE, VAT_FILE, Connection, ProjectConfig
 from expensify_exact.errors import ConfigError, ConnectorError
 from expensify_exact.core.mapping_locations import MappingLocations
-from expensify_exact.core.journal import Reason
+from expensify_exact.core.journal import (
+    Reason, account_problem, dimension_problem, end_date, gl_code_for, index_by_code, journal_problems, vat_code_for,
+    vat_code_problem,
+)
 
 ERROR, WARNING = "error", "warning"
 # Only the tables a mapping can point at; financial periods belong to a run's date, not to the config.
 CHECKED_DIMENSIONS = ("gl_accounts", "cost_centers", "cost_units", "journals", "vat_codes")
-# Findings that are not quarantine reasons (the rest reuse transform.journal.Reason).
+# Findings that are not quarantine reasons (the rest are core.journal's Reasons, found by its own rules).
 GL_CODE_MISMATCH = "GL_CODE_MISMATCH"
 UNKNOWN_POLICY = "UNKNOWN_POLICY"
 UNREACHABLE = "UNREACHABLE"
@@ -44,7 +48,8 @@ class Finding:
 
 def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.DataFrame], policies: dict,
                   locations: MappingLocations, today: date) -> list[Finding]:
-    """Every mapping of `conn` checked against Exact's dimension snapshots and Expensify's policies.
+    """Every mapping of `conn` checked against Exact's dimension snapshots and Expensify's policies, by the rules
+    the journal drafts apply (`core.journal`: `journal_problems`, `account_problem`, `dimension_problem`, ...).
 
     Args:
         conn: the connection whose division and policies are checked.
@@ -62,26 +67,25 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
     def add(severity: str, code: str, where, message: str) -> None:
         findings.append(Finding(severity, str(code), conn.name, str(where), message))
 
-    gl = _by_code(dims["gl_accounts"])
-    centers, units = _by_code(dims["cost_centers"]), _by_code(dims["cost_units"])
-    journals, vat_codes = _by_code(dims["journals"]), _by_code(dims["vat_codes"])
+    gl = index_by_code(dims["gl_accounts"])
+    tables = {"cost_center": index_by_code(dims["cost_centers"]), "cost_unit": index_by_code(dims["cost_units"])}
+    journals, vat_codes = index_by_code(dims["journals"]), index_by_code(dims["vat_codes"])
     division = f"Exact division {conn.exact.division}"
 
     def account(code: str, what: str, where) -> None:
-        row = gl.get(code)
-        if row is None:
-            add(ERROR, Reason.UNKNOWN_GL_ACCOUNT, where, f"GL account {code} ({what}) does not exist in {division}")
-        elif _true(row.get("is_blocked")):
-            add(ERROR, Reason.BLOCKED_GL_ACCOUNT, where, f"GL account {code} ({what}) is blocked in {division}")
+        reason = account_problem(gl.get(code))
+        if reason is not None:
+            state = "does not exist" if reason == Reason.UNKNOWN_GL_ACCOUNT else "is blocked"
+            add(ERROR, reason, where, f"GL account {code} ({what}) {state} in {division}")
 
     # connections.yaml: the journal and the credit side.
     journal = journals.get(conn.exact.journal)
     where = locations.connection(conn.name, "exact", "journal")
-    if journal is None:
-        add(ERROR, Reason.UNKNOWN_JOURNAL, where, f"journal {conn.exact.journal} does not exist in {division}")
-    elif _int(journal.get("type")) != 90:
-        add(ERROR, Reason.INVALID_JOURNAL_TYPE, where,
-            f"journal {conn.exact.journal} has type {journal.get('type')}, not 90 (general journal)")
+    for reason in journal_problems(journal):
+        state = {Reason.UNKNOWN_JOURNAL: f"does not exist in {division}",
+                 Reason.BLOCKED_JOURNAL: f"is blocked in {division}",
+                 Reason.INVALID_JOURNAL_TYPE: f"has type {(journal or {}).get('type')}, not 90 (general journal)"}
+        add(ERROR, reason, where, f"journal {conn.exact.journal} {state[reason]}")
     credit = [("employee_payable_account", conn.exact.employee_payable_account, ("exact", "employee_payable_account")),
               ("card_liability_account", conn.exact.card_liability_account, ("exact", "card_liability_account"))]
     credit += [(f"card_accounts.{card}", code, ("exact", "card_accounts", card))
@@ -97,16 +101,12 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
             account(row.gl_account, f"category {row.category!r}", locations.category(row.category, row.policy_id))
 
     def dimension(kind: str, code: str, what: str, where) -> None:
-        """A cost center or cost unit code must exist in Exact and not have ended."""
-        table, unknown, ended = ((centers, Reason.UNKNOWN_COST_CENTER, Reason.ENDED_COST_CENTER)
-                                 if kind == "cost_center" else (units, Reason.UNKNOWN_COST_UNIT, Reason.ENDED_COST_UNIT))
-        label = kind.replace("_", " ")
-        row = table.get(code)
-        end = _day(row.get("end_date")) if row is not None else None
-        if row is None:
-            add(ERROR, unknown, where, f"{label} {code} ({what}) does not exist in {division}")
-        elif end is not None and end < today:
-            add(ERROR, ended, where, f"{label} {code} ({what}) ended on {end} in {division}")
+        """A cost center or cost unit code must exist in Exact and not have ended before today."""
+        row = tables[kind].get(code)
+        reason = dimension_problem(kind, row, today)
+        if reason is not None:
+            state = "does not exist" if row is None else f"ended on {end_date(row)}"
+            add(ERROR, reason, where, f"{kind.replace('_', ' ')} {code} ({what}) {state} in {division}")
 
     # tags.yaml: every code a tag (or a level's default) can set.
     for level in project.tags:
@@ -124,21 +124,17 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
                 if code := getattr(row, kind, None):
                     dimension(kind, code, f"default for {key!r}", locations.default(section, key, kind))
 
-    # vat.yaml: the same rules as transform/journal.py. A wrong code is reported even on a journal without VAT,
-    # where it is not used yet: it would be the day the journal changes.
+    # vat.yaml: a wrong code is reported even on a journal without VAT, where it is not used yet: it would be the
+    # day the journal changes.
     for tax_name, code in project.vat_codes.items():
         if code == "":
             continue  # "" posts that tax name gross, without a VAT code
-        row = vat_codes.get(code)
-        where = locations.vat(tax_name)
-        if row is None:
-            add(ERROR, Reason.UNKNOWN_VAT_CODE, where,
-                f"VAT code {code} (tax {tax_name!r}) does not exist in {division}")
-        elif _true(row.get("is_blocked")):
-            add(ERROR, Reason.BLOCKED_VAT_CODE, where, f"VAT code {code} (tax {tax_name!r}) is blocked in {division}")
-    vat_journal = journal is not None and _true(journal.get("allow_vat"))
-    if (journal is not None and not vat_journal and conn.posting.require_vat
-            and any(code for code in project.vat_codes.values())):
+        reason = vat_code_problem(vat_codes.get(code))
+        if reason is not None:
+            state = "does not exist" if reason == Reason.UNKNOWN_VAT_CODE else "is blocked"
+            add(ERROR, reason, locations.vat(tax_name), f"VAT code {code} (tax {tax_name!r}) {state} in {division}")
+    if journal is not None and any(vat_code_for(name, project, conn, journal)[1] == Reason.VAT_NOT_ALLOWED
+                                   for name in project.vat_codes):
         add(ERROR, Reason.VAT_NOT_ALLOWED, locations.connection(conn.name, "posting", "require_vat"),
             f"journal {conn.exact.journal} does not allow VAT, yet posting.require_vat quarantines every expense "
             f"whose tax maps to a VAT code; use a journal with AllowVAT or turn require_vat off")
@@ -154,26 +150,24 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
         for category in policy.categories:
             if not category.enabled:
                 continue
+            code = gl_code_for(project, conn, category.name, policy_id, category.gl_code)
             mapped = project.gl_account_for(category.name, policy_id)
-            if mapped is None:
-                if conn.posting.fallback_to_category_gl_code and category.gl_code:
-                    account(category.gl_code, f"Expensify GL code of category {category.name!r}",
-                            locations.file(CATEGORIES_FILE))
-                    continue
+            if code is None:
                 add(ERROR, Reason.UNMAPPED_CATEGORY, locations.file(CATEGORIES_FILE),
                     f"category {category.name!r} of Expensify policy {policy_id} maps to no GL account; "
                     f"add a row to {CATEGORIES_FILE}")
+            elif mapped is None:  # Expensify's own GL code, by posting.fallback_to_category_gl_code
+                account(code, f"Expensify GL code of category {category.name!r}", locations.file(CATEGORIES_FILE))
             elif category.gl_code and category.gl_code != mapped:
                 add(WARNING, GL_CODE_MISMATCH, locations.category(category.name, policy_id),
                     f"category {category.name!r} maps to {mapped}, but Expensify policy {policy_id} gives it GL "
                     f"code {category.gl_code}; the mapping wins")
-        if project.vat_codes and vat_journal:
+        for rate in policy.tax_rates:
             # Once vat.yaml has rows, a tax name it lacks quarantines the report on a journal that allows VAT.
-            for rate in policy.tax_rates:
-                if rate.name and rate.name not in project.vat_codes:
-                    add(ERROR, Reason.UNMAPPED_TAX_NAME, locations.file(VAT_FILE),
-                        f"tax {rate.name!r} of Expensify policy {policy_id} maps to no VAT code; add it to "
-                        f"{VAT_FILE} (\"\" posts it gross)")
+            if vat_code_for(rate.name, project, conn, journal)[1] == Reason.UNMAPPED_TAX_NAME:
+                add(ERROR, Reason.UNMAPPED_TAX_NAME, locations.file(VAT_FILE),
+                    f"tax {rate.name!r} of Expensify policy {policy_id} maps to no VAT code; add it to "
+                    f"{VAT_FILE} (\"\" posts it gross)")
         for tag in policy.tags:
             level = levels.get(tag.level)
             # A level no tags.yaml entry configures sets no dimension, so any tag there is fine.
@@ -185,32 +179,9 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
     return findings
 
 
-def _by_code(frame: pd.DataFrame) -> dict[str, dict]:
-    return {str(r["code"]): r for r in frame.to_dict("records")} if len(frame) else {}
-
-
-def _true(value) -> bool:
-    return value is not None and not (isinstance(value, float) and pd.isna(value)) and bool(value)
-
-
-def _int(value) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _day(value) -> date | None:
-    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NaT:
-        return None
-    if hasattr(value, "date") and callable(value.date):
-        return value.date()
-    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
-
-
-def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations,
-                     today: date) -> list[Finding]:
-    """Reads Exact's dimensions and Expensify's policies for `conn` and checks the mappings against them."""
+def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations) -> list[Finding]:
+    """Reads Exact's dimensions and Expensify's policies for `conn` and checks the mappings against them, as of
+    the connection's day by the connector's clock."""
     from expensify_exact.core.snapshots import fetch_dimension, needed_codes
 
     try:
@@ -227,7 +198,7 @@ def check_connection(connector, conn: Connection, project: ProjectConfig, locati
             policies = expensify.get_policies(conn.expensify.policy_ids)
     except ConnectorError as exc:
         return [Finding(ERROR, UNREACHABLE, conn.name, "Expensify", f"cannot read the policies: {exc}")]
-    return find_problems(conn, project, dims, policies, locations, today)
+    return find_problems(conn, project, dims, policies, locations, connection_today(conn.timezone, connector.clock()))
 
 
 def _remember_rate_budget(connector, conn: Connection, client) -> None:
@@ -246,13 +217,12 @@ def cmd_check(args) -> int:
         _emit(args, [], error=str(exc))
         return EXIT_CONFIG
     locations = MappingLocations(args.mappings)
-    today = date.today()
     findings: list[Finding] = []
     for conn in connections:
         if not args.json:
             print(f"{conn.name}: Exact division {conn.exact.division}, Expensify policies "
                   f"{', '.join(conn.expensify.policy_ids)}", flush=True)
-        findings.extend(check_connection(connector, conn, project, locations, today))
+        findings.extend(check_connection(connector, conn, project, locations))
     _emit(args, findings, checked=[c.name for c in connections])
     return EXIT_FAILED if any(f.severity == ERROR for f in findings) else EXIT_OK
 

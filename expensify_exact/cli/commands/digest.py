@@ -48,7 +48,8 @@ def cmd_digest(args: argparse.Namespace) -> int:
         if digest is None:
             digest = build_digest(connection=conn.name, day=day, ledger=store.ledger_rows(conn.name),
                                   quarantine=store.quarantine_items(conn.name, status=QuarantineStatus.OPEN),
-                                  token_ages=store.token_ages(), currency=conn.exact.division_currency)
+                                  token_ages=store.token_ages(), currency=conn.exact.division_currency,
+                                  now=connector.clock().now())
         rendered.append(digest.render(args.format))
         if args.send or args.resend:
             from expensify_exact.notify.mail import mail_digest

@@ -11,8 +11,9 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timezone
+from datetime import date
 
+from expensify_exact.clock import Clock, connection_today
 from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, connector_from_args
 from expensify_exact.errors import (
     AuthenticationError,
@@ -47,10 +48,6 @@ class Verdict:
         return out
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def _error_text(exc: BaseException) -> str:
     """Connector errors are built secret-free (errors.py, http/redaction.py); anything else shows only its type."""
     return str(exc) if isinstance(exc, ConnectorError) else type(exc).__name__
@@ -83,10 +80,10 @@ def _read_advice(exc: BaseException, what: str, connection: str) -> str:
 class Preflight:
     """Runs the checks for one connection; each check returns Verdicts and never raises a ConnectorError."""
 
-    def __init__(self, connector, conn, now: Callable[[], datetime] = _now):
+    def __init__(self, connector, conn, clock: Clock | None = None):
         self.connector = connector
         self.conn = conn
-        self.now = now
+        self.clock = clock or connector.clock()
         self.verdicts: list[Verdict] = []
 
     def add(self, check: str, assumption: str, status: str, detail: str, advice: str = "") -> Verdict:
@@ -118,7 +115,7 @@ class Preflight:
             self.add("exact_tokens", assumption, FAILED, "no Exact tokens are stored for this connection",
                      f"run `expensify-exact authorize --connection {self.conn.name}`")
             return
-        now = self.now()
+        now = self.clock.now()
         if now < refresher.refresh_window_opens(stored) and stored.is_valid_at(now):
             age = int((now - stored.issued_at).total_seconds())
             seen = store.connection_fact_get(self.conn.name, TOKEN_ROTATION_VERIFIED)
@@ -336,7 +333,7 @@ class Preflight:
             if rows[0].get("IsBlocked"):
                 raise ValueError(f"GL account {code} is blocked in division {client.division}")
             accounts[code] = rows[0]["ID"]
-        today = self.now().date()
+        today = connection_today(self.conn.timezone, self.clock)
         periods = fetch_dimension(client, "financial_periods")
         period = next((p for p in periods.to_dict("records")
                        if p["start_date"] and p["end_date"] and p["start_date"] <= today <= p["end_date"]), None)
@@ -356,7 +353,8 @@ class Preflight:
         keeps = got.lower() == sent.lower()
         self.connector.store().connection_fact_put(
             self.conn.name, KEEPS_CLIENT_ENTRY_ID, keeps,
-            {"division": division, "sent": sent, "echoed": got, "tested_at": self.now().isoformat(timespec="seconds")})
+            {"division": division, "sent": sent, "echoed": got,
+             "tested_at": self.clock.now().isoformat(timespec="seconds")})
         self.add(KEEPS_CLIENT_ENTRY_ID, "whether Exact keeps the EntryID the connector sends (posting handles either)", OK,
                  ("yes: the echoed EntryID is the one sent; posting looks entries up by it directly"
                   if keeps else

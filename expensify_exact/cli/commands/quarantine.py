@@ -208,7 +208,7 @@ def cmd_replay(args) -> int:
         with connector.expensify_client(conn) as expensify, showing_progress(json_output=args.json):
             result = replay_quarantine(conn, project, store=store, expensify=expensify,
                                        exact=connector.exact_client(conn), report_ids=args.reports,
-                                       dry_run=args.dry_run)
+                                       dry_run=args.dry_run, clock=connector.clock())
         remaining += len(result.still_quarantined)
         if args.json:
             print(json.dumps(result.as_json(), indent=2, sort_keys=True, default=str))

@@ -169,7 +169,7 @@ def _live_budget(connector, conn) -> dict | None:
             status = client.rate_limits.status()
     except ConnectorError as exc:
         return {"source": "live", "error": str(exc)}
-    now = datetime.now(timezone.utc)
+    now = connector.clock().now()
     connector.store().audit(RATE_BUDGET_EVENT, connection=conn.name, detail=status | {"source": "status --live"})
     return {"source": "live", "as_of": now.isoformat(), **_budget_fields(status)}
 
@@ -373,7 +373,7 @@ def cmd_status(args) -> int:
         return EXIT_CONFIG
     instance = _instance()
     try:
-        status = collect_status(connector, connections, instance, datetime.now(timezone.utc), live=args.live)
+        status = collect_status(connector, connections, instance, connector.clock().now(), live=args.live)
     finally:
         if instance is not None:
             instance.dispose()
