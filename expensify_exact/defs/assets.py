@@ -259,7 +259,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                                                              for key, drafts in drafts_by_day.items()}))
         for key, drafts in drafts_by_day.items():
             run = post_drafts(drafts, connection=conn.name, store=store, client=client, dry_run=config.dry_run,
-                              run_id=context.run_id, closed_days=closed_before, clock=connector.clock())
+                              run_id=context.run.run_id, closed_days=closed_before, clock=connector.clock())
             results[key] = run.frame()
             late.extend(run.late_approvals)
             progress.publish(progress.DayDone(conn.name, key, results[key]["outcome"].value_counts().to_dict()))
@@ -299,11 +299,11 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         try:
             with connector.expensify_client(conn) as client:
                 client.mark_exported(report_ids, label)
-            store.audit("marked_exported", connection=conn.name, run_id=context.run_id,
+            store.audit("marked_exported", connection=conn.name, run_id=context.run.run_id,
                         detail={"label": label, "reports": report_ids})
         except ConnectorError as exc:
             context.log.error(f"posted, but labelling {len(report_ids)} report(s) as {label!r} failed: {exc}")
-            store.audit("mark_exported_failed", connection=conn.name, run_id=context.run_id,
+            store.audit("mark_exported_failed", connection=conn.name, run_id=context.run.run_id,
                         detail={"label": label, "reports": report_ids, "error": str(exc)})
 
     @dg.asset(

@@ -90,12 +90,11 @@ def build(config: ProjectConfig) -> dg.Definitions:
     daily_job = dg.define_asset_job(
         DAILY_JOB_NAME, selection=dg.AssetSelection.assets(*[k for c in config.connections
                                                               for k in (approved_key(c), daily_key(c), digest_key(c))]),
-        partitions_def=DAILY_APPROVALS,
         description="Re-read the day's approved reports from Expensify and its posted entries from Exact, compare "
                     "them with the ledger, and write the accountants' digest.")
     monthly_job = dg.define_asset_job(
         MONTHLY_JOB_NAME, selection=dg.AssetSelection.assets(*[monthly_key(c) for c in config.connections]),
-        partitions_def=MONTHLY, description="Roll the month's daily reconciliations up; check card liabilities.")
+        description="Roll the month's daily reconciliations up; check card liabilities.")
 
     @dg.sensor(
         name=DAILY_SENSOR_NAME, job=daily_job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,

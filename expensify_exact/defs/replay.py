@@ -61,7 +61,7 @@ def _replay_op(conn: Connection) -> dg.OpDefinition:
         with connector.expensify_client(conn) as expensify:
             result = replay_quarantine(conn, project, store=connector.store(), expensify=expensify,
                                        exact=connector.exact_client(conn), report_ids=config.report_ids or None,
-                                       dry_run=config.dry_run, run_id=context.run_id)
+                                       dry_run=config.dry_run, run_id=context.run.run_id)
         if result.stopped_reason:
             context.log.warning(result.stopped_reason)
         counts = {o: result.count(o) for o in ("posted", "already_posted", "quarantined", "not_exported",
