@@ -108,7 +108,7 @@ def test_dry_run_replay_posts_nothing_and_leaves_the_quarantine_as_it_was(
     before = len(sandbox.exact.entries(S.DIVISION))
     capsys.readouterr()
     assert _cli(sandbox_mappings, state_url, "quarantine", "replay", "--dry-run") == 0
-    assert f"dry_run        {EINDHOVEN} passes now: would be posted" in capsys.readouterr().out
+    assert f"would_post     {EINDHOVEN} passes now: would be posted as EntryID " in capsys.readouterr().out
     assert len(sandbox.exact.entries(S.DIVISION)) == before
     assert store.ledger_get(CONNECTION, EINDHOVEN) is None
     assert store.quarantine_get(CONNECTION, EINDHOVEN).status == "open"
