@@ -122,9 +122,9 @@ def _connection_ops(conn: Connection, config: ProjectConfig):
         lines, verdicts = shown_lines(drafts), result.verdict_frame()
         context.add_output_metadata({
             **{f"reports_{action}": int(n) for action, n in verdicts["action"].value_counts().items()},
-            "draft_lines": len(lines),
+            "draft_line_count": len(lines),
             "verdicts": markdown_table(verdicts, limit=max(len(verdicts), 1)),
-            "draft_lines_all": markdown_table(lines, limit=max(len(lines), 1)),
+            "draft_lines": markdown_table(lines, limit=max(len(lines), 1)),  # every line, never a sample
         })
         return result
 

@@ -78,12 +78,12 @@ class DryRunSummary:
     failure: str | None = None
 
     def as_json(self) -> dict:
-        connections = {p.connection: {"verdicts": [v.as_json() for v in p.verdicts],
-                                      "lines": shown_lines(p.drafts).to_dict("records")} for p in self.previews}
+        connections = {p.connection: {"verdicts": [v.as_json() for v in p.verdicts], "lines": _records(p.drafts)}
+                       for p in self.previews}
         summary = {"start": self.start.isoformat(), "end": self.end.isoformat(), "dry_run": True,
                    "success": self.success, "run_id": self.run_id, "failure": self.failure,
                    "connections": connections}
-        return json.loads(json.dumps(summary, default=_plain))
+        return json.loads(json.dumps(summary, default=_plain, allow_nan=False))
 
     def as_text(self) -> str:
         out = [f"Dry run {self.run_id} for {self.start}..{self.end}: nothing posted, stored or recorded"]
@@ -108,6 +108,11 @@ class DryRunSummary:
                 out.append(f"  draft lines ({len(lines)}):")
                 out.extend("    " + row for row in lines.fillna("").to_string(index=False).splitlines())
         return "\n".join(out)
+
+
+def _records(drafts) -> list[dict]:
+    lines = shown_lines(drafts).astype(object)
+    return lines.where(lines.notna(), None).to_dict("records")  # an empty cost center is null, never NaN
 
 
 def _plain(value):
