@@ -1,7 +1,5 @@
-"""The `dry_run` job: what a run over some approval days would do, shown and stored nowhere. An op job, not assets:
-it exports the reports, reads Exact's dimensions afresh (no snapshot is kept), drafts them with the main job's
-pipeline and gives each report its verdict (`core/verdicts.py`); nothing is materialized, its outputs stay in
-memory, and its clients record nothing in the state DB (`connections.ReadOnlyRecords`) nor post anything."""
+"""The `dry_run` op job: every draft and each report's verdict (`core/verdicts.py`) for some approval days, with
+nothing materialized, posted or written to the state DB (in-memory outputs, `connections.ReadOnlyRecords`)."""
 
 from dataclasses import dataclass
 from datetime import date
