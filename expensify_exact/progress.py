@@ -36,7 +36,7 @@ class ReportSettled:
     connection: str
     day: str
     report_id: str
-    outcome: str  # posted | already_posted | quarantined | dry_run | deferred
+    outcome: str  # posted | already_posted | quarantined | deferred
     reason: str | None = None  # why this one report was deferred (no certain answer, not sent, ...)
 
 

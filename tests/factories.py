@@ -6,6 +6,7 @@ import threading
 from datetime import date, datetime, timedelta, timezone
 
 import pandas as pd
+import sqlalchemy as sa
 
 from expensify_exact_sandbox import seed
 from expensify_exact.core.journal import Dimensions
@@ -81,3 +82,17 @@ def run_cli(mappings, state_url: str, *args: str) -> int:
     from expensify_exact.cli.main import main
 
     return main(["--mappings", str(mappings), "--state-url", state_url, *args])
+
+
+def state_rows(state_url: str) -> dict[str, list[tuple]]:
+    """Every row of every table of the state DB, in a stable order: two dumps are equal only if nothing was written
+    in between (tokens, ledger, quarantine, audit, deferrals, days posted, snapshots, rate records, locks)."""
+    engine = sa.create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            tables = sa.MetaData()
+            tables.reflect(conn)
+            return {name: sorted(tuple(str(v) for v in row) for row in conn.execute(table.select()))
+                    for name, table in sorted(tables.tables.items())}
+    finally:
+        engine.dispose()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -28,6 +30,45 @@ EXACT_CLIENT_ID = "exact_client_id"
 EXACT_CLIENT_SECRET = "exact_client_secret"
 SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT_CLIENT_SECRET,
                 "exact_webhook_secret")  # expensify_exact.core.webhooks.EXACT_WEBHOOK_SECRET
+
+
+class ReadOnlyRecords:
+    """The records the API clients share through the state DB, for a run that must write nothing there (a dry run):
+    it reads what every other run and process recorded (rate budgets, Expensify's request log, Exact's errors this
+    hour, the division check) and keeps what it adds itself in memory, so it paces and stops like any run."""
+
+    def __init__(self, store: StateStore):
+        self._store = store
+        self._budgets: dict[str, dict[str, Any]] = {}
+        self._requests: dict[str, list[datetime]] = {}
+        self._errors: Counter[tuple[str, datetime]] = Counter()
+        self._snapshots: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def rate_limits_get(self, scope: str) -> dict[str, Any] | None:
+        return self._budgets.get(scope) or self._store.rate_limits_get(scope)
+
+    def rate_limits_put(self, scope: str, values: dict[str, Any]) -> None:
+        self._budgets[scope] = values
+
+    def request_log_since(self, scope: str, since: datetime) -> list[datetime]:
+        return sorted(self._store.request_log_since(scope, since) + [t for t in self._requests.get(scope, [])
+                                                                       if t > since])
+
+    def request_log_add(self, scope: str, at: datetime, keep: timedelta) -> None:
+        self._requests.setdefault(scope, []).append(at)
+
+    def error_budget_count(self, scope: str, hour: datetime) -> int:
+        return self._store.error_budget_count(scope, hour) + self._errors[(scope, hour)]
+
+    def error_budget_add(self, scope: str, hour: datetime, status: int | None, message: str | None) -> int:
+        self._errors[(scope, hour)] += 1
+        return self.error_budget_count(scope, hour)
+
+    def snapshot_get(self, scope: str, dimension: str) -> dict[str, Any] | None:
+        return self._snapshots.get((scope, dimension)) or self._store.snapshot_get(scope, dimension)
+
+    def snapshot_put(self, scope: str, dimension: str, **snapshot: Any) -> None:
+        self._snapshots[(scope, dimension)] = snapshot
 
 
 class _Advisory:
@@ -103,7 +144,7 @@ def exact_base_url(conn: Connection) -> str:
 
 
 def build_expensify_client(conn: Connection, vault: CredentialVault, clock: Clock | None = None,
-                           transport=None, store: StateStore | None = None) -> ExpensifyClient:
+                           transport=None, store: StateStore | ReadOnlyRecords | None = None) -> ExpensifyClient:
     """With `store`, the client counts Expensify's windows over every request of this connection's credential."""
     return ExpensifyClient(
         conn.expensify.endpoint_url,
@@ -126,10 +167,13 @@ def build_token_refresher(conn: Connection, vault: CredentialVault, store: State
 
 
 def build_exact_client(conn: Connection, vault: CredentialVault, store: StateStore, clock: Clock | None = None,
-                       transport=None) -> ExactClient:
+                       transport=None, records: StateStore | ReadOnlyRecords | None = None) -> ExactClient:
+    """`records` keeps the budgets, error counts and division check the client shares (default: `store`). Tokens
+    always go to `store`: Exact's refresh token is single-use, so a rotated one must be kept, even by a dry run."""
     clock = clock or SystemClock()
+    records = records or store
     refresher = build_token_refresher(conn, vault, store, clock)
     return ExactClient(exact_base_url(conn), conn.exact.division, ExactAuth(refresher), clock, transport=transport,
-                       rate_limit_board=StoredRateLimitBoard(store, conn.exact.division),
-                       error_budget=StoredErrorBudget(store, conn.exact.division, clock),
-                       division_checks=DivisionChecks(store, conn.exact.division, clock))
+                       rate_limit_board=StoredRateLimitBoard(records, conn.exact.division),
+                       error_budget=StoredErrorBudget(records, conn.exact.division, clock),
+                       division_checks=DivisionChecks(records, conn.exact.division, clock))

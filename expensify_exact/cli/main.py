@@ -204,7 +204,7 @@ def cmd_run(args) -> int:
     from expensify_exact.config import load_project_config
     from expensify_exact.cli.progress_view import showing_progress
     from expensify_exact.defs.recovery import open_embedded, tell
-    from expensify_exact.defs.runs import run_range
+    from expensify_exact.defs.runs import preview_range, run_range
 
     home = _ensure_dagster_home()
     start = date.fromisoformat(args.start)
@@ -214,9 +214,10 @@ def cmd_run(args) -> int:
         return EXIT_USAGE
     instance, _ = open_embedded(home, connector_from_args(args).store, tell)
     days = ((end - start).days + 1) * len(load_project_config(args.mappings).connections)
-    with showing_progress(json_output=args.json, total_days=days):
-        summary = run_range(start, end, dry_run=args.dry_run, mappings_dir=args.mappings, state_url=args.state_url,
-                            instance=instance, wait_timeout=args.wait_timeout)
+    launch = preview_range if args.dry_run else run_range  # a dry run settles no days: no day count to show
+    with showing_progress(json_output=args.json, total_days=None if args.dry_run else days):
+        summary = launch(start, end, mappings_dir=args.mappings, state_url=args.state_url, instance=instance,
+                         wait_timeout=args.wait_timeout)
     if args.json:
         print(json.dumps(summary.as_json(), indent=2, sort_keys=True))
     else:
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one day or a date range through the Dagster assets")
     p.add_argument("--start", required=True, help="first approval day, YYYY-MM-DD")
     p.add_argument("--end", help="last approval day, YYYY-MM-DD (default: --start)")
-    p.add_argument("--dry-run", action="store_true", help="build and show the drafts; post nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show every draft line and what a run would do with each report; post and store nothing")
     p.add_argument("--json", action="store_true", help="print one JSON summary object")
     add_wait_timeout(p)
     p.set_defaults(func=cmd_run)

@@ -43,8 +43,6 @@ class _Tally:
         text = f"posted {o['posted']}, quarantined {o['quarantined']}, already posted {o['already_posted']}"
         if o["deferred"]:
             text += f", deferred {o['deferred']}"
-        if o["dry_run"]:
-            text += f", would post {o['dry_run']}"
         return text
 
 
@@ -110,7 +108,6 @@ class LineView:
             self._line(f"{event.day} {event.connection}: posted {c.get('posted', 0)}, quarantined "
                        f"{c.get('quarantined', 0)}, already posted {c.get('already_posted', 0)}"
                        + (f", deferred {c['deferred']}" if c.get("deferred") else "")
-                       + (f", would post {c['dry_run']}" if c.get("dry_run") else "")
                        + f" — day {t.days_done}{of}, reports {t.reports_done}/{t.reports_total}")
         elif isinstance(event, progress.Waiting) and event.seconds >= PLAIN_WAIT_SECONDS:
             self._line(f"waiting {event.seconds:.0f} s for {_service(event.service)}: {event.reason}")

@@ -120,12 +120,10 @@ def _posted_section(day: str, ledger: Sequence[LedgerRow], outcomes: pd.DataFram
                     currency: str) -> tuple[Section, dict[str, int], str]:
     section = Section("Posted to Exact")
     rows, totals = [], {}
-    counts = {"posted_today": 0, "already_posted": 0, "deferred": 0, "previewed": 0}
+    counts = {"posted_today": 0, "already_posted": 0, "deferred": 0}
     if outcomes is not None and len(outcomes):
-        labels = {"posted": "posted now", "already_posted": "already posted", "deferred": "deferred (API budget)",
-                  "dry_run": "dry run only"}
-        keys = {"posted": "posted_today", "already_posted": "already_posted", "deferred": "deferred",
-                "dry_run": "previewed"}
+        labels = {"posted": "posted now", "already_posted": "already posted", "deferred": "deferred (API budget)"}
+        keys = {"posted": "posted_today", "already_posted": "already_posted", "deferred": "deferred"}
         for o in outcomes.sort_values("report_id").itertuples(index=False):
             if o.outcome not in labels:
                 continue

@@ -26,10 +26,9 @@ from expensify_exact.errors import (
     RateLimitExhausted,
 )
 from expensify_exact.core.settlement import EntryGateway, Settled, find_posted, post_and_settle
-from expensify_exact.store import IntentKind, IntentStatus, NewIntent, QuarantineStatus, StateStore
-from expensify_exact.core.journal import (
-    JournalDrafts, Reason, content_hash, entry_body, entry_id_for, entry_total_cents,
-)
+from expensify_exact.store import IntentKind, NewIntent, QuarantineStatus, StateStore
+from expensify_exact.core.journal import JournalDrafts, Reason, entry_total_cents
+from expensify_exact.core.verdicts import Action, Verdict, judge_lines, judge_rejected, tids
 
 OUTCOME_COLUMNS = ["connection", "partition_date", "report_id", "outcome", "entry_id", "entry_number",
                    "reason_codes", "reasons", "transaction_ids", "total_cents"]
@@ -52,6 +51,7 @@ class Outcome(StrEnum):
     DEFERRED = "deferred"  # left for a later run (a budget, a refusal of the connection, no certain answer)
     NOT_EXPORTED = "not_exported"  # replay: Expensify no longer returns it as approved
     SKIPPED = "skipped"  # replay: changed after posting, it waits for approve or ignore
+    WOULD_POST = "would_post"  # a replay's dry run: it passes now
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ReportOutcome:
     connection: str
     partition_date: str
     report_id: str
-    outcome: str  # an Outcome, or dry_run
+    outcome: str  # an Outcome
     entry_id: str | None = None
     entry_number: int | None = None
     reason_codes: list[str] = field(default_factory=list)
@@ -79,17 +79,16 @@ class PostingRun:
         return pd.DataFrame([asdict(o) | {"outcome": str(o.outcome)} for o in self.outcomes], columns=OUTCOME_COLUMNS)
 
 
-def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, client: JournalPoster | None,
-                dry_run: bool, run_id: str | None = None, closed_days: Collection[str] = (),
+def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, client: JournalPoster,
+                run_id: str | None = None, closed_days: Collection[str] = (),
                 clock: Clock | None = None) -> PostingRun:
-    """Settle every report in `drafts` as posted, already posted, quarantined, or (dry-run) previewed.
+    """Settle every report in `drafts` as posted, already posted or quarantined, acting on its `verdicts` verdict.
 
     Args:
         drafts: valid lines and rejections for one connection.
         connection: the connection name (ledger key).
         store: the state store holding the ledger, quarantine and audit log.
-        client: the Exact client; unused in a dry run.
-        dry_run: build and report everything, write nothing to Exact, the ledger or the quarantine.
+        client: the Exact client.
         run_id: the Dagster run, for the audit log.
         closed_days: approval days an earlier run already posted after they had closed; a report of such a day
             that the connector has never seen (not in the ledger, the quarantine or the deferred list) is audited
@@ -103,10 +102,10 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
     """
     clock = clock or SystemClock()
     outcomes: list[ReportOutcome] = []
-    late = _audit_late_approvals(drafts, connection, store, set(closed_days), run_id) \
-        if closed_days and not dry_run else []
+    late = _audit_late_approvals(drafts, connection, store, set(closed_days), run_id) if closed_days else []
     for report_id, problems in drafts.rejections.groupby("report_id", sort=True):
-        outcomes.append(_settle_rejected(report_id, problems, connection, store, dry_run, run_id))
+        verdict = judge_rejected(report_id, problems, connection, store.ledger_get(connection, report_id))
+        outcomes.append(_settle_rejected(verdict, store, run_id))
         _settled(outcomes[-1])
     lines = drafts.lines
     stopped, stop_retry = None, None
@@ -114,14 +113,10 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
     for index, report_id in enumerate(report_ids):
         report_lines = lines[lines["report_id"] == report_id]
         try:
-            if dry_run:
-                outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run, run_id))
-            else:
-                # Overlapping runs (a backfill beside the schedule) may reach the same report: one at a time, and
-                # the second then finds it posted. Short-lived, so a crashed holder's lease soon expires.
-                with store.lock(f"post:{connection}:{report_id}", ttl_seconds=300, wait_seconds=600):
-                    outcomes.append(_post_one(report_id, report_lines, connection, store, client, dry_run,
-                                              run_id))
+            # Overlapping runs (a backfill beside the schedule) may reach the same report: one at a time, and the
+            # second then finds it posted. Short-lived, so a crashed holder's lease soon expires.
+            with store.lock(f"post:{connection}:{report_id}", ttl_seconds=300, wait_seconds=600):
+                outcomes.append(_post_one(report_id, report_lines, connection, store, client, run_id))
             _settled(outcomes[-1])
         except _STOPS_THE_CONNECTION as exc:
             # Not a failure of these reports: they wait for the next run; nothing is lost and no intent is left open.
@@ -139,8 +134,7 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
             for waiting in outcomes[-(len(report_ids) - index):]:
                 _settled(waiting, with_reason=False)  # PostingStopped said why, once
             break
-    if not dry_run:
-        _remember_deferrals(store, connection, outcomes, stop_retry, clock)
+    _remember_deferrals(store, connection, outcomes, stop_retry, clock)
     return PostingRun(outcomes=outcomes, stopped_reason=stopped, late_approvals=late)
 
 
@@ -241,75 +235,67 @@ def _deferred(connection: str, report_id: str, report_lines: pd.DataFrame, messa
     return ReportOutcome(connection, report_lines.iloc[0]["partition_date"], report_id, Outcome.DEFERRED,
                          reasons=[{"transaction_id": "", "code": "DEFERRED", "dimension": "exact", "value": "",
                                    "message": message}],
-                         transaction_ids=_tids(report_lines), total_cents=entry_total_cents(report_lines))
+                         transaction_ids=tids(report_lines), total_cents=entry_total_cents(report_lines))
 
 
-def _tids(frame: pd.DataFrame) -> list[str]:
-    return sorted({t for t in frame["transaction_id"] if t})
+def _outcome(verdict: Verdict, outcome: str, **changes) -> ReportOutcome:
+    fields = dict(entry_id=verdict.entry_id, entry_number=verdict.entry_number, reason_codes=verdict.reason_codes,
+                  reasons=verdict.reasons, transaction_ids=verdict.transaction_ids, total_cents=verdict.total_cents)
+    return ReportOutcome(verdict.connection, verdict.partition_date, verdict.report_id, outcome, **(fields | changes))
 
 
-def _settle_rejected(report_id: str, problems: pd.DataFrame, connection: str, store: StateStore, dry_run: bool,
-                     run_id: str | None) -> ReportOutcome:
-    partition_date = problems.iloc[0]["partition_date"]
-    reasons = problems.drop(columns=["connection", "partition_date", "report_id"]).to_dict("records")
-    codes = sorted(set(problems["code"]))
-    tids = _tids(problems)
-    ledger = store.ledger_get(connection, report_id)
-    if ledger is not None and ledger.status == IntentStatus.POSTED:
-        # Already in Exact; a rule that fails today (e.g. a cost center ended since) does not un-post it.
-        store.audit("skipped_already_posted", connection=connection, report_id=report_id, entry_id=ledger.entry_id,
-                    entry_number=ledger.entry_number, run_id=run_id, partition_date=partition_date,
-                    detail={"note": "now fails validation", "codes": codes})
-        return ReportOutcome(connection, partition_date, report_id, Outcome.ALREADY_POSTED, ledger.entry_id,
-                             ledger.entry_number, codes, reasons, ledger.transaction_ids, ledger.total_cents)
-    if dry_run:
-        store.audit("dry_run", connection=connection, report_id=report_id, transaction_ids=tids, run_id=run_id,
-                    partition_date=partition_date, detail={"would_quarantine": codes})
-    else:
-        store.quarantine_put(connection, report_id, partition_date=partition_date, reasons=reasons,
-                             transaction_ids=tids, content_hash=None)
-        store.audit("quarantined", connection=connection, report_id=report_id, transaction_ids=tids, run_id=run_id,
-                    partition_date=partition_date, detail={"reasons": reasons})
-    return ReportOutcome(connection, partition_date, report_id, Outcome.QUARANTINED, reason_codes=codes,
-                         reasons=reasons, transaction_ids=tids)
+def _audit_of(verdict: Verdict, run_id: str | None) -> dict:
+    return dict(connection=verdict.connection, report_id=verdict.report_id, transaction_ids=verdict.transaction_ids,
+                run_id=run_id, partition_date=verdict.partition_date)
+
+
+def _skip_posted(verdict: Verdict, store: StateStore, run_id: str | None, **detail) -> ReportOutcome:
+    store.audit("skipped_already_posted", entry_id=verdict.entry_id, entry_number=verdict.entry_number,
+                **_audit_of(verdict, run_id), **({"detail": detail} if detail else {}))
+    return _outcome(verdict, Outcome.ALREADY_POSTED)
+
+
+def _quarantine(verdict: Verdict, store: StateStore, run_id: str | None) -> ReportOutcome:
+    store.quarantine_put(verdict.connection, verdict.report_id, partition_date=verdict.partition_date,
+                         reasons=verdict.reasons, transaction_ids=verdict.transaction_ids,
+                         content_hash=verdict.content_hash, correction=verdict.correction)
+    store.audit("quarantined", entry_id=verdict.entry_id, detail={"reasons": verdict.reasons},
+                **_audit_of(verdict, run_id))
+    return _outcome(verdict, Outcome.QUARANTINED)
+
+
+def _settle_rejected(verdict: Verdict, store: StateStore, run_id: str | None) -> ReportOutcome:
+    if verdict.action == Action.ALREADY_POSTED:
+        return _skip_posted(verdict, store, run_id, note=verdict.note, codes=verdict.reason_codes)
+    return _quarantine(verdict, store, run_id)
 
 
 def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store: StateStore,
-              client: JournalPoster | None, dry_run: bool, run_id: str | None) -> ReportOutcome:
-    partition_date = report_lines.iloc[0]["partition_date"]
-    tids = _tids(report_lines)
-    total = entry_total_cents(report_lines)
-    body = entry_body(report_lines)
-    body_hash = content_hash(body)
-    entry_id = entry_id_for(connection, report_id, body_hash)
-    base = dict(connection=connection, partition_date=partition_date, report_id=report_id, transaction_ids=tids,
-                total_cents=total)
-    audit = dict(connection=connection, report_id=report_id, transaction_ids=tids, run_id=run_id,
-                 partition_date=partition_date)
-
+              client: JournalPoster, run_id: str | None) -> ReportOutcome:
     ledger = store.ledger_get(connection, report_id)
-    if ledger is not None and ledger.status == IntentStatus.PENDING and not dry_run:
+    verdict = judge_lines(report_id, report_lines, connection, ledger)
+    audit = _audit_of(verdict, run_id)
+    if verdict.action == Action.SETTLE_PENDING:
         try:
-            ledger = _settle_pending(ledger, body, body_hash, store, client, run_id)
+            ledger = _settle_pending(ledger, verdict.body, verdict.content_hash, store, client, run_id)
         except _STOPS_THE_CONNECTION:
             raise
         except ApiError as exc:
             message = f"an earlier POST of this report got no certain answer and Exact could not be asked now: {exc}"
             store.audit("deferred", entry_id=ledger.entry_id, detail={"reason": message}, **audit)
             return _deferred(connection, report_id, report_lines, message)
-    if ledger is not None and ledger.status == IntentStatus.POSTED:
-        if ledger.content_hash == body_hash:
-            store.audit("skipped_already_posted", entry_id=ledger.entry_id, entry_number=ledger.entry_number, **audit)
-            return ReportOutcome(outcome=Outcome.ALREADY_POSTED, entry_id=ledger.entry_id,
-                                 entry_number=ledger.entry_number, **base)
-        return _changed_after_posting(ledger, body, report_lines, store, dry_run, audit, base)
+        verdict = judge_lines(report_id, report_lines, connection, ledger)
+    if verdict.action == Action.ALREADY_POSTED:
+        return _skip_posted(verdict, store, run_id)
+    if verdict.action == Action.QUARANTINE:
+        return _quarantine(verdict, store, run_id)
 
-    if dry_run:
-        store.audit("dry_run", entry_id=entry_id, detail={"would_post": body | {"EntryID": entry_id}}, **audit)
-        return ReportOutcome(outcome="dry_run", entry_id=entry_id, **base)
-
+    partition_date, tids_, total = verdict.partition_date, verdict.transaction_ids, verdict.total_cents
+    body, body_hash, entry_id = verdict.body, verdict.content_hash, verdict.entry_id
+    base = dict(connection=connection, partition_date=partition_date, report_id=report_id, transaction_ids=tids_,
+                total_cents=total)
     store.intents_write(connection, report_id, [NewIntent(IntentKind.POST, entry_id, body_hash, body, partition_date,
-                                                          tids, total)], run_id=run_id)
+                                                          tids_, total)], run_id=run_id)
     store.audit("validated", entry_id=entry_id, detail={"lines": len(report_lines)}, **audit)
     try:
         settled = post_and_settle(client, store, connection, body | {"EntryID": entry_id}, settling_report=report_id)
@@ -331,7 +317,7 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
         reasons = [{"transaction_id": "", "code": Reason.REJECTED_BY_EXACT.value, "dimension": "exact",
                     "value": str(settled.status or ""), "message": settled.message}]
         store.quarantine_put(connection, report_id, partition_date=partition_date, reasons=reasons,
-                             transaction_ids=tids, content_hash=body_hash)
+                             transaction_ids=tids_, content_hash=body_hash)
         store.audit("quarantined", entry_id=entry_id, detail={"reasons": reasons}, **audit)
         return ReportOutcome(outcome=Outcome.QUARANTINED, entry_id=None, reason_codes=[Reason.REJECTED_BY_EXACT.value],
                              reasons=reasons, **base)
@@ -397,23 +383,3 @@ def _settle_pending(ledger, body: dict, body_hash: str, store: StateStore, clien
                 detail={"settled": f"pending intent found in Exact by {found.found_by}",
                         "entry_id_sent": ledger.entry_id}, **audit)
     return store.ledger_get(ledger.connection, ledger.report_id)
-
-
-def _changed_after_posting(ledger, body: dict, report_lines: pd.DataFrame, store: StateStore, dry_run: bool,
-                           audit: dict, base: dict) -> ReportOutcome:
-    """Never post a changed report again: quarantine it with a summary and a drafted reversal + correction."""
-    reasons = [{"transaction_id": "", "code": Reason.CHANGED_AFTER_POSTING.value, "dimension": "report",
-                "value": ledger.entry_id,
-                "message": f"posted as entry {ledger.entry_number} ({ledger.total_cents / 100:.2f}); the report now "
-                           f"totals {base['total_cents'] / 100:.2f} over {len(base['transaction_ids'])} "
-                           f"transaction(s)"}]
-    if not dry_run:
-        store.quarantine_put(base["connection"], base["report_id"], partition_date=base["partition_date"],
-                             reasons=reasons, transaction_ids=base["transaction_ids"],
-                             content_hash=content_hash(body),
-                             correction={"reverse_entry_id": ledger.entry_id, "corrected_entry": body})
-    store.audit("dry_run" if dry_run else "quarantined", entry_id=ledger.entry_id, detail={"reasons": reasons},
-                **audit)
-    return ReportOutcome(outcome=Outcome.QUARANTINED, entry_id=ledger.entry_id, entry_number=ledger.entry_number,
-                         reason_codes=[Reason.CHANGED_AFTER_POSTING.value], reasons=reasons,
-                         **{k: v for k, v in base.items()})

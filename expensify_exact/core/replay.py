@@ -7,7 +7,8 @@ Replay re-exports the quarantined reports from Expensify by report ID (their *cu
 validates them against a *fresh* Exact dimension snapshot and the current mappings, and hands the result to
 `posting.post_drafts`, so a report is posted through the same exactly-once ledger as in the main job. Reports that
 still fail stay quarantined with refreshed reasons. Every step is in the audit log: `replayed` (with the reasons
-before, the verdict now and the snapshot's fingerprint), then `posted` or `quarantined` from posting.
+before, the verdict now and the snapshot's fingerprint), then `posted` or `quarantined` from posting. A dry run
+(`preview_replay`) re-validates the same way and reports each item's `verdicts` verdict, writing nothing.
 
 Approving a CHANGED_AFTER_POSTING item posts two entries: the reversal of the posted entry (its lines as Exact holds
 them, amounts negated, `Reversal: true`, exact-online.md §5.8) and the corrected entry drafted when the change was
@@ -37,6 +38,7 @@ from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact.core.posting import Outcome, planned_reports, post_drafts
 from expensify_exact.core.settlement import EntryGateway, find_posted, post_and_settle
 from expensify_exact.core.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
+from expensify_exact.core.verdicts import Action, preview
 from expensify_exact.store import (
     Intent, IntentKind, IntentStatus, NewIntent, QuarantineItem, QuarantineStatus, StateStore,
 )
@@ -82,7 +84,7 @@ class ExactGateway(EntryGateway, Protocol):
 class ReplayOutcome:
     connection: str
     report_id: str
-    outcome: str  # an Outcome, or dry_run
+    outcome: str  # an Outcome
     previous_codes: list[str]
     reason_codes: list[str] = field(default_factory=list)
     reasons: list[dict] = field(default_factory=list)
@@ -168,8 +170,8 @@ def replayable(item: QuarantineItem) -> bool:
 # ------------------------------------------------------------------------------------------------------ replay
 
 def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateStore, expensify: ReportSource,
-                      exact: ExactGateway, report_ids: Sequence[str] | None = None, dry_run: bool = False,
-                      clock: Clock, run_id: str | None = None) -> ReplayResult:
+                      exact: ExactGateway, clock: Clock, report_ids: Sequence[str] | None = None,
+                      run_id: str | None = None) -> ReplayResult:
     """Re-validate the open quarantine items of one connection and post those that now pass, exactly once.
 
     Args:
@@ -178,10 +180,9 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
         store: ledger, quarantine and audit log.
         expensify: re-exports the reports by ID (their current content).
         exact: reads the fresh dimension snapshot and posts.
-        report_ids: only these items (default: every open, replayable item of the connection).
-        dry_run: validate and show, write nothing to Exact, the ledger or the quarantine.
         clock: the connector's clock; its day in the connection's zone is the run date of the `run_date`
             posting-date policy.
+        report_ids: only these items (default: every open, replayable item of the connection).
         run_id: for the audit log (a Dagster run ID, or a CLI-made one).
 
     Returns:
@@ -193,37 +194,22 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
     """
     run_id = run_id or f"replay-{uuid.uuid4().hex[:12]}"
     with store.lock(f"replay:{conn.name}", ttl_seconds=900, wait_seconds=600):
-        items = store.quarantine_items(conn.name, status=QuarantineStatus.OPEN,
-                                       report_ids=list(report_ids) if report_ids else None)
-        skipped = [i for i in items if not replayable(i)]
-        items = [i for i in items if replayable(i)]
-        outcomes = [ReplayOutcome(conn.name, i.report_id, Outcome.SKIPPED, _codes(i.reasons), _codes(i.reasons),
-                                  i.reasons, message="changed after posting: approve or ignore it")
-                    for i in skipped]
+        items, outcomes = _open_items(conn, store, report_ids)
         if not items:
-            return ReplayResult(conn.name, dry_run, None, outcomes)
-
-        progress.publish(progress.Phase(conn.name, f"re-validating {len(items)} quarantined report(s) against "
-                                                   f"fresh Exact dimensions"))
-        dims = fetch_dimensions(exact, needed_codes(conn, config))
-        fingerprint = replay_fingerprint(dims, config, conn)
-        reports = expensify.export_reports_by_id(
-            [i.report_id for i in items], conn.expensify.policy_ids, approved_since=_earliest_day(items),
-            timezone=conn.timezone, source_timezone=conn.expensify.timestamp_timezone)
-        drafts = drafts_for_reports(reports, conn, config, dims, connection_today(conn.timezone, clock))
+            return ReplayResult(conn.name, False, None, outcomes)
+        fingerprint, drafts = _redraft(conn, config, items, expensify, exact, clock)
         verdicts = _verdicts(drafts)
 
         by_id = {i.report_id: i for i in items}
-        if not dry_run:
-            for item in items:
-                verdict = verdicts.get(item.report_id)
-                store.audit("replayed", connection=conn.name, report_id=item.report_id,
-                            transaction_ids=item.transaction_ids, run_id=run_id, partition_date=item.partition_date,
-                            detail={"before": item.reasons, "dimensions_fingerprint": fingerprint,
-                                    "now": "not exported (no longer approved in Expensify?)" if verdict is None
-                                    else ("passes validation" if not verdict else {"fails": verdict})})
+        for item in items:
+            verdict = verdicts.get(item.report_id)
+            store.audit("replayed", connection=conn.name, report_id=item.report_id,
+                        transaction_ids=item.transaction_ids, run_id=run_id, partition_date=item.partition_date,
+                        detail={"before": item.reasons, "dimensions_fingerprint": fingerprint,
+                                "now": "not exported (no longer approved in Expensify?)" if verdict is None
+                                else ("passes validation" if not verdict else {"fails": verdict})})
         progress.publish(progress.ReportsPlanned(conn.name, planned_reports(drafts)))
-        run = post_drafts(drafts, connection=conn.name, store=store, client=exact, dry_run=dry_run, run_id=run_id)
+        run = post_drafts(drafts, connection=conn.name, store=store, client=exact, run_id=run_id)
         for day, outcomes_of_day in run.frame().groupby("partition_date"):
             progress.publish(progress.DayDone(conn.name, str(day), outcomes_of_day["outcome"].value_counts().to_dict()))
         seen = set()
@@ -234,19 +220,71 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
             seen.add(o.report_id)
             outcome = ReplayOutcome(conn.name, o.report_id, o.outcome, _codes(item.reasons), list(o.reason_codes),
                                     list(o.reasons), o.entry_id, o.entry_number)
-            if o.outcome == Outcome.ALREADY_POSTED and not dry_run:
+            if o.outcome == Outcome.ALREADY_POSTED:
                 # Posted by an earlier run with this very content: nothing to post, the item is simply done.
                 note = f"already posted as entry {o.entry_number}"
                 store.quarantine_close(conn.name, o.report_id, QuarantineStatus.RESOLVED, note)
                 outcome.message = note
             outcomes.append(outcome)
-        for item in items:
-            if item.report_id not in seen:
-                outcomes.append(ReplayOutcome(
-                    conn.name, item.report_id, Outcome.NOT_EXPORTED, _codes(item.reasons), _codes(item.reasons),
-                    item.reasons, message="Expensify did not return it as approved: reopened, deleted or moved? "
-                                          "It stays quarantined."))
-        return ReplayResult(conn.name, dry_run, fingerprint, outcomes, run.stopped_reason)
+        return ReplayResult(conn.name, False, fingerprint, outcomes + _not_exported(items, seen), run.stopped_reason)
+
+
+def preview_replay(conn: Connection, config: ProjectConfig, *, store: StateStore, expensify: ReportSource,
+                   exact: ExactGateway, clock: Clock, report_ids: Sequence[str] | None = None) -> ReplayResult:
+    """What `replay_quarantine` would do now (a dry run): the same re-export and re-validation, then each item's
+    verdict (`verdicts.preview`). Reads the quarantine and the ledger, writes nothing: no lock, no audit, no post."""
+    items, outcomes = _open_items(conn, store, report_ids)
+    if not items:
+        return ReplayResult(conn.name, True, None, outcomes)
+    fingerprint, drafts = _redraft(conn, config, items, expensify, exact, clock)
+    by_id = {i.report_id: i for i in items}
+    for verdict in preview(drafts, connection=conn.name, store=store):
+        item = by_id.get(verdict.report_id)
+        if item is None:
+            continue
+        if verdict.action == Action.ALREADY_POSTED:
+            what, message = Outcome.ALREADY_POSTED, f"already posted as entry {verdict.entry_number}: a replay closes it"
+        elif verdict.action == Action.QUARANTINE:
+            what, message = Outcome.QUARANTINED, "still fails"
+        else:
+            what, message = Outcome.WOULD_POST, verdict.note or f"passes now: would be posted as EntryID {verdict.entry_id}"
+        outcomes.append(ReplayOutcome(conn.name, verdict.report_id, what, _codes(item.reasons),
+                                      list(verdict.reason_codes), list(verdict.reasons), verdict.entry_id,
+                                      verdict.entry_number, message))
+    return ReplayResult(conn.name, True, fingerprint, outcomes + _not_exported(items, set(by_id) & {
+        o.report_id for o in outcomes}))
+
+
+def _open_items(conn: Connection, store: StateStore, report_ids: Sequence[str] | None
+                ) -> tuple[list[QuarantineItem], list[ReplayOutcome]]:
+    """The open items a replay can help, and a `skipped` outcome for each one only `approve` can settle."""
+    items = store.quarantine_items(conn.name, status=QuarantineStatus.OPEN,
+                                   report_ids=list(report_ids) if report_ids else None)
+    skipped = [ReplayOutcome(conn.name, i.report_id, Outcome.SKIPPED, _codes(i.reasons), _codes(i.reasons), i.reasons,
+                             message="changed after posting: approve or ignore it")
+               for i in items if not replayable(i)]
+    return [i for i in items if replayable(i)], skipped
+
+
+def _redraft(conn: Connection, config: ProjectConfig, items: list[QuarantineItem], expensify: ReportSource,
+             exact: ExactGateway, clock: Clock) -> tuple[str, JournalDrafts]:
+    """The items' reports re-exported and drafted against fresh dimensions: (the replay fingerprint, drafts)."""
+    progress.publish(progress.Phase(conn.name, f"re-validating {len(items)} quarantined report(s) against "
+                                               f"fresh Exact dimensions"))
+    dims = fetch_dimensions(exact, needed_codes(conn, config))
+    reports = expensify.export_reports_by_id(
+        [i.report_id for i in items], conn.expensify.policy_ids, approved_since=_earliest_day(items),
+        timezone=conn.timezone, source_timezone=conn.expensify.timestamp_timezone)
+    today = connection_today(conn.timezone, clock)
+    return replay_fingerprint(dims, config, conn), drafts_for_reports(reports, conn, config, dims, today)
+
+
+def _not_exported(items: list[QuarantineItem], seen: set[str]) -> list[ReplayOutcome]:
+    return [ReplayOutcome(item.connection, item.report_id, Outcome.NOT_EXPORTED, _codes(item.reasons),
+                          _codes(item.reasons), item.reasons,
+                          message="Expensify did not return it as approved: reopened, deleted or moved? "
+                                  "It stays quarantined.")
+            for item in items if item.report_id not in seen]
 
 
 def _codes(reasons: list[dict]) -> list[str]:

@@ -39,15 +39,6 @@ QUARANTINE_COLUMNS = ["connection", "partition_date", "report_id", "transaction_
                       "message", "fix"]
 
 
-class PostingConfig(dg.Config):
-    dry_run: bool = False  # build and show every draft; write nothing to Exact, the ledger or the quarantine
-
-
-def posting_op_name(connection_name: str) -> str:
-    """The op of a connection's posting asset: where run config sets `dry_run`."""
-    return asset_key(connection_name, "exact", "journal_entries_posted").to_python_identifier()
-
-
 def build(config: ProjectConfig) -> dg.Definitions:
     assets: list = []
     for conn in config.connections:
@@ -218,12 +209,12 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         group_name=group, kinds={"exactonline"}, owners=["team:finance"],
         ins={"journal_drafts": dg.AssetIn(drafts_key)},
         description=f"What happened to each report in {division}: posted (entry ID and number), already posted, "
-                    f"quarantined with reasons, or (dry run) previewed. Posting is exactly-once per report.",
+                    f"quarantined with reasons. Posting is exactly-once per report; the `dry_run` job shows what it "
+                    f"would do.",
     )
-    def journal_entries_posted(context: dg.AssetExecutionContext, config: PostingConfig,
-                               connector: ConnectorResource, journal_drafts):
+    def journal_entries_posted(context: dg.AssetExecutionContext, connector: ConnectorResource, journal_drafts):
         store = connector.store()
-        client = None if config.dry_run else connector.exact_client(conn)
+        client = connector.exact_client(conn)
         results: dict[str, pd.DataFrame] = {}
         stopped, late = [], []
         # Days an earlier run posted after they closed: a report new in one of them is a late approval.
@@ -232,20 +223,19 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         progress.publish(progress.ReportsPlanned(conn.name, {key: sum(planned_reports(drafts).values())
                                                              for key, drafts in drafts_by_day.items()}))
         for key, drafts in drafts_by_day.items():
-            run = post_drafts(drafts, connection=conn.name, store=store, client=client, dry_run=config.dry_run,
-                              run_id=context.run_id, closed_days=closed_before, clock=connector.clock())
+            run = post_drafts(drafts, connection=conn.name, store=store, client=client, run_id=context.run.run_id,
+                              closed_days=closed_before, clock=connector.clock())
             results[key] = run.frame()
             late.extend(run.late_approvals)
             progress.publish(progress.DayDone(conn.name, key, results[key]["outcome"].value_counts().to_dict()))
             if run.stopped_reason:
                 stopped.append(run.stopped_reason)
         outcomes = _concat(list(results.values()), OUTCOME_COLUMNS)
-        if not config.dry_run:
-            forget_vanished_deferrals(store, conn.name, list(results), set(outcomes["report_id"]), context.run.run_id)
-            last_closed = closed_day(conn, connector.clock().now())
-            for key in results:
-                if date.fromisoformat(key) <= last_closed:
-                    store.day_mark_posted(conn.name, key, context.run.run_id)
+        forget_vanished_deferrals(store, conn.name, list(results), set(outcomes["report_id"]), context.run.run_id)
+        last_closed = closed_day(conn, connector.clock().now())
+        for key in results:
+            if date.fromisoformat(key) <= last_closed:
+                store.day_mark_posted(conn.name, key, context.run.run_id)
         if late:
             context.log.warning(f"{len(late)} late approval(s), posted under their own earlier day: {', '.join(late)}")
         for reason in stopped:
@@ -257,12 +247,11 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         return dg.MaterializeResult(
             value=_result(context, results),
             metadata={"posted": counts.get("posted", 0), "already_posted": counts.get("already_posted", 0),
-                      "quarantined": counts.get("quarantined", 0), "previewed_dry_run": counts.get("dry_run", 0),
+                      "quarantined": counts.get("quarantined", 0),
                       "deferred": counts.get("deferred", 0), "late_approvals": len(late),
-                      "is_dry_run": config.dry_run,
                       "posted_total": float(outcomes.loc[outcomes["outcome"] == "posted", "total_cents"].sum()) / 100,
-                      "exact_calls": client.calls_made if client is not None else 0,
-                      "exact_daily_calls_left": (client.rate_limits.remaining_daily or -1) if client else -1,
+                      "exact_calls": client.calls_made,
+                      "exact_daily_calls_left": client.rate_limits.remaining_daily or -1,
                       "outcomes": markdown_table(outcomes[["partition_date", "report_id", "outcome", "entry_number",
                                                 "reason_codes"]], limit=100)},
         )
@@ -273,11 +262,11 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         try:
             with connector.expensify_client(conn) as client:
                 client.mark_exported(report_ids, label)
-            store.audit("marked_exported", connection=conn.name, run_id=context.run_id,
+            store.audit("marked_exported", connection=conn.name, run_id=context.run.run_id,
                         detail={"label": label, "reports": report_ids})
         except ConnectorError as exc:
             context.log.error(f"posted, but labelling {len(report_ids)} report(s) as {label!r} failed: {exc}")
-            store.audit("mark_exported_failed", connection=conn.name, run_id=context.run_id,
+            store.audit("mark_exported_failed", connection=conn.name, run_id=context.run.run_id,
                         detail={"label": label, "reports": report_ids, "error": str(exc)})
 
     @dg.asset(

@@ -22,7 +22,7 @@ import dagster as dg
 
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.keys import exact_pool, slug
-from expensify_exact.core.replay import replay_fingerprint, replay_quarantine, replayable
+from expensify_exact.core.replay import preview_replay, replay_fingerprint, replay_quarantine, replayable
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.core.snapshots import fetch_dimensions, needed_codes
 
@@ -36,7 +36,7 @@ TRIGGER_TAG = "expensify_exact/trigger"
 
 class ReplayConfig(dg.Config):
     report_ids: list[str] = []  # default: every open item a replay can help
-    dry_run: bool = False  # validate and show; write nothing to Exact, the ledger or the quarantine
+    dry_run: bool = False  # validate and show each item's verdict; write nothing anywhere (`preview_replay`)
 
 
 def replay_op_name(connection_name: str) -> str:
@@ -57,15 +57,20 @@ def _replay_op(conn: Connection) -> dg.OpDefinition:
         if wanted and wanted != conn.name:
             context.log.info(f"{conn.name}: skipped, this run replays {wanted}")
             return {}
-        project = connector.project()
-        with connector.expensify_client(conn) as expensify:
-            result = replay_quarantine(conn, project, store=connector.store(), expensify=expensify,
-                                       exact=connector.exact_client(conn), report_ids=config.report_ids or None,
-                                       dry_run=config.dry_run, clock=connector.clock(), run_id=context.run_id)
+        project, read_only = connector.project(), config.dry_run
+        with connector.expensify_client(conn, read_only=read_only) as expensify, \
+                connector.exact_client(conn, read_only=read_only) as exact:
+            if config.dry_run:
+                result = preview_replay(conn, project, store=connector.store(), expensify=expensify, exact=exact,
+                                        clock=connector.clock(), report_ids=config.report_ids or None)
+            else:
+                result = replay_quarantine(conn, project, store=connector.store(), expensify=expensify, exact=exact,
+                                           clock=connector.clock(), report_ids=config.report_ids or None,
+                                           run_id=context.run.run_id)
         if result.stopped_reason:
             context.log.warning(result.stopped_reason)
         counts = {o: result.count(o) for o in ("posted", "already_posted", "quarantined", "not_exported",
-                                               "skipped", "dry_run", "deferred")}
+                                               "skipped", "would_post", "deferred")}
         context.log.info(f"{conn.name}: replayed {len(result.outcomes)} item(s): "
                          + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         context.add_output_metadata({

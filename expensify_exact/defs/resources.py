@@ -9,7 +9,7 @@ from functools import lru_cache
 import dagster as dg
 
 from expensify_exact.api import connections
-from expensify_exact.api.connections import build_exact_client, build_expensify_client
+from expensify_exact.api.connections import ReadOnlyRecords, build_exact_client, build_expensify_client
 from expensify_exact.api.exact.client import ExactClient
 from expensify_exact.api.expensify.client import ExpensifyClient
 from expensify_exact.clock import Clock
@@ -43,11 +43,15 @@ class ConnectorResource(dg.ConfigurableResource):
     def vault(self) -> CredentialVault:
         return CredentialVault(self.store())
 
-    def expensify_client(self, conn: Connection) -> ExpensifyClient:
-        return build_expensify_client(conn, self.vault(), store=self.store())
+    def expensify_client(self, conn: Connection, *, read_only: bool = False) -> ExpensifyClient:
+        """`read_only`: the client records nothing in the state DB (`connections.ReadOnlyRecords`)."""
+        store = self.store()
+        return build_expensify_client(conn, self.vault(), store=ReadOnlyRecords(store) if read_only else store)
 
-    def exact_client(self, conn: Connection) -> ExactClient:
-        return build_exact_client(conn, self.vault(), self.store())
+    def exact_client(self, conn: Connection, *, read_only: bool = False) -> ExactClient:
+        """`read_only`: it records nothing in the state DB but a rotated token (`connections.ReadOnlyRecords`)."""
+        store = self.store()
+        return build_exact_client(conn, self.vault(), store, records=ReadOnlyRecords(store) if read_only else None)
 
 
 def build(config: ProjectConfig) -> dg.Definitions:

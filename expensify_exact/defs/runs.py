@@ -1,7 +1,9 @@
-"""Runs the main job for one day or a date range on the current Dagster instance and summarizes the outcome."""
+"""Runs the main job, or the `dry_run` job, for one day or a date range on the current Dagster instance and
+summarizes the outcome."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -9,10 +11,11 @@ import dagster as dg
 import pandas as pd
 
 from expensify_exact.config import load_project_config
+from expensify_exact.core.verdicts import Action, shown_lines
 from expensify_exact.definitions import build_defs
-from expensify_exact.defs.assets import posting_op_name
+from expensify_exact.defs.dry_run import DAYS_OP, DRY_RUN_JOB_NAME, ConnectionPreview, op_names
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
-from expensify_exact.defs.keys import connector_pools, ensure_pools
+from expensify_exact.defs.keys import asset_key, connector_pools, ensure_pools
 from expensify_exact.core.posting import OUTCOME_COLUMNS
 from expensify_exact.defs.recovery import DEFAULT_WAIT_TIMEOUT_SECONDS, before_launch, tell
 from expensify_exact.defs.resources import ConnectorResource
@@ -22,7 +25,6 @@ from expensify_exact.defs.resources import ConnectorResource
 class RunSummary:
     start: date
     end: date
-    dry_run: bool
     success: bool
     run_id: str
     outcomes: pd.DataFrame
@@ -32,8 +34,7 @@ class RunSummary:
     def as_json(self) -> dict:
         connections: dict[str, dict] = {}
         for conn, frame in self.outcomes.groupby("connection") if len(self.outcomes) else []:
-            by = {o: frame[frame["outcome"] == o] for o in ("posted", "quarantined", "already_posted", "dry_run",
-                                                             "deferred")}
+            by = {o: frame[frame["outcome"] == o] for o in ("posted", "quarantined", "already_posted", "deferred")}
             connections[conn] = {
                 "posted": {r.report_id: {"entry_id": r.entry_id, "entry_number": _int(r.entry_number)}
                            for r in by["posted"].itertuples()},
@@ -42,21 +43,18 @@ class RunSummary:
                                                          "entry_number": _int(r.entry_number)}
                                            for r in by["already_posted"].itertuples()},
                 "deferred": sorted(by["deferred"]["report_id"]),
-                **({"dry_run": {r.report_id: {"entry_id": r.entry_id, "total": r.total_cents / 100}
-                                for r in by["dry_run"].itertuples()}} if self.dry_run else {}),
             }
-        return {"start": self.start.isoformat(), "end": self.end.isoformat(), "dry_run": self.dry_run,
+        return {"start": self.start.isoformat(), "end": self.end.isoformat(), "dry_run": False,
                 "success": self.success, "run_id": self.run_id, "failure": self.failure, "notes": self.notes,
                 "connections": connections}
 
     def as_text(self) -> str:
-        out = [f"Run {self.run_id} for {self.start}..{self.end}{' (dry run: nothing posted)' if self.dry_run else ''}"]
+        out = [f"Run {self.run_id} for {self.start}..{self.end}"]
         if not self.success:
             out.append(f"FAILED: {self.failure}")
         counts = self.outcomes["outcome"].value_counts().to_dict() if len(self.outcomes) else {}
         out.append(f"posted: {counts.get('posted', 0)}  already posted: {counts.get('already_posted', 0)}  "
-                   f"quarantined: {counts.get('quarantined', 0)}  deferred: {counts.get('deferred', 0)}"
-                   + (f"  previewed: {counts.get('dry_run', 0)}" if self.dry_run else ""))
+                   f"quarantined: {counts.get('quarantined', 0)}  deferred: {counts.get('deferred', 0)}")
         for r in self.outcomes.sort_values(["partition_date", "report_id"]).itertuples() if len(self.outcomes) else []:
             if r.outcome == "posted":
                 out.append(f"  posted       {r.partition_date} {r.report_id} -> entry {_int(r.entry_number)} "
@@ -64,49 +62,90 @@ class RunSummary:
             elif r.outcome == "quarantined":
                 detail = "; ".join(f"{x.get('code')}: {x.get('message')}" for x in r.reasons)
                 out.append(f"  quarantined  {r.partition_date} {r.report_id}: {detail}")
-            elif r.outcome == "dry_run":
-                out.append(f"  would post   {r.partition_date} {r.report_id} ({r.total_cents / 100:.2f})")
         out.extend(self.notes)
         return "\n".join(out)
+
+
+@dataclass
+class DryRunSummary:
+    """What the `dry_run` job showed: per connection every draft line and every report's verdict."""
+
+    start: date
+    end: date
+    success: bool
+    run_id: str
+    previews: list[ConnectionPreview]
+    failure: str | None = None
+
+    def as_json(self) -> dict:
+        connections = {p.connection: {"verdicts": [v.as_json() for v in p.verdicts], "lines": _records(p.drafts)}
+                       for p in self.previews}
+        summary = {"start": self.start.isoformat(), "end": self.end.isoformat(), "dry_run": True,
+                   "success": self.success, "run_id": self.run_id, "failure": self.failure,
+                   "connections": connections}
+        return json.loads(json.dumps(summary, default=_plain, allow_nan=False))
+
+    def as_text(self) -> str:
+        out = [f"Dry run {self.run_id} for {self.start}..{self.end}: nothing posted, stored or recorded"]
+        if not self.success:
+            out.append(f"FAILED: {self.failure}")
+        for p in self.previews:
+            actions = pd.Series([v.action for v in p.verdicts], dtype=object).value_counts().to_dict()
+            would_post = actions.get(Action.POST, 0) + actions.get(Action.SETTLE_PENDING, 0)
+            out.append(f"{p.connection}: would post {would_post}  "
+                       f"already posted: {actions.get(Action.ALREADY_POSTED, 0)}  "
+                       f"would quarantine: {actions.get(Action.QUARANTINE, 0)}")
+            for v in sorted(p.verdicts, key=lambda v: (v.partition_date, v.report_id)):
+                if v.action == Action.QUARANTINE:
+                    detail = "; ".join(f"{x.get('code')}: {x.get('message')}" for x in v.reasons)
+                    out.append(f"  would quarantine  {v.partition_date} {v.report_id}: {detail}")
+                elif v.action == Action.ALREADY_POSTED:
+                    out.append(f"  already posted    {v.partition_date} {v.report_id} as entry {_int(v.entry_number)}")
+                else:
+                    out.append(f"  would post        {v.partition_date} {v.report_id} as EntryID {v.entry_id} "
+                               f"({v.total_cents / 100:.2f})" + (f": {v.note}" if v.note else ""))
+            lines = shown_lines(p.drafts)
+            if len(lines):
+                out.append(f"  draft lines ({len(lines)}):")
+                out.extend("    " + row for row in lines.fillna("").to_string(index=False).splitlines())
+        return "\n".join(out)
+
+
+def _records(drafts) -> list[dict]:
+    lines = shown_lines(drafts).astype(object)
+    return lines.where(lines.notna(), None).to_dict("records")  # an empty cost center is null, never NaN
+
+
+def _plain(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return None if pd.isna(value) else str(value)
 
 
 def _int(value) -> int | None:
     return None if value is None or pd.isna(value) else int(value)
 
 
-def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: str = "mappings",
-              state_url: str | None = None, instance: dg.DagsterInstance | None = None,
-              wait_timeout: float | None = None) -> RunSummary:
+def run_range(start: date, end: date, *, mappings_dir: str = "mappings", state_url: str | None = None,
+              instance: dg.DagsterInstance | None = None, wait_timeout: float | None = None) -> RunSummary:
     """Materialize the main job for the approval days start..end in one run (a single-run backfill).
 
     Before it, dead runs that still hold the connector's pools are failed and a pool held by a live run is waited
     for, at most `wait_timeout` seconds (default 15 minutes; `recovery.before_launch`)."""
     config = load_project_config(mappings_dir)
-    job = build_defs(mappings_dir).resolve_job_def(MAIN_JOB_NAME)
-    connector = ConnectorResource(mappings_dir=mappings_dir, state_url=state_url)
-    posting_ops = [posting_op_name(c.name) for c in config.connections]
-    run_config = {"ops": {op: {"config": {"dry_run": dry_run}} for op in posting_ops},
-                  # The per-event DEBUG lines belong in the UI's run view, not on the operator's terminal.
-                  "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    instance = instance or dg.DagsterInstance.get()
-    ensure_pools(instance, config)
-    tags = before_launch(instance, connector.store(), connector_pools(config),
-                         timeout=DEFAULT_WAIT_TIMEOUT_SECONDS if wait_timeout is None else wait_timeout, say=tell)
-    kwargs: dict = {"partition_key": start.isoformat(), "tags": tags} if start == end else {
-        "tags": {**tags, "dagster/asset_partition_range_start": start.isoformat(),
+    posting_steps = [asset_key(c.name, "exact", "journal_entries_posted").to_python_identifier()
+                     for c in config.connections]
+    kwargs: dict = {"partition_key": start.isoformat()} if start == end else {
+        "tags": {"dagster/asset_partition_range_start": start.isoformat(),
                  "dagster/asset_partition_range_end": end.isoformat()}}
-    result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False,
-                                    resources={"connector": connector}, **kwargs)
+    result = _launch(MAIN_JOB_NAME, {}, mappings_dir, state_url, instance, wait_timeout, **kwargs)
     frames = []
-    for op in posting_ops:
+    for op in posting_steps:
         if op not in _executed_steps(result):
             continue  # the step did not run; the failure below says why
         value = result.output_for_node(op)
         frames.extend(v for v in (value.values() if isinstance(value, dict) else [value]) if len(v))
     outcomes = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OUTCOME_COLUMNS)
-    failure = None
-    if not result.success:
-        failure = "; ".join(_failure_messages(result)) or "the run failed"
     notes = []
     deferred = outcomes[outcomes["outcome"] == "deferred"] if len(outcomes) else outcomes
     if len(deferred):
@@ -115,7 +154,43 @@ def run_range(start: date, end: date, *, dry_run: bool = False, mappings_dir: st
                      "once they may be tried again (Exact's daily reset, else the next clock hour), or rerun the "
                      "range then: " + " | ".join(why[:3])
                      + (f" (and {len(why) - 3} more reasons)" if len(why) > 3 else ""))
-    return RunSummary(start, end, dry_run, result.success, result.run_id, outcomes, failure, notes)
+    return RunSummary(start, end, result.success, result.run_id, outcomes, _failure(result), notes)
+
+
+def preview_range(start: date, end: date, *, mappings_dir: str = "mappings", state_url: str | None = None,
+                  instance: dg.DagsterInstance | None = None, wait_timeout: float | None = None) -> DryRunSummary:
+    """Run the `dry_run` job for the approval days start..end: every draft and every report's verdict, with
+    nothing posted, materialized or written to the state DB. Waits for the same pools as `run_range`."""
+    config = load_project_config(mappings_dir)
+    run_config = {"ops": {DAYS_OP: {"config": {"start": start.isoformat(), "end": end.isoformat()}}}}
+    result = _launch(DRY_RUN_JOB_NAME, run_config, mappings_dir, state_url, instance, wait_timeout)
+    executed = _executed_steps(result)
+    previews = [result.output_for_node(op) for op in (op_names(c.name)[2] for c in config.connections)
+                if op in executed]
+    return DryRunSummary(start, end, result.success, result.run_id, previews, _failure(result))
+
+
+def _launch(job_name: str, run_config: dict, mappings_dir: str, state_url: str | None,
+            instance: dg.DagsterInstance | None, wait_timeout: float | None, **kwargs):
+    """Execute one of the code location's jobs in this process, once the pools it needs are free."""
+    config = load_project_config(mappings_dir)
+    job = build_defs(mappings_dir).resolve_job_def(job_name)
+    connector = ConnectorResource(mappings_dir=mappings_dir, state_url=state_url)
+    # The per-event DEBUG lines belong in the UI's run view, not on the operator's terminal.
+    run_config = run_config | {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    instance = instance or dg.DagsterInstance.get()
+    ensure_pools(instance, config)
+    tags = before_launch(instance, connector.store(), connector_pools(config),
+                         timeout=DEFAULT_WAIT_TIMEOUT_SECONDS if wait_timeout is None else wait_timeout, say=tell)
+    kwargs["tags"] = tags | kwargs.get("tags", {})
+    return job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False,
+                                  resources={"connector": connector}, **kwargs)
+
+
+def _failure(result) -> str | None:
+    if result.success:
+        return None
+    return "; ".join(_failure_messages(result)) or "the run failed"
 
 
 def _executed_steps(result) -> set[str]:

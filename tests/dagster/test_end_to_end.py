@@ -1,9 +1,11 @@
 """The whole chain through Dagster against the sandbox over real HTTP: what the demo promises, proven.
 
 Approved reports of the seed's 30 days are posted exactly once, the two seeded problems are quarantined with
-their reasons, every entry balances and every line leads back to its expense; a rerun and a dry run post nothing.
+their reasons, every entry balances and every line leads back to its expense; a rerun posts nothing, and a dry run
+shows every draft line and what a run will do with each report while writing nothing anywhere.
 """
 
+import json
 from datetime import date, timedelta
 from zoneinfo import ZoneInfo
 
@@ -11,9 +13,11 @@ import dagster as dg
 import pytest
 
 from expensify_exact.defs.keys import asset_key
-from expensify_exact.defs.runs import run_range
+from expensify_exact.defs.runs import preview_range, run_range
+from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed
 from tests.factories import run_cli as _cli
+from tests.factories import state_rows
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 CONNECTION = "vermeerhals-nl"
@@ -110,18 +114,92 @@ def test_demo_window_posts_every_approved_report_once_and_quarantines_the_two_se
         assert {d.isoformat() for d in days} <= materialized, parts
 
 
-def test_dry_run_shows_full_drafts_and_posts_nothing(sandbox, authorized, state_url, instance):
+def test_dry_run_shows_every_draft_and_the_verdict_a_run_then_acts_on(sandbox, authorized, state_url, instance):
     _, end = _window(sandbox)
     start = end - timedelta(days=9)  # includes both seeded problems
-    summary = run_range(start, end, dry_run=True, mappings_dir=str(authorized), state_url=state_url,
-                        instance=instance)
+    before = state_rows(state_url)
+    summary = preview_range(start, end, mappings_dir=str(authorized), state_url=state_url, instance=instance)
     assert summary.success, summary.failure
-    assert (summary.outcomes["outcome"] == "dry_run").sum() == len(_expected_report_ids(sandbox, start, end)) - 2
+    [preview] = summary.previews
+    verdicts = {v.report_id: v for v in preview.verdicts}
+    gifts, eindhoven = seed._report_id(101), seed._report_id(102)
+    expected = _expected_report_ids(sandbox, start, end)
+    assert set(verdicts) == expected, "every approved report of the window gets a verdict"
+    assert {r: v.reason_codes for r, v in verdicts.items() if v.action == "quarantine"} == {
+        gifts: ["UNMAPPED_CATEGORY"], eindhoven: ["UNKNOWN_COST_CENTER"]}
+    would_post = {r for r, v in verdicts.items() if v.action == "post"}
+    assert would_post == expected - {gifts, eindhoven}
+    lines = preview.drafts.lines
+    for report_id in would_post:
+        assert len(verdicts[report_id].body["GeneralJournalEntryLines"]) == (lines["report_id"] == report_id).sum()
+    # The one write a dry run may need: `secrets set` left an expired access token, and Exact's refresh token is
+    # single-use, so the rotated pair must be kept (the CLI test below starts with a fresh token: nothing at all).
+    after = state_rows(state_url)
+    assert after.pop("ee_exact_tokens") != before.pop("ee_exact_tokens") and after == before
     assert _sandbox_entries(sandbox) == []
-    from expensify_exact.store import StateStore
+
+    # What the dry run promised is what the run does: the same reports, the same content, the same reasons.
+    run = run_range(start, end, mappings_dir=str(authorized), state_url=state_url, instance=instance)
+    outcomes = run.outcomes.set_index("report_id")
+    assert set(outcomes.index[outcomes["outcome"] == "posted"]) == would_post
     store = StateStore(state_url)
-    assert store.ledger_rows() == [] and store.quarantine_items(status=None) == []
-    assert "would post" in summary.as_text()
+    assert all(store.ledger_get(CONNECTION, r).content_hash == verdicts[r].content_hash for r in would_post)
+    assert outcomes.loc[eindhoven, "reasons"] == verdicts[eindhoven].reasons
+    again = preview_range(start, end, mappings_dir=str(authorized), state_url=state_url, instance=instance)
+    assert {v.report_id for v in again.previews[0].verdicts if v.action == "already_posted"} == would_post
+
+
+def test_run_dry_run_through_the_cli_writes_nothing_anywhere_and_shows_every_draft_line(
+        sandbox, authorized, state_url, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "cli_home"))
+    _, end = _window(sandbox)
+    start, middle = end - timedelta(days=9), end - timedelta(days=5)
+    # A real run over the first days: the dry run then meets posted reports, an open quarantine, stored snapshots,
+    # rate-limit records and days posted — none of which it may touch.
+    assert _cli(authorized, state_url, "run", "--start", start.isoformat(), "--end", middle.isoformat()) == 0
+    posted_before = _sandbox_entries(sandbox)
+    before = state_rows(state_url)
+    with dg.DagsterInstance.get() as instance:
+        materialized_before = _materializations(instance)
+    sandbox.exact.reset_stats()
+    capsys.readouterr()
+
+    assert _cli(authorized, state_url, "run", "--start", start.isoformat(), "--end", end.isoformat(),
+                "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert _cli(authorized, state_url, "run", "--start", start.isoformat(), "--end", end.isoformat(),
+                "--dry-run", "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+
+    assert state_rows(state_url) == before, "a dry run writes nothing to the state DB"
+    with dg.DagsterInstance.get() as instance:
+        assert _materializations(instance) == materialized_before, "a dry run materializes nothing"
+        [latest, *_] = instance.get_run_records(dg.RunsFilter(job_name="dry_run"), limit=2)
+        assert latest.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    stats = sandbox.exact.stats
+    assert stats["posts"]["attempted"] == 0 and not [c for c in stats["calls"] if c.startswith("POST")], stats
+    assert _sandbox_entries(sandbox) == posted_before
+
+    ledger = {r.report_id for r in StateStore(state_url).ledger_rows(CONNECTION)}
+    verdicts = {v["report_id"]: v["action"] for v in shown["connections"][CONNECTION]["verdicts"]}
+    assert ledger and {r for r, a in verdicts.items() if a == "already_posted"} == ledger
+    assert {a for r, a in verdicts.items() if r not in ledger} == {"post", "quarantine"}
+    lines = shown["connections"][CONNECTION]["lines"]
+    printed = out.splitlines()
+    seed_reports = {r.report_id: r for r in sandbox.seed.reports}
+    drafted = {r for r, a in verdicts.items() if a != "quarantine"}
+    for report_id in drafted:
+        for tx in seed_reports[report_id].expenses:
+            # Every expense's debit and credit line, with both Expensify IDs, in the text and in the JSON.
+            assert len([ln for ln in printed if report_id in ln and f" {tx.transaction_id} " in ln]) >= 2, tx
+            assert len([ln for ln in lines if (ln["report_id"], ln["transaction_id"]) ==
+                        (report_id, tx.transaction_id)]) >= 2
+    assert len(lines) == len([ln for ln in printed if ln.startswith("    ") and ln.split()[1] in drafted])
+
+
+def _materializations(instance: dg.DagsterInstance) -> dict[str, int]:
+    return {key.to_user_string(): len(instance.fetch_materializations(key, limit=10_000).records)
+            for key in instance.get_asset_keys()}
 
 
 def test_run_json_summary_for_one_day(sandbox, authorized, state_url, instance, capsys, monkeypatch, tmp_path):
@@ -129,7 +207,6 @@ def test_run_json_summary_for_one_day(sandbox, authorized, state_url, instance, 
     eindhoven = next(r for r in sandbox.seed.reports if r.report_id == seed._report_id(102))
     day = eindhoven.approved.replace(tzinfo=ZoneInfo("UTC")).astimezone(AMSTERDAM).date().isoformat()
     assert _cli(authorized, state_url, "run", "--start", day, "--json") == 0
-    import json
     summary = json.loads(capsys.readouterr().out)
     assert summary["success"] is True and summary["start"] == day == summary["end"]
     assert summary["connections"][CONNECTION]["quarantined"] == {eindhoven.report_id: ["UNKNOWN_COST_CENTER"]}
@@ -153,8 +230,8 @@ def test_mark_exported_labels_only_reports_that_reached_the_ledger(sandbox, tmp_
     # A dry run labels nothing.
     sandbox.expensify.set_knobs(render_delay_seconds=0.3)
     before = {r.report_id: list(sandbox.expensify.labels(r.report_id)) for r in sandbox.seed.reports}
-    run_range(start - timedelta(days=5), start - timedelta(days=1), dry_run=True, mappings_dir=str(mappings),
-              state_url=state_url, instance=instance)
+    preview_range(start - timedelta(days=5), start - timedelta(days=1), mappings_dir=str(mappings),
+                  state_url=state_url, instance=instance)
     assert {r.report_id: list(sandbox.expensify.labels(r.report_id)) for r in sandbox.seed.reports} == before
     # The run's steps (export, card spend, labels) each have a client; together they kept Expensify's windows.
     assert sandbox.expensify.stats["rate_limited"] == 0

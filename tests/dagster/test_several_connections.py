@@ -7,7 +7,6 @@ import yaml
 
 from expensify_exact.config import load_project_config
 from expensify_exact.definitions import build_defs
-from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.keys import asset_key, connector_pools
 from expensify_exact.defs.replay import CONNECTION_TAG, REPLAY_JOB_NAME, replay_op_name
@@ -49,7 +48,8 @@ def test_each_connection_has_its_own_group_pools_and_ops(two_connections):
         assert posted.op.pool == dimensions.op.pool == f"exact_division_{division}"
 
     main_ops = {node.name for node in defs.resolve_job_def(MAIN_JOB_NAME).graph.node_defs}
-    assert {posting_op_name(NL), posting_op_name(BE)} <= main_ops
+    posting = {asset_key(c, "exact", "journal_entries_posted").to_python_identifier() for c in (NL, BE)}
+    assert posting <= main_ops
     replay = defs.resolve_job_def(REPLAY_JOB_NAME)
     pools = {node.name: node.pool for node in replay.graph.node_defs}
     assert pools == {replay_op_name(NL): f"exact_division_{seed.DIVISION}",

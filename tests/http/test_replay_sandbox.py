@@ -17,6 +17,7 @@ from expensify_exact_sandbox import seed as S
 from expensify_exact.store import StateStore
 from tests.crash.driver import post_window, report_of_entry
 from tests.factories import run_cli as _cli
+from tests.factories import state_rows
 
 CONNECTION = "vermeerhals-nl"
 GIFTS, EINDHOVEN = S._report_id(101), S._report_id(102)
@@ -101,17 +102,26 @@ def test_creating_the_missing_cost_center_and_replaying_posts_the_eindhoven_repo
     assert set(posted_row["transaction_ids"].split()) == set(ledger.transaction_ids)
 
 
-def test_dry_run_replay_posts_nothing_and_leaves_the_quarantine_as_it_was(
+def test_dry_run_replay_shows_each_verdict_and_writes_nothing_anywhere(
         sandbox, sandbox_mappings, state_url, quarantined, capsys):
     store = quarantined
     sandbox.exact.add_cost_center("EHV", "Kantoor Eindhoven")
-    before = len(sandbox.exact.entries(S.DIVISION))
+    before, state_before = len(sandbox.exact.entries(S.DIVISION)), state_rows(state_url)
     capsys.readouterr()
     assert _cli(sandbox_mappings, state_url, "quarantine", "replay", "--dry-run") == 0
-    assert f"dry_run        {EINDHOVEN} passes now: would be posted" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"would_post     {EINDHOVEN} passes now: would be posted as EntryID " in out
+    assert f"quarantined    {GIFTS} still fails: UNMAPPED_CATEGORY" in out
     assert len(sandbox.exact.entries(S.DIVISION)) == before
+    # No `replayed` audit, no quarantine change, no lock row, no rate-limit record: the state DB is as it was.
+    assert state_rows(state_url) == state_before
     assert store.ledger_get(CONNECTION, EINDHOVEN) is None
     assert store.quarantine_get(CONNECTION, EINDHOVEN).status == "open"
+
+    # What the dry run promised is what the replay does.
+    assert _cli(sandbox_mappings, state_url, "quarantine", "replay") == 5
+    assert store.ledger_get(CONNECTION, EINDHOVEN).status == "posted"
+    assert store.quarantine_get(CONNECTION, GIFTS).status == "open"
 
 
 def test_resolving_and_ignoring_need_a_reason_and_are_audited(sandbox_mappings, state_url, quarantined, capsys):

@@ -57,7 +57,7 @@ def post_one_report(connector, report_id="R00HOOK00001") -> str:
     drafts = build_journal_drafts(lines(expense_line(report_id=report_id, transaction_id="7001")), conn, project,
                                   seed_dimensions(), run_date=date(2026, 11, 25))
     with connector.exact_client(conn) as client:
-        run = post_drafts(drafts, connection=CONNECTION, store=connector.store(), client=client, dry_run=False)
+        run = post_drafts(drafts, connection=CONNECTION, store=connector.store(), client=client)
     [outcome] = run.outcomes
     assert outcome.outcome == "posted", outcome
     return outcome.entry_id

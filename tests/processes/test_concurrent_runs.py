@@ -15,8 +15,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from expensify_exact.defs.assets import posting_op_name
-from expensify_exact.defs.keys import slug
+from expensify_exact.defs.keys import asset_key, slug
 from expensify_exact_sandbox import seed
 from expensify_exact.store import StateStore
 from tests.dagster.test_end_to_end import CONNECTION, _expected_report_ids, _window
@@ -106,7 +105,8 @@ def test_two_concurrent_runs_on_one_division_stay_inside_its_minute_limit(sandbo
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with dg.DagsterInstance.get() as instance:
         run_ids = [s["run_id"] for s in summaries]
-        exact_steps = {f"{slug(CONNECTION)}__exact_dimensions", posting_op_name(CONNECTION)}
+        exact_steps = {f"{slug(CONNECTION)}__exact_dimensions",
+                       asset_key(CONNECTION, "exact", "journal_entries_posted").to_python_identifier()}
         spans = sorted(span for run_id in run_ids for span in _step_spans(instance, run_id, exact_steps))
         for (_, first_end, first), (second_start, _, second) in zip(spans, spans[1:]):
             assert first_end <= second_start, f"{first} and {second} called Exact at the same time"

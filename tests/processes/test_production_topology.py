@@ -29,9 +29,8 @@ import pytest
 import yaml
 
 from expensify_exact.config import load_project_config
-from expensify_exact.defs.assets import posting_op_name
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
-from expensify_exact.defs.keys import connector_pools, exact_pool
+from expensify_exact.defs.keys import asset_key, connector_pools, exact_pool
 from expensify_exact_sandbox import seed
 from expensify_exact.store import StateStore
 from tests.conftest import REPO
@@ -253,7 +252,7 @@ def test_daemon_launched_runs_post_once_and_a_killed_run_worker_is_failed_freed_
     state_url = deployment["state_url"]
     config = load_project_config(str(deployment["mappings"]))
     pool = exact_pool(config.connections[0])
-    posting_step = posting_op_name(CONNECTION)
+    posting_step = asset_key(CONNECTION, "exact", "journal_entries_posted").to_python_identifier()
     start, end = _window(sandbox)
     middle = start + (end - start) / 2
     first_window, second_window = (start, middle), (middle + timedelta(days=1), end)

@@ -12,6 +12,7 @@ from expensify_exact.errors import ApiError, ConnectionStopped, ErrorBudgetExhau
 from expensify_exact.api.exact.client import PostAnswer
 from expensify_exact.notify import alerts
 from expensify_exact.core.posting import post_drafts
+from expensify_exact.core.verdicts import preview
 from expensify_exact.cli.progress_view import LineView
 from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID
 from expensify_exact.core.journal import build_journal_drafts, entry_body
@@ -99,7 +100,7 @@ def exact(request):
 
 def run(store, exact, *report_ids, **kw):
     drafts = drafts_for(*(expense_line(report_id=r, transaction_id=str(1000 + i)) for i, r in enumerate(report_ids)))
-    return post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False, **kw)
+    return post_drafts(drafts, connection=CONN.name, store=store, client=exact, **kw)
 
 
 def test_posts_each_report_once_records_exacts_entry_id_and_a_rerun_skips_them(store, exact):
@@ -141,10 +142,10 @@ def test_a_pending_intent_left_by_a_crash_is_settled_before_anything_is_posted(s
 
     exact.send_general_journal_entry = crash_after_store
     with pytest.raises(Crash):
-        post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False)
+        post_drafts(drafts, connection=CONN.name, store=store, client=exact)
     assert store.ledger_get(CONN.name, "R1").status == "pending"
     del exact.send_general_journal_entry
-    rerun = post_drafts(drafts, connection=CONN.name, store=store, client=exact, dry_run=False)
+    rerun = post_drafts(drafts, connection=CONN.name, store=store, client=exact)
     assert [o.outcome for o in rerun.outcomes] == ["already_posted"]
     assert exact.posts == 0 and len(exact.entries) == 1
     assert store.ledger_get(CONN.name, "R1").entry_id in exact.entries
@@ -255,10 +256,9 @@ def test_when_exact_refuses_the_lines_query_the_sync_twin_finds_the_entry(store)
 
 
 def test_a_changed_report_after_posting_is_quarantined_not_posted_again(store, exact):
-    post_drafts(drafts_for(expense_line(report_id="R1")), connection=CONN.name, store=store, client=exact,
-                dry_run=False)
+    post_drafts(drafts_for(expense_line(report_id="R1")), connection=CONN.name, store=store, client=exact)
     edited = drafts_for(expense_line(report_id="R1", converted_amount_cents=9999, amount_cents=9999))
-    result = post_drafts(edited, connection=CONN.name, store=store, client=exact, dry_run=False)
+    result = post_drafts(edited, connection=CONN.name, store=store, client=exact)
     assert result.outcomes[0].reason_codes == ["CHANGED_AFTER_POSTING"]
     assert exact.posts == 1
     item = store.quarantine_items(CONN.name)[0]
@@ -267,12 +267,43 @@ def test_a_changed_report_after_posting_is_quarantined_not_posted_again(store, e
                                "corrected_entry": entry_body(edited.lines)}
 
 
-def test_dry_run_writes_nothing_to_exact_ledger_or_quarantine(store, exact):
-    drafts = drafts_for(expense_line(report_id="R1"), expense_line(report_id="R2", category="Gifts"))
-    result = post_drafts(drafts, connection=CONN.name, store=store, client=None, dry_run=True)
-    assert sorted(o.outcome for o in result.outcomes) == ["dry_run", "quarantined"]
-    assert exact.posts == 0 and store.ledger_rows() == [] and store.quarantine_items() == []
-    assert {r["event"] for r in store.audit_rows()} == {"dry_run"}
+def test_the_preview_reports_the_verdict_posting_then_acts_on_and_writes_nothing(store, exact):
+    # What a dry run shows for each case: posting the same drafts afterwards must do exactly that.
+    post_drafts(drafts_for(expense_line(report_id="R1"), expense_line(report_id="R2", transaction_id="2001")),
+                connection=CONN.name, store=store, client=exact)
+    drafts = drafts_for(expense_line(report_id="R1"),  # unchanged: already posted
+                        expense_line(report_id="R2", transaction_id="2001", converted_amount_cents=9999,
+                                     amount_cents=9999),  # changed after posting
+                        expense_line(report_id="R3", transaction_id="3001"),  # new
+                        expense_line(report_id="R4", transaction_id="4001", category="Gifts"))  # fails a rule
+    before = (store.ledger_rows(), store.quarantine_items(status=None), store.audit_rows(), exact.posts)
+    verdicts = {v.report_id: v for v in preview(drafts, connection=CONN.name, store=store)}
+    assert (store.ledger_rows(), store.quarantine_items(status=None), store.audit_rows(), exact.posts) == before
+    assert {r: v.action for r, v in verdicts.items()} == {"R1": "already_posted", "R2": "quarantine", "R3": "post",
+                                                          "R4": "quarantine"}
+    assert verdicts["R2"].reason_codes == ["CHANGED_AFTER_POSTING"]
+    assert verdicts["R2"].entry_id == store.ledger_get(CONN.name, "R2").entry_id
+    assert verdicts["R4"].reason_codes == ["UNMAPPED_CATEGORY"] and verdicts["R4"].body is None
+    new = verdicts["R3"]
+    assert new.entry_id and new.content_hash and len(new.body["GeneralJournalEntryLines"]) == 2
+
+    outcomes = {o.report_id: o for o in post_drafts(drafts, connection=CONN.name, store=store, client=exact).outcomes}
+    assert {r: o.outcome for r, o in outcomes.items()} == {"R1": "already_posted", "R2": "quarantined",
+                                                           "R3": "posted", "R4": "quarantined"}
+    assert outcomes["R2"].reasons == verdicts["R2"].reasons and outcomes["R4"].reasons == verdicts["R4"].reasons
+    ledger = store.ledger_get(CONN.name, "R3")
+    assert new.entry_id in (ledger.client_entry_id, ledger.entry_id) and ledger.content_hash == new.content_hash
+    assert exact.entries[outcomes["R3"].entry_id]["lines"][0]["Description"] == \
+        new.body["GeneralJournalEntryLines"][0]["Description"]
+
+
+def test_a_pending_intent_is_previewed_as_a_lookup_before_any_post(store, exact):
+    exact.fail_next = ["timeout_not_stored"]
+    run(store, exact, "R1")
+    assert store.ledger_get(CONN.name, "R1").status == "pending"
+    [verdict] = preview(drafts_for(expense_line(report_id="R1", transaction_id="1000")), connection=CONN.name,
+                        store=store)
+    assert verdict.action == "settle_pending" and store.ledger_get(CONN.name, "R1").entry_id in verdict.note
 
 
 @pytest.mark.parametrize("fault, retry_at", [

@@ -49,7 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--connection", help="only this connection (default: all)")
     p.add_argument("--report", dest="reports", action="append", metavar="REPORT_ID",
                    help="only this report (repeatable; default: every open item)")
-    p.add_argument("--dry-run", action="store_true", help="validate and show; post and change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and show what a replay would do with each item; write nothing anywhere")
     p.add_argument("--json", action="store_true", help="print one JSON object per connection")
     add_wait_timeout(p)
     p.set_defaults(func=cmd_replay)
@@ -192,7 +193,7 @@ def cmd_show(args) -> int:
 
 def cmd_replay(args) -> int:
     from expensify_exact.cli.progress_view import showing_progress
-    from expensify_exact.core.replay import replay_quarantine
+    from expensify_exact.core.replay import preview_replay, replay_quarantine
 
     connector = connector_from_args(args)
     project = connector.project()
@@ -205,21 +206,22 @@ def cmd_replay(args) -> int:
         _wait_for_runs_on(connections, connector, args.wait_timeout)
     remaining = 0
     for conn in connections:
-        with connector.expensify_client(conn) as expensify, showing_progress(json_output=args.json):
-            result = replay_quarantine(conn, project, store=store, expensify=expensify,
-                                       exact=connector.exact_client(conn), report_ids=args.reports,
-                                       dry_run=args.dry_run, clock=connector.clock())
+        with connector.expensify_client(conn, read_only=args.dry_run) as expensify, \
+                connector.exact_client(conn, read_only=args.dry_run) as exact, showing_progress(json_output=args.json):
+            replay = preview_replay if args.dry_run else replay_quarantine
+            result = replay(conn, project, store=store, expensify=expensify, exact=exact, clock=connector.clock(),
+                            report_ids=args.reports)
         remaining += len(result.still_quarantined)
         if args.json:
             print(json.dumps(result.as_json(), indent=2, sort_keys=True, default=str))
             continue
         print(f"{conn.name}: {len(result.outcomes)} item(s) replayed"
-              + (" (dry run: nothing posted or changed)" if args.dry_run else ""))
+              + (" (dry run: nothing posted, changed or recorded)" if args.dry_run else ""))
         for o in result.outcomes:
             if o.outcome in (Outcome.POSTED, Outcome.ALREADY_POSTED):
                 what = f"-> entry {o.entry_number}"
-            elif o.outcome == "dry_run":
-                what = "passes now: would be posted"
+            elif o.outcome == Outcome.WOULD_POST:
+                what = o.message
             elif o.outcome == Outcome.QUARANTINED:
                 what = "still fails: " + "; ".join(f"{r.get('code')}: {r.get('message')}" for r in o.reasons)
             else:

@@ -241,7 +241,7 @@ def _last_posting(instance, conn) -> dict | None:
         return None
     materialization = event.asset_materialization
     metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()
-                if k in ("posted", "already_posted", "quarantined", "deferred", "is_dry_run")}
+                if k in ("posted", "already_posted", "quarantined", "deferred")}
     return {"run_id": event.run_id, "at": datetime.fromtimestamp(event.timestamp, timezone.utc).isoformat(),
             "partition": materialization.partition, **metadata}
 
@@ -337,8 +337,7 @@ def render_text(status: dict) -> str:
         if conn["last_posting"]:
             p = conn["last_posting"]
             lines.append(f"  last posting  run {p['run_id'][:8]} at {p['at'][:16]}Z: posted {p.get('posted', 0)}, "
-                         f"already posted {p.get('already_posted', 0)}, quarantined {p.get('quarantined', 0)}"
-                         + (" (dry run)" if p.get("is_dry_run") else ""))
+                         f"already posted {p.get('already_posted', 0)}, quarantined {p.get('quarantined', 0)}")
     runs = status["runs"]
     lines.append(f"latest runs of {runs.get('job', 'the main job')} (DAGSTER_HOME={runs['dagster_home']})")
     if not runs["latest"]:
