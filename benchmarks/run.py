@@ -382,7 +382,7 @@ def _embedded_instance(tmp: Path):
     """The embedded default `expensify-exact run` uses: a SQLite Dagster instance in a fresh DAGSTER_HOME."""
     import dagster as dg
 
-    from expensify_exact.cli.main import EMBEDDED_INSTANCE_CONFIG
+    from expensify_exact.cli.support import EMBEDDED_INSTANCE_CONFIG
 
     home = tmp / "dagster_home"
     home.mkdir()

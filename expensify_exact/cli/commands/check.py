@@ -15,7 +15,7 @@ from datetime import date
 
 import pandas as pd
 
-from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, connector_from_args
+from expensify_exact.cli.support import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, describe_connection, open_connections
 from expensify_exact.config import CATEGORIES_FILE, TAGS_FILE, VAT_FILE, Connection, ProjectConfig
 from expensify_exact.errors import ConfigError, ConnectorError
 from expensify_exact.core.mapping_locations import MappingLocations
@@ -238,10 +238,8 @@ def _remember_rate_budget(connector, conn: Connection, client) -> None:
 
 
 def cmd_check(args) -> int:
-    connector = connector_from_args(args)
     try:
-        project = connector.project()
-        connections = [project.connection(args.connection)] if args.connection else project.connections
+        connector, project, connections = open_connections(args)
     except ConfigError as exc:
         _emit(args, [], error=str(exc))
         return EXIT_CONFIG
@@ -250,8 +248,7 @@ def cmd_check(args) -> int:
     findings: list[Finding] = []
     for conn in connections:
         if not args.json:
-            print(f"{conn.name}: Exact division {conn.exact.division}, Expensify policies "
-                  f"{', '.join(conn.expensify.policy_ids)}", flush=True)
+            print(f"{conn.name}: {describe_connection(conn)}", flush=True)
         findings.extend(check_connection(connector, conn, project, locations, today))
     _emit(args, findings, checked=[c.name for c in connections])
     return EXIT_FAILED if any(f.severity == ERROR for f in findings) else EXIT_OK

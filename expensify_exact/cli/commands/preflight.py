@@ -13,7 +13,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
 
-from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, connector_from_args
+from expensify_exact.cli.support import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    describe_connection,
+    open_connections,
+)
 from expensify_exact.errors import (
     AuthenticationError,
     ConfigError,
@@ -454,17 +461,15 @@ def cmd_preflight(args) -> int:
         print("--write-test needs --division N (a test division), --debit-account CODE and --credit-account CODE",
               file=sys.stderr)
         return EXIT_USAGE
-    connector = connector_from_args(args)
     try:
-        conn = connector.project().connection(args.connection)
+        connector, _, [conn] = open_connections(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.write_test and not _confirm(args.division, conn, args):
         return EXIT_USAGE
     if not args.json:
-        print(f"preflight {conn.name}: Exact division {conn.exact.division}, Expensify policies "
-              f"{', '.join(conn.expensify.policy_ids)}", flush=True)
+        print(f"preflight {conn.name}: {describe_connection(conn)}", flush=True)
     run = Preflight(connector, conn)
     run.read_only()
     if args.write_test:

@@ -11,7 +11,15 @@ import getpass
 import json
 import sys
 
-from expensify_exact.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_wait_timeout, connector_from_args
+from expensify_exact.cli.support import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_wait_timeout,
+    connector_from_args,
+    dagster_home_path,
+    open_connections,
+)
 
 EXIT_NO_ITEM = 4
 EXIT_STILL_QUARANTINED = 5
@@ -192,10 +200,8 @@ def cmd_replay(args) -> int:
     from expensify_exact.cli.progress_view import showing_progress
     from expensify_exact.core.replay import replay_quarantine
 
-    connector = connector_from_args(args)
-    project = connector.project()
+    connector, project, connections = open_connections(args)
     store = connector.store()
-    connections = [project.connection(args.connection)] if args.connection else list(project.connections)
     if args.reports and not args.connection:
         holding = {i.connection for i in store.quarantine_items(None, status=None, report_ids=args.reports)}
         connections = [c for c in connections if c.name in holding]
@@ -236,7 +242,6 @@ def _wait_for_runs_on(connections, connector, wait_timeout: float | None) -> Non
     (no dagster.yaml in $DAGSTER_HOME, e.g. replay before any run) no run can hold a pool: nothing to do."""
     import os
 
-    from expensify_exact.cli.main import dagster_home_path
     from expensify_exact.defs.keys import exact_pool
     from expensify_exact.defs.recovery import DEFAULT_WAIT_TIMEOUT_SECONDS, before_launch, open_embedded, tell
 

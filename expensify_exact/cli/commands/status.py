@@ -12,9 +12,8 @@ import json
 import os
 from collections import Counter
 from datetime import datetime, timezone
-from pathlib import Path
 
-from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, connector_from_args
+from expensify_exact.cli.support import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, dagster_home_path, open_connections
 from expensify_exact.errors import ConfigError, ConnectorError
 
 RECENT_RUNS = 5
@@ -352,7 +351,7 @@ def _instance():
     """The Dagster instance at $DAGSTER_HOME (default ./.dagster_home), or None if there is none yet."""
     import dagster as dg
 
-    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    home = dagster_home_path()
     os.environ["DAGSTER_HOME"] = str(home)
     if not home.is_dir():
         return None
@@ -360,15 +359,10 @@ def _instance():
 
 
 def cmd_status(args) -> int:
-    connector = connector_from_args(args)
     try:
-        project = connector.project()
-        connections = [project.connection(args.connection)] if args.connection else project.connections
+        connector, _, connections = open_connections(args)
     except ConfigError as exc:
-        if args.json:
-            print(json.dumps({"config_error": str(exc)}))
-        else:
-            print(f"config error: {exc}")
+        print(json.dumps({"config_error": str(exc)}) if args.json else f"config error: {exc}")
         return EXIT_CONFIG
     instance = _instance()
     try:
