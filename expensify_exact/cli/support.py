@@ -4,9 +4,11 @@ the embedded Dagster home, the common options and waiting until a serving comman
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +51,12 @@ def open_connections(args: argparse.Namespace) -> tuple[ConnectorResource, Proje
 def describe_connection(conn: Connection) -> str:
     """The line a command prints before it talks to a connection's services."""
     return f"Exact division {conn.exact.division}, Expensify policies {', '.join(conn.expensify.policy_ids)}"
+
+
+def print_outcome(args: argparse.Namespace, payload: dict, lines: Iterable[str], *, failed: bool) -> int:
+    """A command's result: one JSON object with `--json`, else its lines; exit 1 when it `failed`, else 0."""
+    print(json.dumps(payload, indent=2, default=str) if args.json else "\n".join(lines))
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # --- the embedded Dagster instance ------------------------------------------------------------------

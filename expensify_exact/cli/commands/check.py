@@ -15,7 +15,7 @@ from datetime import date
 
 import pandas as pd
 
-from expensify_exact.cli.support import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, describe_connection, open_connections
+from expensify_exact.cli.support import EXIT_CONFIG, describe_connection, open_connections, print_outcome
 from expensify_exact.config import CATEGORIES_FILE, TAGS_FILE, VAT_FILE, Connection, ProjectConfig
 from expensify_exact.errors import ConfigError, ConnectorError
 from expensify_exact.core.mapping_locations import MappingLocations
@@ -241,7 +241,10 @@ def cmd_check(args) -> int:
     try:
         connector, project, connections = open_connections(args)
     except ConfigError as exc:
-        _emit(args, [], error=str(exc))
+        if args.json:
+            print(json.dumps(_summary([], config_error=str(exc)), indent=2))
+        else:
+            print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     locations = MappingLocations(args.mappings)
     today = date.today()
@@ -250,24 +253,19 @@ def cmd_check(args) -> int:
         if not args.json:
             print(f"{conn.name}: {describe_connection(conn)}", flush=True)
         findings.extend(check_connection(connector, conn, project, locations, today))
-    _emit(args, findings, checked=[c.name for c in connections])
-    return EXIT_FAILED if any(f.severity == ERROR for f in findings) else EXIT_OK
+    summary = _summary(findings, [c.name for c in connections])
+    lines = [f.line() for f in findings]
+    lines.append(f"{summary['problems']} problem(s), {summary['warnings']} warning(s)" if findings
+                 else "no problems found")
+    return print_outcome(args, summary, lines, failed=summary["problems"] > 0)
 
 
-def _emit(args, findings: list[Finding], checked: list[str] | None = None, error: str | None = None) -> None:
-    errors = [f for f in findings if f.severity == ERROR]
-    warnings = [f for f in findings if f.severity == WARNING]
-    if args.json:
-        print(json.dumps({"ok": error is None and not errors, "config_error": error, "connections": checked or [],
-                          "problems": len(errors), "warnings": len(warnings),
-                          "findings": [asdict(f) for f in findings]}, indent=2))
-        return
-    if error:
-        print(f"config error: {error}", file=sys.stderr)
-        return
-    for finding in findings:
-        print(finding.line())
-    print(f"{len(errors)} problem(s), {len(warnings)} warning(s)" if findings else "no problems found")
+def _summary(findings: list[Finding], checked: list[str] | None = None, config_error: str | None = None) -> dict:
+    """`check --json`'s object."""
+    errors = sum(f.severity == ERROR for f in findings)
+    return {"ok": config_error is None and not errors, "config_error": config_error, "connections": checked or [],
+            "problems": errors, "warnings": sum(f.severity == WARNING for f in findings),
+            "findings": [asdict(f) for f in findings]}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

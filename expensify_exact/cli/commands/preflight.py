@@ -6,7 +6,6 @@ with what to do. Read-only by default; `--write-test` posts one test entry to a 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import uuid
 from collections.abc import Callable
@@ -15,11 +14,10 @@ from datetime import date, datetime, timezone
 
 from expensify_exact.cli.support import (
     EXIT_CONFIG,
-    EXIT_FAILED,
-    EXIT_OK,
     EXIT_USAGE,
     describe_connection,
     open_connections,
+    print_outcome,
 )
 from expensify_exact.errors import (
     AuthenticationError,
@@ -476,16 +474,13 @@ def cmd_preflight(args) -> int:
         run.write_test(args.division, args.debit_account, args.credit_account, args.journal or conn.exact.journal)
     counts = {status: sum(v.status == status for v in run.verdicts) for status in (OK, FAILED, UNKNOWN)}
     passed = counts[FAILED] == 0 and counts[UNKNOWN] == 0
-    if args.json:
-        # What posting will go by: True/False from a write test (this one or an earlier), None if never tested.
-        keeps = connector.store().connection_fact_get(conn.name, KEEPS_CLIENT_ENTRY_ID)
-        print(json.dumps({"connection": conn.name, "ok": passed, "counts": counts,
-                          KEEPS_CLIENT_ENTRY_ID: keeps, "verdicts": [asdict(v) for v in run.verdicts]}, indent=2))
-    else:
-        for verdict in run.verdicts:
-            print("\n".join(verdict.lines()))
-        print(f"{counts[OK]} OK, {counts[FAILED]} FAILED, {counts[UNKNOWN]} UNKNOWN")
-    return EXIT_OK if passed else EXIT_FAILED
+    # What posting will go by: True/False from a write test (this one or an earlier), None if never tested.
+    keeps = connector.store().connection_fact_get(conn.name, KEEPS_CLIENT_ENTRY_ID)
+    return print_outcome(args, {"connection": conn.name, "ok": passed, "counts": counts, KEEPS_CLIENT_ENTRY_ID: keeps,
+                                "verdicts": [asdict(v) for v in run.verdicts]},
+                         [*(line for v in run.verdicts for line in v.lines()),
+                          f"{counts[OK]} OK, {counts[FAILED]} FAILED, {counts[UNKNOWN]} UNKNOWN"],
+                         failed=not passed)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
