@@ -209,10 +209,10 @@ def cmd_replay(args) -> int:
         _wait_for_runs_on(connections, connector, args.wait_timeout)
     remaining = 0
     for conn in connections:
-        with connector.expensify_client(conn) as expensify, showing_progress(json_output=args.json):
-            result = replay_quarantine(conn, project, store=store, expensify=expensify,
-                                       exact=connector.exact_client(conn), report_ids=args.reports,
-                                       dry_run=args.dry_run)
+        with (connector.expensify_client(conn) as expensify, connector.exact_client(conn) as exact,
+              showing_progress(json_output=args.json)):
+            result = replay_quarantine(conn, project, store=store, expensify=expensify, exact=exact,
+                                       report_ids=args.reports, dry_run=args.dry_run)
         remaining += len(result.still_quarantined)
         if args.json:
             print(json.dumps(result.as_json(), indent=2, sort_keys=True, default=str))
@@ -285,8 +285,8 @@ def cmd_approve(args) -> int:
         return EXIT_NO_ITEM
     conn = connector.project().connection(item.connection)
     try:
-        result = approve_correction(conn, store=store, exact=connector.exact_client(conn), report_id=item.report_id,
-                                    actor=_actor())
+        with connector.exact_client(conn) as exact:
+            result = approve_correction(conn, store=store, exact=exact, report_id=item.report_id, actor=_actor())
     except QuarantineActionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
