@@ -22,9 +22,10 @@ import pandas as pd
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ApiError
 from expensify_exact.api.exact.odata import string_literal
-from expensify_exact.store import LedgerRow, QuarantineItem
+from expensify_exact.store import LedgerRow, QuarantineItem, StateStore
 from expensify_exact.core.expense_lines import NormalizedLines, approval_day, normalize_reports
 from expensify_exact.core.journal import Dimensions, JournalDrafts, Reason, build_journal_drafts
+from expensify_exact.core.snapshots import DimensionReader
 
 
 class Finding(StrEnum):
@@ -104,6 +105,17 @@ class LineReader(Protocol):
                 orderby: str | None = None) -> list[dict]: ...
 
     def sync_rows(self, path: str, select: Sequence[str], since: int = 1) -> list[dict]: ...
+
+
+class RateBudget(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+
+class ExactReader(LineReader, DimensionReader, Protocol):
+    """What reconciling needs from the Exact client: the reads, and its rate budget to report with the result."""
+
+    @property
+    def rate_limits(self) -> RateBudget: ...
 
 
 def read_back_entries(client: LineReader, entry_ids: Iterable[str], report_ids: Iterable[str]) -> pd.DataFrame:
@@ -605,8 +617,8 @@ def reconcile_month(*, connection: str, month: str, days: dict[str, Reconciliati
 
 # --- running it against Exact and the state store -------------------------------------------------------
 
-def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: dict[str, Any], store,
-                   client, run_date: date | None = None) -> dict[str, Reconciliation]:
+def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: dict[str, NormalizedLines],
+                   store: StateStore, client: ExactReader, run_date: date | None = None) -> dict[str, Reconciliation]:
     """Reconcile several approval days of one connection, reading Exact's dimensions once.
 
     Args:
@@ -652,7 +664,7 @@ def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: 
 
 
 def reconcile_connection_month(connection: Connection, month: str, days: dict[str, Reconciliation],
-                               expected_days: Sequence[str], store, client) -> Reconciliation:
+                               expected_days: Sequence[str], store: StateStore, client: ExactReader) -> Reconciliation:
     """The monthly rollup of one connection: the daily results plus the period-wide reads (duplicates, cards)."""
     from expensify_exact.core.snapshots import fetch_dimension
 
@@ -672,7 +684,7 @@ def reconcile_connection_month(connection: Connection, month: str, days: dict[st
     return with_exact_status(result, client.rate_limits.status())
 
 
-def _cancelled_by_corrections(store, connection: str, report_ids: Iterable[str]) -> set[str]:
+def _cancelled_by_corrections(store: StateStore, connection: str, report_ids: Iterable[str]) -> set[str]:
     """Entries an approved correction cancelled: each posted reversal and the entry it reverses."""
     corrections_for = getattr(store, "corrections_for", None)
     if corrections_for is None:
