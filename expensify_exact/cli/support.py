@@ -4,11 +4,12 @@ the embedded Dagster home, the common options and waiting until a serving comman
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,16 @@ concurrency:
 telemetry:
   enabled: false
 """
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int], *,
+                help: str) -> argparse.ArgumentParser:
+    """Declare the subcommand `name`, run by `func`, whose `--help` is `func`'s docstring: the first paragraph as the
+    description, the rest as the epilog, so what a command does is written once, beside its code."""
+    description, _, epilog = inspect.getdoc(func).partition("\n\n")
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog or None)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def connector_from_args(args: argparse.Namespace) -> ConnectorResource:

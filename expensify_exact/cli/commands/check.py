@@ -15,7 +15,7 @@ from datetime import date
 
 import pandas as pd
 
-from expensify_exact.cli.support import EXIT_CONFIG, describe_connection, open_connections, print_outcome
+from expensify_exact.cli.support import EXIT_CONFIG, add_command, describe_connection, open_connections, print_outcome
 from expensify_exact.config import CATEGORIES_FILE, TAGS_FILE, VAT_FILE, Connection, ProjectConfig
 from expensify_exact.errors import ConfigError, ConnectorError
 from expensify_exact.core.mapping_locations import MappingLocations
@@ -238,6 +238,13 @@ def _remember_rate_budget(connector, conn: Connection, client) -> None:
 
 
 def cmd_check(args) -> int:
+    """Validate mappings/ and check every mapped GL account, cost center, cost unit, journal, credit account and VAT
+    code against Exact Online, and every category and tag of the connection's Expensify policies against the
+    mappings. One line per problem, with the file:line of the mapping row where there is one.
+
+    Exit codes: 0 no problems (warnings allowed), 1 problems found or a service unreachable, 3 the configuration
+    itself is invalid. Uses about 7 Exact calls and 1 Expensify call per connection.
+    """
     try:
         connector, project, connections = open_connections(args)
     except ConfigError as exc:
@@ -269,15 +276,7 @@ def _summary(findings: list[Finding], checked: list[str] | None = None, config_e
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "check", help="validate mappings/ against Exact's dimensions and Expensify's policies",
-        description="Validate mappings/ and check every mapped GL account, cost center, cost unit, journal, "
-                    "credit account and VAT code against Exact Online, and every category and tag of the "
-                    "connection's Expensify policies against the mappings. One line per problem, with the "
-                    "file:line of the mapping row where there is one.",
-        epilog="Exit codes: 0 no problems (warnings allowed), 1 problems found or a service unreachable, "
-               "3 the configuration itself is invalid. Uses about 7 Exact calls and 1 Expensify call per connection.",
-    )
+    p = add_command(subparsers, "check", cmd_check,
+                    help="validate mappings/ against Exact's dimensions and Expensify's policies")
     p.add_argument("--connection", help="check only this connection (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    p.set_defaults(func=cmd_check)

@@ -15,6 +15,7 @@ from datetime import date, datetime, timezone
 from expensify_exact.cli.support import (
     EXIT_CONFIG,
     EXIT_USAGE,
+    add_command,
     describe_connection,
     open_connections,
     print_outcome,
@@ -455,6 +456,15 @@ def _confirm(division: int, conn, args) -> bool:
 
 
 def cmd_preflight(args) -> int:
+    """Checks one connection against the real services: Exact token refresh and rotation, the division, rate-limit
+    headers, every read the connector makes; Expensify credentials, each policy, the export template on an empty
+    day. One verdict per assumption (OK, FAILED, UNKNOWN) with what to do. Read-only unless --write-test is given.
+
+    Exit codes: 0 every assumption holds, 1 one failed or could not be tried, 2 usage (or the write test was not
+    confirmed), 3 invalid configuration. --write-test posts one balanced two-line entry to the named test division,
+    finds it by EntryID and by report key, deletes it and records whether Exact kept the client's EntryID, which
+    posting then uses.
+    """
     if args.write_test and (args.division is None or not args.debit_account or not args.credit_account):
         print("--write-test needs --division N (a test division), --debit-account CODE and --credit-account CODE",
               file=sys.stderr)
@@ -484,17 +494,8 @@ def cmd_preflight(args) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "preflight", help="try every assumption about Exact and Expensify before the first real run",
-        description="Checks one connection against the real services: Exact token refresh and rotation, the "
-                    "division, rate-limit headers, every read the connector makes; Expensify credentials, each "
-                    "policy, the export template on an empty day. One verdict per assumption (OK, FAILED, "
-                    "UNKNOWN) with what to do. Read-only unless --write-test is given.",
-        epilog="Exit codes: 0 every assumption holds, 1 one failed or could not be tried, 2 usage (or the "
-               "write test was not confirmed), 3 invalid configuration. --write-test posts one balanced two-line "
-               "entry to the named test division, finds it by EntryID and by report key, deletes it and records "
-               "whether Exact kept the client's EntryID, which posting then uses.",
-    )
+    p = add_command(subparsers, "preflight", cmd_preflight,
+                    help="try every assumption about Exact and Expensify before the first real run")
     p.add_argument("--connection", required=True, help="the connection to check")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--write-test", action="store_true",
@@ -504,4 +505,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--credit-account", metavar="CODE", help="GL account code for the test entry's credit line")
     p.add_argument("--journal", metavar="CODE", help="type-90 journal for the test entry (default: exact.journal)")
     p.add_argument("--yes", action="store_true", help="do not ask to confirm the write test")
-    p.set_defaults(func=cmd_preflight)
