@@ -1,9 +1,12 @@
 """The main job over every connection's asset group; the sensor that posts each connection's day once it has ended
 in the connection's timezone, and the one that posts deferred reports once Exact's daily budget has reset."""
 
+from collections.abc import Callable
+from datetime import datetime
+
 import dagster as dg
 
-from expensify_exact.config import ProjectConfig
+from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import DayRun, daily_run, deferred_run
 from expensify_exact.defs.keys import ensure_pools, group_name
 from expensify_exact.defs.partitions import DAILY_APPROVALS
@@ -59,7 +62,8 @@ def build(config: ProjectConfig) -> dg.Definitions:
             requests.append(request)
         return requests or dg.SkipReason("; ".join(notes))
 
-    def _sensor(name: str, description: str, plan, trigger: str) -> dg.SensorDefinition:
+    def _sensor(name: str, description: str, plan: Callable[[Connection, ConnectorResource, datetime], DayRun | None],
+                trigger: str) -> dg.SensorDefinition:
         """A sensor of the main job that asks `plan(conn, connector, now)` for each connection's DayRun."""
 
         @dg.sensor(name=name, job=job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
