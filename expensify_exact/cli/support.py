@@ -1,5 +1,5 @@
-"""What every `expensify-exact` command shares: exit codes, the connector and connections named on the command line,
-the embedded Dagster home, the common options and waiting until a serving command is stopped."""
+"""What the `expensify-exact` commands share: exit codes, declaring a command and printing its result, the connector
+and connections named on the command line, the embedded Dagster home, common options, waiting until stopped."""
 
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ def open_connections(args: argparse.Namespace) -> tuple[ConnectorResource, Proje
     """
     connector = connector_from_args(args)
     project = connector.project()
-    name = getattr(args, "connection", None)
-    return connector, project, [project.connection(name)] if name else list(project.connections)
+    return connector, project, [project.connection(args.connection)] if args.connection else list(project.connections)
 
 
 def describe_connection(conn: Connection) -> str:
