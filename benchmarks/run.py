@@ -315,7 +315,7 @@ def bench_expensify_calls(quick: bool) -> list[Row]:
         day = today - timedelta(days=100)
         with build_expensify_client(conn, connector.vault(), clock=clock) as client:
             reports = client.export_reports(day, day, conn.expensify.policy_ids, timezone=conn.timezone)
-        other = client.requests_sent - client.calls["download"]
+        other = client.calls_made - client.calls["download"]
         rows.append(Row("expensify_calls", "Expensify calls per daily partition", f"{other} + {client.calls['download']} polls",
                         "≤ 3 + polls", other <= 3,
                         f"{len(reports)} report(s); {client.calls['export']} export job(s); poll interval "
@@ -328,7 +328,7 @@ def bench_expensify_calls(quick: bool) -> list[Row]:
             reports = client.export_reports(start, end, conn.expensify.policy_ids, timezone=conn.timezone)
         rows.append(Row("expensify_calls", "export jobs for a 365-day backfill", str(client.calls["export"]), "≤ 5",
                         client.calls["export"] <= 5,
-                        f"{client.requests_sent} requests in all ({client.calls['download']} download polls); "
+                        f"{client.calls_made} requests in all ({client.calls['download']} download polls); "
                         f"{len(reports)} reports returned of {expected} approved in the range; "
                         f"{(clock.now() - sim0).total_seconds():.0f} simulated s"))
     return rows
@@ -382,7 +382,7 @@ def _embedded_instance(tmp: Path):
     """The embedded default `expensify-exact run` uses: a SQLite Dagster instance in a fresh DAGSTER_HOME."""
     import dagster as dg
 
-    from expensify_exact.cli.main import EMBEDDED_INSTANCE_CONFIG
+    from expensify_exact.cli.support import EMBEDDED_INSTANCE_CONFIG
 
     home = tmp / "dagster_home"
     home.mkdir()

@@ -283,11 +283,7 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError("file not found", path=str(path)) from exc
+def _parse_yaml(path: Path, text: str) -> Any:
     try:
         return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
     except ConfigError as exc:
@@ -315,8 +311,19 @@ def _line_of(data: Any, loc: tuple) -> int | None:
     return line
 
 
+# (top-level key, file, required) of every file in `mappings/`.
+_SOURCES = (("connections", CONNECTIONS_FILE, True), ("categories", CATEGORIES_FILE, False), ("tags", TAGS_FILE, False),
+            ("vat_codes", VAT_FILE, False), ("defaults", DEFAULTS_FILE, False))
+# Folder -> (the files' texts it was parsed from, the config): see load_project_config.
+_loaded: dict[tuple[str, str], tuple[tuple[str | None, ...], ProjectConfig]] = {}
+
+
 def load_project_config(mappings_dir: str | Path) -> ProjectConfig:
-    """Load and validate every file in `mappings/`.
+    """Load and validate every file in `mappings/`, once per process while the files stay as they are.
+
+    A later call for the same folder returns the same object without parsing again; an edited file (any change of
+    its text, so also a same-size rewrite within one mtime tick) is loaded afresh, so a long-running process sees an
+    operator's fix. Reading the few small files to compare costs far less than parsing and validating them.
 
     Args:
         mappings_dir: the folder holding connections.yaml, categories.yaml, tags.yaml and optionally vat.yaml
@@ -331,14 +338,32 @@ def load_project_config(mappings_dir: str | Path) -> ProjectConfig:
     folder = Path(mappings_dir)
     if not folder.is_dir():
         raise ConfigError("mappings folder not found", path=str(folder))
+    texts = tuple(_read_text(folder / filename) for _, filename, _ in _SOURCES)
+    key = (str(folder.resolve()), str(folder))
+    cached = _loaded.get(key)
+    if cached is not None and cached[0] == texts:
+        return cached[1]
+    config = _parse_project(folder, texts)
+    _loaded[key] = (texts, config)
+    return config
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def _parse_project(folder: Path, texts: tuple[str | None, ...]) -> ProjectConfig:
     sources: dict[str, tuple[Path, Any]] = {}
-    for key, filename, required in (("connections", CONNECTIONS_FILE, True), ("categories", CATEGORIES_FILE, False),
-                                    ("tags", TAGS_FILE, False), ("vat_codes", VAT_FILE, False),
-                                    ("defaults", DEFAULTS_FILE, False)):
+    for (key, filename, required), text in zip(_SOURCES, texts):
         path = folder / filename
-        if not path.exists() and not required:
+        if text is None:
+            if required:
+                raise ConfigError("file not found", path=str(path))
             continue
-        document = _read_yaml(path)
+        document = _parse_yaml(path, text)
         if not isinstance(document, dict) or key not in document:
             raise ConfigError(f"expected a top-level key {key!r}", path=str(path), line=1)
         extra = set(document) - {key}

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterator, TextIO
+from typing import Iterator, Self, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -46,25 +47,48 @@ class _Tally:
         return text
 
 
-class RichView:
-    def __init__(self, console: Console, total_days: int | None):
+class _View(ABC):
+    """Both displays: a progress subscriber that tallies each event, then draws it (`_draw`), until closed."""
+
+    def __init__(self, total_days: int | None):
         self.tally = _Tally(total_days)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+    def __call__(self, event: progress.Event) -> None:
+        self.tally.update(event)
+        self._draw(event, self.tally)
+
+    @abstractmethod
+    def _draw(self, event: progress.Event, t: _Tally) -> None:
+        """Show what `event` changed; `t` already counts it."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Leave the terminal or stream as the command's own output expects it."""
+
+
+class RichView(_View):
+    def __init__(self, console: Console, total_days: int | None):
+        super().__init__(total_days)
         self._progress = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
         self._days = self._progress.add_task("days", total=total_days, info="", visible=total_days is not None)
         self._reports = self._progress.add_task("reports", total=None, info="")
         self._status = self._progress.add_task("", total=None, info="starting", visible=True)
 
-    def __enter__(self) -> RichView:
+    def __enter__(self) -> Self:
         self._progress.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def _close(self) -> None:
         self._progress.stop()
 
-    def __call__(self, event: progress.Event) -> None:
-        self.tally.update(event)
-        t = self.tally
+    def _draw(self, event: progress.Event, t: _Tally) -> None:
         self._progress.update(self._days, completed=t.days_done)
         self._progress.update(self._reports, completed=t.reports_done, total=t.reports_total or None,
                               info=t.so_far())
@@ -88,20 +112,15 @@ class RichView:
         self._progress.update(self._status, info=text)
 
 
-class LineView:
+class LineView(_View):
     def __init__(self, stream: TextIO, total_days: int | None):
-        self.tally = _Tally(total_days)
+        super().__init__(total_days)
         self._stream = stream
 
-    def __enter__(self) -> LineView:
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def _close(self) -> None:
         self._stream.flush()
 
-    def __call__(self, event: progress.Event) -> None:
-        self.tally.update(event)
-        t = self.tally
+    def _draw(self, event: progress.Event, t: _Tally) -> None:
         if isinstance(event, progress.DayDone):
             c = event.counts
             of = f"/{t.total_days}" if t.total_days else ""  # a replay does not know its days in advance

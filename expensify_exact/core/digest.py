@@ -238,11 +238,11 @@ def _health_section(connection: str, result: Reconciliation | None,
             section.bullets.append("The stored refresh token has not been exchanged yet; the next run does that.")
             return section
         expires = refresh_issued + timedelta(days=REFRESH_IDLE_DAYS)
-        section.bullets.append(f"Access token issued {_age(now - issued)} ago (it lasts 10 minutes and is renewed "
+        section.bullets.append(f"Access token issued {age_text(now - issued)} ago (it lasts 10 minutes and is renewed "
                                f"automatically).")
         days_left = (expires - now).total_seconds() / 86400
         warn = " — re-authorize soon" if days_left < 7 else ""
-        section.bullets.append(f"Refresh token issued {_age(now - refresh_issued)} ago; unused, it would expire "
+        section.bullets.append(f"Refresh token issued {age_text(now - refresh_issued)} ago; unused, it would expire "
                                f"{_when(expires.isoformat())}{warn}.")
     return section
 
@@ -354,14 +354,15 @@ def _when(iso: str | None) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _age(delta: timedelta) -> str:
+def age_text(delta: timedelta) -> str:
+    """How old a token is, for people (the digest and `status`): under a minute, 12 min, 3 h 5 min, 4 days."""
     seconds = max(0, int(delta.total_seconds()))
     if seconds < 60:
         return "under a minute"
     if seconds < 3600:
         return f"{seconds // 60} min"
     if seconds < 2 * 86400:
-        return f"{seconds // 3600} h"
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
     return f"{seconds // 86400} days"
 
 

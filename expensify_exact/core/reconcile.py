@@ -22,10 +22,11 @@ import pandas as pd
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.errors import ApiError
 from expensify_exact.api.exact.odata import string_literal
-from expensify_exact.store import IntentKind, IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus
+from expensify_exact.store import IntentKind, IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus, StateStore
 from expensify_exact.core.expense_lines import NormalizedLines, approval_day
 from expensify_exact.core.journal import Dimensions, JournalDrafts, Reason
 from expensify_exact.core.pipeline import draft, normalize
+from expensify_exact.core.snapshots import DimensionReader
 
 
 class Finding(StrEnum):
@@ -105,6 +106,17 @@ class LineReader(Protocol):
                 orderby: str | None = None) -> list[dict]: ...
 
     def sync_rows(self, path: str, select: Sequence[str], since: int = 1) -> list[dict]: ...
+
+
+class RateBudget(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+
+class ExactReader(LineReader, DimensionReader, Protocol):
+    """What reconciling needs from the Exact client: the reads, and its rate budget to report with the result."""
+
+    @property
+    def rate_limits(self) -> RateBudget: ...
 
 
 def read_back_entries(client: LineReader, entry_ids: Iterable[str], report_ids: Iterable[str]) -> pd.DataFrame:
@@ -603,8 +615,8 @@ def reconcile_month(*, connection: str, month: str, days: dict[str, Reconciliati
 
 # --- running it against Exact and the state store -------------------------------------------------------
 
-def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: dict[str, Any], store,
-                   client, *, today: date) -> dict[str, Reconciliation]:
+def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: dict[str, NormalizedLines],
+                   store: StateStore, client: ExactReader, *, today: date) -> dict[str, Reconciliation]:
     """Reconcile several approval days of one connection, reading Exact's dimensions once.
 
     Args:
@@ -650,7 +662,7 @@ def reconcile_days(connection: Connection, config: ProjectConfig, lines_by_day: 
 
 
 def reconcile_connection_month(connection: Connection, month: str, days: dict[str, Reconciliation],
-                               expected_days: Sequence[str], store, client) -> Reconciliation:
+                               expected_days: Sequence[str], store: StateStore, client: ExactReader) -> Reconciliation:
     """The monthly rollup of one connection: the daily results plus the period-wide reads (duplicates, cards)."""
     from expensify_exact.core.snapshots import fetch_dimension
 
@@ -670,7 +682,7 @@ def reconcile_connection_month(connection: Connection, month: str, days: dict[st
     return with_exact_status(result, client.rate_limits.status())
 
 
-def _cancelled_by_corrections(store, connection: str, report_ids: Iterable[str]) -> set[str]:
+def _cancelled_by_corrections(store: StateStore, connection: str, report_ids: Iterable[str]) -> set[str]:
     """Entries an approved correction cancelled: each posted reversal and the entry it reverses."""
     intents_for = getattr(store, "intents_for", None)
     if intents_for is None:

@@ -1,9 +1,12 @@
 """The main job over every connection's asset group; the sensor that posts each connection's day once it has ended
 in the connection's timezone, and the one that posts deferred reports once Exact's daily budget has reset."""
 
+from collections.abc import Callable
+from datetime import datetime
+
 import dagster as dg
 
-from expensify_exact.config import ProjectConfig
+from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import DayRun, daily_run, deferred_run
 from expensify_exact.defs.keys import ensure_pools, group_name
 from expensify_exact.defs.partitions import DAILY_APPROVALS
@@ -59,28 +62,31 @@ def build(config: ProjectConfig) -> dg.Definitions:
             requests.append(request)
         return requests or dg.SkipReason("; ".join(notes))
 
-    @dg.sensor(
-        name=SENSOR_NAME, job=job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
-        default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"connector"},
-        description="Every 10 minutes, for each connection: once its newest approval day has ended in the "
-                    "connection's own timezone plus `posting.grace_hours`, one run of that connection's assets over "
-                    "the day and the `posting.lookback_days` before it (late approvals), keyed connection + day so "
-                    "each day runs once. Gives the connector's pools their limit first (see `ensure_pools`).",
-    )
-    def post_closed_days(context: dg.SensorEvaluationContext):
-        return _requests(context, context.resources.connector,
-                         lambda conn, _connector, now: daily_run(conn, now, FIRST_DAY), "day_closed")
+    def _sensor(name: str, description: str, plan: Callable[[Connection, ConnectorResource, datetime], DayRun | None],
+                trigger: str) -> dg.SensorDefinition:
+        """A sensor of the main job that asks `plan(conn, connector, now)` for each connection's DayRun."""
 
-    @dg.sensor(
-        name=DEFERRED_SENSOR_NAME, job=job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
-        default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"connector"},
-        description="For each connection with deferred reports: once each one's retry time has passed (Exact's "
-                    "daily reset, `X-RateLimit-Reset`, for a spent daily budget; the next clock hour for a spent "
-                    "endpoint error budget, a refused connection or a POST without a certain answer), one run over "
-                    "the days that hold them, keyed by that time, so a long backfill finishes by itself.",
-    )
-    def post_deferred_after_reset(context: dg.SensorEvaluationContext):
-        return _requests(context, context.resources.connector,
-                         lambda conn, connector, now: deferred_run(conn, connector.store(), now), "deferred")
+        @dg.sensor(name=name, job=job, minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
+                   default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"connector"},
+                   description=description)
+        def _evaluate(context: dg.SensorEvaluationContext):
+            return _requests(context, context.resources.connector, plan, trigger)
+
+        return _evaluate
+
+    post_closed_days = _sensor(
+        SENSOR_NAME,
+        "Every 10 minutes, for each connection: once its newest approval day has ended in the connection's own "
+        "timezone plus `posting.grace_hours`, one run of that connection's assets over the day and the "
+        "`posting.lookback_days` before it (late approvals), keyed connection + day so each day runs once. Gives the "
+        "connector's pools their limit first (see `ensure_pools`).",
+        lambda conn, _connector, now: daily_run(conn, now, FIRST_DAY), "day_closed")
+    post_deferred_after_reset = _sensor(
+        DEFERRED_SENSOR_NAME,
+        "For each connection with deferred reports: once each one's retry time has passed (Exact's daily reset, "
+        "`X-RateLimit-Reset`, for a spent daily budget; the next clock hour for a spent endpoint error budget, a "
+        "refused connection or a POST without a certain answer), one run over the days that hold them, keyed by that "
+        "time, so a long backfill finishes by itself.",
+        lambda conn, connector, now: deferred_run(conn, connector.store(), now), "deferred")
 
     return dg.Definitions(jobs=[job], sensors=[post_closed_days, post_deferred_after_reset])

@@ -1,5 +1,6 @@
-"""The resources every asset, sensor and job of the connector shares: `ConnectorResource` only builds the
-plain-Python config, state store, vault and API clients; per-day pickle storage is the IO manager."""
+"""The resources every asset, sensor and job of the connector shares: `ConnectorResource` builds the plain-Python
+config, state store, vault and API clients, and closes the clients it handed out; per-day pickle storage is the IO
+manager."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from functools import lru_cache
 
 import dagster as dg
+from pydantic import PrivateAttr
 
 from expensify_exact.api import connections
 from expensify_exact.api.connections import ReadOnlyRecords, build_exact_client, build_expensify_client
@@ -25,12 +27,18 @@ def _store(url: str | None) -> StateStore:
 
 
 class ConnectorResource(dg.ConfigurableResource):
-    """Where the mappings and the connector's state live; hands out clients per connection."""
+    """Where the mappings and the connector's state live; hands out clients per connection and owns their lifetime.
+
+    Every client it hands out is closed when Dagster tears the resource down (after the step or the sensor tick), or
+    by `close_clients`; code that is done with one earlier closes it with `with`.
+    """
 
     mappings_dir: str = "mappings"
     state_url: str | None = None  # default: $EXPENSIFY_EXACT_STATE_URL, else SQLite under $DAGSTER_HOME
+    _clients: list[ExactClient | ExpensifyClient] = PrivateAttr(default_factory=list)
 
     def project(self) -> ProjectConfig:
+        """The mappings, parsed once per process while the files stay unchanged (`load_project_config`)."""
         return load_project_config(self.mappings_dir)
 
     def store(self) -> StateStore:
@@ -46,12 +54,24 @@ class ConnectorResource(dg.ConfigurableResource):
     def expensify_client(self, conn: Connection, *, read_only: bool = False) -> ExpensifyClient:
         """`read_only`: the client records nothing in the state DB (`connections.ReadOnlyRecords`)."""
         store = self.store()
-        return build_expensify_client(conn, self.vault(), store=ReadOnlyRecords(store) if read_only else store)
+        client = build_expensify_client(conn, self.vault(), store=ReadOnlyRecords(store) if read_only else store)
+        self._clients.append(client)
+        return client
 
     def exact_client(self, conn: Connection, *, read_only: bool = False) -> ExactClient:
         """`read_only`: it records nothing in the state DB but a rotated token (`connections.ReadOnlyRecords`)."""
         store = self.store()
-        return build_exact_client(conn, self.vault(), store, records=ReadOnlyRecords(store) if read_only else None)
+        client = build_exact_client(conn, self.vault(), store, records=ReadOnlyRecords(store) if read_only else None)
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        """Close every client handed out so far (closing one that a `with` already closed is harmless)."""
+        while self._clients:
+            self._clients.pop().close()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close_clients()
 
 
 def build(config: ProjectConfig) -> dg.Definitions:

@@ -184,11 +184,11 @@ def test_a_failed_daily_run_is_alerted_once_through_the_run_failure_sensor(notif
     sensor = _sensor(defs, alert_defs.RUN_FAILED_SENSOR)
 
     for _ in range(2):  # the sensor sees the same failure twice (e.g. a daemon restart): one alert
-        context = dg.build_run_status_sensor_context(
-            sensor_name=sensor.name, dagster_event=failure[0].event_log_entry.dagster_event,
-            dagster_instance=instance, dagster_run=instance.get_run_by_id(result.run_id),
-            resources={"connector": connector}).for_run_failure()
-        sensor(context)
+        with dg.build_run_status_sensor_context(
+                sensor_name=sensor.name, dagster_event=failure[0].event_log_entry.dagster_event,
+                dagster_instance=instance, dagster_run=instance.get_run_by_id(result.run_id),
+                resources={"connector": connector}).for_run_failure() as context:
+            sensor(context)
 
     mails, posts = _alerts(inbox, webhook, "post_approved_expenses failed")
     assert len(mails) == 1 and len(posts) == 1
@@ -303,9 +303,11 @@ def test_digest_over_starttls_with_the_vaults_login_and_no_notification_secret_l
             instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
         event = instance.get_records_for_run(failed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records[0]
         sensor = _sensor(defs, alert_defs.RUN_FAILED_SENSOR)
-        sensor(dg.build_run_status_sensor_context(
-            sensor_name=sensor.name, dagster_event=event.event_log_entry.dagster_event, dagster_instance=instance,
-            dagster_run=instance.get_run_by_id(failed.run_id), resources={"connector": connector}).for_run_failure())
+        with dg.build_run_status_sensor_context(
+                sensor_name=sensor.name, dagster_event=event.event_log_entry.dagster_event, dagster_instance=instance,
+                dagster_run=instance.get_run_by_id(failed.run_id),
+                resources={"connector": connector}).for_run_failure() as context:
+            sensor(context)
 
     assert inbox.logins == ["digest-bot", "digest-bot"]  # the digest and the alert, each after STARTTLS
     assert [m["To"] for m in inbox.messages] == ["accountant@vermeerhals.nl", "ops@vermeerhals.nl"]

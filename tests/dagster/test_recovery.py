@@ -23,7 +23,7 @@ POOL = "exact_division_1"
 @pytest.fixture
 def instance(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    from expensify_exact.cli.main import EMBEDDED_INSTANCE_CONFIG
+    from expensify_exact.cli.support import EMBEDDED_INSTANCE_CONFIG
 
     (tmp_path / "dagster.yaml").write_text(EMBEDDED_INSTANCE_CONFIG)
     with dg.DagsterInstance.get() as instance:

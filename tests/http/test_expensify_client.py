@@ -179,7 +179,7 @@ def test_a_429_is_waited_out_and_then_retried():
     app = ScriptedExpensify((429, "You have been rate-limited."), (200, "export1.json"), export_file())
     client = scripted_client(app, clock)
     assert client.export_reports(date(2026, 8, 1), date(2026, 8, 1), ["P1"]) == []
-    assert client.requests_sent == 3 and client.calls["export"] == 1
+    assert client.calls_made == 3 and client.calls["export"] == 1
     assert (clock.now() - T0).total_seconds() >= 10
 
 

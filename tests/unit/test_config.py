@@ -101,3 +101,26 @@ def test_notify_defaults_send_nothing_and_ports_follow_the_security(tmp_path):
     notify = load_project_config(folder).connections[0].notify
     assert notify.smtp.effective_port == 587 and notify.alerts.quarantine_max_age_days == 7
     assert notify.alerts.token_idle_days == 25 and notify.digest.to == ["accountant@example.nl"]
+
+
+def test_the_config_is_parsed_once_per_folder_until_a_file_changes(tmp_path):
+    folder = _copy(tmp_path)
+    first = load_project_config(folder)
+    assert load_project_config(str(folder)) is first  # no second parse: the commands and assets share it
+
+    # A same-size edit (one mtime tick may not tell it apart) is still seen: a long-running process follows it.
+    categories = folder / "categories.yaml"
+    text = categories.read_text()
+    edited = text.replace('category: Hotel, gl_account: "4510"', 'category: Hotel, gl_account: "4511"')
+    assert edited != text and len(edited) == len(text)
+    categories.write_text(edited)
+    second = load_project_config(folder)
+    assert second is not first and second.gl_account_for("Hotel", "any-policy") == "4511"
+
+    # A broken edit raises every time instead of serving the last good config; the fix is picked up.
+    categories.write_text(edited + "  - {category: Hotel, gl_account: \"4512\"}\n")
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="mapped twice"):
+            load_project_config(folder)
+    categories.write_text(text)
+    assert load_project_config(folder).gl_account_for("Hotel", "any-policy") == "4510"

@@ -27,7 +27,7 @@ def test_a_dry_runs_clients_read_every_shared_record_and_write_none(store, state
     assert budget.spent("financial/GLAccounts") == 2, "and counts its own errors on top"
     log.add(NOW, timedelta(minutes=1))
     assert len(log.since(NOW - timedelta(seconds=10))) == 3, "its own requests count in Expensify's windows"
-    division = DivisionChecks(records, 1)
+    division = DivisionChecks(records, 1, clock)
     assert not division.fresh()
     division.record()
     assert division.fresh()

@@ -219,8 +219,8 @@ def quarantine(store, report_id="R00QUAR00001", day="2026-11-18"):
 
 def evaluate(connector, cursor=None):
     sensor = webhook_defs.build(CONFIG).sensors[0]
-    context = dg.build_sensor_context(cursor=cursor, resources={"connector": connector})
-    return sensor(context)
+    with dg.build_sensor_context(cursor=cursor, resources={"connector": connector}) as context:
+        return sensor(context)
 
 
 def test_the_sensor_is_off_by_default_described_and_targets_the_replay_job():

@@ -43,12 +43,12 @@ class TokenRefresher:
         self._client_id = client_id
         self._client_secret = client_secret
         self._clock = clock
-        self._transport = transport
-        self._factory = http_client_factory
+        # Its own small client per refresh: the token endpoint has its own quota (§2.4) and must not wait behind
+        # the paced API client, which may be the one asking for this token.
+        self._http_client = http_client_factory or (lambda: httpx.Client(transport=transport, timeout=timeout))
         self.refresh_floor = timedelta(seconds=refresh_floor_seconds)
         self.refresh_margin = timedelta(seconds=refresh_margin_seconds)
         self.idle_warning = timedelta(days=idle_warning_days)
-        self._timeout = timeout
         self._tokens: ExactTokens | None = None
         self.refreshes = 0  # successful rotations by this refresher, for metrics and tests
 
@@ -190,13 +190,6 @@ class TokenRefresher:
     def _reconsent(self, why: str) -> ReconsentRequired:
         return ReconsentRequired(SERVICE, f"{why}. A person must re-authorize: run "
                                           f"`expensify-exact authorize --connection {self.connection}`")
-
-    def _http_client(self) -> httpx.Client:
-        # Its own small client: the token endpoint has its own quota (§2.4) and must not wait
-        # behind the paced API client, which may be the one asking for this token.
-        if self._factory is not None:
-            return self._factory()
-        return httpx.Client(transport=self._transport, timeout=self._timeout)
 
 
 class ExactAuth(httpx.Auth):

@@ -23,7 +23,8 @@ from expensify_exact.errors import (
 from expensify_exact.api.exact.auth import ExactAuth
 from expensify_exact.api.exact.odata import clean_record, guid_literal, has_odata_error, parse_error, string_literal
 from expensify_exact.api.exact.paging import iter_pages
-from expensify_exact.api.http.pacing import ExactRateLimits, PacedTransport, RateLimitBoard
+from expensify_exact.api.http.client import PacedClient
+from expensify_exact.api.http.pacing import ExactRateLimits, RateLimitBoard
 from expensify_exact.api.http.redaction import redact_text, redact_url
 
 SERVICE = "exact"
@@ -95,6 +96,19 @@ class PostAnswer:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """How often and how patiently a GET is sent again after a 5xx or a network error."""
+
+    max_retries: int
+    first_seconds: float
+    longest_seconds: float
+
+    def seconds_before(self, retry: int) -> float:
+        """The wait before retry number `retry` (1, 2, …): doubling from `first_seconds`, capped."""
+        return min(self.longest_seconds, self.first_seconds * 2 ** (retry - 1))
+
+
 class DivisionCheckCache(Protocol):
     """Where a successful division check is remembered for a while (`snapshots.DivisionChecks`)."""
 
@@ -103,7 +117,7 @@ class DivisionCheckCache(Protocol):
     def record(self) -> None: ...
 
 
-class ExactClient:
+class ExactClient(PacedClient):
     """One Exact Online division, reached through a paced, authenticated httpx.Client.
 
     Every request waits for ExactRateLimits (exact-online.md §6); GETs are retried on 5xx and
@@ -123,35 +137,17 @@ class ExactClient:
         self.base_url = base_url.rstrip("/")
         self.division = int(division)
         self.rate_limits = ExactRateLimits(daily_reserve=daily_reserve, board=rate_limit_board)
-        self._clock = clock
-        self._max_get_retries = max_get_retries
-        self._backoff = backoff_seconds
-        self._max_backoff = max_backoff_seconds
+        super().__init__(self.rate_limits, clock, transport, timeout, base_url=self.base_url, auth=auth,
+                         headers={"Accept": "application/json"})  # else Exact answers Atom XML (§4.1)
+        self._retries = Backoff(max_get_retries, backoff_seconds, max_backoff_seconds)
         self._verify_division = verify_division
         self._division_checked = False
         self._division_checks = division_checks
         self.error_budget = error_budget or MemoryErrorBudget(clock)
         self.errors_per_endpoint = errors_per_endpoint
-        paced = PacedTransport(transport or httpx.HTTPTransport(retries=2), self.rate_limits, clock)
-        self._http = httpx.Client(base_url=self.base_url, auth=auth, transport=paced, timeout=timeout,
-                                  headers={"Accept": "application/json"})  # else Exact answers Atom XML (§4.1)
 
     def __repr__(self) -> str:
         return f"ExactClient(base_url={self.base_url!r}, division={self.division})"
-
-    @property
-    def calls_made(self) -> int:
-        """HTTP answers received so far (including 401 and 429 answers that were retried)."""
-        return self.rate_limits.calls_made
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> ExactClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- divisions -------------------------------------------------------------------------
 
@@ -369,7 +365,7 @@ class ExactClient:
             try:
                 response = self._http.get(url, params=params)
             except httpx.TransportError as exc:
-                if attempt >= self._max_get_retries:
+                if attempt >= self._retries.max_retries:
                     raise TransientApiError(SERVICE, f"GET {redact_url(url)} failed after {attempt + 1} attempts: "
                                                      f"{type(exc).__name__}") from exc
             else:
@@ -378,9 +374,9 @@ class ExactClient:
                 self._count_error(response)
                 if allow_404 and response.status_code == 404:
                     return response
-                if response.status_code < 500 or attempt >= self._max_get_retries:
+                if response.status_code < 500 or attempt >= self._retries.max_retries:
                     raise self._error_for(response)
-            self._clock.sleep(min(self._max_backoff, self._backoff * 2 ** attempt))
+            self._clock.sleep(self._retries.seconds_before(attempt + 1))
             attempt += 1
 
     def _check_error_budget(self, url: str) -> None:

@@ -22,7 +22,8 @@ from expensify_exact.errors import (
     RejectedByApi,
     TransientApiError,
 )
-from expensify_exact.api.http.pacing import PacedTransport, RequestLog, SlidingWindowLimits
+from expensify_exact.api.http.client import PacedClient
+from expensify_exact.api.http.pacing import RequestLog, SlidingWindowLimits
 from expensify_exact.api.http.redaction import redact_text
 from expensify_exact.core.expense_lines import parse_report_timestamp, split_tag
 
@@ -130,7 +131,7 @@ def _date_windows(start: date, end: date) -> list[tuple[date, date]]:
     return windows
 
 
-class ExpensifyClient:
+class ExpensifyClient(PacedClient):
     """Talks to the Integration Server's single endpoint with one partner credential.
 
     All requests, download polls included, go through one PacedTransport, so this client never sends
@@ -141,34 +142,17 @@ class ExpensifyClient:
     def __init__(self, endpoint_url: str, partner_user_id: str, partner_user_secret: str, clock: Clock,
                  transport: httpx.BaseTransport | None = None, poll_interval_seconds: float = 5.0,
                  poll_timeout_seconds: float = 300, timeout: float = 60, request_log: RequestLog | None = None):
+        super().__init__(SlidingWindowLimits(EXPENSIFY_LIMITS, log=request_log), clock, transport, timeout)
         self._endpoint_url = endpoint_url
         self._partner_user_id = partner_user_id
         self._partner_user_secret = partner_user_secret
-        self._clock = clock
         self._poll_interval = poll_interval_seconds
         self._poll_timeout = poll_timeout_seconds
-        self._limits = SlidingWindowLimits(EXPENSIFY_LIMITS, log=request_log)
-        paced = PacedTransport(transport or httpx.HTTPTransport(retries=2), self._limits, clock)
-        self._http = httpx.Client(transport=paced, timeout=timeout)
         self.calls: dict[str, int] = {"export": 0, "download": 0, "policy": 0, "reconciliation": 0,
                                       "mark_exported": 0}
 
     def __repr__(self) -> str:
         return f"ExpensifyClient(endpoint_url={self._endpoint_url!r})"
-
-    @property
-    def requests_sent(self) -> int:
-        """HTTP requests that reached the server, including re-sent 429s."""
-        return self._limits.calls_made
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> ExpensifyClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ----------------------------------------------------------------------------------------- export
 

@@ -1,5 +1,6 @@
 """HTTP plumbing shared by both API clients: request pacing and secret redaction."""
 
+from expensify_exact.api.http.client import PacedClient
 from expensify_exact.api.http.pacing import (
     ExactRateLimits,
     PacedTransport,
@@ -10,6 +11,7 @@ from expensify_exact.api.http.redaction import redact_headers, redact_text, reda
 
 __all__ = [
     "ExactRateLimits",
+    "PacedClient",
     "PacedTransport",
     "RateLimitPolicy",
     "SlidingWindowLimits",

@@ -20,6 +20,8 @@ from expensify_exact.errors import RateLimitExhausted
 class RateLimitPolicy(Protocol):
     """What a PacedTransport asks before and after each request."""
 
+    calls_made: int  # answers observed so far
+
     def next_slot(self, now: datetime) -> datetime:
         """The earliest moment the next request may be sent (may raise RateLimitExhausted)."""
 

@@ -11,7 +11,7 @@ import json
 import sys
 from datetime import date, datetime, timezone
 
-from expensify_exact.cli.main import EXIT_OK, EXIT_USAGE, connector_from_args
+from expensify_exact.cli.support import EXIT_OK, EXIT_USAGE, connector_from_args
 
 CSV_COLUMNS = ("id", "at", "connection", "event", "report_id", "transaction_ids", "entry_id", "entry_number",
                "run_id", "partition_date", "detail")

@@ -16,7 +16,7 @@ from datetime import date
 import pandas as pd
 
 from expensify_exact.clock import connection_today
-from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, connector_from_args
+from expensify_exact.cli.support import EXIT_CONFIG, add_command, describe_connection, open_connections, print_outcome
 from expensify_exact.config import CATEGORIES_FILE, TAGS_FILE, VAT_FILE, Connection, ProjectConfig
 from expensify_exact.errors import ConfigError, ConnectorError
 from expensify_exact.core.mapping_locations import MappingLocations
@@ -209,50 +209,44 @@ def _remember_rate_budget(connector, conn: Connection, client) -> None:
 
 
 def cmd_check(args) -> int:
-    connector = connector_from_args(args)
+    """Validate mappings/ and check every mapped GL account, cost center, cost unit, journal, credit account and VAT
+    code against Exact Online, and every category and tag of the connection's Expensify policies against the
+    mappings. One line per problem, with the file:line of the mapping row where there is one.
+
+    Exit codes: 0 no problems (warnings allowed), 1 problems found or a service unreachable, 3 the configuration
+    itself is invalid. Uses about 7 Exact calls and 1 Expensify call per connection.
+    """
     try:
-        project = connector.project()
-        connections = [project.connection(args.connection)] if args.connection else project.connections
+        connector, project, connections = open_connections(args)
     except ConfigError as exc:
-        _emit(args, [], error=str(exc))
+        if args.json:
+            print(json.dumps(_summary([], config_error=str(exc)), indent=2))
+        else:
+            print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     locations = MappingLocations(args.mappings)
     findings: list[Finding] = []
     for conn in connections:
         if not args.json:
-            print(f"{conn.name}: Exact division {conn.exact.division}, Expensify policies "
-                  f"{', '.join(conn.expensify.policy_ids)}", flush=True)
+            print(f"{conn.name}: {describe_connection(conn)}", flush=True)
         findings.extend(check_connection(connector, conn, project, locations))
-    _emit(args, findings, checked=[c.name for c in connections])
-    return EXIT_FAILED if any(f.severity == ERROR for f in findings) else EXIT_OK
+    summary = _summary(findings, [c.name for c in connections])
+    lines = [f.line() for f in findings]
+    lines.append(f"{summary['problems']} problem(s), {summary['warnings']} warning(s)" if findings
+                 else "no problems found")
+    return print_outcome(args, summary, lines, failed=summary["problems"] > 0)
 
 
-def _emit(args, findings: list[Finding], checked: list[str] | None = None, error: str | None = None) -> None:
-    errors = [f for f in findings if f.severity == ERROR]
-    warnings = [f for f in findings if f.severity == WARNING]
-    if args.json:
-        print(json.dumps({"ok": error is None and not errors, "config_error": error, "connections": checked or [],
-                          "problems": len(errors), "warnings": len(warnings),
-                          "findings": [asdict(f) for f in findings]}, indent=2))
-        return
-    if error:
-        print(f"config error: {error}", file=sys.stderr)
-        return
-    for finding in findings:
-        print(finding.line())
-    print(f"{len(errors)} problem(s), {len(warnings)} warning(s)" if findings else "no problems found")
+def _summary(findings: list[Finding], checked: list[str] | None = None, config_error: str | None = None) -> dict:
+    """`check --json`'s object."""
+    errors = sum(f.severity == ERROR for f in findings)
+    return {"ok": config_error is None and not errors, "config_error": config_error, "connections": checked or [],
+            "problems": errors, "warnings": sum(f.severity == WARNING for f in findings),
+            "findings": [asdict(f) for f in findings]}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "check", help="validate mappings/ against Exact's dimensions and Expensify's policies",
-        description="Validate mappings/ and check every mapped GL account, cost center, cost unit, journal, "
-                    "credit account and VAT code against Exact Online, and every category and tag of the "
-                    "connection's Expensify policies against the mappings. One line per problem, with the "
-                    "file:line of the mapping row where there is one.",
-        epilog="Exit codes: 0 no problems (warnings allowed), 1 problems found or a service unreachable, "
-               "3 the configuration itself is invalid. Uses about 7 Exact calls and 1 Expensify call per connection.",
-    )
+    p = add_command(subparsers, "check", cmd_check,
+                    help="validate mappings/ against Exact's dimensions and Expensify's policies")
     p.add_argument("--connection", help="check only this connection (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    p.set_defaults(func=cmd_check)

@@ -11,7 +11,12 @@ import argparse
 import sys
 from datetime import date
 
-from expensify_exact.cli.main import EXIT_OK, EXIT_USAGE, connector_from_args
+from expensify_exact.cli.support import (
+    EXIT_OK,
+    EXIT_USAGE,
+    ensure_dagster_home,
+    open_connections,
+)
 from expensify_exact.store import QuarantineStatus
 
 
@@ -29,7 +34,6 @@ def register(subparsers) -> None:
 
 
 def cmd_digest(args: argparse.Namespace) -> int:
-    from expensify_exact.cli.main import _ensure_dagster_home
     from expensify_exact.core.digest import build_digest, digest_dir, read_digest
 
     try:
@@ -37,10 +41,8 @@ def cmd_digest(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"--date must look like 2026-11-03, got {args.date!r}", file=sys.stderr)
         return EXIT_USAGE
-    _ensure_dagster_home()
-    connector = connector_from_args(args)
-    project = connector.project()
-    connections = [project.connection(args.connection)] if args.connection else project.connections
+    ensure_dagster_home()
+    connector, _, connections = open_connections(args)
     store = connector.store()
     rendered = []
     for conn in connections:

@@ -6,7 +6,6 @@ with what to do. Read-only by default; `--write-test` posts one test entry to a 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import uuid
 from collections.abc import Callable
@@ -14,7 +13,14 @@ from dataclasses import asdict, dataclass
 from datetime import date
 
 from expensify_exact.clock import Clock, connection_today
-from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, connector_from_args
+from expensify_exact.cli.support import (
+    EXIT_CONFIG,
+    EXIT_USAGE,
+    add_command,
+    describe_connection,
+    open_connections,
+    print_outcome,
+)
 from expensify_exact.errors import (
     AuthenticationError,
     ConfigError,
@@ -448,51 +454,46 @@ def _confirm(division: int, conn, args) -> bool:
 
 
 def cmd_preflight(args) -> int:
+    """Checks one connection against the real services: Exact token refresh and rotation, the division, rate-limit
+    headers, every read the connector makes; Expensify credentials, each policy, the export template on an empty
+    day. One verdict per assumption (OK, FAILED, UNKNOWN) with what to do. Read-only unless --write-test is given.
+
+    Exit codes: 0 every assumption holds, 1 one failed or could not be tried, 2 usage (or the write test was not
+    confirmed), 3 invalid configuration. --write-test posts one balanced two-line entry to the named test division,
+    finds it by EntryID and by report key, deletes it and records whether Exact kept the client's EntryID, which
+    posting then uses.
+    """
     if args.write_test and (args.division is None or not args.debit_account or not args.credit_account):
         print("--write-test needs --division N (a test division), --debit-account CODE and --credit-account CODE",
               file=sys.stderr)
         return EXIT_USAGE
-    connector = connector_from_args(args)
     try:
-        conn = connector.project().connection(args.connection)
+        connector, _, [conn] = open_connections(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.write_test and not _confirm(args.division, conn, args):
         return EXIT_USAGE
     if not args.json:
-        print(f"preflight {conn.name}: Exact division {conn.exact.division}, Expensify policies "
-              f"{', '.join(conn.expensify.policy_ids)}", flush=True)
+        print(f"preflight {conn.name}: {describe_connection(conn)}", flush=True)
     run = Preflight(connector, conn)
     run.read_only()
     if args.write_test:
         run.write_test(args.division, args.debit_account, args.credit_account, args.journal or conn.exact.journal)
     counts = {status: sum(v.status == status for v in run.verdicts) for status in (OK, FAILED, UNKNOWN)}
     passed = counts[FAILED] == 0 and counts[UNKNOWN] == 0
-    if args.json:
-        # What posting will go by: True/False from a write test (this one or an earlier), None if never tested.
-        keeps = connector.store().connection_fact_get(conn.name, KEEPS_CLIENT_ENTRY_ID)
-        print(json.dumps({"connection": conn.name, "ok": passed, "counts": counts,
-                          KEEPS_CLIENT_ENTRY_ID: keeps, "verdicts": [asdict(v) for v in run.verdicts]}, indent=2))
-    else:
-        for verdict in run.verdicts:
-            print("\n".join(verdict.lines()))
-        print(f"{counts[OK]} OK, {counts[FAILED]} FAILED, {counts[UNKNOWN]} UNKNOWN")
-    return EXIT_OK if passed else EXIT_FAILED
+    # What posting will go by: True/False from a write test (this one or an earlier), None if never tested.
+    keeps = connector.store().connection_fact_get(conn.name, KEEPS_CLIENT_ENTRY_ID)
+    return print_outcome(args, {"connection": conn.name, "ok": passed, "counts": counts, KEEPS_CLIENT_ENTRY_ID: keeps,
+                                "verdicts": [asdict(v) for v in run.verdicts]},
+                         [*(line for v in run.verdicts for line in v.lines()),
+                          f"{counts[OK]} OK, {counts[FAILED]} FAILED, {counts[UNKNOWN]} UNKNOWN"],
+                         failed=not passed)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "preflight", help="try every assumption about Exact and Expensify before the first real run",
-        description="Checks one connection against the real services: Exact token refresh and rotation, the "
-                    "division, rate-limit headers, every read the connector makes; Expensify credentials, each "
-                    "policy, the export template on an empty day. One verdict per assumption (OK, FAILED, "
-                    "UNKNOWN) with what to do. Read-only unless --write-test is given.",
-        epilog="Exit codes: 0 every assumption holds, 1 one failed or could not be tried, 2 usage (or the "
-               "write test was not confirmed), 3 invalid configuration. --write-test posts one balanced two-line "
-               "entry to the named test division, finds it by EntryID and by report key, deletes it and records "
-               "whether Exact kept the client's EntryID, which posting then uses.",
-    )
+    p = add_command(subparsers, "preflight", cmd_preflight,
+                    help="try every assumption about Exact and Expensify before the first real run")
     p.add_argument("--connection", required=True, help="the connection to check")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--write-test", action="store_true",
@@ -502,4 +503,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--credit-account", metavar="CODE", help="GL account code for the test entry's credit line")
     p.add_argument("--journal", metavar="CODE", help="type-90 journal for the test entry (default: exact.journal)")
     p.add_argument("--yes", action="store_true", help="do not ask to confirm the write test")
-    p.set_defaults(func=cmd_preflight)

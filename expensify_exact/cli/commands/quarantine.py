@@ -11,7 +11,15 @@ import getpass
 import json
 import sys
 
-from expensify_exact.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_wait_timeout, connector_from_args
+from expensify_exact.cli.support import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_wait_timeout,
+    connector_from_args,
+    dagster_home_path,
+    open_connections,
+)
 from expensify_exact.core.posting import Outcome
 from expensify_exact.store import IntentKind, QuarantineStatus
 
@@ -195,10 +203,8 @@ def cmd_replay(args) -> int:
     from expensify_exact.cli.progress_view import showing_progress
     from expensify_exact.core.replay import preview_replay, replay_quarantine
 
-    connector = connector_from_args(args)
-    project = connector.project()
+    connector, project, connections = open_connections(args)
     store = connector.store()
-    connections = [project.connection(args.connection)] if args.connection else list(project.connections)
     if args.reports and not args.connection:
         holding = {i.connection for i in store.quarantine_items(None, status=None, report_ids=args.reports)}
         connections = [c for c in connections if c.name in holding]
@@ -206,8 +212,8 @@ def cmd_replay(args) -> int:
         _wait_for_runs_on(connections, connector, args.wait_timeout)
     remaining = 0
     for conn in connections:
-        with connector.expensify_client(conn, read_only=args.dry_run) as expensify, \
-                connector.exact_client(conn, read_only=args.dry_run) as exact, showing_progress(json_output=args.json):
+        with (connector.expensify_client(conn, read_only=args.dry_run) as expensify,
+              connector.exact_client(conn, read_only=args.dry_run) as exact, showing_progress(json_output=args.json)):
             replay = preview_replay if args.dry_run else replay_quarantine
             result = replay(conn, project, store=store, expensify=expensify, exact=exact, clock=connector.clock(),
                             report_ids=args.reports)
@@ -240,7 +246,6 @@ def _wait_for_runs_on(connections, connector, wait_timeout: float | None) -> Non
     (no dagster.yaml in $DAGSTER_HOME, e.g. replay before any run) no run can hold a pool: nothing to do."""
     import os
 
-    from expensify_exact.cli.main import dagster_home_path
     from expensify_exact.defs.keys import exact_pool
     from expensify_exact.defs.recovery import DEFAULT_WAIT_TIMEOUT_SECONDS, before_launch, open_embedded, tell
 
@@ -284,8 +289,8 @@ def cmd_approve(args) -> int:
         return EXIT_NO_ITEM
     conn = connector.project().connection(item.connection)
     try:
-        result = approve_correction(conn, store=store, exact=connector.exact_client(conn), report_id=item.report_id,
-                                    actor=_actor())
+        with connector.exact_client(conn) as exact:
+            result = approve_correction(conn, store=store, exact=exact, report_id=item.report_id, actor=_actor())
     except QuarantineActionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -11,10 +11,9 @@ import argparse
 import json
 import os
 from collections import Counter
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime, timedelta, timezone
 
-from expensify_exact.cli.main import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, connector_from_args
+from expensify_exact.cli.support import EXIT_CONFIG, dagster_home_path, open_connections, print_outcome
 from expensify_exact.errors import ConfigError, ConnectorError
 from expensify_exact.store import IntentStatus, QuarantineStatus
 
@@ -273,15 +272,9 @@ def _ts(value: float | None) -> str | None:
     return datetime.fromtimestamp(value, timezone.utc).isoformat() if value else None
 
 
-def _age(seconds: int) -> str:
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    if seconds < 2 * 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    return f"{seconds // 86400} days"
-
-
 def render_text(status: dict) -> str:
+    from expensify_exact.core.digest import age_text
+
     lines = []
     for name, conn in status["connections"].items():
         lines.append(f"{name} (Exact division {conn['exact_division']})")
@@ -301,7 +294,7 @@ def render_text(status: dict) -> str:
         elif tokens.get("issued_at") is None:
             lines.append(f"  exact tokens  {tokens['note']}")
         else:
-            lines.append(f"  exact tokens  last rotated {_age(tokens['age_seconds'])} ago "
+            lines.append(f"  exact tokens  last rotated {age_text(timedelta(seconds=tokens['age_seconds']))} ago "
                          f"({tokens['issued_at'][:16]}Z)")
         for key in ("idle_warning", "error"):
             if tokens.get(key):
@@ -352,7 +345,7 @@ def _instance():
     """The Dagster instance at $DAGSTER_HOME (default ./.dagster_home), or None if there is none yet."""
     import dagster as dg
 
-    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    home = dagster_home_path()
     os.environ["DAGSTER_HOME"] = str(home)
     if not home.is_dir():
         return None
@@ -360,15 +353,10 @@ def _instance():
 
 
 def cmd_status(args) -> int:
-    connector = connector_from_args(args)
     try:
-        project = connector.project()
-        connections = [project.connection(args.connection)] if args.connection else project.connections
+        connector, _, connections = open_connections(args)
     except ConfigError as exc:
-        if args.json:
-            print(json.dumps({"config_error": str(exc)}))
-        else:
-            print(f"config error: {exc}")
+        print(json.dumps({"config_error": str(exc)}) if args.json else f"config error: {exc}")
         return EXIT_CONFIG
     instance = _instance()
     try:
@@ -378,13 +366,8 @@ def cmd_status(args) -> int:
             instance.dispose()
     attention = needs_attention(status)
     status["attention"] = attention
-    if args.json:
-        print(json.dumps(status, indent=2, default=str))
-    else:
-        print(render_text(status))
-        for reason in attention:
-            print(f"attention: {reason}")
-    return EXIT_FAILED if attention else EXIT_OK
+    return print_outcome(args, status, [render_text(status), *(f"attention: {reason}" for reason in attention)],
+                         failed=bool(attention))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

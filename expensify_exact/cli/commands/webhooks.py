@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
+from expensify_exact.cli.support import EXIT_CONFIG, EXIT_OK, connector_from_args, wait_until_stopped
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,6 @@ def register(subparsers) -> None:
 
 
 def cmd_serve(args) -> int:
-    from expensify_exact.cli.main import connector_from_args, wait_until_stopped
     from expensify_exact.core.webhooks import EXACT_WEBHOOK_SECRET, WebhookProcessor, WebhookServer, vault_secrets, webhook_app
 
     connector = connector_from_args(args)
@@ -46,7 +45,6 @@ def cmd_serve(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from expensify_exact.cli.main import connector_from_args
     from expensify_exact.core.webhooks import latest_webhook_events
 
     store = connector_from_args(args).store()
