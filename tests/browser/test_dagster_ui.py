@@ -104,6 +104,7 @@ def demo_ui(tmp_path_factory):
     from expensify_exact.cli.main import main
     from expensify_exact.defs.runs import run_range
     from expensify_exact_sandbox.server import SandboxServer
+    from expensify_exact_sandbox.cli import DEMO_CREDENTIALS_ENV
 
     _require_browser()
     root = tmp_path_factory.mktemp("dagster_ui")
@@ -117,6 +118,8 @@ def demo_ui(tmp_path_factory):
     with pytest.MonkeyPatch.context() as env, SandboxServer() as sandbox:
         env.setenv("DAGSTER_HOME", str(home))
         env.setenv("EXPENSIFY_EXACT_KEY", Fernet.generate_key().decode())
+        for name, value in DEMO_CREDENTIALS_ENV.items():  # a module fixture: the autouse env fixture comes later
+            env.setenv(name, value)
         sandbox.expensify.set_knobs(render_delay_seconds=0.3)
         mappings = write_mappings(root / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
         server_env = os.environ | {"EXPENSIFY_EXACT_MAPPINGS": str(mappings), "EXPENSIFY_EXACT_STATE_URL": state_url,
