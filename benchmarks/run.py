@@ -25,7 +25,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import date, datetime, time as dtime, timedelta
+from datetime import date, datetime, timedelta
+from datetime import time as dtime
 from pathlib import Path
 
 import httpx
@@ -74,7 +75,6 @@ def _authorized(tmp: Path, sandbox):
     """(ConnectorResource, state URL) with the sandbox's demo credentials stored in a fresh state database."""
     from expensify_exact.cli.main import main
     from expensify_exact.defs.resources import ConnectorResource
-
     from expensify_exact_sandbox.cli import DEMO_CREDENTIALS_ENV
 
     _ensure_key()
@@ -91,8 +91,8 @@ def _authorized(tmp: Path, sandbox):
 
 def seed_dimensions():
     """Exact's dimension tables as the sandbox seeds them (the same IDs the sandbox answers with)."""
-    from expensify_exact_sandbox import seed as S
     from expensify_exact.core.journal import Dimensions
+    from expensify_exact_sandbox import seed as S
 
     periods = []
     for y in S.FINANCIAL_YEARS:

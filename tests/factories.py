@@ -8,8 +8,8 @@ from datetime import date, datetime, timedelta, timezone
 import pandas as pd
 import sqlalchemy as sa
 
-from expensify_exact_sandbox import seed
 from expensify_exact.core.journal import Dimensions
+from expensify_exact_sandbox import seed
 
 
 def seed_dimensions() -> Dimensions:

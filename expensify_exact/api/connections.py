@@ -10,13 +10,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from expensify_exact.clock import Clock, SystemClock
-from expensify_exact.config import Connection
 from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.api.exact.client import ExactClient
 from expensify_exact.api.exact.regions import resolve_base_url, token_url
 from expensify_exact.api.expensify.client import ExpensifyClient
 from expensify_exact.api.http.pacing import RateLimitSnapshot
+from expensify_exact.clock import Clock, SystemClock
+from expensify_exact.config import Connection
 from expensify_exact.core.snapshots import DivisionChecks
 from expensify_exact.store import StateStore
 from expensify_exact.store.vault import CredentialVault, VaultTokenStore

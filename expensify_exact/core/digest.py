@@ -18,10 +18,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from expensify_exact.core.reconcile import FINDING_FIXES, Finding, Reconciliation
-from expensify_exact.core.posting import Outcome
-from expensify_exact.store import IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus
 from expensify_exact.core.journal import REASON_FIXES, Reason
+from expensify_exact.core.posting import Outcome
+from expensify_exact.core.reconcile import FINDING_FIXES, Finding, Reconciliation
+from expensify_exact.store import IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus
 
 DIGEST_DIR_ENV = "EXPENSIFY_EXACT_DIGEST_DIR"
 FORMATS = ("md", "html")

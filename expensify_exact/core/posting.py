@@ -17,6 +17,9 @@ import pandas as pd
 
 from expensify_exact import progress
 from expensify_exact.clock import Clock, SystemClock, next_clock_hour
+from expensify_exact.core.journal import JournalDrafts, Reason, entry_total_cents
+from expensify_exact.core.settlement import EntryGateway, Settled, find_posted, post_and_settle
+from expensify_exact.core.verdicts import Action, Verdict, judge_lines, judge_rejected, tids
 from expensify_exact.errors import (
     ApiError,
     AuthenticationError,
@@ -25,10 +28,7 @@ from expensify_exact.errors import (
     ErrorBudgetExhausted,
     RateLimitExhausted,
 )
-from expensify_exact.core.settlement import EntryGateway, Settled, find_posted, post_and_settle
 from expensify_exact.store import IntentKind, NewIntent, QuarantineStatus, StateStore
-from expensify_exact.core.journal import JournalDrafts, Reason, entry_total_cents
-from expensify_exact.core.verdicts import Action, Verdict, judge_lines, judge_rejected, tids
 
 OUTCOME_COLUMNS = ["connection", "partition_date", "report_id", "outcome", "entry_id", "entry_number",
                    "reason_codes", "reasons", "transaction_ids", "total_cents"]

@@ -19,14 +19,14 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.errors import ApiError
 from expensify_exact.api.exact.odata import string_literal
-from expensify_exact.store import IntentKind, IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus, StateStore
+from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.expense_lines import NormalizedLines, approval_day
 from expensify_exact.core.journal import Dimensions, JournalDrafts, Reason
 from expensify_exact.core.pipeline import draft, normalize
 from expensify_exact.core.snapshots import DimensionReader
+from expensify_exact.errors import ApiError
+from expensify_exact.store import IntentKind, IntentStatus, LedgerRow, QuarantineItem, QuarantineStatus, StateStore
 
 
 class Finding(StrEnum):

@@ -30,18 +30,9 @@ from typing import Any, Protocol
 import pandas as pd
 
 from expensify_exact import progress
+from expensify_exact.api.exact.odata import guid_literal
 from expensify_exact.clock import Clock, connection_today
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiError
-from expensify_exact.api.exact.odata import guid_literal
-from expensify_exact.core.pipeline import drafts_for_reports
-from expensify_exact.core.posting import Outcome, planned_reports, post_drafts
-from expensify_exact.core.settlement import EntryGateway, find_posted, post_and_settle
-from expensify_exact.core.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
-from expensify_exact.core.verdicts import Action, preview
-from expensify_exact.store import (
-    Intent, IntentKind, IntentStatus, NewIntent, QuarantineItem, QuarantineStatus, StateStore,
-)
 from expensify_exact.core.journal import (
     ENTRY_ID_NAMESPACE,
     NOTES_MAX,
@@ -50,6 +41,21 @@ from expensify_exact.core.journal import (
     Reason,
     content_hash,
     entry_id_for,
+)
+from expensify_exact.core.pipeline import drafts_for_reports
+from expensify_exact.core.posting import Outcome, planned_reports, post_drafts
+from expensify_exact.core.settlement import EntryGateway, find_posted, post_and_settle
+from expensify_exact.core.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
+from expensify_exact.core.verdicts import Action, preview
+from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiError
+from expensify_exact.store import (
+    Intent,
+    IntentKind,
+    IntentStatus,
+    NewIntent,
+    QuarantineItem,
+    QuarantineStatus,
+    StateStore,
 )
 
 GJE_LINES_PATH = "generaljournalentry/GeneralJournalEntryLines"

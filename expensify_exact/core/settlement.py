@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from expensify_exact.errors import ApiError, ErrorBudgetExhausted
 from expensify_exact.api.exact.client import PostAnswer
+from expensify_exact.errors import ApiError, ErrorBudgetExhausted
 from expensify_exact.store import IntentStatus
 
 # Written by `preflight --write-test`: True = Exact keeps the client's EntryID, False = it assigns its own.

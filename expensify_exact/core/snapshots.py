@@ -11,11 +11,11 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from expensify_exact.api.exact.odata import AMSTERDAM, datetime_literal, string_literal
 from expensify_exact.clock import Clock
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.errors import ApiError
-from expensify_exact.api.exact.odata import AMSTERDAM, datetime_literal, string_literal
 from expensify_exact.core.journal import Dimensions
+from expensify_exact.errors import ApiError
 
 logger = logging.getLogger(__name__)
 

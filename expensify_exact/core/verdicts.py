@@ -10,10 +10,14 @@ from typing import Protocol
 import pandas as pd
 
 from expensify_exact.core.journal import (
-    JournalDrafts, Reason, content_hash, entry_body, entry_id_for, entry_total_cents,
+    JournalDrafts,
+    Reason,
+    content_hash,
+    entry_body,
+    entry_id_for,
+    entry_total_cents,
 )
 from expensify_exact.store import IntentStatus, LedgerRow
-
 
 
 class Action(StrEnum):

@@ -12,8 +12,8 @@ import dagster as dg
 
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.reconciliation import daily_key
-from expensify_exact.notify import alerts
 from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.notify import alerts
 
 RUN_FAILED_SENSOR = "alert_on_failed_run"
 QUARANTINE_SENSOR = "alert_on_old_quarantine"

@@ -13,26 +13,28 @@ import pandas as pd
 from pandera.errors import SchemaErrors
 
 from expensify_exact import progress
+from expensify_exact.clock import connection_today
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import closed_day
-from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
-from expensify_exact.defs.metadata import markdown_table
-from expensify_exact.clock import connection_today
-from expensify_exact.defs.partitions import DAILY_APPROVALS
-from expensify_exact.defs.partitions import concat as _concat
-from expensify_exact.defs.partitions import partition_result as _result
-from expensify_exact.defs.partitions import per_partition as _per_partition
-from expensify_exact.errors import ConnectorError
-from expensify_exact.core.posting import OUTCOME_COLUMNS, forget_vanished_deferrals, planned_reports, post_drafts
-from expensify_exact.defs.resources import ConnectorResource
-from expensify_exact.core.snapshots import DIMENSION_QUERIES, needed_codes, refresh_snapshot
-from expensify_exact.core.webhooks import webhook_invalidations
 from expensify_exact.core.draft_checks import DraftLineSchema
 from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day
 from expensify_exact.core.journal import DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, Reason
 from expensify_exact.core.pipeline import draft, normalize
+from expensify_exact.core.posting import (
+    OUTCOME_COLUMNS,
+    Outcome,
+    forget_vanished_deferrals,
+    planned_reports,
+    post_drafts,
+)
+from expensify_exact.core.snapshots import DIMENSION_QUERIES, needed_codes, refresh_snapshot
+from expensify_exact.core.webhooks import webhook_invalidations
+from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name, slug
+from expensify_exact.defs.metadata import markdown_table
+from expensify_exact.defs.partitions import concat, daily_asset, day_range, partition_result, per_partition
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.errors import ConnectorError
 
-SINGLE_RUN = dg.BackfillPolicy.single_run()
 LINES_SCHEMA_CHECK = "expense_lines_schema"
 DRAFTS_BALANCED_CHECK = "drafts_balanced_and_traceable"
 QUARANTINE_COLUMNS = ["connection", "partition_date", "report_id", "transaction_id", "code", "dimension", "value",
@@ -61,7 +63,7 @@ def _schema_errors(schema, frame: pd.DataFrame) -> pd.DataFrame | None:
 def quarantine_rows(outcomes: pd.DataFrame) -> pd.DataFrame:
     """One row per problem of every quarantined report, with what to do about it."""
     rows = []
-    for o in outcomes[outcomes["outcome"] == "quarantined"].itertuples(index=False):
+    for o in outcomes[outcomes["outcome"] == Outcome.QUARANTINED].itertuples(index=False):
         for reason in o.reasons:
             code = reason.get("code", "")
             rows.append({"connection": o.connection, "partition_date": o.partition_date, "report_id": o.report_id,
@@ -84,16 +86,15 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
     quarantine_key = asset_key(conn.name, "quarantine")
     division = f"division {conn.exact.division}"
 
-    @dg.asset(
-        key=raw_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=expensify_pool(conn),
+    @daily_asset(
+        key=raw_key, pool=expensify_pool(conn),
         group_name=group, kinds={"expensify", "python"}, owners=["team:data"],
         description=f"Approved and reimbursed Expensify reports of policies {', '.join(conn.expensify.policy_ids)}, "
                     f"exported with the connector's own JSON template, one list per approval day "
                     f"({conn.timezone}). A date range is fetched in as few export jobs as Expensify allows.",
     )
     def raw_reports(context: dg.AssetExecutionContext, connector: ConnectorResource):
-        keys = context.partition_keys
-        start, end = date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
+        keys, start, end = day_range(context)
         by_day: dict[str, list[dict]] = {key: [] for key in keys}
         progress.publish(progress.Phase(conn.name, f"exporting {len(keys)} day(s) of approved reports from Expensify"))
         with connector.expensify_client(conn) as client:
@@ -106,14 +107,14 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         total = sum(len(by_day[key]) for key in keys)
         context.log.info(f"exported {total} report(s) over {len(keys)} day(s) with {sum(calls.values())} request(s)")
         return dg.MaterializeResult(
-            value=_result(context, by_day),
+            value=partition_result(context, by_day),
             metadata={"reports": total, "days": len(keys), "expensify_requests": sum(calls.values()),
                       "export_jobs": calls.get("export", 0), "download_polls": calls.get("download", 0),
                       "dagster/row_count": total},
         )
 
-    @dg.asset(
-        key=lines_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
+    @daily_asset(
+        key=lines_key, group_name=group,
         kinds={"pandas", "pandera"}, owners=["team:data"], ins={"raw_reports": dg.AssetIn(raw_key)},
         description="One row per expense on an approved report, amounts in integer cents, every row carrying its "
                     "report ID and transaction ID. Rows that break the schema are set aside as malformed (the "
@@ -122,14 +123,14 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                                        description="The expense lines satisfy the pandera ExpenseLineSchema.")],
     )
     def expense_lines(context: dg.AssetExecutionContext, raw_reports):
-        results = {key: normalize(reports, conn) for key, reports in _per_partition(context, raw_reports).items()}
-        lines = _concat([r.lines for r in results.values()], [])
-        malformed = _concat([r.malformed for r in results.values()], ["report_id", "transaction_id", "reason",
+        results = {key: normalize(reports, conn) for key, reports in per_partition(context, raw_reports).items()}
+        lines = concat([r.lines for r in results.values()], [])
+        malformed = concat([r.malformed for r in results.values()], ["report_id", "transaction_id", "reason",
                                                                       "detail"])
         errors = _schema_errors(ExpenseLineSchema, lines)
         totals = lines.groupby("report_currency")["converted_amount_cents"].sum() if len(lines) else {}
         return dg.MaterializeResult(
-            value=_result(context, results),
+            value=partition_result(context, results),
             metadata={"lines": len(lines), "reports": int(lines["report_id"].nunique()) if len(lines) else 0,
                       "malformed_lines": len(malformed), "dagster/row_count": len(lines),
                       **{f"total_{cur}": float(v) / 100 for cur, v in dict(totals).items()}},
@@ -168,8 +169,8 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                 "rows_changed": refresh.changed[name], "exact_calls_for_dimensions": client.calls_made,
                 "preview": markdown_table(frame, limit=30)})
 
-    @dg.asset(
-        key=drafts_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
+    @daily_asset(
+        key=drafts_key, group_name=group,
         kinds={"pandas", "pandera"}, owners=["team:finance"],
         ins={"expense_lines": dg.AssetIn(lines_key), **{name: dg.AssetIn(key) for name, key in dimension_keys.items()}},
         description=f"Balanced general journal entries for journal {conn.exact.journal} in {division}, one per "
@@ -184,14 +185,14 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         dims = Dimensions(**dimension_inputs)
         today = connection_today(conn.timezone, connector.clock())
         results = {key: draft(normalized, conn, config, dims, today, day=key)
-                   for key, normalized in _per_partition(context, expense_lines).items()}
-        lines = _concat([d.lines for d in results.values()], DRAFT_COLUMNS)
-        rejections = _concat([d.rejections for d in results.values()], REJECTION_COLUMNS)
+                   for key, normalized in per_partition(context, expense_lines).items()}
+        lines = concat([d.lines for d in results.values()], DRAFT_COLUMNS)
+        rejections = concat([d.rejections for d in results.values()], REJECTION_COLUMNS)
         errors = _schema_errors(DraftLineSchema, lines)
         preview = lines[["report_id", "transaction_id", "side", "gl_account_code", "amount", "currency",
                          "cost_center", "cost_unit", "vat_code", "entry_date", "description"]]
         return dg.MaterializeResult(
-            value=_result(context, results),
+            value=partition_result(context, results),
             metadata={"entries": int(lines["report_id"].nunique()), "lines": len(lines),
                       "rejected_reports": int(rejections["report_id"].nunique()),
                       "debit_total": round(float(lines.loc[lines["side"] == "debit", "amount_cents"].sum()) / 100, 2),
@@ -204,8 +205,8 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
                           "reports_sent_to_quarantine": int(rejections["report_id"].nunique())})],
         )
 
-    @dg.asset(
-        key=posted_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=exact_pool(conn),
+    @daily_asset(
+        key=posted_key, pool=exact_pool(conn),
         group_name=group, kinds={"exactonline"}, owners=["team:finance"],
         ins={"journal_drafts": dg.AssetIn(drafts_key)},
         description=f"What happened to each report in {division}: posted (entry ID and number), already posted, "
@@ -219,7 +220,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
         stopped, late = [], []
         # Days an earlier run posted after they closed: a report new in one of them is a late approval.
         closed_before = set(store.days_posted(conn.name, list(context.partition_keys)))
-        drafts_by_day = _per_partition(context, journal_drafts)
+        drafts_by_day = per_partition(context, journal_drafts)
         progress.publish(progress.ReportsPlanned(conn.name, {key: sum(planned_reports(drafts).values())
                                                              for key, drafts in drafts_by_day.items()}))
         for key, drafts in drafts_by_day.items():
@@ -230,7 +231,7 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
             progress.publish(progress.DayDone(conn.name, key, results[key]["outcome"].value_counts().to_dict()))
             if run.stopped_reason:
                 stopped.append(run.stopped_reason)
-        outcomes = _concat(list(results.values()), OUTCOME_COLUMNS)
+        outcomes = concat(list(results.values()), OUTCOME_COLUMNS)
         forget_vanished_deferrals(store, conn.name, list(results), set(outcomes["report_id"]), context.run.run_id)
         last_closed = closed_day(conn, connector.clock().now())
         for key in results:
@@ -240,16 +241,16 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
             context.log.warning(f"{len(late)} late approval(s), posted under their own earlier day: {', '.join(late)}")
         for reason in stopped:
             context.log.warning(reason)
-        newly_posted = sorted(outcomes.loc[outcomes["outcome"] == "posted", "report_id"])
+        newly_posted = sorted(outcomes.loc[outcomes["outcome"] == Outcome.POSTED, "report_id"])
         if newly_posted and conn.expensify.mark_exported_label:
             _mark_exported(context, connector, newly_posted, store)
         counts = outcomes["outcome"].value_counts().to_dict()
         return dg.MaterializeResult(
-            value=_result(context, results),
-            metadata={"posted": counts.get("posted", 0), "already_posted": counts.get("already_posted", 0),
-                      "quarantined": counts.get("quarantined", 0),
-                      "deferred": counts.get("deferred", 0), "late_approvals": len(late),
-                      "posted_total": float(outcomes.loc[outcomes["outcome"] == "posted", "total_cents"].sum()) / 100,
+            value=partition_result(context, results),
+            metadata={**{str(o): counts.get(o, 0) for o in (Outcome.POSTED, Outcome.ALREADY_POSTED,
+                                                            Outcome.QUARANTINED, Outcome.DEFERRED)},
+                      "late_approvals": len(late),
+                      "posted_total": float(outcomes.loc[outcomes["outcome"] == Outcome.POSTED, "total_cents"].sum()) / 100,
                       "exact_calls": client.calls_made,
                       "exact_daily_calls_left": client.rate_limits.remaining_daily or -1,
                       "outcomes": markdown_table(outcomes[["partition_date", "report_id", "outcome", "entry_number",
@@ -269,8 +270,8 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
             store.audit("mark_exported_failed", connection=conn.name, run_id=context.run.run_id,
                         detail={"label": label, "reports": report_ids, "error": str(exc)})
 
-    @dg.asset(
-        key=quarantine_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
+    @daily_asset(
+        key=quarantine_key, group_name=group,
         kinds={"pandas"}, owners=["team:finance"], ins={"journal_entries_posted": dg.AssetIn(posted_key)},
         description="Reports held back, one row per problem: the reason code, the transaction, the missing or "
                     "invalid dimension and value, and what to do about it. `expensify-exact quarantine replay` "
@@ -278,11 +279,11 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
     )
     def quarantine(context: dg.AssetExecutionContext, journal_entries_posted):
         results = {key: quarantine_rows(outcomes)
-                   for key, outcomes in _per_partition(context, journal_entries_posted).items()}
-        rows = _concat(list(results.values()), QUARANTINE_COLUMNS)
+                   for key, outcomes in per_partition(context, journal_entries_posted).items()}
+        rows = concat(list(results.values()), QUARANTINE_COLUMNS)
         by_reason = rows.groupby("code")["report_id"].nunique().to_dict() if len(rows) else {}
         return dg.MaterializeResult(
-            value=_result(context, results),
+            value=partition_result(context, results),
             metadata={"quarantined_reports": int(rows["report_id"].nunique()), "problems": len(rows),
                       **{f"reason_{code}": int(n) for code, n in by_reason.items()},
                       "items": markdown_table(rows[["report_id", "transaction_id", "code", "value", "message", "fix"]], 100),
@@ -298,23 +299,22 @@ def connection_assets(conn: Connection, config: ProjectConfig) -> list:
 def _unreported_card_spend(conn: Connection, group: str):
     key = asset_key(conn.name, "expensify", "unreported_card_spend")
 
-    @dg.asset(
-        key=key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=expensify_pool(conn),
+    @daily_asset(
+        key=key, pool=expensify_pool(conn),
         group_name=group, kinds={"expensify", "pandas"}, owners=["team:finance"],
         description=f"Company-card transactions of {conn.expensify.card_domain} that are on no report yet (from "
                     f"Expensify's reconciliation). Not posted — they are not approved — but shown so accountants "
                     f"see card spend that is still missing from the books.",
     )
     def unreported_card_spend(context: dg.AssetExecutionContext, connector: ConnectorResource):
-        keys = context.partition_keys
-        start, end = date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
+        keys, start, end = day_range(context)
         with connector.expensify_client(conn) as client:
             rows = client.unreported_card_transactions(start, end, conn.expensify.card_domain)
         frame = pd.DataFrame(rows)
         by_day = {k: frame[frame["transaction_date"] == k] if len(frame) else frame for k in keys}
         totals = frame.groupby("currency")["amount_cents"].sum().to_dict() if len(frame) else {}
         return dg.MaterializeResult(
-            value=_result(context, by_day),
+            value=partition_result(context, by_day),
             metadata={"transactions": len(frame), "dagster/row_count": len(frame),
                       **{f"total_{cur}": float(v) / 100 for cur, v in totals.items()},
                       "items": markdown_table(frame)},

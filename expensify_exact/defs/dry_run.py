@@ -3,6 +3,7 @@ nothing materialized, posted or written to the state DB (in-memory outputs, `con
 
 from dataclasses import dataclass
 from datetime import date
+from typing import NamedTuple
 
 import dagster as dg
 import pandas as pd
@@ -32,8 +33,9 @@ class DryRunConfig(dg.Config):
     connections: list[str] = []  # default: every connection
 
 
-@dataclass(frozen=True)
-class Days:
+class Days(NamedTuple):
+    """The approval days a dry run covers."""
+
     start: date
     end: date
 

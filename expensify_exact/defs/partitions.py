@@ -1,12 +1,26 @@
-"""The one daily partitioning every asset shares (a partition is an approval day), and how a multi-day run's
-values are keyed by partition."""
+"""The one daily partitioning every asset shares (a partition is an approval day), the decorator of a per-day asset,
+and how a multi-day run's values are keyed by partition."""
 
+from datetime import date
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
 DAILY_APPROVALS = dg.DailyPartitionsDefinition(start_date="2024-01-01", timezone="Europe/Amsterdam")
+# A backfill over many days is one run that handles the range in one go (one export job, one snapshot).
+SINGLE_RUN = dg.BackfillPolicy.single_run()
+
+
+def daily_asset(**kwargs):
+    """`dg.asset` for a per-approval-day asset: daily partitions, backfilled in single runs."""
+    return dg.asset(partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, **kwargs)
+
+
+def day_range(context: dg.AssetExecutionContext) -> tuple[list[str], date, date]:
+    """The run's approval days: their partition keys, the first and the last."""
+    keys = context.partition_keys
+    return keys, date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
 
 
 def per_partition(context: dg.AssetExecutionContext, value: Any) -> dict[str, Any]:

@@ -18,21 +18,26 @@ import pandas as pd
 from expensify_exact.clock import connection_today
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import DayRun, reconciliation_day
+from expensify_exact.core.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
+from expensify_exact.core.posting import OUTCOME_COLUMNS
+from expensify_exact.core.reconcile import (
+    FINDING_COLUMNS,
+    FINDING_FIXES,
+    Finding,
+    Reconciliation,
+    approved_lines_by_day,
+    reconcile_connection_month,
+    reconcile_days,
+)
 from expensify_exact.defs.jobs import day_run_request
 from expensify_exact.defs.keys import asset_key, exact_pool, expensify_pool, group_name
 from expensify_exact.defs.metadata import markdown_table
-from expensify_exact.defs.partitions import DAILY_APPROVALS, concat, partition_result, per_partition
-from expensify_exact.core.digest import DIGEST_DIR_ENV, build_digest, digest_dir, write_digest
-from expensify_exact.notify.mail import mail_digest
-from expensify_exact.core.posting import OUTCOME_COLUMNS
-from expensify_exact.core.reconcile import (
-    FINDING_COLUMNS, FINDING_FIXES, Finding, Reconciliation, approved_lines_by_day, reconcile_connection_month,
-    reconcile_days,
-)
+from expensify_exact.defs.partitions import concat, daily_asset, partition_result, per_partition
 from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.notify.mail import mail_digest
+from expensify_exact.store import QuarantineStatus
 
 MONTHLY = dg.MonthlyPartitionsDefinition(start_date="2024-01-01", timezone="Europe/Amsterdam")
-SINGLE_RUN = dg.BackfillPolicy.single_run()
 DAILY_JOB_NAME = "reconcile_and_digest"
 DAILY_SENSOR_NAME = "reconcile_closed_days"
 MINIMUM_INTERVAL_SECONDS = 10 * 60
@@ -137,8 +142,8 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
     posted_key = asset_key(conn.name, "exact", "journal_entries_posted")
     reports_key, day_key, month_key, mail_key = approved_key(conn), daily_key(conn), monthly_key(conn), digest_key(conn)
 
-    @dg.asset(
-        key=reports_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=expensify_pool(conn),
+    @daily_asset(
+        key=reports_key, pool=expensify_pool(conn),
         group_name=group, kinds={"expensify", "pandas"}, owners=["team:finance"], deps=[posted_key],
         description=f"Expensify's approved reports of policies {', '.join(conn.expensify.policy_ids)} for each day, "
                     f"re-exported for reconciliation with one export job for the whole range, independently of what "
@@ -157,8 +162,8 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
                       "export_jobs": calls.get("export", 0), "download_polls": calls.get("download", 0),
                       "dagster/row_count": lines})
 
-    @dg.asset(
-        key=day_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, pool=exact_pool(conn),
+    @daily_asset(
+        key=day_key, pool=exact_pool(conn),
         group_name=group, kinds={"exactonline", "pandas"}, owners=["team:finance"],
         ins={"expense_lines": dg.AssetIn(reports_key)}, deps=[posted_key],
         description=f"Reads the day's posted entries back from Exact (division {conn.exact.division}) and compares "
@@ -187,8 +192,8 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
             check_results=_check_results(DAILY_CHECKS, findings),
         )
 
-    @dg.asset(
-        key=mail_key, partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, group_name=group,
+    @daily_asset(
+        key=mail_key, group_name=group,
         kinds={"markdown", "html"}, owners=["team:finance"],
         ins={"reconciliation": dg.AssetIn(day_key), "journal_entries_posted": dg.AssetIn(posted_key)},
         description=f"The accountants' daily summary for {conn.name}: what was posted, what waits in quarantine and "
@@ -200,7 +205,7 @@ def connection_reconciliation_assets(conn: Connection, config: ProjectConfig) ->
                      journal_entries_posted):
         store = connector.store()
         ledger = store.ledger_rows(conn.name)
-        quarantine = store.quarantine_items(conn.name, status="open")
+        quarantine = store.quarantine_items(conn.name, status=QuarantineStatus.OPEN)
         token_ages = store.token_ages()
         recon_by_day = per_partition(context, reconciliation)
         outcomes_by_day = per_partition(context, journal_entries_posted)

@@ -21,10 +21,12 @@ import json
 import dagster as dg
 
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.defs.keys import exact_pool, slug
+from expensify_exact.core.posting import Outcome
 from expensify_exact.core.replay import preview_replay, replay_fingerprint, replay_quarantine, replayable
-from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.core.snapshots import fetch_dimensions, needed_codes
+from expensify_exact.defs.keys import exact_pool, slug
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.store import QuarantineStatus
 
 REPLAY_JOB_NAME = "replay_quarantine"
 SENSOR_NAME = "replay_when_dimensions_change"
@@ -69,13 +71,12 @@ def _replay_op(conn: Connection) -> dg.OpDefinition:
                                            run_id=context.run.run_id)
         if result.stopped_reason:
             context.log.warning(result.stopped_reason)
-        counts = {o: result.count(o) for o in ("posted", "already_posted", "quarantined", "not_exported",
-                                               "skipped", "would_post", "deferred")}
+        counts = {o: result.count(o) for o in Outcome}
         context.log.info(f"{conn.name}: replayed {len(result.outcomes)} item(s): "
                          + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         context.add_output_metadata({
-            "posted": counts["posted"],
-            "still_quarantined": counts["quarantined"] + counts["not_exported"],
+            "posted": counts[Outcome.POSTED],
+            "still_quarantined": counts[Outcome.QUARANTINED] + counts[Outcome.NOT_EXPORTED],
             "dry_run": config.dry_run,
             "outcomes": dg.MetadataValue.json(result.as_json()["outcomes"]),
         })
@@ -132,7 +133,7 @@ def plan_replays(connector: ConnectorResource, cursor: dict[str, str], log=None)
     project = connector.project()
     store = connector.store()
     for conn in project.connections:
-        items = [i for i in store.quarantine_items(conn.name, status="open") if replayable(i)]
+        items = [i for i in store.quarantine_items(conn.name, status=QuarantineStatus.OPEN) if replayable(i)]
         if not items:
             plan.notes.append(f"{conn.name}: nothing a replay could fix")
             continue

@@ -11,12 +11,12 @@ import dagster as dg
 import pandas as pd
 
 from expensify_exact.config import load_project_config
+from expensify_exact.core.posting import OUTCOME_COLUMNS, Outcome
 from expensify_exact.core.verdicts import Action, shown_lines
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.dry_run import DAYS_OP, DRY_RUN_JOB_NAME, ConnectionPreview, op_names
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.keys import asset_key, connector_pools, ensure_pools
-from expensify_exact.core.posting import OUTCOME_COLUMNS
 from expensify_exact.defs.recovery import DEFAULT_WAIT_TIMEOUT_SECONDS, before_launch, tell
 from expensify_exact.defs.resources import ConnectorResource
 
@@ -34,15 +34,15 @@ class RunSummary:
     def as_json(self) -> dict:
         connections: dict[str, dict] = {}
         for conn, frame in self.outcomes.groupby("connection") if len(self.outcomes) else []:
-            by = {o: frame[frame["outcome"] == o] for o in ("posted", "quarantined", "already_posted", "deferred")}
+            by = {o: frame[frame["outcome"] == o] for o in Outcome}
             connections[conn] = {
                 "posted": {r.report_id: {"entry_id": r.entry_id, "entry_number": _int(r.entry_number)}
-                           for r in by["posted"].itertuples()},
-                "quarantined": {r.report_id: list(r.reason_codes) for r in by["quarantined"].itertuples()},
+                           for r in by[Outcome.POSTED].itertuples()},
+                "quarantined": {r.report_id: list(r.reason_codes) for r in by[Outcome.QUARANTINED].itertuples()},
                 "skipped_already_posted": {r.report_id: {"entry_id": r.entry_id,
                                                          "entry_number": _int(r.entry_number)}
-                                           for r in by["already_posted"].itertuples()},
-                "deferred": sorted(by["deferred"]["report_id"]),
+                                           for r in by[Outcome.ALREADY_POSTED].itertuples()},
+                "deferred": sorted(by[Outcome.DEFERRED]["report_id"]),
             }
         return {"start": self.start.isoformat(), "end": self.end.isoformat(), "dry_run": False,
                 "success": self.success, "run_id": self.run_id, "failure": self.failure, "notes": self.notes,
@@ -56,10 +56,10 @@ class RunSummary:
         out.append(f"posted: {counts.get('posted', 0)}  already posted: {counts.get('already_posted', 0)}  "
                    f"quarantined: {counts.get('quarantined', 0)}  deferred: {counts.get('deferred', 0)}")
         for r in self.outcomes.sort_values(["partition_date", "report_id"]).itertuples() if len(self.outcomes) else []:
-            if r.outcome == "posted":
+            if r.outcome == Outcome.POSTED:
                 out.append(f"  posted       {r.partition_date} {r.report_id} -> entry {_int(r.entry_number)} "
                            f"({r.total_cents / 100:.2f})")
-            elif r.outcome == "quarantined":
+            elif r.outcome == Outcome.QUARANTINED:
                 detail = "; ".join(f"{x.get('code')}: {x.get('message')}" for x in r.reasons)
                 out.append(f"  quarantined  {r.partition_date} {r.report_id}: {detail}")
         out.extend(self.notes)
@@ -147,7 +147,7 @@ def run_range(start: date, end: date, *, mappings_dir: str = "mappings", state_u
         frames.extend(v for v in (value.values() if isinstance(value, dict) else [value]) if len(v))
     outcomes = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OUTCOME_COLUMNS)
     notes = []
-    deferred = outcomes[outcomes["outcome"] == "deferred"] if len(outcomes) else outcomes
+    deferred = outcomes[outcomes["outcome"] == Outcome.DEFERRED] if len(outcomes) else outcomes
     if len(deferred):
         why = sorted({r["message"] for reasons in deferred["reasons"] for r in (reasons or []) if r.get("message")})
         notes.append(f"{len(deferred)} report(s) deferred; the sensor post_deferred_after_reset reruns their days "

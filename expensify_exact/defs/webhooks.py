@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from expensify_exact.config import ProjectConfig
+from expensify_exact.core.webhooks import EVENT_DIMENSIONS_CHANGED, EVENT_POSTED_ENTRY_DELETED, webhook_events_after
 from expensify_exact.defs.replay import CONNECTION_TAG, REPLAY_JOB_NAME, TRIGGER_TAG
 from expensify_exact.defs.resources import ConnectorResource
-from expensify_exact.store import StateStore
-from expensify_exact.core.webhooks import EVENT_DIMENSIONS_CHANGED, EVENT_POSTED_ENTRY_DELETED, webhook_events_after
+from expensify_exact.store import QuarantineStatus, StateStore
 
 SENSOR_NAME = "refresh_on_exact_webhooks"
 EVENTS_PER_EVALUATION = 1000
@@ -45,7 +45,7 @@ def plan_runs(store: StateStore, cursor: int, connections: list[str]) -> Webhook
             plan.notes.append(f"{event['connection']}: entry {event['entry_number']} ({event['entry_id']}) of report "
                               f"{event['report_id']} was deleted in Exact; the ledger still counts it as posted")
     for connection, found in changed.items():
-        open_items = store.quarantine_items(connection, status="open")
+        open_items = store.quarantine_items(connection, status=QuarantineStatus.OPEN)
         what = ", ".join(sorted({f"{e['detail'].get('topic')} {e['detail'].get('key', '')}".strip() for e in found}))
         if not open_items:
             plan.notes.append(f"{connection}: dimensions changed ({what}); nothing is quarantined, so nothing to replay")

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from expensify_exact.config import Connection
+from expensify_exact.core.posting import STOPPED_BY_DAILY_BUDGET, STOPPED_BY_REFUSAL
 from expensify_exact.notify import ALERT_WEBHOOK_URL
 from expensify_exact.notify.chat import chat_payload, post_chat
 from expensify_exact.notify.mail import build_message, send_mail, send_once, smtp_login
-from expensify_exact.core.posting import STOPPED_BY_DAILY_BUDGET, STOPPED_BY_REFUSAL
 from expensify_exact.store import QuarantineStatus, StateStore
 from expensify_exact.store.vault import CredentialVault
 

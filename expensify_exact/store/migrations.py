@@ -12,8 +12,23 @@ from sqlalchemy.engine import Connection, Engine
 
 from expensify_exact.errors import StateStoreError
 from expensify_exact.store.schema import (
-    audit_log, connection_facts, days_posted, deferred_reports, dimension_snapshots, error_budget, exact_tokens,
-    intents, locks, notifications, quarantine, rate_limits, request_log, schema_migrations, secrets,
+    audit_log,
+    connection_facts,
+    days_posted,
+    deferred_reports,
+    dimension_snapshots,
+    error_budget,
+    exact_tokens,
+    intents,
+    locks,
+    moment,
+    notifications,
+    quarantine,
+    rate_limits,
+    report_key,
+    request_log,
+    schema_migrations,
+    secrets,
 )
 
 # Tables of versions 1-7 that migration 8 moved into `ee_intents` and dropped: the posted ledger (one row per
@@ -27,15 +42,14 @@ def _entry_columns() -> list[sa.Column]:
             sa.Column("partition_date", sa.String(10), nullable=True),
             sa.Column("transaction_ids", sa.Text, nullable=False),
             sa.Column("total_cents", sa.BigInteger, nullable=False),
-            sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
-            sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
+            moment("intent_at"),
+            moment("posted_at", nullable=True),
             sa.Column("run_id", sa.String(64), nullable=True)]
 
 
 posted_ledger = sa.Table(
     "ee_posted_ledger", legacy,
-    sa.Column("connection", sa.String(100), primary_key=True),
-    sa.Column("report_id", sa.String(64), primary_key=True),
+    *report_key(),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("entry_id", sa.String(36), nullable=False),  # Exact's EntryID once posted
@@ -45,8 +59,7 @@ posted_ledger = sa.Table(
 )
 corrections = sa.Table(
     "ee_corrections", legacy,
-    sa.Column("connection", sa.String(100), primary_key=True),
-    sa.Column("report_id", sa.String(64), primary_key=True),
+    *report_key(),
     sa.Column("entry_id", sa.String(36), primary_key=True),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("replaces_entry_id", sa.String(36), nullable=False),

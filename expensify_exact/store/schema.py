@@ -7,32 +7,48 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
+
+def connection_key() -> sa.Column:
+    """The connection a row belongs to, leading its primary key: one width for the name in every table."""
+    return sa.Column("connection", sa.String(100), primary_key=True)
+
+
+def report_key() -> list[sa.Column]:
+    """A row per Expensify report of a connection: (connection, report_id) lead its primary key."""
+    return [connection_key(), sa.Column("report_id", sa.String(64), primary_key=True)]
+
+
+def moment(name: str, *, nullable: bool = False) -> sa.Column:
+    """A point in time: every timestamp the store keeps is timezone-aware (UTC on the way in, aware on the way out)."""
+    return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
+
+
 schema_migrations = sa.Table(
     "ee_schema_migrations", metadata,
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("description", sa.String(200), nullable=False),
-    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+    moment("applied_at"),
 )
 locks = sa.Table(
     "ee_locks", metadata,
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("owner", sa.String(200), nullable=True),
-    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    moment("expires_at", nullable=True),
 )
 secrets = sa.Table(
     "ee_secrets", metadata,
     sa.Column("scope", sa.String(100), primary_key=True),
     sa.Column("name", sa.String(100), primary_key=True),
     sa.Column("ciphertext", sa.Text, nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    moment("updated_at"),
 )
 exact_tokens = sa.Table(
     "ee_exact_tokens", metadata,
-    sa.Column("connection", sa.String(100), primary_key=True),
+    connection_key(),
     sa.Column("ciphertext", sa.Text, nullable=False),
-    sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("refresh_issued_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    moment("issued_at"),
+    moment("refresh_issued_at"),
+    moment("updated_at"),
 )
 
 # Every entry the connector is about to post or has posted (migration 8): a report's post, and the reversal and
@@ -41,8 +57,7 @@ exact_tokens = sa.Table(
 # with `stands` set is the report's ledger entry: the post, until an approved correction takes its place.
 intents = sa.Table(
     "ee_intents", metadata,
-    sa.Column("connection", sa.String(100), primary_key=True),
-    sa.Column("report_id", sa.String(64), primary_key=True),
+    *report_key(),
     sa.Column("kind", sa.String(16), primary_key=True),  # IntentKind: post | reversal | correction
     sa.Column("entry_id", sa.String(36), primary_key=True),  # the EntryID we send
     sa.Column("status", sa.String(16), nullable=False),  # IntentStatus: pending | posted
@@ -57,23 +72,22 @@ intents = sa.Table(
     sa.Column("partition_date", sa.String(10), nullable=True),
     sa.Column("transaction_ids", sa.Text, nullable=False),
     sa.Column("total_cents", sa.BigInteger, nullable=False),
-    sa.Column("intent_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("posted_at", sa.DateTime(timezone=True), nullable=True),
+    moment("intent_at"),
+    moment("posted_at", nullable=True),
     sa.Column("run_id", sa.String(64), nullable=True),
     sa.Index("ux_ee_intents_standing", "connection", "report_id", unique=True,
              sqlite_where=sa.text("stands"), postgresql_where=sa.text("stands")),
 )
 quarantine = sa.Table(
     "ee_quarantine", metadata,
-    sa.Column("connection", sa.String(100), primary_key=True),
-    sa.Column("report_id", sa.String(64), primary_key=True),
+    *report_key(),
     sa.Column("status", sa.String(16), nullable=False),  # QuarantineStatus: open | resolved | ignored | replayed
     sa.Column("partition_date", sa.String(10), nullable=True),
     sa.Column("reasons", sa.Text, nullable=False),  # JSON list of {code, transaction_id, dimension, value, message}
     sa.Column("transaction_ids", sa.Text, nullable=False),
     sa.Column("content_hash", sa.String(64), nullable=True),
-    sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    moment("first_seen_at"),
+    moment("updated_at"),
     sa.Column("resolution_note", sa.Text, nullable=True),
     # A CHANGED_AFTER_POSTING item's drafted correction, JSON {reverse_entry_id, corrected_entry} (migration 8).
     sa.Column("correction", sa.Text, nullable=True),
@@ -81,7 +95,7 @@ quarantine = sa.Table(
 audit_log = sa.Table(
     "ee_audit_log", metadata,
     sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    moment("at"),
     sa.Column("connection", sa.String(100), nullable=True),
     sa.Column("event", sa.String(40), nullable=False),
     sa.Column("report_id", sa.String(64), nullable=True),
@@ -98,13 +112,13 @@ audit_log = sa.Table(
 rate_limits = sa.Table(
     "ee_rate_limits", metadata,
     sa.Column("scope", sa.String(100), primary_key=True),  # e.g. exact:division:<n>
-    sa.Column("observed_at", sa.DateTime(timezone=True), nullable=False),
+    moment("observed_at"),
     sa.Column("remaining_minutely", sa.Integer, nullable=True),
     sa.Column("minutely_limit", sa.Integer, nullable=True),
-    sa.Column("minutely_resets_at", sa.DateTime(timezone=True), nullable=True),
+    moment("minutely_resets_at", nullable=True),
     sa.Column("remaining_daily", sa.Integer, nullable=True),
     sa.Column("daily_limit", sa.Integer, nullable=True),
-    sa.Column("daily_resets_at", sa.DateTime(timezone=True), nullable=True),
+    moment("daily_resets_at", nullable=True),
 )
 
 # When requests went out with one credential of an API that does not report budgets (Expensify: 5 per 10 s, 20 per
@@ -113,7 +127,7 @@ request_log = sa.Table(
     "ee_request_log", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("scope", sa.String(100), nullable=False),  # e.g. expensify:<connection>
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    moment("at"),
     sa.Index("ix_ee_request_log_scope_at", "scope", "at"),
 )
 
@@ -121,11 +135,11 @@ request_log = sa.Table(
 # (e.g. `exact_keeps_client_entry_id`, written by `preflight --write-test`). JSON values; None = unknown.
 connection_facts = sa.Table(
     "ee_connection_facts", metadata,
-    sa.Column("connection", sa.String(100), primary_key=True),
+    connection_key(),
     sa.Column("name", sa.String(100), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("detail", sa.Text, nullable=True),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    moment("recorded_at"),
 )
 
 # Errors Exact answered per division, endpoint and clock hour, counted by every process using the state DB, so
@@ -137,7 +151,7 @@ error_budget = sa.Table(
     sa.Column("errors", sa.Integer, nullable=False),
     sa.Column("last_status", sa.Integer, nullable=True),
     sa.Column("last_message", sa.Text, nullable=True),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    moment("updated_at"),
 )
 
 # Each Exact division's last dimension snapshot (snapshots.py): per table the rows as Exact returned them, the cursor
@@ -151,17 +165,17 @@ dimension_snapshots = sa.Table(
     sa.Column("rows", sa.Text, nullable=False),  # JSON list of records
     sa.Column("cursor", sa.String(64), nullable=True),
     sa.Column("meta", sa.Text, nullable=False),  # JSON: source, confirmed-missing codes, webhook event seen
-    sa.Column("refreshed_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+    moment("refreshed_at"),
+    moment("checked_at"),
 )
 
 # Approval days whose run came after the day had ended in the connection's zone (plus the grace): a report that
 # first shows up in such a day later is a late approval, and `status` and the digest say when the newest was posted.
 days_posted = sa.Table(
     "ee_days_posted", metadata,
-    sa.Column("connection", sa.String(100), primary_key=True),
+    connection_key(),
     sa.Column("day", sa.String(10), primary_key=True),
-    sa.Column("posted_at", sa.DateTime(timezone=True), nullable=False),  # the first run after the day closed
+    moment("posted_at"),  # the first run after the day closed
     sa.Column("run_id", sa.String(64), nullable=True),
 )
 
@@ -170,12 +184,11 @@ days_posted = sa.Table(
 # `post_deferred_after_reset` reruns their days once `resets_at` has passed.
 deferred_reports = sa.Table(
     "ee_deferred_reports", metadata,
-    sa.Column("connection", sa.String(100), primary_key=True),
-    sa.Column("report_id", sa.String(64), primary_key=True),
+    *report_key(),
     sa.Column("partition_date", sa.String(10), nullable=False),
-    sa.Column("deferred_at", sa.DateTime(timezone=True), nullable=False),
+    moment("deferred_at"),
     # Not before: Exact's daily X-RateLimit-Reset for a spent daily budget, else the next clock hour; None = unknown.
-    sa.Column("resets_at", sa.DateTime(timezone=True), nullable=True),
+    moment("resets_at", nullable=True),
 )
 
 # What was mailed or posted to a chat once and must not go out again: a digest per connection and day, an alert per
@@ -186,7 +199,7 @@ notifications = sa.Table(
     sa.Column("connection", sa.String(100), nullable=True),
     sa.Column("kind", sa.String(40), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # sending | sent
-    sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+    moment("claimed_at"),
+    moment("sent_at", nullable=True),
     sa.Column("detail", sa.Text, nullable=True),  # JSON: where it went (channel names), never a URL or address list
 )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from expensify_exact.errors import VaultError
 from expensify_exact.api.exact.tokens import ExactTokens
+from expensify_exact.errors import VaultError
 from expensify_exact.store import StateStore
 
 KEY_ENV = "EXPENSIFY_EXACT_KEY"  # one or more Fernet keys, comma-separated, newest first

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import signal
-import threading
 
 from expensify_exact_sandbox import seed
 from expensify_exact_sandbox.server import SandboxServer
@@ -27,13 +26,11 @@ def serve(args) -> int:
     print(f"Exact Online sandbox:  {server.exact_url}", flush=True)
     print(f"Expensify sandbox:     {server.expensify_url}", flush=True)
     print("Demo credentials: `expensify-exact-sandbox credentials` prints them. Press Ctrl-C to stop.", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped by a service manager as by Ctrl-C
     try:
-        stop.wait()
+        signal.pause()
     except KeyboardInterrupt:
-        pass
-    server.stop()
+        server.stop()
     return 0
 
 

@@ -103,8 +103,8 @@ def demo_ui(tmp_path_factory):
 
     from expensify_exact.cli.main import main
     from expensify_exact.defs.runs import run_range
-    from expensify_exact_sandbox.server import SandboxServer
     from expensify_exact_sandbox.cli import DEMO_CREDENTIALS_ENV
+    from expensify_exact_sandbox.server import SandboxServer
 
     _require_browser()
     root = tmp_path_factory.mktemp("dagster_ui")

@@ -10,18 +10,18 @@ import os
 import sys
 from datetime import date, datetime, time, timedelta
 
-from expensify_exact.clock import SystemClock
-from expensify_exact.config import load_project_config
 from expensify_exact.api.connections import build_expensify_client, build_token_refresher, exact_base_url
-from expensify_exact.errors import ConnectorError
 from expensify_exact.api.exact.auth import ExactAuth
 from expensify_exact.api.exact.client import ExactClient
-from expensify_exact.core.posting import PostingRun, post_drafts
+from expensify_exact.clock import SystemClock
+from expensify_exact.config import load_project_config
 from expensify_exact.core.pipeline import drafts_for_reports
-from expensify_exact_sandbox import seed as S
+from expensify_exact.core.posting import PostingRun, post_drafts
 from expensify_exact.core.snapshots import fetch_dimensions
+from expensify_exact.errors import ConnectorError
 from expensify_exact.store import StateStore
 from expensify_exact.store.vault import CredentialVault
+from expensify_exact_sandbox import seed as S
 
 EXIT_API_ERROR = 3
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from expensify_exact.cli.main import main
+from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
 from expensify_exact_sandbox.server import SandboxServer
-from expensify_exact.store import StateStore
 from tests.conftest import write_mappings
 from tests.crash.driver import many_reports_seed, poster_process, report_of_entry
 
@@ -126,9 +126,9 @@ def _prepare(tmp_path: Path, sandbox, state_url: str) -> tuple[str, date, date]:
                  CONNECTION, "--from-env"]) == 0
     # Trade the refresh token once here: a poster killed inside a token refresh would otherwise lose the chain,
     # which is the token store's concern (tests/http/test_exact_auth.py), not this test's.
-    from tests.crash.driver import exact_client
     from expensify_exact.config import load_project_config
     from expensify_exact.store.vault import CredentialVault
+    from tests.crash.driver import exact_client
 
     conn = load_project_config(mappings).connection(CONNECTION)
     store = StateStore(state_url)

@@ -18,8 +18,8 @@ import yaml
 
 from expensify_exact.api import connections
 from expensify_exact.cli.commands.status import collect_status, render_text
-from expensify_exact.definitions import build_defs
 from expensify_exact.core.digest import read_digest
+from expensify_exact.definitions import build_defs
 from expensify_exact.defs.jobs import DEFERRED_SENSOR_NAME, MAIN_JOB_NAME, SENSOR_NAME
 from expensify_exact.defs.reconciliation import DAILY_JOB_NAME, DAILY_SENSOR_NAME
 from expensify_exact.defs.resources import ConnectorResource

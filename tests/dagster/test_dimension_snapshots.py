@@ -13,11 +13,11 @@ import pytest
 
 from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
+from expensify_exact.core.webhooks import WebhookProcessor, WebhookServer, sign, vault_secrets, webhook_app
 from expensify_exact.defs import assets, jobs, resources
 from expensify_exact.defs.keys import slug
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact_sandbox import seed
-from expensify_exact.core.webhooks import WebhookProcessor, WebhookServer, sign, vault_secrets, webhook_app
 
 CONNECTION = "vermeerhals-nl"
 # Every call a dimension refresh may make: the division check and the six tables (and the GL accounts' sync twin).

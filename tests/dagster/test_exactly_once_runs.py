@@ -21,8 +21,8 @@ from expensify_exact.definitions import build_defs
 from expensify_exact.defs.replay import REPLAY_JOB_NAME, SENSOR_NAME
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.defs.runs import run_range
-from expensify_exact_sandbox import seed as S
 from expensify_exact.store import StateStore
+from expensify_exact_sandbox import seed as S
 from tests.crash.driver import report_of_entry
 from tests.factories import run_cli as _cli
 

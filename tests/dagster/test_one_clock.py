@@ -23,7 +23,12 @@ from expensify_exact.api import connections
 from expensify_exact.core import pipeline
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.reconciliation import (
-    DAILY_CHECKS, DAILY_JOB_NAME, MONTHLY_JOB_NAME, approved_key, daily_key, monthly_key,
+    DAILY_CHECKS,
+    DAILY_JOB_NAME,
+    MONTHLY_JOB_NAME,
+    approved_key,
+    daily_key,
+    monthly_key,
 )
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import StateStore

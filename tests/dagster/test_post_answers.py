@@ -8,9 +8,9 @@ from datetime import date, timedelta
 
 import pytest
 
+from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
 from expensify_exact_sandbox.server import SandboxServer
-from expensify_exact.store import StateStore
 from tests.conftest import write_mappings
 from tests.crash.driver import many_reports_seed, report_of_entry
 from tests.factories import run_cli

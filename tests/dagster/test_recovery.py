@@ -14,8 +14,15 @@ import dagster as dg
 import pytest
 from dagster._core.storage.dagster_run import DagsterRun
 
-from expensify_exact.defs.recovery import (PROCESS_TAG, BrokenInstance, PoolWaitTimeout, process_tag, recover_dead_runs,
-                                      repair_sqlite_storages, wait_for_pools)
+from expensify_exact.defs.recovery import (
+    PROCESS_TAG,
+    BrokenInstance,
+    PoolWaitTimeout,
+    process_tag,
+    recover_dead_runs,
+    repair_sqlite_storages,
+    wait_for_pools,
+)
 
 POOL = "exact_division_1"
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from expensify_exact.cli.main import main
-from expensify_exact.cli.support import EMBEDDED_INSTANCE_CONFIG
+from expensify_exact.api.expensify.client import PolicyCategory, PolicyInfo, PolicyTag, PolicyTaxRate
 from expensify_exact.cli.commands.check import find_problems
 from expensify_exact.cli.commands.status import collect_status, needs_attention, render_text
+from expensify_exact.cli.main import main
+from expensify_exact.cli.support import EMBEDDED_INSTANCE_CONFIG
 from expensify_exact.config import load_project_config
-from expensify_exact.api.expensify.client import PolicyCategory, PolicyInfo, PolicyTag, PolicyTaxRate
 from expensify_exact.core.mapping_locations import MappingLocations
 from expensify_exact_sandbox import seed
 from tests.conftest import MAPPINGS, write_mappings

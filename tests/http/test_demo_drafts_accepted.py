@@ -12,18 +12,18 @@ from datetime import datetime, time, timedelta
 import pytest
 import yaml
 
+from expensify_exact.api.connections import build_exact_client, build_expensify_client
 from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
-from expensify_exact.api.connections import build_exact_client, build_expensify_client
-from expensify_exact_sandbox import seed
-from expensify_exact_sandbox.clock import SandboxClock
-from expensify_exact_sandbox.server import SandboxServer
-from expensify_exact.core.snapshots import fetch_dimensions
-from expensify_exact.store import StateStore
 from expensify_exact.core.draft_checks import split_invalid_drafts
 from expensify_exact.core.expense_lines import normalize_reports
 from expensify_exact.core.journal import build_journal_drafts, content_hash, entry_body, entry_id_for
+from expensify_exact.core.snapshots import fetch_dimensions
+from expensify_exact.store import StateStore
 from expensify_exact.store.vault import CredentialVault
+from expensify_exact_sandbox import seed
+from expensify_exact_sandbox.clock import SandboxClock
+from expensify_exact_sandbox.server import SandboxServer
 from tests.conftest import write_mappings
 
 CONNECTION = "vermeerhals-nl"

@@ -13,10 +13,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from expensify_exact.errors import AuthenticationError, ReconsentRequired, TransientApiError
 from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.api.exact.oauth import build_authorize_url, exchange_code, parse_redirect, wait_for_callback
 from expensify_exact.api.exact.tokens import ExactTokens, InMemoryTokenStore
+from expensify_exact.errors import AuthenticationError, ReconsentRequired, TransientApiError
 from tests.factories import FakeClock as _FakeClock
 
 BASE = "https://start.exactonline.nl"

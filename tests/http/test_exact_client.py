@@ -12,6 +12,12 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
+from expensify_exact.api.connections import StoredRateLimitBoard
+from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
+from expensify_exact.api.exact.client import ExactClient
+from expensify_exact.api.exact.odata import AMSTERDAM
+from expensify_exact.api.exact.tokens import ExactTokens, InMemoryTokenStore
+from expensify_exact.core.settlement import find_posted, post_and_settle
 from expensify_exact.errors import (
     ApiError,
     ConnectionStopped,
@@ -20,12 +26,6 @@ from expensify_exact.errors import (
     RateLimitExhausted,
     TransientApiError,
 )
-from expensify_exact.api.connections import StoredRateLimitBoard
-from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
-from expensify_exact.api.exact.client import ExactClient
-from expensify_exact.api.exact.odata import AMSTERDAM
-from expensify_exact.api.exact.tokens import ExactTokens, InMemoryTokenStore
-from expensify_exact.core.settlement import find_posted, post_and_settle
 from tests.factories import FakeClock as _FakeClock
 
 BASE = "https://start.exactonline.nl"

@@ -16,12 +16,12 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from expensify_exact.errors import AuthenticationError, RejectedByApi, TransientApiError
 from expensify_exact.api.expensify.client import ExpensifyClient
+from expensify_exact.core.expense_lines import normalize_reports
+from expensify_exact.errors import AuthenticationError, RejectedByApi, TransientApiError
 from expensify_exact_sandbox import seed as sandbox_seed
 from expensify_exact_sandbox.clock import SandboxClock
 from expensify_exact_sandbox.server import SandboxServer
-from expensify_exact.core.expense_lines import normalize_reports
 
 URL = "https://expensify.test/Integration-Server/ExpensifyIntegrations"
 USER, SECRET = "aa_finance_example_nl", "s3cret-partner-value"

@@ -17,16 +17,16 @@ import httpx
 import pandas as pd
 import pytest
 
+from expensify_exact.api.connections import build_exact_client
+from expensify_exact.cli.main import main
 from expensify_exact.clock import connection_today
 from expensify_exact.core import reconcile
-from expensify_exact.cli.main import main
-from expensify_exact.api.connections import build_exact_client
-from expensify_exact.core.posting import post_drafts
-from expensify_exact.core.reconcile import Finding
-from expensify_exact.defs.resources import ConnectorResource
-from expensify_exact.core.snapshots import fetch_dimensions
 from expensify_exact.core.expense_lines import NormalizedLines, normalize_reports
 from expensify_exact.core.journal import JournalDrafts, build_journal_drafts
+from expensify_exact.core.posting import post_drafts
+from expensify_exact.core.reconcile import Finding
+from expensify_exact.core.snapshots import fetch_dimensions
+from expensify_exact.defs.resources import ConnectorResource
 
 CONNECTION = "vermeerhals-nl"
 

@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import pytest
 
-from expensify_exact_sandbox import seed as S
 from expensify_exact.store import StateStore
+from expensify_exact_sandbox import seed as S
 from tests.crash.driver import post_window, report_of_entry
 from tests.factories import run_cli as _cli
 from tests.factories import state_rows

@@ -16,10 +16,8 @@ import httpx
 import pytest
 
 from expensify_exact.cli.main import main
-from expensify_exact.core.posting import post_drafts
-from expensify_exact.defs.resources import ConnectorResource
-from expensify_exact_sandbox import seed
 from expensify_exact.core.journal import build_journal_drafts
+from expensify_exact.core.posting import post_drafts
 from expensify_exact.core.webhooks import (
     EVENT_POSTED_ENTRY_DELETED,
     EVENT_RECEIVED,
@@ -30,6 +28,8 @@ from expensify_exact.core.webhooks import (
     webhook_app,
     webhook_events_after,
 )
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact_sandbox import seed
 from tests.conftest import REPO
 from tests.factories import expense_line, lines, seed_dimensions
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from expensify_exact.cli.main import main
 from expensify_exact.api.exact.tokens import ExactTokens
+from expensify_exact.cli.main import main
 from expensify_exact.store import StateStore
 from expensify_exact.store.vault import CredentialVault, VaultTokenStore
 from tests.conftest import write_mappings

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from expensify_exact.defs.keys import asset_key, slug
-from expensify_exact_sandbox import seed
 from expensify_exact.store import StateStore
+from expensify_exact_sandbox import seed
 from tests.dagster.test_end_to_end import CONNECTION, _expected_report_ids, _window
 from tests.factories import run_cli
 

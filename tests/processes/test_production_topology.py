@@ -31,8 +31,8 @@ import yaml
 from expensify_exact.config import load_project_config
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.keys import asset_key, connector_pools, exact_pool
-from expensify_exact_sandbox import seed
 from expensify_exact.store import StateStore
+from expensify_exact_sandbox import seed
 from tests.conftest import REPO
 from tests.crash.driver import report_of_entry
 from tests.dagster.test_end_to_end import CONNECTION, _expected_report_ids, _window

@@ -20,8 +20,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from expensify_exact.cli.main import main
-from expensify_exact_sandbox import seed as S
 from expensify_exact.store import StateStore
+from expensify_exact_sandbox import seed as S
 from tests.conftest import write_mappings
 
 CONNECTION = "vermeerhals-nl"

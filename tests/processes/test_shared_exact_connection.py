@@ -18,13 +18,13 @@ STEP_SECONDS = 45
 
 def _worker(state_url: str, key: str, exact_url: str, results) -> None:
     os.environ["EXPENSIFY_EXACT_KEY"] = key
-    from expensify_exact.errors import ConnectorError
     from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
     from expensify_exact.api.exact.client import ExactClient
     from expensify_exact.api.exact.regions import token_url
-    from expensify_exact_sandbox.clock import RemoteSandboxClock
+    from expensify_exact.errors import ConnectorError
     from expensify_exact.store import StateStore
     from expensify_exact.store.vault import CredentialVault, VaultTokenStore
+    from expensify_exact_sandbox.clock import RemoteSandboxClock
 
     clock = RemoteSandboxClock(exact_url)
     store = StateStore(state_url)

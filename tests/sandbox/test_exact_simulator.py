@@ -22,7 +22,6 @@ from expensify_exact_sandbox import seed as S
 from expensify_exact_sandbox.clock import SandboxClock
 from expensify_exact_sandbox.exact_app import DropConnection, ExactSimulator
 from expensify_exact_sandbox.faults import FaultSwitches
-
 from expensify_exact_sandbox.server import SandboxServer
 
 BASE = "https://start.exactonline.nl"

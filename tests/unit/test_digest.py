@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from expensify_exact.core.digest import Digest, build_digest, read_digest, render_html, render_markdown, write_digest
+from expensify_exact.core.journal import REASON_FIXES, Reason
 from expensify_exact.core.reconcile import FINDING_COLUMNS, FINDING_FIXES, TOTALS_COLUMNS, Finding, Reconciliation
 from expensify_exact.store import LedgerRow, QuarantineItem
-from expensify_exact.core.journal import REASON_FIXES, Reason
 
 DAY = "2026-11-03"
 NOW = datetime(2026, 11, 4, 6, 0, tzinfo=timezone.utc)

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from expensify_exact.config import load_project_config
+from expensify_exact.core.draft_checks import split_invalid_drafts
+from expensify_exact.core.journal import Reason, build_journal_drafts, entry_body
 from expensify_exact_sandbox import seed
 from expensify_exact_sandbox.exact_app import ExactKnobs
 from expensify_exact_sandbox.exact_ledger import Ledger
-from expensify_exact.core.draft_checks import split_invalid_drafts
-from expensify_exact.core.journal import Reason, build_journal_drafts, entry_body
 from tests.conftest import MAPPINGS
 from tests.factories import expense_line, lines, seed_dimensions
 

@@ -19,14 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from expensify_exact.config import load_project_config
 from expensify_exact.api.expensify.client import ExpensifyClient
+from expensify_exact.config import load_project_config
+from expensify_exact.core.expense_lines import ExpenseLineSchema, MalformedReason, normalize_reports
+from expensify_exact.core.journal import Reason
 from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact_sandbox import seed as S
 from expensify_exact_sandbox.clock import SandboxClock
 from expensify_exact_sandbox.expensify_app import ExpensifySimulator
-from expensify_exact.core.expense_lines import ExpenseLineSchema, MalformedReason, normalize_reports
-from expensify_exact.core.journal import Reason
 from tests.conftest import MAPPINGS
 from tests.factories import seed_dimensions
 

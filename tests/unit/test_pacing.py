@@ -8,13 +8,13 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from expensify_exact.errors import RateLimitExhausted
 from expensify_exact.api.http.pacing import (
     ExactRateLimits,
     PacedTransport,
     RateLimitSnapshot,
     SlidingWindowLimits,
 )
+from expensify_exact.errors import RateLimitExhausted
 from tests.factories import FakeClock as _FakeClock
 
 T0 = datetime(2024, 5, 13, 8, 18, 25, tzinfo=timezone.utc)

@@ -7,15 +7,15 @@ from datetime import date, datetime, timezone
 import pytest
 
 from expensify_exact import progress
-from expensify_exact.config import load_project_config
-from expensify_exact.errors import ApiError, ConnectionStopped, ErrorBudgetExhausted, RateLimitExhausted
 from expensify_exact.api.exact.client import PostAnswer
-from expensify_exact.notify import alerts
-from expensify_exact.core.posting import post_drafts
-from expensify_exact.core.verdicts import preview
 from expensify_exact.cli.progress_view import LineView
-from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID
+from expensify_exact.config import load_project_config
 from expensify_exact.core.journal import build_journal_drafts, entry_body
+from expensify_exact.core.posting import post_drafts
+from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID
+from expensify_exact.core.verdicts import preview
+from expensify_exact.errors import ApiError, ConnectionStopped, ErrorBudgetExhausted, RateLimitExhausted
+from expensify_exact.notify import alerts
 from tests.conftest import MAPPINGS
 from tests.factories import expense_line, lines, seed_dimensions
 

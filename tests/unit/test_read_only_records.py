@@ -3,7 +3,10 @@
 from datetime import datetime, timedelta, timezone
 
 from expensify_exact.api.connections import (
-    ReadOnlyRecords, StoredErrorBudget, StoredRateLimitBoard, StoredRequestLog,
+    ReadOnlyRecords,
+    StoredErrorBudget,
+    StoredRateLimitBoard,
+    StoredRequestLog,
 )
 from expensify_exact.api.http.pacing import RateLimitSnapshot
 from expensify_exact.core.snapshots import DivisionChecks

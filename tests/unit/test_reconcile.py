@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 
 from expensify_exact.core.reconcile import (
-    EXPECTED_COLUMNS, Finding, card_liability_balances, exact_lines_frame, reconcile_day, reconcile_month,
+    EXPECTED_COLUMNS,
+    Finding,
+    card_liability_balances,
+    exact_lines_frame,
+    reconcile_day,
+    reconcile_month,
     trace_ids,
 )
 from expensify_exact.store import LedgerRow, QuarantineItem

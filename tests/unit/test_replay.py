@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from expensify_exact.api.exact.client import PostAnswer
 from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
-from expensify_exact.errors import StateStoreError
-from expensify_exact.api.exact.client import PostAnswer
+from expensify_exact.core.journal import Dimensions, content_hash, entry_body, entry_id_for
 from expensify_exact.core.replay import (
     QuarantineActionError,
     approve_correction,
@@ -31,11 +31,18 @@ from expensify_exact.core.replay import (
     reversal_body,
     reversal_entry_id,
 )
+from expensify_exact.errors import StateStoreError
 from expensify_exact.store import (
-    MIGRATIONS, SCHEMA_VERSION, IntentKind, NewIntent, QuarantineStatus, StateStore, metadata, schema_migrations,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    IntentKind,
+    NewIntent,
+    QuarantineStatus,
+    StateStore,
+    metadata,
+    schema_migrations,
 )
 from expensify_exact.store.migrations import corrections, migrate, posted_ledger
-from expensify_exact.core.journal import Dimensions, content_hash, entry_body, entry_id_for
 from tests.conftest import MAPPINGS
 from tests.factories import expense_line, seed_dimensions
 from tests.unit.test_posting import ScriptedExact, drafts_for, run

@@ -9,11 +9,17 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from expensify_exact.api.connections import StoredRateLimitBoard, StoredRequestLog
-from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.api.http.pacing import RateLimitSnapshot
+from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.store import (
-    MIGRATIONS, SCHEMA_VERSION, IntentKind, NewIntent, StateStore, rate_limits, schema_migrations,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    IntentKind,
+    NewIntent,
+    StateStore,
+    rate_limits,
+    schema_migrations,
 )
 from expensify_exact.store.vault import CredentialVault, Secret, VaultTokenStore
 

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expensify_exact.api.expensify.client import EXPORT_TEMPLATE, ExpensifyClient
+from expensify_exact.core.expense_lines import normalize_reports, split_tag
 from expensify_exact_sandbox import seed as sandbox_seed
 from expensify_exact_sandbox.clock import SandboxClock
 from expensify_exact_sandbox.expensify_app import ExpensifySimulator
 from expensify_exact_sandbox.freemarker import Template, TemplateError
-from expensify_exact.core.expense_lines import normalize_reports, split_tag
 
 T0 = datetime(2026, 8, 3, 9, 0, tzinfo=timezone.utc)
 URL = "http://sandbox/Integration-Server/ExpensifyIntegrations"

@@ -12,9 +12,6 @@ import dagster as dg
 import pytest
 
 from expensify_exact.config import load_project_config
-from expensify_exact.defs import webhooks as webhook_defs
-from expensify_exact.defs.resources import ConnectorResource
-from expensify_exact.store import IntentKind, NewIntent
 from expensify_exact.core.webhooks import (
     EVENT_DIMENSIONS_CHANGED,
     EVENT_POSTED_ENTRY_DELETED,
@@ -26,6 +23,9 @@ from expensify_exact.core.webhooks import (
     webhook_app,
     webhook_events_after,
 )
+from expensify_exact.defs import webhooks as webhook_defs
+from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.store import IntentKind, NewIntent
 from tests.conftest import MAPPINGS
 
 SECRET = "unit-webhook-secret-7Hq"

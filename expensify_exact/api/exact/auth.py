@@ -8,11 +8,11 @@ from datetime import datetime, timedelta
 
 import httpx
 
-from expensify_exact.clock import Clock
-from expensify_exact.errors import AuthenticationError, ReconsentRequired, TransientApiError
 from expensify_exact.api.exact.odata import parse_error
 from expensify_exact.api.exact.tokens import ExactTokens, TokenStore, parse_token_response
 from expensify_exact.api.http.redaction import redact_text
+from expensify_exact.clock import Clock
+from expensify_exact.errors import AuthenticationError, ReconsentRequired, TransientApiError
 
 SERVICE = "exact"
 REFRESH_FLOOR_SECONDS = 570    # exact-online.md §2.4: no new token sooner than 570 s after the last

@@ -10,6 +10,12 @@ from typing import Any, Protocol
 
 import httpx
 
+from expensify_exact.api.exact.auth import ExactAuth
+from expensify_exact.api.exact.odata import clean_record, guid_literal, has_odata_error, parse_error, string_literal
+from expensify_exact.api.exact.paging import iter_pages
+from expensify_exact.api.http.client import PacedClient
+from expensify_exact.api.http.pacing import ExactRateLimits, RateLimitBoard
+from expensify_exact.api.http.redaction import redact_text, redact_url
 from expensify_exact.clock import Clock
 from expensify_exact.errors import (
     ApiError,
@@ -20,12 +26,6 @@ from expensify_exact.errors import (
     RejectedByApi,
     TransientApiError,
 )
-from expensify_exact.api.exact.auth import ExactAuth
-from expensify_exact.api.exact.odata import clean_record, guid_literal, has_odata_error, parse_error, string_literal
-from expensify_exact.api.exact.paging import iter_pages
-from expensify_exact.api.http.client import PacedClient
-from expensify_exact.api.http.pacing import ExactRateLimits, RateLimitBoard
-from expensify_exact.api.http.redaction import redact_text, redact_url
 
 SERVICE = "exact"
 GJE_PATH = "generaljournalentry/GeneralJournalEntries"

@@ -9,12 +9,12 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import httpx
 
-from expensify_exact.clock import Clock
-from expensify_exact.errors import AuthenticationError, TransientApiError
 from expensify_exact.api.exact.odata import parse_error
 from expensify_exact.api.exact.regions import authorize_endpoint, token_url
 from expensify_exact.api.exact.tokens import ExactTokens, parse_token_response
 from expensify_exact.api.http.redaction import redact_text
+from expensify_exact.clock import Clock
+from expensify_exact.errors import AuthenticationError, TransientApiError
 
 SERVICE = "exact"
 

@@ -15,15 +15,22 @@ from datetime import date
 
 import pandas as pd
 
-from expensify_exact.clock import connection_today
 from expensify_exact.cli.support import EXIT_CONFIG, add_command, describe_connection, open_connections, print_outcome
+from expensify_exact.clock import connection_today
 from expensify_exact.config import CATEGORIES_FILE, TAGS_FILE, VAT_FILE, Connection, ProjectConfig
-from expensify_exact.errors import ConfigError, ConnectorError
-from expensify_exact.core.mapping_locations import MappingLocations
 from expensify_exact.core.journal import (
-    Reason, account_problem, dimension_problem, end_date, gl_code_for, index_by_code, journal_problems, vat_code_for,
+    Reason,
+    account_problem,
+    dimension_problem,
+    end_date,
+    gl_code_for,
+    index_by_code,
+    journal_problems,
+    vat_code_for,
     vat_code_problem,
 )
+from expensify_exact.core.mapping_locations import MappingLocations
+from expensify_exact.errors import ConfigError, ConnectorError
 
 ERROR, WARNING = "error", "warning"
 # Only the tables a mapping can point at; financial periods belong to a run's date, not to the config.

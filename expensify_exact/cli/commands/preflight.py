@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date
 
-from expensify_exact.clock import Clock, connection_today
 from expensify_exact.cli.support import (
     EXIT_CONFIG,
     EXIT_USAGE,
@@ -21,6 +20,8 @@ from expensify_exact.cli.support import (
     open_connections,
     print_outcome,
 )
+from expensify_exact.clock import Clock, connection_today
+from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID
 from expensify_exact.errors import (
     AuthenticationError,
     ConfigError,
@@ -29,7 +30,6 @@ from expensify_exact.errors import (
     ErrorBudgetExhausted,
     ReconsentRequired,
 )
-from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID
 
 OK, FAILED, UNKNOWN = "OK", "FAILED", "UNKNOWN"
 # When preflight last saw Exact rotate this connection's tokens, and which pair that produced.

@@ -137,8 +137,8 @@ def needs_attention(status: dict) -> list[str]:
 
 
 def _tokens(connector, conn, issued, now: datetime) -> dict:
-    from expensify_exact.clock import SystemClock
     from expensify_exact.api.exact.auth import TokenRefresher
+    from expensify_exact.clock import SystemClock
     from expensify_exact.store.vault import VaultTokenStore
 
     if issued is None:

@@ -22,7 +22,13 @@ def register(subparsers) -> None:
 
 
 def cmd_serve(args) -> int:
-    from expensify_exact.core.webhooks import EXACT_WEBHOOK_SECRET, WebhookProcessor, WebhookServer, vault_secrets, webhook_app
+    from expensify_exact.core.webhooks import (
+        EXACT_WEBHOOK_SECRET,
+        WebhookProcessor,
+        WebhookServer,
+        vault_secrets,
+        webhook_app,
+    )
 
     connector = connector_from_args(args)
     config = connector.project()
