@@ -211,7 +211,7 @@ def _post_backlog(n_reports: int, start_on_minute: bool):
         lines = normalized_lines(n_reports * 5, days)
         lines = lines[lines["report_id"].isin(sorted(set(lines["report_id"]))[:n_reports])]
         drafts = _drafts(lines)
-        from expensify_exact.api.connections import build_exact_client
+        from expensify_exact.core.connections import build_exact_client
 
         recorder = RecordingTransport(sandbox.clock)
         client = build_exact_client(conn, connector.vault(), connector.store(), clock=sandbox.clock,
@@ -301,7 +301,7 @@ def _year_seed(today: date, per_day: int):
 
 
 def bench_expensify_calls(quick: bool) -> list[Row]:
-    from expensify_exact.api.connections import build_expensify_client
+    from expensify_exact.core.connections import build_expensify_client
     from expensify_exact_sandbox.clock import SandboxClock
     from expensify_exact_sandbox.server import SandboxServer
 

@@ -10,12 +10,12 @@ from functools import lru_cache
 import dagster as dg
 from pydantic import PrivateAttr
 
-from expensify_exact.api import connections
-from expensify_exact.api.connections import ReadOnlyRecords, build_exact_client, build_expensify_client
 from expensify_exact.api.exact.client import ExactClient
 from expensify_exact.api.expensify.client import ExpensifyClient
 from expensify_exact.clock import Clock
 from expensify_exact.config import Connection, ProjectConfig, load_project_config
+from expensify_exact.core import connections
+from expensify_exact.core.connections import ReadOnlyRecords, build_exact_client, build_expensify_client
 from expensify_exact.defs.io_manager import PerDayPickleIOManager
 from expensify_exact.store import StateStore
 from expensify_exact.store.vault import CredentialVault

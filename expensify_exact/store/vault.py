@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-from datetime import datetime
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.errors import VaultError
 from expensify_exact.store import StateStore
 
@@ -105,32 +102,3 @@ class CredentialVault:
         self._keys = [new_key] + self._keys
         self._fernet = rotated
         return count
-
-
-class VaultTokenStore:
-    """Exact tokens encrypted in the state database; the lock is a lease lock, so it spans processes and hosts."""
-
-    def __init__(self, store: StateStore, vault: CredentialVault):
-        self._store = store
-        self._vault = vault
-
-    def __repr__(self) -> str:
-        return f"VaultTokenStore(store={self._store.url!r})"
-
-    def lock(self, connection: str):
-        return self._store.lock(f"exact-token:{connection}", ttl_seconds=120, wait_seconds=300)
-
-    def load(self, connection: str) -> ExactTokens | None:
-        blob = self._store.get_token_blob(connection)
-        if blob is None:
-            return None
-        data = json.loads(self._vault.decrypt(blob, f"Exact tokens of {connection}"))
-        return ExactTokens(access_token=data["access_token"], refresh_token=data["refresh_token"],
-                           access_expires_at=datetime.fromisoformat(data["access_expires_at"]),
-                           issued_at=datetime.fromisoformat(data["issued_at"]))
-
-    def save(self, connection: str, tokens: ExactTokens) -> None:
-        blob = self._vault.encrypt(json.dumps({
-            "access_token": tokens.access_token, "refresh_token": tokens.refresh_token,
-            "access_expires_at": tokens.access_expires_at.isoformat(), "issued_at": tokens.issued_at.isoformat()}))
-        self._store.put_token_blob(connection, blob, issued_at=tokens.issued_at, refresh_issued_at=tokens.issued_at)

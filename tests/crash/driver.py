@@ -10,11 +10,11 @@ import os
 import sys
 from datetime import date, datetime, time, timedelta
 
-from expensify_exact.api.connections import build_expensify_client, build_token_refresher, exact_base_url
 from expensify_exact.api.exact.auth import ExactAuth
 from expensify_exact.api.exact.client import ExactClient
 from expensify_exact.clock import SystemClock
 from expensify_exact.config import load_project_config
+from expensify_exact.core.connections import build_expensify_client, build_token_refresher, exact_base_url
 from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact.core.posting import PostingRun, post_drafts
 from expensify_exact.core.snapshots import fetch_dimensions

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from expensify_exact.api.connections import SECRET_NAMES
 from expensify_exact.config import load_project_config
+from expensify_exact.core.connections import SECRET_NAMES
 from expensify_exact.defs.resources import ConnectorResource
 from tests.conftest import write_mappings
 

@@ -16,8 +16,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from expensify_exact.api import connections
 from expensify_exact.cli.commands.status import collect_status, render_text
+from expensify_exact.core import connections
 from expensify_exact.core.digest import read_digest
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.jobs import DEFERRED_SENSOR_NAME, MAIN_JOB_NAME, SENSOR_NAME

@@ -16,12 +16,13 @@ import pytest
 from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
+from expensify_exact.core.connections import VaultTokenStore
 from expensify_exact.defs import alerts as alert_defs
 from expensify_exact.defs import assets, jobs, reconciliation, resources
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.defs.runs import run_range
 from expensify_exact.store import StateStore, quarantine
-from expensify_exact.store.vault import CredentialVault, VaultTokenStore
+from expensify_exact.store.vault import CredentialVault
 from expensify_exact_sandbox import seed as S
 from tests.conftest import write_mappings
 from tests.receivers import SmtpInbox, WebhookReceiver, self_signed_certificate

@@ -19,8 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from expensify_exact.api import connections
-from expensify_exact.core import pipeline
+from expensify_exact.core import connections, pipeline
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.reconciliation import (
     DAILY_CHECKS,

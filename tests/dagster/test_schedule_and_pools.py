@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 
-from expensify_exact.api import connections
 from expensify_exact.config import load_project_config
+from expensify_exact.core import connections
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.jobs import MAIN_JOB_NAME, RANGE_END_TAG, RANGE_START_TAG, SENSOR_NAME
 from expensify_exact.defs.keys import connector_pools, ensure_pools

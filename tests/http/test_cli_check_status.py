@@ -266,8 +266,8 @@ def test_status_lists_credential_names_never_values_and_exits_1_until_everything
 
 def test_status_warns_and_exits_1_when_the_refresh_token_nears_exacts_30_day_idle_expiry(tmp_path, state_url):
     from expensify_exact.api.exact.tokens import ExactTokens
+    from expensify_exact.core.connections import VaultTokenStore
     from expensify_exact.defs.resources import ConnectorResource
-    from expensify_exact.store.vault import VaultTokenStore
 
     connector = ConnectorResource(mappings_dir=str(MAPPINGS), state_url=state_url)
     conn = connector.project().connection(CONNECTION)
@@ -351,8 +351,8 @@ def test_status_after_the_seeded_problem_days_shows_quarantine_by_reason_ledger_
 
 
 def test_status_reads_the_budget_of_the_last_exact_answer_any_process_got(tmp_path, state_url):
-    from expensify_exact.api.connections import StoredRateLimitBoard
     from expensify_exact.api.http.pacing import RateLimitSnapshot
+    from expensify_exact.core.connections import StoredRateLimitBoard
     from expensify_exact.defs.resources import ConnectorResource
 
     connector = ConnectorResource(mappings_dir=str(MAPPINGS), state_url=state_url)

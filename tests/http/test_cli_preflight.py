@@ -13,8 +13,9 @@ import json
 import pytest
 
 from expensify_exact.cli.commands.preflight import KEEPS_CLIENT_ENTRY_ID
+from expensify_exact.core.connections import VaultTokenStore
 from expensify_exact.store import StateStore
-from expensify_exact.store.vault import CredentialVault, VaultTokenStore
+from expensify_exact.store.vault import CredentialVault
 from expensify_exact_sandbox import seed
 from tests.conftest import write_mappings
 from tests.factories import run_cli

@@ -12,9 +12,9 @@ from datetime import datetime, time, timedelta
 import pytest
 import yaml
 
-from expensify_exact.api.connections import build_exact_client, build_expensify_client
 from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
+from expensify_exact.core.connections import build_exact_client, build_expensify_client
 from expensify_exact.core.draft_checks import split_invalid_drafts
 from expensify_exact.core.expense_lines import normalize_reports
 from expensify_exact.core.journal import build_journal_drafts, content_hash, entry_body, entry_id_for

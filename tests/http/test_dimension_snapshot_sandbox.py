@@ -11,9 +11,9 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from expensify_exact.api.connections import build_exact_client
 from expensify_exact.cli.main import main
 from expensify_exact.clock import connection_today
+from expensify_exact.core.connections import build_exact_client
 from expensify_exact.core.snapshots import GL_SYNC_PATH, MAX_AGE, needed_codes, refresh_snapshot
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact_sandbox import seed

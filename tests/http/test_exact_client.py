@@ -12,11 +12,11 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from expensify_exact.api.connections import StoredRateLimitBoard
 from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.api.exact.client import ExactClient
 from expensify_exact.api.exact.odata import AMSTERDAM
 from expensify_exact.api.exact.tokens import ExactTokens, InMemoryTokenStore
+from expensify_exact.core.connections import StoredRateLimitBoard
 from expensify_exact.core.settlement import find_posted, post_and_settle
 from expensify_exact.errors import (
     ApiError,

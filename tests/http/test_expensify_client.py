@@ -379,7 +379,7 @@ def test_a_burst_of_jobs_never_exceeds_five_requests_per_ten_seconds(sandbox, si
 
 def test_clients_sharing_the_state_db_request_log_stay_inside_the_window_together(sandbox, sim_client, store):
     """The steps of a run each build their own client; Expensify counts them together (expensify.md §7)."""
-    from expensify_exact.api.connections import StoredRequestLog
+    from expensify_exact.core.connections import StoredRequestLog
 
     before = sandbox.expensify.stats["rate_limited"]
     clients = [ExpensifyClient(sandbox.expensify_url, sandbox_seed.EXPENSIFY_PARTNER_USER_ID,

@@ -17,10 +17,10 @@ import httpx
 import pandas as pd
 import pytest
 
-from expensify_exact.api.connections import build_exact_client
 from expensify_exact.cli.main import main
 from expensify_exact.clock import connection_today
 from expensify_exact.core import reconcile
+from expensify_exact.core.connections import build_exact_client
 from expensify_exact.core.expense_lines import NormalizedLines, normalize_reports
 from expensify_exact.core.journal import JournalDrafts, build_journal_drafts
 from expensify_exact.core.posting import post_drafts

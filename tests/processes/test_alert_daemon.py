@@ -16,8 +16,9 @@ import pytest
 
 from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.cli.main import main
+from expensify_exact.core.connections import VaultTokenStore
 from expensify_exact.store import StateStore
-from expensify_exact.store.vault import CredentialVault, VaultTokenStore
+from expensify_exact.store.vault import CredentialVault
 from tests.conftest import write_mappings
 from tests.receivers import WebhookReceiver
 

@@ -30,7 +30,7 @@ def _run_in_own_process(dagster_home: str, key: str, mappings_dir: str, state_ur
                         start: date, end: date, barrier, results) -> None:
     os.environ["DAGSTER_HOME"] = dagster_home
     os.environ["EXPENSIFY_EXACT_KEY"] = key
-    from expensify_exact.api import connections
+    from expensify_exact.core import connections
     from expensify_exact.defs.runs import run_range
     from expensify_exact_sandbox.clock import RemoteSandboxClock
 

@@ -21,9 +21,10 @@ def _worker(state_url: str, key: str, exact_url: str, results) -> None:
     from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
     from expensify_exact.api.exact.client import ExactClient
     from expensify_exact.api.exact.regions import token_url
+    from expensify_exact.core.connections import VaultTokenStore
     from expensify_exact.errors import ConnectorError
     from expensify_exact.store import StateStore
-    from expensify_exact.store.vault import CredentialVault, VaultTokenStore
+    from expensify_exact.store.vault import CredentialVault
     from expensify_exact_sandbox.clock import RemoteSandboxClock
 
     clock = RemoteSandboxClock(exact_url)
@@ -50,8 +51,9 @@ def _run_two_processes(sandbox, state_url: str) -> list:
     from datetime import datetime, timezone
 
     from expensify_exact.api.exact.tokens import ExactTokens
+    from expensify_exact.core.connections import VaultTokenStore
     from expensify_exact.store import StateStore
-    from expensify_exact.store.vault import CredentialVault, VaultTokenStore
+    from expensify_exact.store.vault import CredentialVault
 
     store = StateStore(state_url)
     long_ago = datetime(2000, 1, 1, tzinfo=timezone.utc)

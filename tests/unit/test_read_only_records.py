@@ -2,13 +2,13 @@
 
 from datetime import datetime, timedelta, timezone
 
-from expensify_exact.api.connections import (
+from expensify_exact.api.http.pacing import RateLimitSnapshot
+from expensify_exact.core.connections import (
     ReadOnlyRecords,
     StoredErrorBudget,
     StoredRateLimitBoard,
     StoredRequestLog,
 )
-from expensify_exact.api.http.pacing import RateLimitSnapshot
 from expensify_exact.core.snapshots import DivisionChecks
 from tests.factories import FakeClock, state_rows
 

@@ -8,9 +8,9 @@ import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
-from expensify_exact.api.connections import StoredRateLimitBoard, StoredRequestLog
 from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.api.http.pacing import RateLimitSnapshot
+from expensify_exact.core.connections import StoredRateLimitBoard, StoredRequestLog
 from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.store import (
     MIGRATIONS,

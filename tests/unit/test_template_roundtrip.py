@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expensify_exact.api.expensify.client import EXPORT_TEMPLATE, ExpensifyClient
-from expensify_exact.core.expense_lines import normalize_reports, split_tag
+from expensify_exact.api.expensify.fields import split_tag
+from expensify_exact.core.expense_lines import normalize_reports
 from expensify_exact_sandbox import seed as sandbox_seed
 from expensify_exact_sandbox.clock import SandboxClock
 from expensify_exact_sandbox.expensify_app import ExpensifySimulator

@@ -15,11 +15,11 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from expensify_exact.api.expensify.fields import parse_report_timestamp, split_tag
 from expensify_exact.api.http.client import PacedClient
 from expensify_exact.api.http.pacing import RequestLog, SlidingWindowLimits
 from expensify_exact.api.http.redaction import redact_text
 from expensify_exact.clock import Clock
-from expensify_exact.core.expense_lines import parse_report_timestamp, split_tag
 from expensify_exact.errors import (
     ApiError,
     AuthenticationError,

@@ -18,10 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_authorize(args) -> int:
-    from expensify_exact.api.connections import EXACT_CLIENT_ID, EXACT_CLIENT_SECRET, exact_base_url
     from expensify_exact.api.exact import oauth
     from expensify_exact.clock import SystemClock
-    from expensify_exact.store.vault import VaultTokenStore
+    from expensify_exact.core.connections import EXACT_CLIENT_ID, EXACT_CLIENT_SECRET, VaultTokenStore, exact_base_url
 
     connector = connector_from_args(args)
     conn = connector.project().connection(args.connection)

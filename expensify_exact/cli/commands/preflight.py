@@ -106,7 +106,7 @@ class Preflight:
 
     def exact_tokens(self) -> None:
         """Token refresh and rotation, without ever refreshing inside Exact's 570 s floor."""
-        from expensify_exact.api.connections import build_token_refresher
+        from expensify_exact.core.connections import build_token_refresher
 
         assumption = "Exact token refresh works and rotates the refresh token (stored encrypted, old one spent)"
         store = self.connector.store()

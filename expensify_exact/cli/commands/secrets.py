@@ -50,7 +50,7 @@ def cmd_init_key(args) -> int:
 
 
 def cmd_set(args) -> int:
-    from expensify_exact.api.connections import SECRET_NAMES
+    from expensify_exact.core.connections import SECRET_NAMES
     from expensify_exact.notify import NOTIFY_SECRET_ENV, NOTIFY_SECRET_NAMES
 
     connector = connector_from_args(args)
@@ -87,7 +87,7 @@ def _store_refresh_token(connector, connection: str, refresh_token: str) -> None
     from datetime import datetime, timezone
 
     from expensify_exact.api.exact.tokens import ExactTokens
-    from expensify_exact.store.vault import VaultTokenStore
+    from expensify_exact.core.connections import VaultTokenStore
 
     long_ago = datetime(2000, 1, 1, tzinfo=timezone.utc)
     tokens = ExactTokens(access_token="", refresh_token=refresh_token, access_expires_at=long_ago, issued_at=long_ago)

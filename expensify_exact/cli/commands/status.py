@@ -29,7 +29,7 @@ NEVER_EXCHANGED = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 def collect_status(connector, connections, instance, now: datetime, live: bool = False) -> dict:
     """Everything `status` shows, as one JSON-ready dict; `instance` may be None (no Dagster instance yet)."""
-    from expensify_exact.api.connections import SECRET_NAMES
+    from expensify_exact.core.connections import SECRET_NAMES
 
     required = _required_secrets()
     store = connector.store()
@@ -104,7 +104,7 @@ def _last_complete_day(store, conn) -> dict:
 
 
 def _required_secrets() -> set[str]:
-    from expensify_exact.api import connections as c
+    from expensify_exact.core import connections as c
 
     return {c.EXPENSIFY_USER_ID, c.EXPENSIFY_USER_SECRET, c.EXACT_CLIENT_ID, c.EXACT_CLIENT_SECRET, "exact_tokens"}
 
@@ -139,7 +139,7 @@ def needs_attention(status: dict) -> list[str]:
 def _tokens(connector, conn, issued, now: datetime) -> dict:
     from expensify_exact.api.exact.auth import TokenRefresher
     from expensify_exact.clock import SystemClock
-    from expensify_exact.store.vault import VaultTokenStore
+    from expensify_exact.core.connections import VaultTokenStore
 
     if issued is None:
         return {"stored": False}
@@ -187,7 +187,7 @@ def _pools(instance, conn) -> dict[str, int | None] | None:
 
 def _recorded_budget(store, instance, conn) -> dict | None:
     """The newest budget known without calling Exact: the last answer any run got, a run's metadata, the audit log."""
-    from expensify_exact.api.connections import StoredRateLimitBoard
+    from expensify_exact.core.connections import StoredRateLimitBoard
 
     candidates = []
     shared = StoredRateLimitBoard(store, conn.exact.division).load()

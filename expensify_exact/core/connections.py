@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -13,13 +14,14 @@ import sqlalchemy as sa
 from expensify_exact.api.exact.auth import ExactAuth, TokenRefresher
 from expensify_exact.api.exact.client import ExactClient
 from expensify_exact.api.exact.regions import resolve_base_url, token_url
+from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.api.expensify.client import ExpensifyClient
 from expensify_exact.api.http.pacing import RateLimitSnapshot
 from expensify_exact.clock import Clock, SystemClock
 from expensify_exact.config import Connection
 from expensify_exact.core.snapshots import DivisionChecks
 from expensify_exact.store import StateStore
-from expensify_exact.store.vault import CredentialVault, VaultTokenStore
+from expensify_exact.store.vault import CredentialVault
 
 logger = logging.getLogger(__name__)
 
@@ -177,3 +179,32 @@ def build_exact_client(conn: Connection, vault: CredentialVault, store: StateSto
                        rate_limit_board=StoredRateLimitBoard(records, conn.exact.division),
                        error_budget=StoredErrorBudget(records, conn.exact.division, clock),
                        division_checks=DivisionChecks(records, conn.exact.division, clock))
+
+
+class VaultTokenStore:
+    """Exact tokens encrypted in the state database; the lock is a lease lock, so it spans processes and hosts."""
+
+    def __init__(self, store: StateStore, vault: CredentialVault):
+        self._store = store
+        self._vault = vault
+
+    def __repr__(self) -> str:
+        return f"VaultTokenStore(store={self._store.url!r})"
+
+    def lock(self, connection: str):
+        return self._store.lock(f"exact-token:{connection}", ttl_seconds=120, wait_seconds=300)
+
+    def load(self, connection: str) -> ExactTokens | None:
+        blob = self._store.get_token_blob(connection)
+        if blob is None:
+            return None
+        data = json.loads(self._vault.decrypt(blob, f"Exact tokens of {connection}"))
+        return ExactTokens(access_token=data["access_token"], refresh_token=data["refresh_token"],
+                           access_expires_at=datetime.fromisoformat(data["access_expires_at"]),
+                           issued_at=datetime.fromisoformat(data["issued_at"]))
+
+    def save(self, connection: str, tokens: ExactTokens) -> None:
+        blob = self._vault.encrypt(json.dumps({
+            "access_token": tokens.access_token, "refresh_token": tokens.refresh_token,
+            "access_expires_at": tokens.access_expires_at.isoformat(), "issued_at": tokens.issued_at.isoformat()}))
+        self._store.put_token_blob(connection, blob, issued_at=tokens.issued_at, refresh_issued_at=tokens.issued_at)
