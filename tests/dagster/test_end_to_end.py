@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 
+from expensify_exact.core import connections
 from expensify_exact.defs.keys import asset_key
 from expensify_exact.defs.runs import preview_range, run_range
 from expensify_exact.store import StateStore
@@ -114,7 +115,15 @@ def test_demo_window_posts_every_approved_report_once_and_quarantines_the_two_se
         assert {d.isoformat() for d in days} <= materialized, parts
 
 
-def test_dry_run_shows_every_draft_and_the_verdict_a_run_then_acts_on(sandbox, authorized, state_url, instance):
+@pytest.fixture
+def sandbox_time(sandbox, monkeypatch):
+    """The connector waits on the sandbox's clock: a dry run and a real run back to back stay inside Expensify's
+    20 requests a minute by waiting, and on the simulated clock that wait takes no real time."""
+    monkeypatch.setattr(connections, "SystemClock", lambda: sandbox.clock)
+
+
+def test_dry_run_shows_every_draft_and_the_verdict_a_run_then_acts_on(sandbox, authorized, state_url, instance,
+                                                                      sandbox_time):
     _, end = _window(sandbox)
     start = end - timedelta(days=9)  # includes both seeded problems
     before = state_rows(state_url)
@@ -150,7 +159,7 @@ def test_dry_run_shows_every_draft_and_the_verdict_a_run_then_acts_on(sandbox, a
 
 
 def test_run_dry_run_through_the_cli_writes_nothing_anywhere_and_shows_every_draft_line(
-        sandbox, authorized, state_url, capsys, monkeypatch, tmp_path):
+        sandbox, authorized, state_url, capsys, monkeypatch, tmp_path, sandbox_time):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "cli_home"))
     _, end = _window(sandbox)
     start, middle = end - timedelta(days=9), end - timedelta(days=5)
