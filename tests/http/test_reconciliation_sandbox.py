@@ -19,7 +19,7 @@ import pytest
 
 from expensify_exact.cli.main import main
 from expensify_exact.clock import connection_today
-from expensify_exact.core import reconcile
+from expensify_exact.core import readback, reconcile
 from expensify_exact.core.connections import build_exact_client
 from expensify_exact.core.expense_lines import NormalizedLines, normalize_reports
 from expensify_exact.core.journal import JournalDrafts, build_journal_drafts
@@ -121,7 +121,7 @@ def test_a_clean_month_reports_zero_findings_and_says_so(sandbox, sandbox_mappin
     lines = sum(len(e["transaction_lines"]) for e in entries)
     line_pages = -(-sum(len(e["lines"]) for e in entries) // 60)
     lookups = calls["GET generaljournalentry/GeneralJournalEntryLines"]
-    assert lookups <= line_pages + -(-len(posted.posted()) // reconcile.REPORTS_PER_QUERY), calls
+    assert lookups <= line_pages + -(-len(posted.posted()) // readback.REPORTS_PER_QUERY), calls
     by_id, synced = calls["GET financialtransaction/TransactionLines"], calls["GET sync/Financial/TransactionLines"]
     assert by_id <= 2 * -(-lines // 60) + 1, calls
     assert synced <= lines // 1000 + 1, calls
@@ -230,7 +230,7 @@ def test_a_copy_nobody_recorded_is_found_even_where_exact_refuses_startswith(san
 
     with build_exact_client(week.conn, week.connector.vault(), week.connector.store(),
                             transport=RefusingStringFunctions()) as client:
-        lines = reconcile.read_back_entries(client, [victim["entry_id"]], [victim["report_id"]])
+        lines = readback.read_back_entries(client, [victim["entry_id"]], [victim["report_id"]])
 
     assert set(lines["entry_id"]) == {victim["entry_id"].lower(), copy_id.lower()}
     assert sandbox.exact.stats["calls"]["GET sync/Financial/TransactionLines"] >= 1

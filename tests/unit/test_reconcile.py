@@ -8,14 +8,13 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
+from expensify_exact.core.readback import exact_lines_frame, trace_ids
 from expensify_exact.core.reconcile import (
     EXPECTED_COLUMNS,
     Finding,
     card_liability_balances,
-    exact_lines_frame,
     reconcile_day,
     reconcile_month,
-    trace_ids,
 )
 from expensify_exact.store import LedgerRow, QuarantineItem
 

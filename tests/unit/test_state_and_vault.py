@@ -10,7 +10,7 @@ from cryptography.fernet import Fernet
 
 from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.api.http.pacing import RateLimitSnapshot
-from expensify_exact.core.connections import StoredRateLimitBoard, StoredRequestLog
+from expensify_exact.core.connections import StoredRateLimitBoard, StoredRequestLog, VaultTokenStore
 from expensify_exact.errors import StateStoreError, VaultError
 from expensify_exact.store import (
     MIGRATIONS,
@@ -21,7 +21,7 @@ from expensify_exact.store import (
     rate_limits,
     schema_migrations,
 )
-from expensify_exact.store.vault import CredentialVault, Secret, VaultTokenStore
+from expensify_exact.store.vault import CredentialVault, Secret
 
 
 def _enter_and_leave_under_lock(url: str, rounds: int) -> None:

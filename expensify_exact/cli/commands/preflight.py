@@ -169,7 +169,7 @@ class Preflight:
 
     def exact_reads(self) -> None:
         """Division, rate headers and every read the connector makes, through the client's own methods."""
-        from expensify_exact.core.reconcile import read_back_entries
+        from expensify_exact.core.readback import read_back_entries
         from expensify_exact.core.settlement import find_posted
         from expensify_exact.core.snapshots import DIMENSION_QUERIES, fetch_dimension
 
