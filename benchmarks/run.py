@@ -221,7 +221,8 @@ def _post_backlog(n_reports: int, start_on_minute: bool):
             sandbox.clock.advance(60 - now.second - now.microsecond / 1e6 + 0.001)
         sim_start, wall_start = sandbox.clock.now(), time.perf_counter()
         with client:
-            run = post_drafts(drafts, connection=CONNECTION, store=connector.store(), client=client)
+            run = post_drafts(drafts, connection=CONNECTION, store=connector.store(), client=client,
+                              clock=sandbox.clock)
         sim_end, wall = sandbox.clock.now(), time.perf_counter() - wall_start
         outcomes = run.frame()["outcome"].value_counts().to_dict()
         stats = sandbox.exact.stats

@@ -16,7 +16,7 @@ from enum import StrEnum
 import pandas as pd
 
 from expensify_exact import progress
-from expensify_exact.clock import Clock, SystemClock, next_clock_hour
+from expensify_exact.clock import Clock, next_clock_hour
 from expensify_exact.core.journal import JournalDrafts, Reason, entry_total_cents
 from expensify_exact.core.settlement import EntryGateway, Settled, find_posted, post_and_settle
 from expensify_exact.core.verdicts import Action, Verdict, judge_lines, judge_rejected, tids
@@ -79,9 +79,8 @@ class PostingRun:
         return pd.DataFrame([asdict(o) | {"outcome": str(o.outcome)} for o in self.outcomes], columns=OUTCOME_COLUMNS)
 
 
-def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, client: JournalPoster,
-                run_id: str | None = None, closed_days: Collection[str] = (),
-                clock: Clock | None = None) -> PostingRun:
+def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, client: JournalPoster, clock: Clock,
+                run_id: str | None = None, closed_days: Collection[str] = ()) -> PostingRun:
     """Settle every report in `drafts` as posted, already posted or quarantined, acting on its `verdicts` verdict.
 
     Args:
@@ -89,18 +88,17 @@ def post_drafts(drafts: JournalDrafts, *, connection: str, store: StateStore, cl
         connection: the connection name (ledger key).
         store: the state store holding the ledger, quarantine and audit log.
         client: the Exact client.
+        clock: the connector's time, for when a deferred report may be tried again.
         run_id: the Dagster run, for the audit log.
         closed_days: approval days an earlier run already posted after they had closed; a report of such a day
             that the connector has never seen (not in the ledger, the quarantine or the deferred list) is audited
             as a `late_approval` before it is settled like any other.
-        clock: the connector's time, for when a deferred report may be tried again (default: the system clock).
 
     A report whose POST got no certain answer, or whose pending intent could not be settled, is deferred (its
     intent stays for the next run) and the run goes on. A spent budget (daily calls, the endpoint's hourly errors)
     or a refusal of the connection (401 after a refresh, 403) defers the rest with the reason in `stopped_reason`.
     Every deferred report is recorded with when to try it again, for the sensor `post_deferred_after_reset`.
     """
-    clock = clock or SystemClock()
     outcomes: list[ReportOutcome] = []
     late = _audit_late_approvals(drafts, connection, store, set(closed_days), run_id) if closed_days else []
     for report_id, problems in drafts.rejections.groupby("report_id", sort=True):

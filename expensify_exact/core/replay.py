@@ -215,7 +215,7 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
                                 "now": "not exported (no longer approved in Expensify?)" if verdict is None
                                 else ("passes validation" if not verdict else {"fails": verdict})})
         progress.publish(progress.ReportsPlanned(conn.name, planned_reports(drafts)))
-        run = post_drafts(drafts, connection=conn.name, store=store, client=exact, run_id=run_id)
+        run = post_drafts(drafts, connection=conn.name, store=store, client=exact, run_id=run_id, clock=clock)
         for day, outcomes_of_day in run.frame().groupby("partition_date"):
             progress.publish(progress.DayDone(conn.name, str(day), outcomes_of_day["outcome"].value_counts().to_dict()))
         seen = set()

@@ -45,7 +45,8 @@ class ConnectorResource(dg.ConfigurableResource):
         return _store(self.state_url or os.environ.get("EXPENSIFY_EXACT_STATE_URL"))
 
     def clock(self) -> Clock:
-        """The connector's time, as its API clients read it (`connections.SystemClock`; tests swap that)."""
+        """The connector's one clock: every client the resource builds and every "today" reads it
+        (`connections.SystemClock`; tests swap that)."""
         return connections.SystemClock()
 
     def vault(self) -> CredentialVault:
@@ -54,14 +55,16 @@ class ConnectorResource(dg.ConfigurableResource):
     def expensify_client(self, conn: Connection, *, read_only: bool = False) -> ExpensifyClient:
         """`read_only`: the client records nothing in the state DB (`connections.ReadOnlyRecords`)."""
         store = self.store()
-        client = build_expensify_client(conn, self.vault(), store=ReadOnlyRecords(store) if read_only else store)
+        client = build_expensify_client(conn, self.vault(), self.clock(),
+                                        store=ReadOnlyRecords(store) if read_only else store)
         self._clients.append(client)
         return client
 
     def exact_client(self, conn: Connection, *, read_only: bool = False) -> ExactClient:
         """`read_only`: it records nothing in the state DB but a rotated token (`connections.ReadOnlyRecords`)."""
         store = self.store()
-        client = build_exact_client(conn, self.vault(), store, records=ReadOnlyRecords(store) if read_only else None)
+        client = build_exact_client(conn, self.vault(), store, self.clock(),
+                                    records=ReadOnlyRecords(store) if read_only else None)
         self._clients.append(client)
         return client
 

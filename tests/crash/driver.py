@@ -66,7 +66,7 @@ def post_window(mappings_dir: str, state_url: str, start: date, end: date, *, ti
                 dims = fetch_dimensions(exact)
                 drafts = drafts_for_reports(reports, conn, config, dims, today=end)
                 runs[conn.name] = post_drafts(drafts, connection=conn.name, store=store, client=exact,
-                                              run_id=run_id)
+                                              run_id=run_id, clock=SystemClock())
     finally:
         store.dispose()
     return runs

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from expensify_exact.cli.main import main
-from expensify_exact.clock import connection_today
+from expensify_exact.clock import SystemClock, connection_today
 from expensify_exact.core import readback, reconcile
 from expensify_exact.core.connections import build_exact_client
 from expensify_exact.core.expense_lines import NormalizedLines, normalize_reports
@@ -67,7 +67,7 @@ def _post_window(sandbox, mappings, state_url, start: date, end: date, skip: set
     exact = connector.exact_client(conn)
     drafts = build_journal_drafts(normalized.lines, conn, project, fetch_dimensions(exact), run_date=end)
     drafts = JournalDrafts(lines=drafts.lines[~drafts.lines["report_id"].isin(skip)], rejections=drafts.rejections)
-    run = post_drafts(drafts, connection=CONNECTION, store=connector.store(), client=exact)
+    run = post_drafts(drafts, connection=CONNECTION, store=connector.store(), client=exact, clock=SystemClock())
     days = [(start + timedelta(days=n)).isoformat() for n in range((end - start).days + 1)]
     by_day = {d: NormalizedLines(normalized.lines[normalized.lines["partition_date"] == d],
                                  normalized.malformed.iloc[0:0]) for d in days}

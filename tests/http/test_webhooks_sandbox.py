@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from expensify_exact.cli.main import main
+from expensify_exact.clock import SystemClock
 from expensify_exact.core.journal import build_journal_drafts
 from expensify_exact.core.posting import post_drafts
 from expensify_exact.core.webhooks import (
@@ -57,7 +58,7 @@ def post_one_report(connector, report_id="R00HOOK00001") -> str:
     drafts = build_journal_drafts(lines(expense_line(report_id=report_id, transaction_id="7001")), conn, project,
                                   seed_dimensions(), run_date=date(2026, 11, 25))
     with connector.exact_client(conn) as client:
-        run = post_drafts(drafts, connection=CONNECTION, store=connector.store(), client=client)
+        run = post_drafts(drafts, connection=CONNECTION, store=connector.store(), client=client, clock=SystemClock())
     [outcome] = run.outcomes
     assert outcome.outcome == "posted", outcome
     return outcome.entry_id

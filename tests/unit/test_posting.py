@@ -9,6 +9,7 @@ import pytest
 from expensify_exact import progress
 from expensify_exact.api.exact.client import PostAnswer
 from expensify_exact.cli.progress_view import LineView
+from expensify_exact.clock import SystemClock
 from expensify_exact.config import load_project_config
 from expensify_exact.core.journal import build_journal_drafts, entry_body
 from expensify_exact.core.posting import post_drafts
@@ -100,7 +101,7 @@ def exact(request):
 
 def run(store, exact, *report_ids, **kw):
     drafts = drafts_for(*(expense_line(report_id=r, transaction_id=str(1000 + i)) for i, r in enumerate(report_ids)))
-    return post_drafts(drafts, connection=CONN.name, store=store, client=exact, **kw)
+    return post_drafts(drafts, connection=CONN.name, store=store, client=exact, **({"clock": SystemClock()} | kw))
 
 
 def test_posts_each_report_once_records_exacts_entry_id_and_a_rerun_skips_them(store, exact):
@@ -142,10 +143,10 @@ def test_a_pending_intent_left_by_a_crash_is_settled_before_anything_is_posted(s
 
     exact.send_general_journal_entry = crash_after_store
     with pytest.raises(Crash):
-        post_drafts(drafts, connection=CONN.name, store=store, client=exact)
+        post_drafts(drafts, connection=CONN.name, store=store, client=exact, clock=SystemClock())
     assert store.ledger_get(CONN.name, "R1").status == "pending"
     del exact.send_general_journal_entry
-    rerun = post_drafts(drafts, connection=CONN.name, store=store, client=exact)
+    rerun = post_drafts(drafts, connection=CONN.name, store=store, client=exact, clock=SystemClock())
     assert [o.outcome for o in rerun.outcomes] == ["already_posted"]
     assert exact.posts == 0 and len(exact.entries) == 1
     assert store.ledger_get(CONN.name, "R1").entry_id in exact.entries
@@ -256,9 +257,9 @@ def test_when_exact_refuses_the_lines_query_the_sync_twin_finds_the_entry(store)
 
 
 def test_a_changed_report_after_posting_is_quarantined_not_posted_again(store, exact):
-    post_drafts(drafts_for(expense_line(report_id="R1")), connection=CONN.name, store=store, client=exact)
+    post_drafts(drafts_for(expense_line(report_id="R1")), connection=CONN.name, store=store, client=exact, clock=SystemClock())
     edited = drafts_for(expense_line(report_id="R1", converted_amount_cents=9999, amount_cents=9999))
-    result = post_drafts(edited, connection=CONN.name, store=store, client=exact)
+    result = post_drafts(edited, connection=CONN.name, store=store, client=exact, clock=SystemClock())
     assert result.outcomes[0].reason_codes == ["CHANGED_AFTER_POSTING"]
     assert exact.posts == 1
     item = store.quarantine_items(CONN.name)[0]
@@ -270,7 +271,7 @@ def test_a_changed_report_after_posting_is_quarantined_not_posted_again(store, e
 def test_the_preview_reports_the_verdict_posting_then_acts_on_and_writes_nothing(store, exact):
     # What a dry run shows for each case: posting the same drafts afterwards must do exactly that.
     post_drafts(drafts_for(expense_line(report_id="R1"), expense_line(report_id="R2", transaction_id="2001")),
-                connection=CONN.name, store=store, client=exact)
+                connection=CONN.name, store=store, client=exact, clock=SystemClock())
     drafts = drafts_for(expense_line(report_id="R1"),  # unchanged: already posted
                         expense_line(report_id="R2", transaction_id="2001", converted_amount_cents=9999,
                                      amount_cents=9999),  # changed after posting
@@ -287,7 +288,7 @@ def test_the_preview_reports_the_verdict_posting_then_acts_on_and_writes_nothing
     new = verdicts["R3"]
     assert new.entry_id and new.content_hash and len(new.body["GeneralJournalEntryLines"]) == 2
 
-    outcomes = {o.report_id: o for o in post_drafts(drafts, connection=CONN.name, store=store, client=exact).outcomes}
+    outcomes = {o.report_id: o for o in post_drafts(drafts, connection=CONN.name, store=store, client=exact, clock=SystemClock()).outcomes}
     assert {r: o.outcome for r, o in outcomes.items()} == {"R1": "already_posted", "R2": "quarantined",
                                                            "R3": "posted", "R4": "quarantined"}
     assert outcomes["R2"].reasons == verdicts["R2"].reasons and outcomes["R4"].reasons == verdicts["R4"].reasons

@@ -19,7 +19,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_authorize(args) -> int:
     from expensify_exact.api.exact import oauth
-    from expensify_exact.clock import SystemClock
     from expensify_exact.core.connections import EXACT_CLIENT_ID, EXACT_CLIENT_SECRET, VaultTokenStore, exact_base_url
 
     connector = connector_from_args(args)
@@ -40,7 +39,7 @@ def cmd_authorize(args) -> int:
         pasted = args.code or input("Paste the URL Exact redirected you to (or just the code): ")
         code = oauth.parse_redirect(pasted, expected_state=state if "state=" in pasted else None)
     tokens = oauth.exchange_code(base, client_id, vault.get(conn.name, EXACT_CLIENT_SECRET),
-                                 conn.exact.redirect_uri, code, SystemClock())
+                                 conn.exact.redirect_uri, code, connector.clock())
     store = VaultTokenStore(connector.store(), vault)
     with store.lock(conn.name):
         store.save(conn.name, tokens)

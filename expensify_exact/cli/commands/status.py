@@ -138,7 +138,6 @@ def needs_attention(status: dict) -> list[str]:
 
 def _tokens(connector, conn, issued, now: datetime) -> dict:
     from expensify_exact.api.exact.auth import TokenRefresher
-    from expensify_exact.clock import SystemClock
     from expensify_exact.core.connections import VaultTokenStore
 
     if issued is None:
@@ -153,7 +152,7 @@ def _tokens(connector, conn, issued, now: datetime) -> dict:
     try:
         # Only the token store is read: no client ID or secret is needed, and nothing is refreshed.
         refresher = TokenRefresher(VaultTokenStore(connector.store(), connector.vault()), conn.name, "", "", "",
-                                   SystemClock())
+                                   connector.clock())
         info["idle_warning"] = refresher.refresh_token_idle_warning(now)
     except ConnectorError as exc:
         info["error"] = f"cannot read the stored tokens: {exc}"
