@@ -522,12 +522,9 @@ def reconcile_connection_month(connection: Connection, month: str, days: dict[st
 
 def _cancelled_by_corrections(store: StateStore, connection: str, report_ids: Iterable[str]) -> set[str]:
     """Entries an approved correction cancelled: each posted reversal and the entry it reverses."""
-    intents_for = getattr(store, "intents_for", None)
-    if intents_for is None:
-        return set()
     out: set[str] = set()
     for report_id in sorted(report_ids):
-        for row in intents_for(connection, report_id):
+        for row in store.intents_for(connection, report_id):
             if row.kind == IntentKind.REVERSAL and row.status == IntentStatus.POSTED:
                 out |= {row.posted_entry_id.lower(), row.replaces_entry_id.lower()}
     return out
