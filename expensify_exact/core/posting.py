@@ -18,7 +18,7 @@ import pandas as pd
 from expensify_exact import progress
 from expensify_exact.clock import Clock, next_clock_hour
 from expensify_exact.core.journal import JournalDrafts, Reason, entry_total_cents
-from expensify_exact.core.settlement import EntryGateway, Settled, find_posted, post_and_settle
+from expensify_exact.core.settlement import EntryGateway, Fate, Settled, find_posted, post_and_settle
 from expensify_exact.core.verdicts import Action, Verdict, judge_lines, judge_rejected, tids
 from expensify_exact.errors import (
     ApiError,
@@ -307,9 +307,9 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
         message = f"not sent: {exc}; posted by the next run"
         store.audit("deferred", entry_id=entry_id, detail={"reason": message}, **audit)
         return _deferred(connection, report_id, report_lines, message)
-    if settled.outcome == "posted":
+    if settled.outcome == Fate.POSTED:
         return _record_posted(settled, entry_id, body, total, store, audit, base)
-    if settled.outcome == "rejected":
+    if settled.outcome == Fate.REJECTED:
         # Exact refused the entry and does not hold it: forget the intent and quarantine with Exact's words.
         store.intent_drop(connection, report_id, IntentKind.POST, entry_id)
         reasons = [{"transaction_id": "", "code": Reason.REJECTED_BY_EXACT.value, "dimension": "exact",
@@ -319,7 +319,7 @@ def _post_one(report_id: str, report_lines: pd.DataFrame, connection: str, store
         store.audit("quarantined", entry_id=entry_id, detail={"reasons": reasons}, **audit)
         return ReportOutcome(outcome=Outcome.QUARANTINED, entry_id=None, reason_codes=[Reason.REJECTED_BY_EXACT.value],
                              reasons=reasons, **base)
-    if settled.outcome == "not_sent":
+    if settled.outcome == Fate.NOT_SENT:
         store.intent_drop(connection, report_id, IntentKind.POST, entry_id)
         message = f"Exact kept answering 429 (HTTP {settled.status}); not processed, posted by the next run"
     else:

@@ -44,7 +44,7 @@ from expensify_exact.core.journal import (
 )
 from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact.core.posting import Outcome, planned_reports, post_drafts
-from expensify_exact.core.settlement import EntryGateway, find_posted, post_and_settle
+from expensify_exact.core.settlement import EntryGateway, Fate, find_posted, post_and_settle
 from expensify_exact.core.snapshots import DIMENSION_QUERIES, fetch_dimensions, needed_codes
 from expensify_exact.core.verdicts import Action, preview
 from expensify_exact.errors import ConnectorError, RejectedByApi, TransientApiError
@@ -522,9 +522,9 @@ def _post_correction(row: Intent, store: StateStore, exact: ExactGateway, audit:
     settled = found is not None
     if found is None:
         found = post_and_settle(exact, store, row.connection, body, exclude_entry_ids=known)
-        if found.outcome == "rejected":
+        if found.outcome == Fate.REJECTED:
             raise RejectedByApi("exact", found.message, status=found.status)
-        if found.outcome != "posted":
+        if found.outcome != Fate.POSTED:
             raise TransientApiError("exact", f"the {row.kind} of report {row.report_id} got no certain answer "
                                              f"({found.message}); run approve again, it is looked up first",
                                     status=found.status)

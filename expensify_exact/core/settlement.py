@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
-from expensify_exact.api.exact.client import PostAnswer
+from expensify_exact.api.exact.client import AnswerKind, PostAnswer
 from expensify_exact.errors import ApiError, ErrorBudgetExhausted
 from expensify_exact.store import IntentStatus
 
@@ -41,19 +42,22 @@ class FactStore(Protocol):
     def ledger_rows(self, connection: str | None = None, status: IntentStatus | None = None) -> list: ...
 
 
+class Fate(StrEnum):
+    """The fate of one entry sent to Exact."""
+
+    POSTED = "posted"  # Exact holds it; `entry_id` is Exact's EntryID (which may differ from the one sent)
+    REJECTED = "rejected"  # Exact refused it and does not hold it; `status` and `message` are Exact's
+    # It may or may not be in Exact (no answer, a 5xx without a message, and no lookup found it): keep the intent,
+    # the next run looks again before posting.
+    UNKNOWN = "unknown"
+    NOT_SENT = "not_sent"  # not processed (still 429 after the waits): nothing to keep
+
+
 @dataclass(frozen=True)
 class Settled:
-    """The fate of one entry.
+    """The fate of one entry, with what Exact said or where it was found."""
 
-    outcome:
-        posted: Exact holds it; `entry_id` is Exact's EntryID (which may differ from the one sent).
-        rejected: Exact refused it and does not hold it; `status` and `message` are Exact's.
-        unknown: it may or may not be in Exact (no answer, a 5xx without a message, and no lookup found it):
-            keep the intent, the next run looks again before posting.
-        not_sent: it was not processed (still 429 after the waits): nothing to keep.
-    """
-
-    outcome: str
+    outcome: Fate
     entry_id: str | None = None
     entry_number: int | None = None
     status: int | None = None
@@ -75,26 +79,26 @@ def post_and_settle(client: EntryGateway, store: FactStore, connection: str, bod
         AuthenticationError, ConnectionStopped, DivisionAccessError: see above; nothing was processed.
     """
     answer = client.send_general_journal_entry(body)
-    if answer.kind == "created":
+    if answer.kind == AnswerKind.CREATED:
         entry = answer.entry or {}
-        return Settled("posted", str(entry.get("EntryID") or body["EntryID"]).lower(), entry.get("EntryNumber"),
+        return Settled(Fate.POSTED, str(entry.get("EntryID") or body["EntryID"]).lower(), entry.get("EntryNumber"),
                        answer.status, found_by="answer")
-    if answer.kind == "rejected":
-        return Settled("rejected", status=answer.status, message=answer.message)
-    if answer.kind == "not_sent":
-        return Settled("not_sent", status=answer.status, message=answer.message)
+    if answer.kind == AnswerKind.REJECTED:
+        return Settled(Fate.REJECTED, status=answer.status, message=answer.message)
+    if answer.kind == AnswerKind.NOT_SENT:
+        return Settled(Fate.NOT_SENT, status=answer.status, message=answer.message)
     what = f"HTTP {answer.status}: {answer.message}" if answer.status else answer.message
     try:
         found = find_posted(client, store, connection, body, sent_entry_id=body.get("EntryID"),
                             exclude_entry_ids=exclude_entry_ids, settling_report=settling_report)
     except ApiError as exc:
-        return Settled("unknown", status=answer.status,
+        return Settled(Fate.UNKNOWN, status=answer.status,
                        message=f"{what}; looking the entry up failed too ({exc}), so its fate is open")
     if found is not None:
         return found
-    if answer.kind == "refused":
-        return Settled("rejected", status=answer.status, message=answer.message)
-    return Settled("unknown", status=answer.status, message=f"{what}; the entry is not in Exact (yet)")
+    if answer.kind == AnswerKind.REFUSED:
+        return Settled(Fate.REJECTED, status=answer.status, message=answer.message)
+    return Settled(Fate.UNKNOWN, status=answer.status, message=f"{what}; the entry is not in Exact (yet)")
 
 
 def find_posted(client: EntryGateway, store: FactStore, connection: str, body: Mapping[str, Any], *,
@@ -120,7 +124,7 @@ def find_posted(client: EntryGateway, store: FactStore, connection: str, body: M
         except ErrorBudgetExhausted:
             entry = None  # the entries endpoint has spent its errors this hour; the lines answer as well
         if entry is not None and str(entry.get("EntryID", sent_entry_id)).lower() not in excluded:
-            return Settled("posted", str(entry.get("EntryID") or sent_entry_id).lower(), entry.get("EntryNumber"),
+            return Settled(Fate.POSTED, str(entry.get("EntryID") or sent_entry_id).lower(), entry.get("EntryNumber"),
                            found_by="EntryID")
     lines = [line for line in body.get("GeneralJournalEntryLines") or [] if isinstance(line, Mapping)]
     descriptions = [str(line.get("Description") or "").strip() for line in lines]
@@ -140,7 +144,7 @@ def find_posted(client: EntryGateway, store: FactStore, connection: str, body: M
         _advance_watermark(store, connection, rows, since, settling_report)
     if match is None:
         return None
-    return Settled("posted", match[0], match[1], found_by=found_by)
+    return Settled(Fate.POSTED, match[0], match[1], found_by=found_by)
 
 
 def _key(line: Mapping[str, Any]) -> tuple:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
 import httpx
@@ -77,19 +78,21 @@ class MemoryErrorBudget:
         return self._counts[key]
 
 
+class AnswerKind(StrEnum):
+    """What Exact's answer to one POST of an entry says, before anything is looked up (exact-online.md §7, §13)."""
+
+    CREATED = "created"  # 2xx; `entry` is Exact's echo (its EntryID may differ from the one sent)
+    REFUSED = "refused"  # 5xx carrying Exact's message (a validation error, normally not stored; look it up to be sure)
+    UNKNOWN = "unknown"  # 5xx without a message, a timeout or a dropped connection: it may have landed
+    REJECTED = "rejected"  # another 4xx (400, 404, 405, 409, 415, 422, …): the request was not processed
+    NOT_SENT = "not_sent"  # still 429 after the waits: not processed
+
+
 @dataclass(frozen=True)
 class PostAnswer:
-    """What Exact's answer to one POST of an entry says, before anything is looked up (exact-online.md §7, §13).
+    """Exact's answer to one POST of an entry: its `AnswerKind`, the echoed entry, the status and Exact's words."""
 
-    kind:
-        created: 2xx; `entry` is Exact's echo (its EntryID may differ from the one sent).
-        refused: 5xx carrying Exact's message (a validation error, normally not stored; look it up to be sure).
-        unknown: 5xx without a message, a timeout or a dropped connection: it may have landed.
-        rejected: another 4xx (400, 404, 405, 409, 415, 422, …): the request was not processed.
-        not_sent: still 429 after the waits: not processed.
-    """
-
-    kind: str
+    kind: AnswerKind
     entry: dict[str, Any] | None = None
     status: int | None = None
     message: str = ""
@@ -310,25 +313,25 @@ class ExactClient(PacedClient):
         try:
             response = self._http.post(url, json=dict(body), headers={"Prefer": "return=representation"})
         except httpx.TransportError as exc:
-            return PostAnswer("unknown", message=f"the POST failed with {type(exc).__name__}")
+            return PostAnswer(AnswerKind.UNKNOWN, message=f"the POST failed with {type(exc).__name__}")
         if response.status_code in (200, 201):
             entry = clean_record(response.json().get("d") or {})
             if entry.get("EntryNumber") is None and entry.get("EntryID"):
                 # Without Prefer: return=representation Exact returns nulls (§4.1); read it back.
                 entry = self.get_entry(str(entry["EntryID"])) or entry
-            return PostAnswer("created", entry=entry, status=response.status_code)
+            return PostAnswer(AnswerKind.CREATED, entry=entry, status=response.status_code)
         self._count_error(response)
         message, reason = parse_error(response)
         message = redact_text(message, limit=BODY_EXCERPT)
         status = response.status_code
         if status == 429:
-            return PostAnswer("not_sent", status=status, message=message)
+            return PostAnswer(AnswerKind.NOT_SENT, status=status, message=message)
         if status >= 500:
-            kind = "refused" if has_odata_error(response) else "unknown"
+            kind = AnswerKind.REFUSED if has_odata_error(response) else AnswerKind.UNKNOWN
             return PostAnswer(kind, status=status, message=message, reason=reason)
         if status in (401, 403):
             raise self._error_for(response)
-        return PostAnswer("rejected", status=status, message=message, reason=reason)
+        return PostAnswer(AnswerKind.REJECTED, status=status, message=message, reason=reason)
 
     def delete_general_journal_entry(self, entry_id: str) -> None:
         """Delete a general journal entry by key (DELETE answers 204, exact-online.md §4.1, §5); only

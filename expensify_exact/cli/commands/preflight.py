@@ -21,7 +21,7 @@ from expensify_exact.cli.support import (
     print_outcome,
 )
 from expensify_exact.clock import Clock, connection_today
-from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID
+from expensify_exact.core.settlement import KEEPS_CLIENT_ENTRY_ID, Fate
 from expensify_exact.errors import (
     AuthenticationError,
     ConfigError,
@@ -312,13 +312,13 @@ class Preflight:
                 settled = post_and_settle(client, self.connector.store(), self.conn.name, body)
             except ConnectorError as exc:
                 settled = Settled("not_sent", message=_error_text(exc))
-            if settled.outcome != "posted":
+            if settled.outcome != Fate.POSTED:
                 status = f"HTTP {settled.status}: " if settled.status else ""
                 self.add("write_test_post", f"a test entry can be posted to division {division}", FAILED,
                          f"{settled.outcome}: {status}{settled.message}",
                          "see Exact's message: usually an account, journal or period of the test division"
                          + (f"; if entry {sent} shows up in division {division} after all, delete it by hand"
-                            if settled.outcome == "unknown" else ""))
+                            if settled.outcome == Fate.UNKNOWN else ""))
                 return
             posted = {"EntryID": settled.entry_id, "EntryNumber": settled.entry_number}
             try:
