@@ -40,7 +40,6 @@ from expensify_exact.core.journal import (
     JournalDrafts,
     Reason,
     content_hash,
-    entry_id_for,
 )
 from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact.core.posting import Outcome, planned_reports, post_drafts
@@ -342,6 +341,14 @@ def reversal_entry_id(connection: str, report_id: str, original_entry_id: str) -
     return str(uuid.uuid5(ENTRY_ID_NAMESPACE, f"{connection}:{report_id}:reversal:{original_entry_id.lower()}"))
 
 
+def correction_entry_id(connection: str, report_id: str, replaced_entry_id: str, corrected_hash: str) -> str:
+    """Deterministic EntryID of the corrected entry that replaces one posted entry: approving twice can never post it
+    twice, and a report whose content returns to one posted before (A, corrected to B, back to A) gets a new entry,
+    never the EntryID of the earlier one, which Exact already holds and a reversal has cancelled."""
+    return str(uuid.uuid5(ENTRY_ID_NAMESPACE,
+                          f"{connection}:{report_id}:correction:{replaced_entry_id.lower()}:{corrected_hash}"))
+
+
 def pending_correction(item: QuarantineItem) -> dict | None:
     """The drafted {reverse_entry_id, corrected_entry} of a CHANGED_AFTER_POSTING item, if it has one."""
     return item.correction
@@ -420,14 +427,15 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
 
         corrected = correction["corrected_entry"]
         corrected_hash = content_hash(corrected)
-        correction_id = entry_id_for(conn.name, report_id, corrected_hash)
+        correction_id = correction_entry_id(conn.name, report_id, original_id, corrected_hash)
         reversal_id = reversal_entry_id(conn.name, report_id, original_id)
         rows = {r.entry_id: r for r in store.intents_for(conn.name, report_id, replaces_entry_id=original_id)}
 
         # Earlier attempts may have left intents for another drafted correction: settle them by asking Exact.
         for row in rows.values():
             if row.status == IntentStatus.PENDING and row.entry_id not in (reversal_id, correction_id):
-                _settle(row, store, exact, audit, _known_entries(ledger.entry_id, rows.values(), row))
+                _settle(row, store, exact, audit,
+                        _known_entries(ledger.entry_id, store.intents_for(conn.name, report_id), row))
         rows = {r.entry_id: r for r in store.intents_for(conn.name, report_id, replaces_entry_id=original_id)}
         posted_other = [r for r in rows.values() if r.kind == IntentKind.CORRECTION and r.status == IntentStatus.POSTED
                         and r.entry_id != correction_id]
@@ -461,7 +469,7 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
 
         for row in (reversal_row, correction_row):
             if row.status != IntentStatus.POSTED:
-                known = store.intents_for(conn.name, report_id, replaces_entry_id=original_id)
+                known = store.intents_for(conn.name, report_id)
                 try:
                     _post_correction(row, store, exact, audit, _known_entries(original_id, known, row))
                 except RejectedByApi as exc:
@@ -489,10 +497,12 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
                              correction_row.posted_entry_id, correction_row.entry_number, original_id)
 
 
-def _known_entries(original_id: str, rows, row: Intent) -> set[str]:
-    """Entries Exact holds that are accounted for elsewhere: never taken for `row`'s when looking it up."""
-    return {original_id} | {r.posted_entry_id for r in rows
-                            if r.status == IntentStatus.POSTED and r.entry_id != row.entry_id}
+def _known_entries(original_id: str, intents, row: Intent) -> set[str]:
+    """Entries Exact holds that are accounted for elsewhere: never taken for `row`'s when looking it up. `intents` are
+    all the report's, of every kind: an earlier post or correction with the same lines (the report went back to
+    content posted before) is an entry of its own, not this one."""
+    return {original_id.lower()} | {r.posted_entry_id.lower() for r in intents
+                                    if r.status == IntentStatus.POSTED and r.entry_id != row.entry_id}
 
 
 def _settle(row: Intent, store: StateStore, exact: ExactGateway, audit: dict, known: set[str]) -> None:

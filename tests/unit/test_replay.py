@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import threading
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -17,7 +18,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from expensify_exact.api.exact.client import PostAnswer
+from expensify_exact.api.exact.client import AnswerKind, PostAnswer
 from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
 from expensify_exact.core.journal import Dimensions, content_hash, entry_body, entry_id_for
@@ -25,6 +26,7 @@ from expensify_exact.core.replay import (
     QuarantineActionError,
     approve_correction,
     close_item,
+    correction_entry_id,
     dimensions_fingerprint,
     replay_fingerprint,
     replayable,
@@ -260,14 +262,14 @@ def test_approve_posts_the_reversal_and_the_correction_exactly_once_however_ofte
     correction_id = result.correction_entry_id
     assert set(exact.entries) == {ORIGINAL, result.reversal_entry_id, correction_id}
     if keeps_ids:
-        assert correction_id == entry_id_for(CONN, "R1", content_hash(corrected))
+        assert correction_id == correction_entry_id(CONN, "R1", ORIGINAL, content_hash(corrected))
         assert result.reversal_entry_id == reversal_entry_id(CONN, "R1", ORIGINAL)
     assert exact.entries[result.reversal_entry_id]["Reversal"] is True
     assert exact.entries[correction_id]["GeneralJournalEntryLines"] == corrected["GeneralJournalEntryLines"]
     ledger = store.ledger_get(CONN, "R1")
     assert (ledger.status, ledger.entry_id, ledger.entry_number, ledger.total_cents, ledger.content_hash) == \
         ("posted", correction_id, exact.entries[correction_id]["EntryNumber"], 3545, content_hash(corrected))
-    assert ledger.client_entry_id == entry_id_for(CONN, "R1", content_hash(corrected))  # the one we sent
+    assert ledger.client_entry_id == correction_entry_id(CONN, "R1", ORIGINAL, content_hash(corrected))  # sent
     item = store.quarantine_get(CONN, "R1")
     assert item.status == "resolved" and "reversed by entry" in item.resolution_note
     assert {(r.kind, r.status) for r in store.intents_for(CONN, "R1", ORIGINAL)} == {("reversal", "posted"),
@@ -279,6 +281,76 @@ def test_approve_posts_the_reversal_and_the_correction_exactly_once_however_ofte
     with pytest.raises(QuarantineActionError, match="is resolved, not open"):
         approve_correction(conn, store=store, exact=exact, report_id="R1")
     assert len(exact.entries) == 3
+
+
+class ExactHoldingEntries:
+    """Holds every entry posted to it with its lines, keeping the client's EntryIDs or assigning its own; a POST with
+    an EntryID it already holds is refused."""
+
+    def __init__(self, keeps_ids: bool):
+        self.entries: dict[str, dict] = {}
+        self.keeps_ids = keeps_ids
+
+    def add(self, entry_id: str, body: dict) -> int:
+        number = 26900001 + len(self.entries)
+        lines = [{**line, "EntryID": entry_id, "LineNumber": i + 1}
+                 for i, line in enumerate(body["GeneralJournalEntryLines"])]
+        self.entries[entry_id] = {**body, "EntryID": entry_id, "EntryNumber": number, "lines": lines}
+        return number
+
+    def get_entry(self, entry_id):
+        entry = self.entries.get(entry_id)
+        return None if entry is None else {k: v for k, v in entry.items() if k != "lines"}
+
+    def get_all(self, path, select, filter=None, orderby=None):
+        return self.entries[re.search(r"guid'([^']+)'", filter).group(1)]["lines"]
+
+    def entry_lines_by_description(self, descriptions):
+        return [{**line, "EntryNumber": entry["EntryNumber"]} for entry in self.entries.values()
+                for line in entry["lines"] if line["Description"] in set(descriptions)]
+
+    def sync_rows(self, path, select, since=1):
+        raise AssertionError("the lines query is accepted here")
+
+    def send_general_journal_entry(self, body):
+        entry_id = body["EntryID"] if self.keeps_ids else f"ffff0000-0000-4000-8000-{len(self.entries):012d}"
+        if entry_id in self.entries:
+            return PostAnswer(AnswerKind.REFUSED, status=500, message=f"EntryID {entry_id} exists already")
+        number = self.add(entry_id, body)
+        return PostAnswer(AnswerKind.CREATED, entry={"EntryID": entry_id, "EntryNumber": number}, status=201)
+
+
+@pytest.mark.parametrize("keeps_ids", [True, False], ids=["exact_keeps_ours", "exact_assigns_entry_ids"])
+def test_a_report_changed_back_to_content_posted_before_gets_a_correction_of_its_own(store, keeps_ids):
+    """A posted, corrected to B, then back to A: the second correction is a new entry in Exact. Taking the first
+    entry (same lines, but reversed by the first correction) for it would leave the report's amount out of the
+    books while the ledger says posted."""
+    conn = load_project_config(MAPPINGS).connection(CONN)
+    a, b = _corrected(), _corrected()
+    for line in b["GeneralJournalEntryLines"]:
+        line["AmountFC"] = 45.45 if line["AmountFC"] > 0 else -45.45
+    exact = ExactHoldingEntries(keeps_ids)
+    sent_a = entry_id_for(CONN, "R1", content_hash(a))
+    held_a = sent_a if keeps_ids else "eeee0000-0000-4000-8000-000000000001"
+    exact.add(held_a, a)
+    write_post_intent(store, CONN, "R1", sent_a, partition_date="2026-11-20", transaction_ids=("t1",),
+                      total_cents=3545, run_id="r1")
+    store.intent_mark_posted(CONN, "R1", IntentKind.POST, sent_a, 26900001, exact_entry_id=held_a)
+
+    held = held_a
+    for content in (b, a):
+        store.quarantine_put(CONN, "R1", partition_date="2026-11-20", reasons=[_changed_reason() | {"value": held}],
+                             transaction_ids=["t1"], content_hash=content_hash(content),
+                             correction={"reverse_entry_id": held, "corrected_entry": content})
+        result = approve_correction(conn, store=store, exact=exact, report_id="R1")
+        held = result.correction_entry_id
+
+    assert len(exact.entries) == 5, "A, its reversal, B, its reversal, and A again"
+    assert held not in (held_a, sent_a) and exact.entries[held]["lines"][0]["AmountFC"] == 35.45
+    cost_lines = [line for e in exact.entries.values() for line in e["lines"] if line["GLAccount"] == GL_COST]
+    assert sum(line["AmountFC"] for line in cost_lines) == pytest.approx(35.45), \
+        "what Exact holds for the report nets to its content now"
+    assert store.ledger_get(CONN, "R1").entry_id == held
 
 
 def test_a_refused_reversal_posts_nothing_drops_both_intents_and_leaves_the_item_open(store):
@@ -431,7 +503,11 @@ def test_a_version_7_database_keeps_its_pending_intents_and_drafted_corrections_
     result = approve_correction(load_project_config(MAPPINGS).connection(CONN), store=store, exact=exact,
                                 report_id="R1")
     assert exact.posts == 1, "the reversal is found in Exact; only the correction is posted"
-    assert result.reversal_entry_id == reversal_id and store.ledger_get(CONN, "R1").entry_id == correction_id
+    # The pending correction (an EntryID of the old derivation, never sent) was looked up, not found and replaced by
+    # one under today's derivation: posted once.
+    assert correction_id not in exact.entries
+    assert result.reversal_entry_id == reversal_id and store.ledger_get(CONN, "R1").entry_id == \
+        correction_entry_id(CONN, "R1", ORIGINAL, content_hash(corrected))
     assert store.quarantine_get(CONN, "R1").status == "resolved"
     store.dispose()
 
