@@ -212,6 +212,45 @@ def test_an_edited_and_reapproved_report_is_quarantined_and_approve_posts_revers
     store.dispose()
 
 
+def test_a_report_edited_back_to_what_was_first_posted_gets_a_second_correction_of_its_own(
+        sandbox, authorized, state_url, tmp_path):
+    """Posted at A, edited to B and approved, edited back to A and approved: through the CLI, Exact ends with five
+    entries for the report (A, its reversal, B, its reversal, A again) and books exactly A, as the ledger says."""
+    report = next(r for r in sandbox.seed.reports if r.report_id == S._report_id(27))
+    day = _approval_day(report)
+    expense = report.expenses[0]
+    with _instance(tmp_path, "home") as instance:
+        assert run_range(day, day, mappings_dir=str(authorized), state_url=state_url, instance=instance).success
+        for hours_ago, amount in ((30, expense.amount + 1000), (28, expense.amount)):
+            reapproved_at = sandbox.clock.now() - timedelta(hours=hours_ago)
+            sandbox.expensify.set_report_state(report.report_id, "OPEN")
+            sandbox.expensify.edit_expense(report.report_id, expense.transaction_id, amount=amount)
+            sandbox.expensify.set_report_state(report.report_id, "APPROVED", approved=reapproved_at)
+            again = reapproved_at.astimezone(AMSTERDAM).date()
+            changed = run_range(again, again, mappings_dir=str(authorized), state_url=state_url, instance=instance)
+            assert changed.success, changed.failure
+            assert changed.outcomes.set_index("report_id").loc[report.report_id, "reason_codes"] == \
+                ["CHANGED_AFTER_POSTING"]
+            assert _cli(authorized, state_url, "quarantine", "approve", report.report_id) == 0
+
+    mine = sorted((e for e in sandbox.exact.entries(S.DIVISION) if report_of_entry(e) == report.report_id),
+                  key=lambda e: e["EntryNumber"])
+    assert len(mine) == 5, "A, its reversal, B, its reversal, and A again"
+
+    def per_account(entries) -> dict[str, int]:
+        booked = Counter()
+        for entry in entries:
+            for line in entry["lines"]:
+                booked[line["GLAccount"]] += round(line["AmountFC"] * 100)
+        return {account: cents for account, cents in booked.items() if cents}
+
+    assert per_account(mine) == per_account(mine[:1]), "what stays booked is exactly A"
+    store = StateStore(state_url)
+    ledger = store.ledger_get(CONNECTION, report.report_id)
+    assert ledger.entry_id == mine[-1]["EntryID"] and ledger.total_cents == report.total
+    store.dispose()
+
+
 def test_replay_job_and_sensor_post_the_fixed_eindhoven_report_once(sandbox, authorized, state_url, tmp_path):
     day = _approval_day(next(r for r in sandbox.seed.reports if r.report_id == EINDHOVEN))
     connector = ConnectorResource(mappings_dir=str(authorized), state_url=state_url)
