@@ -33,6 +33,10 @@ class ExpensifySettings(_Strict):
     poll_interval_seconds: float = Field(5.0, gt=0)
     poll_timeout_seconds: float = Field(300.0, gt=0)
     mark_exported_label: str | None = None  # off by default: Expensify labels at export time (expensify.md §2.2)
+    # Connections naming the same credential share one Expensify partner login: its secrets are kept once under
+    # this name, and their policies are exported together, one export job a day (Expensify's limits are per
+    # credential). Default: the connection's own name, i.e. a login of its own.
+    credential: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
     @field_validator("timestamp_timezone")
     @classmethod

@@ -1,41 +1,165 @@
-"""The one daily partitioning every asset shares (a partition is an approval day), the decorator of a per-day asset,
-and how a multi-day run's values are keyed by partition."""
+"""The partitioning every asset shares, a connection × an approval day, and how one step does the work of all the
+connections its run covers: each connection's days in a thread of their own, since the time goes on waiting for the
+APIs, one connection's failure never stopping the others.
 
+Why a connection dimension and not an asset group per connection: definitions stay the same size however many
+customers there are (`benchmarks/run.py --only definitions`), and a backfill for one customer or for all is one
+selection of partitions. README, "Many customers".
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import date
+from functools import lru_cache
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
+from expensify_exact.config import Connection, ProjectConfig
+
+CONNECTION, DAY, MONTH = "connection", "day", "month"
 DAILY_APPROVALS = dg.DailyPartitionsDefinition(start_date="2024-01-01", timezone="Europe/Amsterdam")
-# A backfill over many days is one run that handles the range in one go (one export job, one snapshot).
+MONTHS = dg.MonthlyPartitionsDefinition(start_date="2024-01-01", timezone="Europe/Amsterdam")
+# A backfill over many days or connections is one run that handles the range in one go (one export job per
+# Expensify credential, one snapshot per division).
 SINGLE_RUN = dg.BackfillPolicy.single_run()
+# How many connections one step works on at once. Each waits on its own division's rate limit most of the time.
+PARALLEL_CONNECTIONS_ENV = "EXPENSIFY_EXACT_PARALLEL_CONNECTIONS"
+DEFAULT_PARALLEL_CONNECTIONS = 32
 
 
-def daily_asset(**kwargs):
-    """`dg.asset` for a per-approval-day asset: daily partitions, backfilled in single runs."""
-    return dg.asset(partitions_def=DAILY_APPROVALS, backfill_policy=SINGLE_RUN, **kwargs)
+@dataclass(frozen=True)
+class Partitioning:
+    """The connections as a static dimension, crossed with approval days (the chain) and with months."""
+
+    connections: dg.StaticPartitionsDefinition
+    days: dg.MultiPartitionsDefinition
+    months: dg.MultiPartitionsDefinition
 
 
-def day_range(context: dg.AssetExecutionContext) -> tuple[list[str], date, date]:
-    """The run's approval days: their partition keys, the first and the last."""
-    keys = context.partition_keys
-    return keys, date.fromisoformat(keys[0]), date.fromisoformat(keys[-1])
+@lru_cache(maxsize=16)
+def _partitioning(names: tuple[str, ...]) -> Partitioning:
+    connections = dg.StaticPartitionsDefinition(list(names))
+    return Partitioning(connections, dg.MultiPartitionsDefinition({CONNECTION: connections, DAY: DAILY_APPROVALS}),
+                        dg.MultiPartitionsDefinition({CONNECTION: connections, MONTH: MONTHS}))
+
+
+def partitioning(config: ProjectConfig) -> Partitioning:
+    """One object per set of connection names, in config order (so a run over consecutive connections is a range)."""
+    return _partitioning(tuple(c.name for c in config.connections))
+
+
+def partition_key(connection: str, day: str, dimension: str = DAY) -> str:
+    """The partition key of a connection's day (or month, with `dimension=MONTH`): `<connection>|<day>`."""
+    return dg.MultiPartitionKey({CONNECTION: connection, dimension: day})
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(connection, day or month) of a partition key."""
+    connection, period = key.split("|", 1)  # dimensions in name order: connection, then day / month
+    return connection, period
+
+
+def connection_asset(partitions: Partitioning, **kwargs):
+    """`dg.asset` partitioned by connection × approval day, backfilled in single runs."""
+    return dg.asset(partitions_def=partitions.days, backfill_policy=SINGLE_RUN, **kwargs)
+
+
+def days_by_connection(context: dg.AssetExecutionContext) -> dict[str, list[str]]:
+    """The run's approval days (or months) per connection, both in order."""
+    found: dict[str, list[str]] = {}
+    for key in context.partition_keys:
+        connection, period = split_key(key)
+        found.setdefault(connection, []).append(period)
+    return {connection: sorted(periods) for connection, periods in found.items()}
+
+
+def day_range(days: list[str]) -> tuple[date, date]:
+    """The first and the last of a connection's approval days."""
+    return date.fromisoformat(days[0]), date.fromisoformat(days[-1])
 
 
 def per_partition(context: dg.AssetExecutionContext, value: Any) -> dict[str, Any]:
-    """An upstream value keyed by partition: the IO manager hands a dict only when a run spans several days."""
+    """An upstream value keyed by partition: the IO manager hands a dict only when a run spans several partitions."""
     keys = context.partition_keys
     return {keys[0]: value} if len(keys) == 1 else dict(value)
 
 
 def partition_result(context: dg.AssetExecutionContext, values: dict[str, Any]) -> Any:
-    """What an asset returns for its values by partition: the bare value when the run covers one day."""
+    """What an asset returns for its values by partition: the bare value when the run covers one partition."""
     keys = context.partition_keys
     return values[keys[0]] if len(keys) == 1 else values
 
 
 def concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     """The non-empty frames one after the other; an empty frame with `columns` when there are none."""
-    frames = [f for f in frames if len(f)]
+    frames = [f for f in frames if isinstance(f, pd.DataFrame) and len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+@dataclass(frozen=True)
+class ConnectionFailed:
+    """What a step keeps for a connection whose work raised: later steps pass it on instead of working, and the
+    posting step reports it (the run's other connections carry on)."""
+
+    connection: str
+    step: str
+    error: str
+
+
+def failures(values: dict[str, Any]) -> list[ConnectionFailed]:
+    """The failed connections among a step's values, one each."""
+    seen: dict[str, ConnectionFailed] = {}
+    for value in values.values():
+        if isinstance(value, ConnectionFailed):
+            seen.setdefault(value.connection, value)
+    return list(seen.values())
+
+
+def parallel_connections() -> int:
+    return max(1, int(os.environ.get(PARALLEL_CONNECTIONS_ENV) or DEFAULT_PARALLEL_CONNECTIONS))
+
+
+def for_each_connection(context: dg.AssetExecutionContext, config: ProjectConfig,
+                        work: Callable[..., dict[str, Any]], *upstream: Any, dimension: str = DAY) -> dict[str, Any]:
+    """`fan_out` over the connections and days of an asset's run, its values keyed by partition. `upstream` are
+    the step's inputs as the IO manager hands them."""
+    inputs = [per_partition(context, value) for value in upstream]
+    plan = days_by_connection(context)
+    mine = {name: [{day: values[partition_key(name, day, dimension)] for day in days} for values in inputs]
+            for name, days in plan.items()}
+    results = fan_out(context.log, context.op_def.name, config, plan, work, mine)
+    return {partition_key(name, day, dimension): value
+            for name, by_day in results.items() for day, value in by_day.items()}
+
+
+def fan_out(log, step: str, config: ProjectConfig, plan: dict[str, list[str]], work: Callable[..., dict[str, Any]],
+            inputs: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
+    """Run `work(conn, days, *inputs[name])` for every connection `name` in `plan` (name -> its days), several at
+    once, and return what each gives ({day: value}) by connection. A connection whose work raises, or one of whose
+    inputs is a `ConnectionFailed`, gets a `ConnectionFailed` for each of its days; the error goes to `log` with the
+    connection's name, and the others carry on."""
+
+    def one(name: str) -> dict[str, Any]:
+        days, mine = plan[name], (inputs or {}).get(name, [])
+        failed = next((v for values in mine for v in values.values() if isinstance(v, ConnectionFailed)), None)
+        if failed is None:
+            try:
+                return work(config.connection(name), days, *mine)
+            except Exception as exc:  # one customer's failure must not stop the others (invariant 6)
+                failed = ConnectionFailed(name, step, f"{type(exc).__name__}: {exc}")
+                log.error(f"{name}: {step} failed: {failed.error}\n{traceback.format_exc(limit=8)}")
+        return {day: failed for day in days}
+
+    names = list(plan)
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(parallel_connections(), len(names)),
+                            thread_name_prefix="connection") as pool:
+        return dict(zip(names, pool.map(one, names)))

@@ -1,0 +1,34 @@
+"""Which connections share an Expensify credential, and how one export for all their policies is split back into
+each connection's reports (Expensify's 5 requests per 10 s and its export jobs count per credential)."""
+
+from __future__ import annotations
+
+from expensify_exact.config import Connection
+
+
+def credential_of(conn: Connection) -> str:
+    """The name an Expensify partner login is kept under: `expensify.credential`, else the connection's own name."""
+    return conn.expensify.credential or conn.name
+
+
+def by_credential(connections: list[Connection]) -> dict[str, list[Connection]]:
+    """The connections grouped by the credential they export with, each group in the given order."""
+    groups: dict[str, list[Connection]] = {}
+    for conn in connections:
+        groups.setdefault(credential_of(conn), []).append(conn)
+    return groups
+
+
+def split_by_policy(reports: list[dict], connections: list[Connection]) -> dict[str, list[dict]]:
+    """Each connection's share of one export over all their policies, by the report's policy ID. A policy listed by
+    two connections of one credential goes to the first (config validation refuses that case)."""
+    owner: dict[str, str] = {}
+    for conn in connections:
+        for policy in conn.expensify.policy_ids:
+            owner.setdefault(policy, conn.name)
+    split: dict[str, list[dict]] = {conn.name: [] for conn in connections}
+    for report in reports:
+        name = owner.get(str(report.get("policyID", "")))
+        if name is not None:
+            split[name].append(report)
+    return split
