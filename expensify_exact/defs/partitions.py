@@ -142,24 +142,41 @@ def for_each_connection(context: dg.AssetExecutionContext, config: ProjectConfig
 def fan_out(log, step: str, config: ProjectConfig, plan: dict[str, list[str]], work: Callable[..., dict[str, Any]],
             inputs: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
     """Run `work(conn, days, *inputs[name])` for every connection `name` in `plan` (name -> its days), several at
-    once, and return what each gives ({day: value}) by connection. A connection whose work raises, or one of whose
-    inputs is a `ConnectionFailed`, gets a `ConnectionFailed` for each of its days; the error goes to `log` with the
-    connection's name, and the others carry on."""
+    once, and return what each gives ({day: value}) by connection. A connection one of whose inputs is a
+    `ConnectionFailed` is passed over with that failure."""
 
-    def one(name: str) -> dict[str, Any]:
-        days, mine = plan[name], (inputs or {}).get(name, [])
+    def one(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+        (conn,) = conns
+        mine = (inputs or {}).get(conn.name, [])
         failed = next((v for values in mine for v in values.values() if isinstance(v, ConnectionFailed)), None)
-        if failed is None:
-            try:
-                return work(config.connection(name), days, *mine)
-            except Exception as exc:  # one customer's failure must not stop the others (invariant 6)
-                failed = ConnectionFailed(name, step, f"{type(exc).__name__}: {exc}")
-                log.error(f"{name}: {step} failed: {failed.error}\n{traceback.format_exc(limit=8)}")
-        return {day: failed for day in days}
+        if failed is not None:
+            return {conn.name: {day: failed for day in days_of[conn.name]}}
+        return {conn.name: work(conn, days_of[conn.name], *mine)}
 
-    names = list(plan)
-    if not names:
+    return fan_out_groups(log, step, config, plan, {name: [name] for name in plan}, one)
+
+
+def fan_out_groups(log, step: str, config: ProjectConfig, plan: dict[str, list[str]], groups: dict[str, list[str]],
+                   work: Callable[[list[Connection], dict[str, list[str]]], dict[str, dict[str, Any]]]
+                   ) -> dict[str, dict[str, Any]]:
+    """Run `work(connections, days_of)` once per group of connections (e.g. those sharing an Expensify credential),
+    several groups at once; `work` gives {connection: {day: value}}. If it raises, each connection of the group
+    gets a `ConnectionFailed` for each of its days, the error goes to `log` with their names, and the other groups
+    carry on: one customer's failure never stops the others (invariant 6)."""
+
+    def one(names: list[str]) -> dict[str, dict[str, Any]]:
+        try:
+            return work([config.connection(name) for name in names], {name: plan[name] for name in names})
+        except Exception as exc:  # noqa: BLE001 - reported per connection; the other groups go on
+            error = f"{type(exc).__name__}: {exc}"
+            log.error(f"{', '.join(names)}: {step} failed: {error}\n{traceback.format_exc(limit=8)}")
+            return {name: {day: ConnectionFailed(name, step, error) for day in plan[name]} for name in names}
+
+    if not groups:
         return {}
-    with ThreadPoolExecutor(max_workers=min(parallel_connections(), len(names)),
+    results: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=min(parallel_connections(), len(groups)),
                             thread_name_prefix="connection") as pool:
-        return dict(zip(names, pool.map(one, names)))
+        for found in pool.map(one, groups.values()):
+            results.update(found)
+    return results
