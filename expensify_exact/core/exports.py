@@ -3,7 +3,18 @@ each connection's reports (Expensify's 5 requests per 10 s and its export jobs c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import date
+from typing import Protocol
+
 from expensify_exact.config import Connection
+
+
+class ReportExporter(Protocol):
+    """What one shared export needs from the Expensify client."""
+
+    def export_reports(self, start: date, end: date, policy_ids: Sequence[str], *, timezone: str = ...,
+                       source_timezone: str = ...) -> list[dict]: ...
 
 
 def credential_of(conn: Connection) -> str:
@@ -17,6 +28,26 @@ def by_credential(connections: list[Connection]) -> dict[str, list[Connection]]:
     for conn in connections:
         groups.setdefault(credential_of(conn), []).append(conn)
     return groups
+
+
+def export_groups(connections: list[Connection]) -> dict[str, list[Connection]]:
+    """The connections one export job can serve together: one credential, and one timezone and timestamp timezone
+    (a day is counted in the connection's zone, so connections in other zones need an export of their own)."""
+    groups: dict[str, list[Connection]] = {}
+    for credential, conns in by_credential(connections).items():
+        for conn in conns:
+            groups.setdefault(f"{credential}/{conn.timezone}/{conn.expensify.timestamp_timezone}", []).append(conn)
+    return groups
+
+
+def export_together(client: ReportExporter, connections: list[Connection], start: date, end: date
+                    ) -> dict[str, list[dict]]:
+    """Each connection's approved reports of start..end from one export over all their policies (`connections`
+    are one group of `export_groups`, `client` logged in with their credential)."""
+    first = connections[0]
+    reports = client.export_reports(start, end, [p for c in connections for p in c.expensify.policy_ids],
+                                    timezone=first.timezone, source_timezone=first.expensify.timestamp_timezone)
+    return split_by_policy(reports, connections)
 
 
 def split_by_policy(reports: list[dict], connections: list[Connection]) -> dict[str, list[dict]]:
