@@ -33,7 +33,7 @@ from expensify_exact.core.posting import Outcome
 from expensify_exact.core.replay import preview_replay, replay_fingerprint, replay_quarantine, replayable
 from expensify_exact.core.snapshots import fetch_dimensions, needed_codes
 from expensify_exact.defs.metadata import markdown_table
-from expensify_exact.defs.partitions import ConnectionFailed, failures, fan_out
+from expensify_exact.defs.partitions import CONNECTION_TAG, ConnectionFailed, connections_of_run, failures, fan_out
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import QuarantineStatus
 
@@ -41,9 +41,6 @@ REPLAY_JOB_NAME = "replay_quarantine"
 REPLAY_OP = "replay"
 SENSOR_NAME = "replay_when_dimensions_change"
 MINIMUM_INTERVAL_SECONDS = 15 * 60
-# The run tag that names the connections to replay, one or several comma-separated (also used by the Exact webhook
-# sensor and the main job's sensor to say which connection a run is for).
-CONNECTION_TAG = "expensify_exact/connection"
 TRIGGER_TAG = "expensify_exact/trigger"
 # `fan_out` works on periods of connections; a replay has one, the open items as they are now.
 NOW = "now"
@@ -55,14 +52,11 @@ class ReplayConfig(dg.Config):
     dry_run: bool = False  # validate and show each item's verdict; write nothing anywhere (`preview_replay`)
 
 
-def tagged_connections(tags: dict[str, str]) -> list[str]:
-    """The connections a run's `CONNECTION_TAG` names (none without the tag)."""
-    return [name.strip() for name in tags.get(CONNECTION_TAG, "").split(",") if name.strip()]
-
-
-def _selected(config: ProjectConfig, asked: list[str]) -> list[str]:
-    """The connections asked for, in config order (every connection when none is asked for)."""
+def _selected(config: ProjectConfig, config_asks: list[str], tags: dict[str, str]) -> list[str]:
+    """The connections the op config asks for, else those of the run's `CONNECTION_TAG`, else every connection; in
+    config order."""
     names = [c.name for c in config.connections]
+    asked = config_asks or connections_of_run(tags, names)
     unknown = sorted(set(asked) - set(names))
     if unknown:
         raise dg.Failure(f"no connection named {', '.join(unknown)}; configured: {', '.join(names)}")
@@ -80,7 +74,7 @@ def _replay_op(config: ProjectConfig) -> dg.OpDefinition:
     )
     def replay(context: dg.OpExecutionContext, config: ReplayConfig, connector: ConnectorResource):
         project = connector.project()
-        names = _selected(project, config.connections or tagged_connections(context.run.tags))
+        names = _selected(project, config.connections, context.run.tags)
         store, clock, read_only = connector.store(), connector.clock(), config.dry_run
 
         def one(conn: Connection, _now: list[str]) -> dict[str, dict]:

@@ -16,7 +16,8 @@ import yaml
 from expensify_exact.config import load_project_config
 from expensify_exact.core import connections
 from expensify_exact.defs import replay
-from expensify_exact.defs.replay import CONNECTION_TAG, REPLAY_JOB_NAME, REPLAY_OP, SENSOR_NAME
+from expensify_exact.defs.partitions import CONNECTION_TAG
+from expensify_exact.defs.replay import REPLAY_JOB_NAME, REPLAY_OP, SENSOR_NAME
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
@@ -137,7 +138,7 @@ def test_a_connection_that_cannot_replay_stops_no_other(sandbox, quarantined, st
     (tmp_path / "home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
         failed = job.execute_in_process(instance=instance, resources={"connector": connector}, raise_on_error=False,
-                                        tags={CONNECTION_TAG: f"{NL}, {BE}"})
+                                        tags={CONNECTION_TAG: f"{NL},{BE}"})
         assert not failed.success
         [failure] = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
         assert failure.step_failure_data.user_failure_data.description.startswith(f"{NL}: ")
