@@ -159,16 +159,19 @@ def run_range(start: date, end: date, *, mappings_dir: str = "mappings", state_u
 
 
 def preview_range(start: date, end: date, *, mappings_dir: str = "mappings", state_url: str | None = None,
-                  instance: dg.DagsterInstance | None = None, wait_timeout: float | None = None) -> DryRunSummary:
-    """Run the `dry_run` job for the approval days start..end: every draft and every report's verdict, with
-    nothing posted, materialized or written to the state DB. Waits for live runs over the same connections, as
-    `run_range` does.
+                  instance: dg.DagsterInstance | None = None, wait_timeout: float | None = None,
+                  connection: str | None = None) -> DryRunSummary:
+    """Run the `dry_run` job for the approval days start..end of every connection (or only `connection`): every
+    draft and every report's verdict, with nothing posted, materialized or written to the state DB. Waits for live
+    runs over the same connections, as `run_range` does.
 
     The preview step hands over the previews of every connection that got through even when it then fails for
     the others (their names and errors are in the summary's failure)."""
-    run_config = {"ops": {DAYS_OP: {"config": {"start": start.isoformat(), "end": end.isoformat()}}}}
-    result = _launch(DRY_RUN_JOB_NAME, run_config, mappings_dir, state_url, instance, wait_timeout,
-                     [c.name for c in load_project_config(mappings_dir).connections])
+    config = load_project_config(mappings_dir)
+    names = [config.connection(connection).name] if connection else [c.name for c in config.connections]
+    days = {"start": start.isoformat(), "end": end.isoformat(), "connections": [connection] if connection else []}
+    result = _launch(DRY_RUN_JOB_NAME, {"ops": {DAYS_OP: {"config": days}}}, mappings_dir, state_url, instance,
+                     wait_timeout, names)
     previewed = any(e.event_type_value == "STEP_OUTPUT" and e.step_key == PREVIEW_OP for e in result.all_events)
     previews = result.output_for_node(PREVIEW_OP) if previewed else []
     return DryRunSummary(start, end, result.success, result.run_id, previews, _failure(result))
