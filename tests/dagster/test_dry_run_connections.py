@@ -6,6 +6,7 @@ and nothing written anywhere."""
 from __future__ import annotations
 
 import io
+import json
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -118,3 +119,19 @@ def test_one_export_per_credential_every_connections_preview_and_a_failing_conne
     assert after == before, "a dry run writes nothing to the state DB"
     assert not [e for e in result.all_events if e.is_step_materialization], "a dry run materializes nothing"
     assert sandbox.exact.entries(S.DIVISION) == [] and sandbox.exact.entries(S.SECOND_DIVISION) == []
+
+
+def test_run_dry_run_for_one_connection_previews_only_that_one(sandbox, setup, state_url, tmp_path, monkeypatch,
+                                                               capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "cli_home"))
+    end = sandbox.seed.today - timedelta(days=1)
+    before = state_rows(state_url)
+    capsys.readouterr()
+    # DE cannot run (no secrets), but the dry run is for BE alone: it succeeds.
+    assert run_cli(setup, state_url, "run", "--start", (end - timedelta(days=9)).isoformat(), "--end",
+                   end.isoformat(), "--dry-run", "--connection", BE, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["dry_run"] and shown["success"] and list(shown["connections"]) == [BE]
+    after = state_rows(state_url)
+    after.pop("ee_exact_tokens"), before.pop("ee_exact_tokens")
+    assert after == before
