@@ -128,7 +128,8 @@ class Row:
         budget, run = self.budget, self.last_run
         return {
             "connection": self.connection, "division": self.division, "health": str(self.health), "why": self.why,
-            "concerns": [str(f.concern) for f in self.findings], "timezone": self.timezone,
+            "findings": [{"concern": str(f.concern), "health": str(f.health), "text": f.text} for f in self.findings],
+            "timezone": self.timezone,
             "yesterday": self.yesterday, "posted_yesterday": self.posted_yesterday,
             "quarantine_open": self.quarantine_open, "quarantine_by_reason": self.quarantine_by_reason,
             "token_refreshed_at": _iso(self.token_refreshed_at),
@@ -222,17 +223,54 @@ def totals(rows: list[Row]) -> Totals:
                   deferred_reports=sum(r.deferred_reports for r in rows))
 
 
+def display(row: dict[str, Any]) -> dict[str, str]:
+    """A row (`Row.as_dict`, as `status --json` prints it) as the overview table shows it, one string per column:
+    `status` prints it as text, the asset as Markdown."""
+    run, budget = row["last_run"], row["budget"]
+    reasons = ", ".join(f"{code} {n}" for code, n in row["quarantine_by_reason"].items())
+    return {
+        "health": row["health"], "connection": row["connection"], "division": str(row["division"]),
+        "posted yesterday": str(row["posted_yesterday"]),
+        "open quarantine": f"{row['quarantine_open']} ({reasons})" if row["quarantine_open"] else "0",
+        "token age": "-" if row["token_age_days"] is None else f"{row['token_age_days']:.1f} d",
+        "Exact calls left": "-" if budget is None or budget["remaining_daily"] is None else (
+            f"{budget['remaining_daily']}/{budget['daily_limit']}" if budget["daily_limit"]
+            else str(budget["remaining_daily"])),
+        "last run": "never" if run is None else (f"{_minute(run['at'])} {(run['run_id'] or '-')[:8]} "
+                                                 f"{run['outcome']}"),
+        "why": row["why"],
+    }
+
+
+def display_totals(total: dict[str, Any]) -> dict[str, str]:
+    """The totals (`Totals.as_dict`) as the table's last line, in the columns of `display`."""
+    health, concerns = total["by_health"], total["by_concern"]
+    reasons = ", ".join(f"{code} {n}" for code, n in total["quarantine_by_reason"].items())
+    tokens = sum(concerns.get(str(c), 0) for c in (Concern.NO_TOKENS, Concern.TOKEN_EXPIRED, Concern.TOKEN_OLD))
+    waiting = (f"; {total['pending_intents']} unsettled intent(s), {total['deferred_reports']} deferred report(s)"
+               if total["pending_intents"] or total["deferred_reports"] else "")
+    return {
+        "health": "TOTAL", "connection": f"{total['connections']} connections", "division": "",
+        "posted yesterday": str(total["posted_yesterday"]),
+        "open quarantine": f"{total['quarantine_open']} ({reasons})" if total["quarantine_open"] else "0",
+        "token age": f"{tokens} to renew", "Exact calls left": f"{concerns.get(str(Concern.BUDGET_LOW), 0)} low",
+        "last run": f"{concerns.get(str(Concern.RUN_FAILED), 0)} failed",
+        "why": f"{health['failing']} failing, {health['attention']} attention, {health['ok']} ok{waiting}",
+    }
+
+
 def _judged(row: Row, conn: Connection, *, has_tokens: bool, now: datetime) -> Row:
     found: list[Finding] = []
     if not has_tokens:
         found.append(Finding(Concern.NO_TOKENS, f"no Exact tokens: run `expensify-exact authorize --connection "
                                                 f"{conn.name}`"))
     elif row.token_age_days is not None and row.token_age_days >= REFRESH_IDLE_DAYS:
-        found.append(Finding(Concern.TOKEN_EXPIRED, f"Exact refresh token {row.token_age_days:.0f} days unused, "
-                                                    f"expired after {REFRESH_IDLE_DAYS}: re-authorize"))
+        found.append(Finding(Concern.TOKEN_EXPIRED, f"Exact refresh token {row.token_age_days:.0f} days old, expired "
+                                                    f"unused after {REFRESH_IDLE_DAYS}: run `expensify-exact "
+                                                    f"authorize --connection {conn.name}`"))
     elif row.token_age_days is not None and row.token_age_days >= IDLE_WARNING_DAYS:
-        found.append(Finding(Concern.TOKEN_OLD, f"Exact refresh token {row.token_age_days:.0f} days unused, "
-                                                f"expires at {REFRESH_IDLE_DAYS}"))
+        found.append(Finding(Concern.TOKEN_OLD, f"Exact refresh token {row.token_age_days:.0f} days old, expires "
+                                                f"unused at {REFRESH_IDLE_DAYS}"))
     run = row.last_run
     if run is None:
         found.append(Finding(Concern.NEVER_RUN, "no run recorded yet"))
@@ -292,6 +330,11 @@ def _span(days: list[str]) -> str | None:
 def _hours(delta: timedelta) -> str:
     hours = delta.total_seconds() / 3600
     return f"{hours:.0f} h" if hours < 48 else f"{hours / 24:.0f} days"
+
+
+def _minute(iso: str) -> str:
+    """2026-11-25T06:10:42+00:00 -> 2026-11-25 06:10Z (every time the store keeps is UTC)."""
+    return f"{iso[:10]} {iso[11:16]}Z"
 
 
 def _iso(value: datetime | None) -> str | None:

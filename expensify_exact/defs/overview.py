@@ -8,7 +8,8 @@ import dagster as dg
 import pandas as pd
 
 from expensify_exact.config import ProjectConfig
-from expensify_exact.core.overview import CONCERN_HEALTH, Concern, Health, Row, connection_overview, totals
+from expensify_exact.core.overview import (CONCERN_HEALTH, Concern, Health, Row, Totals, connection_overview,
+                                           display, display_totals, totals)
 from expensify_exact.defs.keys import OVERVIEW_GROUP
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.resources import ConnectorResource
@@ -16,7 +17,7 @@ from expensify_exact.defs.resources import ConnectorResource
 OVERVIEW = dg.AssetKey(["overview", "connections"])
 JOB_NAME = "refresh_overview"
 SCHEDULE_NAME = "refresh_overview_hourly"
-TABLE_ROWS = 100  # the worst; the totals count them all
+TABLE_ROWS = 100  # the worst; the totals line counts them all
 FAULT_ROWS = 50
 
 
@@ -58,37 +59,12 @@ CHECKS = [
 ]
 
 
-def overview_frame(rows: list[Row]) -> pd.DataFrame:
-    """The table an operator reads, one line per connection, as the rows come (worst first)."""
-    return pd.DataFrame([{
-        "health": str(row.health), "connection": row.connection, "division": row.division,
-        "posted yesterday": row.posted_yesterday,
-        "open quarantine": _quarantine(row),
-        "token age (days)": "-" if row.token_age_days is None else f"{row.token_age_days:.1f}",
-        "Exact calls left today": _budget(row),
-        "last run": _last_run(row),
-        "why": row.why,
-    } for row in rows])
-
-
-def _quarantine(row: Row) -> str:
-    if not row.quarantine_open:
-        return "0"
-    return f"{row.quarantine_open} (" + ", ".join(f"{code} {n}" for code, n in row.quarantine_by_reason.items()) + ")"
-
-
-def _budget(row: Row) -> str:
-    budget = row.budget
-    if budget is None or budget.remaining_daily is None:
-        return "-"
-    return f"{budget.remaining_daily}/{budget.daily_limit}" if budget.daily_limit else str(budget.remaining_daily)
-
-
-def _last_run(row: Row) -> str:
-    run = row.last_run
-    if run is None:
-        return "never"
-    return f"{run.at:%Y-%m-%d %H:%M}Z {(run.run_id or '-')[:8]} {run.outcome}"
+def overview_frame(rows: list[Row], total: Totals) -> pd.DataFrame:
+    """The table an operator reads: the `TABLE_ROWS` worst connections as the rows come, the totals last."""
+    shown = [display(row.as_dict()) for row in rows[:TABLE_ROWS]]
+    if len(rows) > TABLE_ROWS:
+        shown.append({"connection": f"… {len(rows) - TABLE_ROWS} more (`expensify-exact status --all`)"})
+    return pd.DataFrame(shown + [display_totals(total.as_dict())]).fillna("")
 
 
 def build(config: ProjectConfig) -> dg.Definitions:
@@ -113,7 +89,7 @@ def build(config: ProjectConfig) -> dg.Definitions:
                 "deferred_reports": total.deferred_reports,
                 "quarantine_by_reason": markdown_table(pd.DataFrame(
                     list(total.quarantine_by_reason.items()), columns=["reason", "open reports"])),
-                "overview": markdown_table(overview_frame(rows), limit=TABLE_ROWS),
+                "overview": markdown_table(overview_frame(rows, total), limit=TABLE_ROWS + 2),
             },
             check_results=[check.result(rows) for check in CHECKS],
         )
