@@ -13,7 +13,7 @@ from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.api.http.pacing import RateLimitSnapshot
 from expensify_exact.config import load_project_config
 from expensify_exact.core.connections import StoredRateLimitBoard, VaultTokenStore
-from expensify_exact.core.overview import record_run
+from expensify_exact.core.overview import connection_overview, record_run, totals
 from expensify_exact.defs import overview
 from expensify_exact.defs.keys import OVERVIEW_GROUP
 from expensify_exact.defs.resources import ConnectorResource
@@ -113,3 +113,18 @@ def test_the_overview_is_its_own_group_refreshed_hourly_by_a_schedule_that_start
     assert (schedule.name, schedule.cron_schedule, schedule.job_name) == (
         overview.SCHEDULE_NAME, "5 * * * *", overview.JOB_NAME)
     assert schedule.default_status is dg.DefaultScheduleStatus.RUNNING
+
+
+def test_the_table_in_the_ui_keeps_the_worst_hundred_says_how_many_more_and_ends_with_the_totals(store):
+    base = load_project_config(Path(__file__).resolve().parents[2] / "mappings")
+    first = base.connections[0]
+    config = base.model_copy(update={"connections": [
+        first.model_copy(update={"name": f"c{i:03d}", "exact": first.exact.model_copy(update={"division": 500 + i})})
+        for i in range(overview.TABLE_ROWS + 5)]})
+    tokens(store, "c104", timedelta(days=1))  # the one connection not failing: it ends up last, left out
+    rows = connection_overview(config, store, ConnectorResource().clock())
+    frame = overview.overview_frame(rows, totals(rows))
+    assert len(frame) == overview.TABLE_ROWS + 2
+    assert "c104" not in set(frame["connection"])
+    assert frame.iloc[-2]["connection"] == "… 5 more (`expensify-exact status --all`)"
+    assert list(frame.iloc[-1][["health", "connection"]]) == ["TOTAL", "105 connections"]
