@@ -20,6 +20,7 @@ from expensify_exact.core.draft_checks import DraftLineSchema
 from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day
 from expensify_exact.core.exports import export_groups, export_together
 from expensify_exact.core.journal import DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, Reason
+from expensify_exact.core.overview import record_run
 from expensify_exact.core.pipeline import draft, normalize
 from expensify_exact.core.posting import (
     OUTCOME_COLUMNS,
@@ -300,6 +301,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
         clock = connector.clock()
         run_id = context.run.run_id
         posted_with: dict[str, dict] = {}
+        stopped_why: dict[str, str] = {}
 
         def post(conn: Connection, days: list[str], drafts_by_day: dict) -> dict[str, pd.DataFrame]:
             client = connector.exact_client(conn)
@@ -333,6 +335,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
                 _mark_exported(context, connector, conn, newly_posted, store)
             posted_with[conn.name] = {"late_approvals": len(late), "exact_calls": client.calls_made,
                                       "exact_daily_calls_left": client.rate_limits.remaining_daily or -1}
+            stopped_why[conn.name] = "; ".join(stopped)
             return results
 
         values = for_each_connection(context, config, post, journal_drafts)
@@ -349,6 +352,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
 
         _describe_partitions(context, values, describe)
         failed = failures(values)
+        _record_runs(store, run_id, days_by_connection(context), values, stopped_why)
         table = pd.DataFrame([{"connection": f.connection, "step": f.step, "error": f.error} for f in failed],
                              columns=["connection", "step", "error"])
         return dg.MaterializeResult(
@@ -409,6 +413,17 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
 
     return [raw_reports, expense_lines, exact_dimensions, journal_drafts, journal_entries_posted, quarantine,
             unreported_card_spend]
+
+
+def _record_runs(store, run_id: str, plan: dict[str, list[str]], values: dict, stopped: dict[str, str]) -> None:
+    """What the run did for each of its connections, for the overview (`core.overview.record_run`)."""
+    for name, days in plan.items():
+        mine = [values[partition_key(name, day)] for day in days]
+        failed = next((v for v in mine if isinstance(v, ConnectionFailed)), None)
+        frames = [v for v in mine if isinstance(v, pd.DataFrame)]
+        counts = concat(frames, OUTCOME_COLUMNS)["outcome"].value_counts().to_dict()
+        record_run(store, name, run_id, days, counts={str(k): int(v) for k, v in counts.items()},
+                   stopped=stopped.get(name) or None, failed=f"{failed.step}: {failed.error}" if failed else None)
 
 
 def _mark_exported(context, connector: ConnectorResource, conn: Connection, report_ids: list[str], store) -> None:
