@@ -39,6 +39,7 @@ CHECKED_DIMENSIONS = ("gl_accounts", "cost_centers", "cost_units", "journals", "
 GL_CODE_MISMATCH = "GL_CODE_MISMATCH"
 UNKNOWN_POLICY = "UNKNOWN_POLICY"
 UNREACHABLE = "UNREACHABLE"
+MISSING_EXPENSIFY_LOGIN = "MISSING_EXPENSIFY_LOGIN"  # once per credential, however many connections share it
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
         conn: the connection whose division and policies are checked.
         project: the loaded mappings.
         dims: DataFrames as `snapshots.fetch_dimension` returns them, by name (CHECKED_DIMENSIONS).
-        policies: `ExpensifyClient.get_policies(conn.expensify.policy_ids)`.
+        policies: `ExpensifyClient.get_policies(conn.expensify.policy_ids)`; None when they could not be read
+            (no Expensify login stored), so the policies' categories and tags are not checked.
         locations: line numbers of the mapping rows.
         today: the day against which end dates count.
 
@@ -148,7 +150,7 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
 
     # Expensify's policies: what employees can pick, before any report uses it.
     levels = {level.level: level for level in project.tags}
-    for policy_id in conn.expensify.policy_ids:
+    for policy_id in conn.expensify.policy_ids if policies is not None else ():
         policy = policies.get(policy_id)
         if policy is None:
             add(ERROR, UNKNOWN_POLICY, locations.connection(conn.name, "expensify", "policy_ids"),
@@ -186,9 +188,11 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
     return findings
 
 
-def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations) -> list[Finding]:
+def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations,
+                     read_expensify: bool = True) -> list[Finding]:
     """Reads Exact's dimensions and Expensify's policies for `conn` and checks the mappings against them, as of
-    the connection's day by the connector's clock."""
+    the connection's day by the connector's clock. Without `read_expensify` (its Expensify login is not stored,
+    which `missing_logins` reports once per credential) only Exact's side is checked."""
     from expensify_exact.core.snapshots import fetch_dimension, needed_codes
 
     try:
@@ -200,12 +204,40 @@ def check_connection(connector, conn: Connection, project: ProjectConfig, locati
     except ConnectorError as exc:
         return [Finding(ERROR, UNREACHABLE, conn.name, f"Exact division {conn.exact.division}",
                         f"cannot read the dimensions: {exc}")]
+    policies = None
     try:
-        with connector.expensify_client(conn) as expensify:
-            policies = expensify.get_policies(conn.expensify.policy_ids)
+        if read_expensify:
+            with connector.expensify_client(conn) as expensify:
+                policies = expensify.get_policies(conn.expensify.policy_ids)
     except ConnectorError as exc:
         return [Finding(ERROR, UNREACHABLE, conn.name, "Expensify", f"cannot read the policies: {exc}")]
     return find_problems(conn, project, dims, policies, locations, connection_today(conn.timezone, connector.clock()))
+
+
+def missing_logins(connector, project: ProjectConfig, connections: list[Connection]) -> dict[str, list[Connection]]:
+    """The Expensify credentials of `connections` whose partner login is not stored, each with every configured
+    connection sharing it. Empty when the vault cannot be opened: each connection's check then says why."""
+    from expensify_exact.core.connections import missing_expensify_credentials
+
+    checked = {c.name for c in connections}
+    try:
+        missing = missing_expensify_credentials(connector.vault(), list(project.connections))
+    except ConnectorError:
+        return {}
+    return {credential: group for credential, group in missing.items() if any(c.name in checked for c in group)}
+
+
+def missing_login_finding(credential: str, group: list[Connection]) -> Finding:
+    """One finding for a credential whose login is missing, however many connections share it."""
+    from expensify_exact.core.connections import store_expensify_login_command
+
+    names = ", ".join(c.name for c in group)
+    shared = len(group) > 1 or group[0].expensify.credential
+    whose = f"Expensify credential {credential} (connections {names})" if shared else f"connection {credential}"
+    where = f"Expensify credential {credential}" if shared else "Expensify"
+    return Finding(ERROR, MISSING_EXPENSIFY_LOGIN, names, where,
+                   f"the Expensify partner login of {whose} is not stored, so no policy can be read; run "
+                   f"`{store_expensify_login_command(group)}`")
 
 
 def _remember_rate_budget(connector, conn: Connection, client) -> None:
@@ -232,11 +264,13 @@ def cmd_check(args) -> int:
             print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     locations = MappingLocations(args.mappings)
-    findings: list[Finding] = []
+    missing = missing_logins(connector, project, connections)
+    findings = [missing_login_finding(credential, group) for credential, group in missing.items()]
+    unread = {conn.name for group in missing.values() for conn in group}
     for conn in connections:
         if not args.json:
             print(f"{conn.name}: {describe_connection(conn)}", flush=True)
-        findings.extend(check_connection(connector, conn, project, locations))
+        findings.extend(check_connection(connector, conn, project, locations, read_expensify=conn.name not in unread))
     summary = _summary(findings, [c.name for c in connections])
     lines = [f.line() for f in findings]
     lines.append(f"{summary['problems']} problem(s), {summary['warnings']} warning(s)" if findings

@@ -29,7 +29,7 @@ NEVER_EXCHANGED = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 def collect_status(connector, connections, instance, now: datetime, live: bool = False) -> dict:
     """Everything `status` shows, as one JSON-ready dict; `instance` may be None (no Dagster instance yet)."""
-    from expensify_exact.core.connections import SECRET_NAMES
+    from expensify_exact.core.connections import SECRET_NAMES, secret_scope
 
     required = _required_secrets()
     store = connector.store()
@@ -38,7 +38,7 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
     out: dict = {"checked_at": now.isoformat(), "connections": {}, "runs": _recent_runs(instance)}
     for conn in connections:
         issued = token_ages.get(conn.name)
-        credentials = {name: (conn.name, name) in stored for name in SECRET_NAMES}
+        credentials = {name: (secret_scope(conn, name), name) in stored for name in SECRET_NAMES}
         credentials["exact_tokens"] = issued is not None
         notify_needs = _notify_secrets(conn, stored)
         credentials |= {name: (conn.name, name) in stored for name in notify_needs}
