@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from datetime import date
 
@@ -64,7 +65,7 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
         project: the loaded mappings.
         dims: DataFrames as `snapshots.fetch_dimension` returns them, by name (CHECKED_DIMENSIONS).
         policies: `ExpensifyClient.get_policies(conn.expensify.policy_ids)`; None when they could not be read
-            (no Expensify login stored), so the policies' categories and tags are not checked.
+            (`read_policies`), so the policies' categories and tags are not checked.
         locations: line numbers of the mapping rows.
         today: the day against which end dates count.
 
@@ -189,10 +190,10 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
 
 
 def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations,
-                     read_expensify: bool = True) -> list[Finding]:
-    """Reads Exact's dimensions and Expensify's policies for `conn` and checks the mappings against them, as of
-    the connection's day by the connector's clock. Without `read_expensify` (its Expensify login is not stored,
-    which `missing_logins` reports once per credential) only Exact's side is checked."""
+                     policies: dict | None) -> list[Finding]:
+    """Reads Exact's dimensions for `conn` and checks the mappings against them and against its Expensify
+    `policies` (`read_policies`; None: not read, only Exact's side is checked), as of the connection's day by the
+    connector's clock."""
     from expensify_exact.core.snapshots import fetch_dimension, needed_codes
 
     try:
@@ -204,14 +205,30 @@ def check_connection(connector, conn: Connection, project: ProjectConfig, locati
     except ConnectorError as exc:
         return [Finding(ERROR, UNREACHABLE, conn.name, f"Exact division {conn.exact.division}",
                         f"cannot read the dimensions: {exc}")]
-    policies = None
-    try:
-        if read_expensify:
-            with connector.expensify_client(conn) as expensify:
-                policies = expensify.get_policies(conn.expensify.policy_ids)
-    except ConnectorError as exc:
-        return [Finding(ERROR, UNREACHABLE, conn.name, "Expensify", f"cannot read the policies: {exc}")]
     return find_problems(conn, project, dims, policies, locations, connection_today(conn.timezone, connector.clock()))
+
+
+def read_policies(connector, connections: list[Connection],
+                  missing: Collection[str]) -> tuple[dict[str, dict | None], list[Finding]]:
+    """Each connection's Expensify policies, read with one policy-getter call per credential (Expensify's limits are
+    per partner login), and one finding per credential Expensify did not answer. A connection whose credential is
+    `missing` or unanswered gets None."""
+    from expensify_exact.core.exports import by_credential
+
+    policies: dict[str, dict | None] = {conn.name: None for conn in connections}
+    findings = []
+    for credential, group in by_credential(connections).items():
+        if credential in missing:
+            continue
+        try:
+            with connector.expensify_client(group[0]) as expensify:
+                found = expensify.get_policies([policy for conn in group for policy in conn.expensify.policy_ids])
+        except ConnectorError as exc:
+            findings.append(Finding(ERROR, UNREACHABLE, ", ".join(c.name for c in group), "Expensify",
+                                    f"cannot read the policies: {exc}"))
+            continue
+        policies |= {conn.name: {p: found[p] for p in conn.expensify.policy_ids if p in found} for conn in group}
+    return policies, findings
 
 
 def missing_logins(connector, project: ProjectConfig, connections: list[Connection]) -> dict[str, list[Connection]]:
@@ -253,7 +270,8 @@ def cmd_check(args) -> int:
     mappings. One line per problem, with the file:line of the mapping row where there is one.
 
     Exit codes: 0 no problems (warnings allowed), 1 problems found or a service unreachable, 3 the configuration
-    itself is invalid. Uses about 7 Exact calls and 1 Expensify call per connection.
+    itself is invalid. Uses about 7 Exact calls per connection and 1 Expensify call per credential (the
+    connections sharing an Expensify login are read together).
     """
     try:
         connector, project, connections = open_connections(args)
@@ -266,11 +284,12 @@ def cmd_check(args) -> int:
     locations = MappingLocations(args.mappings)
     missing = missing_logins(connector, project, connections)
     findings = [missing_login_finding(credential, group) for credential, group in missing.items()]
-    unread = {conn.name for group in missing.values() for conn in group}
+    policies, unanswered = read_policies(connector, connections, missing)
+    findings.extend(unanswered)
     for conn in connections:
         if not args.json:
             print(f"{conn.name}: {describe_connection(conn)}", flush=True)
-        findings.extend(check_connection(connector, conn, project, locations, read_expensify=conn.name not in unread))
+        findings.extend(check_connection(connector, conn, project, locations, policies[conn.name]))
     summary = _summary(findings, [c.name for c in connections])
     lines = [f.line() for f in findings]
     lines.append(f"{summary['problems']} problem(s), {summary['warnings']} warning(s)" if findings
