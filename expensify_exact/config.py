@@ -165,8 +165,10 @@ class Connection(_Strict):
         return self.expensify.credential or self.name
 
 
-# What connections sharing an Expensify credential must agree on: one client and one export job serve them all.
-SHARED_EXPENSIFY_SETTINGS = ("endpoint_url", "timestamp_timezone", "poll_interval_seconds", "poll_timeout_seconds")
+# What connections sharing an Expensify credential must agree on: one client and one export job serve them all, and
+# the job selects approval days in one timezone.
+SHARED_CREDENTIAL_SETTINGS = (("timezone",), ("expensify", "endpoint_url"), ("expensify", "timestamp_timezone"),
+                              ("expensify", "poll_interval_seconds"), ("expensify", "poll_timeout_seconds"))
 
 
 class CategoryMapping(_Strict):
@@ -424,19 +426,21 @@ def _check_cross_references(config: ProjectConfig, sources: dict[str, tuple[Path
 
 def _check_shared_credentials(config: ProjectConfig, path: Path, document: Any) -> None:
     """Connections sharing an Expensify credential are exported together and split by policy ID afterwards, so a
-    policy belongs to one of them, and they use one client: the same `SHARED_EXPENSIFY_SETTINGS`."""
+    policy belongs to one of them, and they use one client and one export job: the same
+    `SHARED_CREDENTIAL_SETTINGS`."""
     first: dict[str, int] = {}  # credential -> index of its first connection
     owners: dict[tuple[str, str], int] = {}  # (credential, policy ID) -> index of the connection listing it
     for index, conn in enumerate(config.connections):
         credential = conn.expensify_credential
         node = document["connections"][index]
         lead = config.connections[first.setdefault(credential, index)]
-        for key in SHARED_EXPENSIFY_SETTINGS:
-            if getattr(conn.expensify, key) != getattr(lead.expensify, key):
+        for keys in SHARED_CREDENTIAL_SETTINGS:
+            mine, theirs = _setting(conn, keys), _setting(lead, keys)
+            if mine != theirs:
                 raise ConfigError(
                     f"connections {lead.name} and {conn.name} share Expensify credential {credential!r} but not "
-                    f"expensify.{key} ({getattr(lead.expensify, key)!r} and {getattr(conn.expensify, key)!r}): "
-                    f"one client exports for both", path=str(path), line=_line_of(node, ("expensify", key)))
+                    f"{'.'.join(keys)} ({theirs!r} and {mine!r}): one export job a day serves both; give them the "
+                    f"same, or credentials of their own", path=str(path), line=_line_of(node, keys))
         for position, policy in enumerate(conn.expensify.policy_ids):
             other = owners.setdefault((credential, policy), index)
             if other != index:
@@ -445,3 +449,10 @@ def _check_shared_credentials(config: ProjectConfig, path: Path, document: Any) 
                     f"which share Expensify credential {credential!r}: their reports are told apart by policy, so a "
                     f"policy belongs to one connection per credential", path=str(path),
                     line=_line_of(node, ("expensify", "policy_ids", position)))
+
+
+def _setting(conn: Connection, keys: tuple[str, ...]) -> Any:
+    value: Any = conn
+    for key in keys:
+        value = getattr(value, key)
+    return value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from datetime import datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -100,6 +101,11 @@ def test_a_shared_login_is_stored_once_and_check_reads_both_customers_with_it(ca
                        f"[{NL}, {BE}]"]
     assert "UNREACHABLE" not in out and "UNKNOWN_COST_CENTER" in out  # Exact was read for both
     assert "UNMAPPED_CATEGORY" not in out  # Expensify was not
+    code, out, _ = _cli(capsys, mappings, state_url, "preflight", "--connection", BE, "--json")
+    verdict = next(v for v in json.loads(out)["verdicts"] if v["check"] == "expensify_credentials")
+    assert code == 1 and verdict["status"] == "FAILED"
+    assert verdict["advice"] == (f"store them: `expensify-exact secrets set --credential {CREDENTIAL} --from-env` "
+                                 f"(credential {CREDENTIAL}, also used by {NL})")
 
     assert _cli(capsys, mappings, state_url, "secrets", "set", "--credential", "nobody", "--from-env")[0] == 2
     code, out, _ = _cli(capsys, mappings, state_url, "secrets", "set", "--credential", CREDENTIAL, "--from-env")
@@ -113,7 +119,7 @@ def test_a_shared_login_is_stored_once_and_check_reads_both_customers_with_it(ca
 
     before = sandbox.expensify.stats["requests"]
     code, out, _ = _cli(capsys, mappings, state_url, "check", "--json")
-    findings = {(f["code"], f["connection"]) for f in __import__("json").loads(out)["findings"]}
+    findings = {(f["code"], f["connection"]) for f in json.loads(out)["findings"]}
     assert findings == {("UNKNOWN_COST_CENTER", NL), ("UNMAPPED_CATEGORY", NL), ("UNKNOWN_COST_CENTER", BE)}
     # Both customers' policies came in one call under the one login, counted in the credential's window.
     assert sandbox.expensify.stats["requests"] - before == 1

@@ -32,7 +32,7 @@ NL_POLICY, BE_POLICY, DE_POLICY = "7A3F9C21B4D05E68", "BE00000000000001", "DE000
 
 def _mappings(tmp_path, *extra: dict, first: dict | None = None):
     """The shipped mappings with `first` merged into the Dutch connection's `expensify` and more connections after it,
-    each a copy of the Dutch one with the given name, division and `expensify` keys."""
+    each a copy of the Dutch one with its own division and the given keys (`expensify` ones merged)."""
     mappings = write_mappings(tmp_path / "mappings")
     path = mappings / "connections.yaml"
     document = yaml.safe_load(path.read_text())
@@ -40,10 +40,10 @@ def _mappings(tmp_path, *extra: dict, first: dict | None = None):
     base["expensify"].update(first or {})
     for n, spec in enumerate(extra, start=1):
         conn = yaml.safe_load(yaml.safe_dump(base))
-        conn["name"] = spec["name"]
         conn["exact"]["division"] = 200000 + n
         conn["expensify"].pop("credential", None)
         conn["expensify"].update(spec.get("expensify", {}))
+        conn.update({key: value for key, value in spec.items() if key != "expensify"})
         document["connections"].append(conn)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return mappings
@@ -105,18 +105,21 @@ def test_two_connections_with_their_own_logins_may_list_the_same_policy(tmp_path
     assert [c.name for c in load_project_config(mappings).connections] == [NL, BE]
 
 
-@pytest.mark.parametrize("key, value", [("endpoint_url", "http://127.0.0.1:9999/Integration-Server/x"),
-                                        ("timestamp_timezone", "Europe/Amsterdam"),
-                                        ("poll_timeout_seconds", 60)])
-def test_connections_of_one_credential_with_different_client_settings_are_refused_at_the_line(tmp_path, key, value):
-    mappings = _mappings(tmp_path, {"name": BE, "expensify": {"policy_ids": [BE_POLICY], "credential": "firm",
-                                                              key: value}}, first={"credential": "firm"})
-    path = mappings / "connections.yaml"
+@pytest.mark.parametrize("key, value", [("expensify.endpoint_url", "http://127.0.0.1:9999/Integration-Server/x"),
+                                        ("expensify.timestamp_timezone", "Europe/Amsterdam"),
+                                        ("expensify.poll_timeout_seconds", 60),
+                                        ("timezone", "America/Los_Angeles")])
+def test_connections_of_one_credential_with_different_export_settings_are_refused_at_the_line(tmp_path, key, value):
+    """One client and one export job, selecting approval days in one zone, serve every connection of a credential."""
+    section, _, name = key.rpartition(".")
+    belgian = {"name": BE, "expensify": {"policy_ids": [BE_POLICY], "credential": "firm"}}
+    (belgian[section] if section else belgian)[name] = value
+    path = _mappings(tmp_path, belgian, first={"credential": "firm"}) / "connections.yaml"
     with pytest.raises(ConfigError) as error:
-        load_project_config(mappings)
+        load_project_config(path.parent)
     assert error.value.path == str(path)
-    assert error.value.line == _line_of(path, f"{key}:", occurrence=2 if key == "endpoint_url" else 1)
-    assert f"connections {NL} and {BE} share Expensify credential 'firm' but not expensify.{key}" in str(error.value)
+    assert error.value.line == _line_of(path, f"{name}: {value}")
+    assert f"connections {NL} and {BE} share Expensify credential 'firm' but not {key}" in str(error.value)
 
 
 def test_a_credential_name_follows_the_connection_name_rules(tmp_path):
