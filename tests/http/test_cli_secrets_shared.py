@@ -206,4 +206,8 @@ def test_removing_a_customer_keeps_its_ledger_quarantine_and_audit_and_the_other
     for command in (["status", "--connection", BE], ["check", "--connection", BE]):
         code, out, err = _cli(capsys, mappings, state_url, *command)
         assert code == 3 and f"no connection named {BE!r}" in out + err, command
+    # Its open item can still be closed, on the record.
+    code, out, _ = _cli(capsys, mappings, state_url, "quarantine", "ignore", gift, "--reason", "customer left")
+    assert code == 0 and store.quarantine_get(BE, gift).status == "ignored"
+    assert store.audit_rows(connection=BE)[:len(before["audit"])] == before["audit"]
     store.dispose()
