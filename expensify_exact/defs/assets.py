@@ -122,11 +122,9 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
     )
     def raw_reports(context: dg.AssetExecutionContext, connector: ConnectorResource):
         plan = days_by_connection(context)
-        groups: dict[str, list[str]] = {}
-        for credential, conns in by_credential([config.connection(name) for name in plan]).items():
-            for conn in conns:  # connections in other timezones count their days apart: their own export
-                groups.setdefault(f"{credential}/{conn.timezone}/{conn.expensify.timestamp_timezone}",
-                                  []).append(conn.name)
+        # Connections of one credential share their timezone and client settings (config validation).
+        groups = {credential: [conn.name for conn in conns]
+                  for credential, conns in by_credential([config.connection(name) for name in plan]).items()}
         requests: dict[str, dict[str, int]] = {}
 
         def export(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, list[dict]]]:
