@@ -20,6 +20,7 @@ from expensify_exact_sandbox.seed import (
 )
 
 _FAR_PAST = datetime(2000, 1, 1, tzinfo=timezone.utc)
+DEMO_USER = "finance"  # the demo firm's Exact user: every consent but a customer division's is theirs
 TOO_EARLY = "Rate limit exceeded: access_token not expired"
 
 
@@ -30,6 +31,10 @@ class Chain:
     chain_id: str
     client_id: str
     last_issued_at: datetime  # when this chain last got an access token; the 570 s floor counts from here
+    user: str = DEMO_USER  # the Exact user who consented: the 200 token calls a day count per app and user (§2.4)
+    # a customer's user reaches only its own division, which is also its CurrentDivision; None: the demo user,
+    # whose divisions are the `accessible_divisions` knob
+    division: int | None = None
 
 
 @dataclass
@@ -86,7 +91,7 @@ class TokenAuthority:
         self.codes: dict[str, AuthCode] = {}
         self.refresh_tokens: dict[str, RefreshToken] = {}
         self.access_tokens: dict[str, AccessToken] = {}
-        self.daily_calls: dict[tuple[str, str], int] = {}
+        self.daily_calls: dict[tuple[str, str, str], int] = {}  # (client, user, day)
         # the seeded token behaves as if its access token was issued long ago: refreshable immediately
         chain = Chain(secrets.token_hex(8), normalize_client_id(EXACT_CLIENT_ID), _FAR_PAST)
         self.refresh_tokens[EXACT_INITIAL_REFRESH_TOKEN] = RefreshToken(
@@ -121,7 +126,10 @@ class TokenAuthority:
         """Answers one token call. Returns (reply, client_id, rotated) so the caller can count and fault."""
         now = self._clock.now()
         client_id = normalize_client_id(form.get("client_id"))
-        day_key = (client_id, now.date().isoformat())
+        # §2.4: per app and user; a grant that names no known consent is counted against the demo user
+        presented = self.refresh_tokens.get(form.get("refresh_token", "")) if form.get("grant_type") == \
+            "refresh_token" else None
+        day_key = (client_id, presented.chain.user if presented else DEMO_USER, now.date().isoformat())
         self.daily_calls[day_key] = self.daily_calls.get(day_key, 0) + 1
         if client_id not in self.clients or form.get("client_secret") != self.clients[client_id][0]:
             return _json(400, {"error": "invalid_request"}, refusal="invalid_client"), client_id, False
@@ -209,6 +217,13 @@ class TokenAuthority:
             chain.last_issued_at = _FAR_PAST
         return {"access_token": access.value, "refresh_token": refresh.value,
                 "expires_in": str(self._knobs.access_token_seconds), "token_type": "bearer"}
+
+    def add_customer_consent(self, refresh_token: str, division: int) -> None:
+        """A customer's own user consented for its one division: `refresh_token` starts a chain refreshable at
+        once (as the seeded demo token is), counted as its own user for the daily token limit."""
+        chain = Chain(secrets.token_hex(8), normalize_client_id(EXACT_CLIENT_ID), _FAR_PAST,
+                      user=f"customer-{division}", division=division)
+        self.refresh_tokens[refresh_token] = RefreshToken(refresh_token, chain, self._clock.now())
 
     def check_access(self, header: str | None) -> AccessToken | None:
         if not header or not header.lower().startswith("bearer "):
