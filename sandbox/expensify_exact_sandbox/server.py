@@ -22,6 +22,8 @@ from expensify_exact_sandbox.seed import Seed, build_seed
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 resets connections when dozens of client threads connect at once
+    request_queue_size = 1024
 
 
 class _DroppingServerHandler(ServerHandler):
