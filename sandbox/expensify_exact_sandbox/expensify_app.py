@@ -40,7 +40,7 @@ import re
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from email.parser import BytesParser
@@ -57,6 +57,7 @@ CONTROL_PREFIX = "/_sandbox/expensify/"
 RATE_LIMIT_MESSAGE = ("You have been rate-limited. Please try again later or contact help@expensify.com for "
                       "assistance.")
 TEXT_PLAIN = "text/plain;charset=utf-8"  # expensify.md §1: envelopes arrive as text/plain
+RENDER_WAIT_SECONDS = 2.0  # how long a download waits for a render still running before it answers not-ready
 
 DEFAULT_KNOBS: dict[str, object] = {
     "render_delay_seconds": 2.0,
@@ -136,8 +137,8 @@ class _Response:
     status: int
     body: bytes
     content_type: str = TEXT_PLAIN
-    # work the answer waits for but the simulator's lock need not (rendering an export's files)
-    unlocked_work: list = field(default_factory=list)
+    # the real answer, worked out after the simulator's lock is released (a download waiting for its render)
+    finish: Callable[[], "_Response"] | None = None
 
 
 def _envelope(code: int, message: str) -> _Response:
@@ -370,11 +371,18 @@ class _Record(Mapping):
         return hash(tuple(sorted((k, repr(v)) for k, v in self._values.items())))
 
 
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class _File:
     ready_at: datetime
     body: bytes | None = None
     envelope: tuple[int, str] | None = None
+    rendered: threading.Event = field(default_factory=_set_event)  # unset while a background render runs
 
 
 def _numeric_id(text: str, digits: int) -> int:
@@ -709,9 +717,7 @@ class ExpensifySimulator:
                 return _envelope(exc.code, exc.message)
             except Exception as exc:  # noqa: BLE001 - the servlet answers an HTML 500 rather than dropping the line
                 return _tomcat_page(500, f"{type(exc).__name__}: {exc}")
-        for work in response.unlocked_work:
-            work()
-        return response
+        return response.finish() if response.finish else response
 
     def _bump(self, stat: str, key: str) -> None:
         self._stats[stat][key] = self._stats[stat].get(key, 0) + 1
@@ -819,10 +825,10 @@ class ExpensifySimulator:
         ready_at = self._now_aware() + timedelta(seconds=float(self.knobs["render_delay_seconds"]))
         source = _template_source(template_src)
         groups = [[r] for r in reports] if ext == "pdf" and reports else [reports]
-        names, renders = [], []
+        names = []
         for group in groups:
             name = f"{basename}{uuid.UUID(int=self._rng.getrandbits(128), version=4)}.{ext}"
-            renders.append(self._export_render(name, source, group, ready_at))
+            self._files[("integrationServer", name)] = self._start_render(source, group, ready_at)
             names.append(name)
         if not _truthy_flag(job.get("test")):
             for action in on_finish:
@@ -836,32 +842,30 @@ class ExpensifySimulator:
                 elif isinstance(action, dict):
                     self._stats["ignored_onfinish_actions"] += 1
         # Success is the bare file name, not JSON (expensify.md §2.2 [OBS]); several files are comma-joined
-        return _Response(200, ",".join(names).encode(), unlocked_work=renders)
+        return _Response(200, ",".join(names).encode())
 
-    def _export_render(self, name: str, source: str, reports: list[_Report], ready_at: datetime):
-        """The job's data as it is now, and the work that renders it into the file `name`: run without the
-        simulator's lock (thousands of reports take seconds), it stores the file once it is whole."""
-        key = ("integrationServer", name)
+    def _start_render(self, source: str, reports: list[_Report], ready_at: datetime) -> _File:
+        """The job's data as it is now, rendered in the background, as Expensify renders (§2.2): thousands of
+        reports take seconds, during which the job has long answered and the file is not ready."""
         if not reports and self.knobs["empty_result_behaviour"] == "error":
-            file = _File(ready_at, envelope=(404, "File not found"))
-            return lambda: self._store_file(key, file)
+            return _File(ready_at, envelope=(404, "File not found"))
         model = {"reports": [self._report_model(r) for r in reports], "addHeader": bool(self.knobs["add_header"])}
         as_envelope = self.knobs["render_error_behaviour"] == "envelope"
+        file = _File(ready_at, rendered=threading.Event())
 
         def render() -> None:
             try:
-                file = _File(ready_at, body=Template(source, name="expensify-export").render(model, now=self._now)
-                             .encode())
+                file.body = Template(source, name="expensify-export").render(model, now=self._now).encode()
             except TemplateError as exc:
-                file = _File(ready_at, envelope=(500, exc.message)) if as_envelope else \
-                    _File(ready_at, body=exc.text.encode())
-            self._store_file(key, file)
+                if as_envelope:
+                    file.envelope = (500, exc.message)
+                else:
+                    file.body = exc.text.encode()
+            finally:
+                file.rendered.set()
 
-        return render
-
-    def _store_file(self, key: tuple[str, str], file: _File) -> None:
-        with self._lock:
-            self._files[key] = file
+        threading.Thread(target=render, name="expensify-render", daemon=True).start()
+        return file
 
     def _select_reports(self, settings: dict, user: str) -> list[_Report]:
         filters = settings.get("filters")
@@ -946,12 +950,28 @@ class ExpensifySimulator:
         if stored is None:
             raise _Reject(404, "File not found")
         if self.faults.take("expensify.download") == "not_ready" or self._now_aware() < stored.ready_at:
-            self._stats["downloads_not_ready"] = self._stats.get("downloads_not_ready", 0) + 1
-            if self.knobs["not_ready_behaviour"] == "error":
-                raise _Reject(404, "File not found")
-            return _Response(200, b"")
+            return self._not_ready()
+        if not stored.rendered.is_set():
+            return _Response(200, b"", finish=lambda: self._when_rendered(stored))
+        return self._file_answer(stored)
+
+    def _when_rendered(self, stored: _File) -> _Response:
+        """Outside the lock: a file whose render delay is over but whose render still runs is waited for a
+        little, so a small export is never a race; a large one answers not-ready until it is done."""
+        done = stored.rendered.wait(RENDER_WAIT_SECONDS)
+        with self._lock:
+            return self._file_answer(stored) if done else self._not_ready()
+
+    def _not_ready(self) -> _Response:
+        self._stats["downloads_not_ready"] = self._stats.get("downloads_not_ready", 0) + 1
+        if self.knobs["not_ready_behaviour"] == "error":
+            return _envelope(404, "File not found")
+        return _Response(200, b"")
+
+    @staticmethod
+    def _file_answer(stored: _File) -> _Response:
         if stored.envelope:
-            raise _Reject(*stored.envelope)
+            return _envelope(*stored.envelope)
         return _Response(200, stored.body or b"", "application/octet-stream")
 
     # -- data model (§3.1, §3.2) ----------------------------------------------------------------------------------
