@@ -17,6 +17,10 @@ Strict by default where the sheet leaves the truth open (§13): Exact assigns it
 (`mandatory_filtering`), query strings over 8 KB are refused, and every error an app earns (4xx except 429, and 5xx
 carrying Exact's message) counts per client, division, endpoint and clock hour; from the 10th the endpoint answers
 403 for the rest of that hour.
+
+Customer divisions (`open_customer_division`, used by scale.ScaleScenario) each have their own Exact user: a
+refresh token of their own, reaching that division only, with the 200 token calls a day counted per user (§2.4).
+Their books are made on first use, so hundreds cost little until used.
 """
 
 from __future__ import annotations
@@ -852,7 +856,10 @@ class ExactSimulator:
 
     @property
     def stats(self) -> dict:
-        """Counters: calls per 'METHOD endpoint', 429s per window, token refreshes, refusals by reason, posts."""
+        """Counters: calls per 'METHOD endpoint' and per division (`calls_by_division`), calls seen in the busiest
+        clock minute per division (`max_calls_per_minute`, 429s included), 429s per window in all and per division
+        (`rate_limited`, `rate_limited_by_division`), posts in all and created per division (`posts`,
+        `posts_by_division`), token refreshes, refusals by reason, errors per 'division endpoint'."""
         with self._lock:
             return json.loads(json.dumps(self._stats))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlencode
 
@@ -24,7 +24,7 @@ DEMO_USER = "finance"  # the demo firm's Exact user: every consent but a custome
 TOO_EARLY = "Rate limit exceeded: access_token not expired"
 
 
-@dataclass
+@dataclass(eq=False)  # a consent is itself: compared by identity, never by its (cyclic) token list
 class Chain:
     """One consent: the refresh tokens it has rotated through share it (the sheet's chainId, §2.5)."""
 
@@ -35,6 +35,7 @@ class Chain:
     # a customer's user reaches only its own division, which is also its CurrentDivision; None: the demo user,
     # whose divisions are the `accessible_divisions` knob
     division: int | None = None
+    refresh_tokens: list["RefreshToken"] = field(default_factory=list, repr=False)  # every one it rotated through
 
 
 @dataclass
@@ -44,6 +45,9 @@ class RefreshToken:
     issued_at: datetime
     used: bool = False
     successor: str | None = None
+
+    def __post_init__(self):
+        self.chain.refresh_tokens.append(self)
 
 
 @dataclass
@@ -178,8 +182,8 @@ class TokenAuthority:
                          [("Reason", f"TooEarlyToRefreshTokens: {TOO_EARLY}")],
                          refusal="too_early"), client_id, False
         access, refresh = self._issue(token.chain)
-        for other in self.refresh_tokens.values():
-            if other.chain is token.chain and other is not refresh:
+        for other in token.chain.refresh_tokens:  # the chain's own, not every token of every customer
+            if other is not refresh:
                 other.used = True
         token.successor = refresh.value
         return self._token_reply(access, refresh), client_id, True

@@ -28,6 +28,11 @@ Fault targets (``FaultSwitches``):
 
 Control API (JSON, same port): GET  /_sandbox/expensify/stats | knobs | reports
                                 POST /_sandbox/expensify/knobs | faults | reports | reports/<reportID>
+
+Partner logins: the demo one, plus any `add_partner` adds (scale.ScaleScenario does). Each administers its own
+policies and sees only their reports (the demo login: every policy no other login owns), and has its own rate-limit
+windows. Stats per login: ``requests_by_credential``, ``rate_limited_by_credential``, and
+``export_jobs_by_credential`` ({login: {UTC day the job ran: jobs}}).
 """
 
 from __future__ import annotations
