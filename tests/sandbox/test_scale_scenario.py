@@ -138,6 +138,21 @@ def test_each_customer_division_has_its_own_daily_budget(server, exact):
     assert server.exact.stats["rate_limited_by_division"] == {str(spent): {"minutely": 0, "daily": 1}}
 
 
+def test_each_customer_division_has_its_own_error_budget(server, exact):
+    blocked, fine = SCENARIO.division(0), SCENARIO.division(1)
+    blocked_headers = access_token(exact, SCENARIO.refresh_token(0))
+    unfiltered = [exact.get(f"/api/v1/{blocked}/financial/GLAccounts", headers=blocked_headers,
+                            params={"$select": "Code"}).status_code for _ in range(10)]
+    assert unfiltered == [400] * 10, "mandatory filtering refuses a GLAccounts read without a $filter"
+    assert journals(exact, blocked_headers, blocked).status_code == 200, "the budget is per endpoint"
+    refused = exact.get(f"/api/v1/{blocked}/financial/GLAccounts", headers=blocked_headers,
+                        params={"$select": "Code", "$filter": "Code eq '4500'"})
+    assert refused.status_code == 403 and refused.headers["Reason"] == "BlockedByErrorLimit"
+    answered = exact.get(f"/api/v1/{fine}/financial/GLAccounts", headers=access_token(exact, SCENARIO.refresh_token(1)),
+                         params={"$select": "Code", "$filter": "Code eq '4500'"})
+    assert answered.status_code == 200
+
+
 def test_each_customer_user_has_its_own_200_token_calls_a_day(server, exact):
     server.exact.set_knobs(token_calls_per_day=1)
     access_token(exact, SCENARIO.refresh_token(0))
