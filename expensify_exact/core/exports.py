@@ -18,8 +18,9 @@ class ReportExporter(Protocol):
 
 
 def credential_of(conn: Connection) -> str:
-    """The name an Expensify partner login is kept under: `expensify.credential`, else the connection's own name."""
-    return conn.expensify.credential or conn.name
+    """The name an Expensify partner login is kept under: `expensify.credential`, else the connection's own name
+    (`Connection.expensify_credential`, which config validation also groups by)."""
+    return conn.expensify_credential
 
 
 def by_credential(connections: list[Connection]) -> dict[str, list[Connection]]:
@@ -30,20 +31,10 @@ def by_credential(connections: list[Connection]) -> dict[str, list[Connection]]:
     return groups
 
 
-def export_groups(connections: list[Connection]) -> dict[str, list[Connection]]:
-    """The connections one export job can serve together: one credential, and one timezone and timestamp timezone
-    (a day is counted in the connection's zone, so connections in other zones need an export of their own)."""
-    groups: dict[str, list[Connection]] = {}
-    for credential, conns in by_credential(connections).items():
-        for conn in conns:
-            groups.setdefault(f"{credential}/{conn.timezone}/{conn.expensify.timestamp_timezone}", []).append(conn)
-    return groups
-
-
 def export_together(client: ReportExporter, connections: list[Connection], start: date, end: date
                     ) -> dict[str, list[dict]]:
     """Each connection's approved reports of start..end from one export over all their policies (`connections`
-    are one group of `export_groups`, `client` logged in with their credential)."""
+    share one credential, hence one timezone by config validation; `client` is logged in with it)."""
     first = connections[0]
     reports = client.export_reports(start, end, [p for c in connections for p in c.expensify.policy_ids],
                                     timezone=first.timezone, source_timezone=first.expensify.timestamp_timezone)

@@ -18,7 +18,7 @@ from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import closed_day
 from expensify_exact.core.draft_checks import DraftLineSchema
 from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day
-from expensify_exact.core.exports import export_groups, export_together
+from expensify_exact.core.exports import by_credential, export_together
 from expensify_exact.core.journal import DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, Reason
 from expensify_exact.core.overview import record_run
 from expensify_exact.core.pipeline import draft, normalize
@@ -122,8 +122,9 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
     )
     def raw_reports(context: dg.AssetExecutionContext, connector: ConnectorResource):
         plan = days_by_connection(context)
-        groups = {key: [conn.name for conn in conns]
-                  for key, conns in export_groups([config.connection(name) for name in plan]).items()}
+        # Connections of one credential share their timezone and client settings (config validation).
+        groups = {credential: [conn.name for conn in conns]
+                  for credential, conns in by_credential([config.connection(name) for name in plan]).items()}
         requests: dict[str, dict[str, int]] = {}
 
         def export(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, list[dict]]]:

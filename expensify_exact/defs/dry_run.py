@@ -13,7 +13,7 @@ import pandas as pd
 from expensify_exact import progress
 from expensify_exact.clock import connection_today
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.core.exports import export_groups, export_together
+from expensify_exact.core.exports import by_credential, export_together
 from expensify_exact.core.journal import Dimensions, JournalDrafts
 from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact.core.snapshots import fetch_dimensions, needed_codes
@@ -95,13 +95,13 @@ def _days_op(config: ProjectConfig) -> dg.OpDefinition:
 def _export_op(config: ProjectConfig) -> dg.OpDefinition:
     @dg.op(name=EXPORT_OP, out=dg.Out(dict, io_manager_key=MEMORY),
            description="Exports the approved reports of the days from Expensify, one export job per Expensify "
-                       "credential (and timezone) for all its connections' policies, split by policy after, as the "
+                       "credential for all its connections' policies, split by policy after, as the "
                        "main job's raw_reports does; labels and records nothing.")
     def dry_run_export(context: dg.OpExecutionContext, connector: ConnectorResource,
                        plan: DryRunPlan) -> dict:
         """Each connection's reports (or its `ConnectionFailed`)."""
-        groups = {key: [conn.name for conn in conns]
-                  for key, conns in export_groups([config.connection(name) for name in plan.connections]).items()}
+        selected = [config.connection(name) for name in plan.connections]
+        groups = {credential: [conn.name for conn in conns] for credential, conns in by_credential(selected).items()}
 
         def export(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, list[dict]]]:
             for conn in conns:

@@ -61,7 +61,7 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
 
 
 def _details(connector, connections, rows: dict, now: datetime, live: bool) -> dict:
-    from expensify_exact.core.connections import SECRET_NAMES
+    from expensify_exact.core.connections import SECRET_NAMES, secret_scope
 
     required = _required_secrets()
     store = connector.store()
@@ -71,7 +71,7 @@ def _details(connector, connections, rows: dict, now: datetime, live: bool) -> d
     out = {}
     for conn in connections:
         issued = token_ages.get(conn.name)
-        credentials = {name: (conn.name, name) in stored for name in SECRET_NAMES}
+        credentials = {name: (secret_scope(conn, name), name) in stored for name in SECRET_NAMES}
         credentials["exact_tokens"] = issued is not None
         notify_needs = _notify_secrets(conn, stored)
         credentials |= {name: (conn.name, name) in stored for name in notify_needs}
