@@ -68,11 +68,13 @@ def test_the_dry_run_is_four_ops_whatever_the_number_of_connections(tmp_path, st
 
 @pytest.fixture
 def setup(sandbox, tmp_path, state_url, monkeypatch):
-    """NL and BE authorized (each division its own consent), DE not: its secrets are missing."""
+    """NL and BE authorized (their shared Expensify login once, each division its own consent), DE not: its secrets
+    are missing."""
     sandbox.expensify.set_knobs(rate_limiting=False)
     sandbox.exact.set_knobs(minutely_limit=100_000)
     monkeypatch.setattr(connections, "SystemClock", lambda: sandbox.clock)
     mappings = _mappings(tmp_path, sandbox)
+    assert run_cli(mappings, state_url, "secrets", "set", "--credential", "vermeerhals", "--from-env") == 0
     for name in (NL, BE):
         assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
     token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
