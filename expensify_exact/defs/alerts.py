@@ -13,9 +13,15 @@ from datetime import timedelta
 import dagster as dg
 
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.defs.partitions import split_key
+from expensify_exact.defs.partitions import (
+    PARTITION_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    connections_of_run,
+    split_key,
+)
 from expensify_exact.defs.keys import POSTED
-from expensify_exact.defs.reconciliation import DAILY, DIGEST, MONTHLY, RANGE_END_TAG, RANGE_START_TAG
+from expensify_exact.defs.reconciliation import DAILY, DIGEST, MONTHLY
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.notify import alerts
 
@@ -25,7 +31,6 @@ TOKEN_SENSOR = "alert_on_idle_refresh_token"
 DEFERRED_SENSOR = "alert_on_deferred_reports"
 RECONCILIATION_SENSOR = "alert_on_reconciliation_findings"
 CONNECTION_FAILED_SENSOR = "alert_on_failed_connection"
-CONNECTION_TAG = "expensify_exact/connection"  # the connection(s) of a run, comma-separated (defs/replay.py)
 FIRST_LOOK_BACK = timedelta(days=7)  # how far back the partition sensors look on their very first tick
 
 
@@ -71,20 +76,14 @@ def _state_sensor(name: str, config: ProjectConfig, find, interval: int, descrip
     return _sensor
 
 
-def covered_connections(tags: dict[str, str], names: list[str]) -> tuple[list[str], str]:
-    """The connections a run covered, in config order, and its days (or months): the rectangle of its partition
-    range, its one partition, or the connections its `CONNECTION_TAG` names; all of them when it names none."""
-    start, end = tags.get(RANGE_START_TAG, ""), tags.get(RANGE_END_TAG, "")
-    if "|" in start and "|" in end:
-        (first, since), (last, until) = split_key(start), split_key(end)
-        if first in names and last in names:
-            return names[names.index(first):names.index(last) + 1], since if since == until else f"{since}..{until}"
-    partition = tags.get("dagster/partition", "")
-    if "|" in partition and split_key(partition)[0] in names:
-        return [split_key(partition)[0]], split_key(partition)[1]
-    period = f"{start}..{end}" if start else partition
-    named = [name for name in tags.get(CONNECTION_TAG, "").split(",") if name in names]
-    return named or names, period
+def _period(tags: dict[str, str]) -> str:
+    """The days (or months) of a run's partitions: `<day>` or `<first>..<last>`; empty for a run without."""
+    if "|" in tags.get(PARTITION_TAG, ""):
+        return split_key(tags[PARTITION_TAG])[1]
+    if "|" in tags.get(RANGE_START_TAG, "") and "|" in tags.get(RANGE_END_TAG, ""):
+        start, end = split_key(tags[RANGE_START_TAG])[1], split_key(tags[RANGE_END_TAG])[1]
+        return start if start == end else f"{start}..{end}"
+    return ""
 
 
 def _partitions_after(instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: dict[str, int],
@@ -123,11 +122,13 @@ def build(config: ProjectConfig) -> dg.Definitions:
                     "alert channels of each connection the run covered, once per run.")
     def alert_on_failed_run(context: dg.RunFailureSensorContext, connector: ConnectorResource):
         run = context.dagster_run
-        covered, period = covered_connections(run.tags, list(by_name))
+        # A run that names no connection (no partitions, no tag) is about all of them.
+        covered = [name for name in connections_of_run(run.tags, list(by_name)) if name in by_name] or list(by_name)
         steps = [f"{e.step_key}: {_cause(e.event_specific_data.error)}" for e in context.get_step_failure_events()
                  if e.event_specific_data and e.event_specific_data.error]
         message = "\n".join(steps) or (context.failure_event.message or "the run failed")
-        found = [(by_name[name], alerts.run_failed(by_name[name], run.job_name, run.run_id, message, period))
+        found = [(by_name[name], alerts.run_failed(by_name[name], run.job_name, run.run_id, message,
+                                                   _period(run.tags)))
                  for name in covered if alerts.channels(by_name[name])]
         context.log.info(_deliver(context, connector, found) if found else "no alert channels configured")
 

@@ -242,23 +242,3 @@ def fan_out_groups(log, step: str, config: ProjectConfig, plan: dict[str, list[s
         for found in pool.map(one, groups.values()):
             results.update(found)
     return results
-
-
-def range_requests(config: ProjectConfig, wanted: dict[str, tuple[Any, Any]]
-                   ) -> list[tuple[str, str, Any, Any, list[str]]]:
-    """The fewest runs covering exactly `wanted` (connection -> (first, last) day, or month): a run's partitions are
-    a rectangle, `<first connection>|<start>`..`<last connection>|<end>` taking every connection in between, so
-    consecutive connections in config order that want the same range share one. Each is (first connection, last
-    connection, start, end, the connections' names), in config order."""
-    found: list[tuple[str, str, Any, Any, list[str]]] = []
-    previous = None
-    for conn in config.connections:
-        span = wanted.get(conn.name)
-        if span is not None:
-            if found and found[-1][1] == previous and found[-1][2:4] == tuple(span):
-                first, _last, start, end, names = found[-1]
-                found[-1] = (first, conn.name, start, end, [*names, conn.name])
-            else:
-                found.append((conn.name, conn.name, span[0], span[1], [conn.name]))
-        previous = conn.name
-    return found

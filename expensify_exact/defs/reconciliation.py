@@ -39,10 +39,12 @@ from expensify_exact.defs.keys import POSTED, RECONCILIATION_GROUP
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import (
     CONNECTION,
+    CONNECTIONS_PER_RUN_ENV,
     DAILY_APPROVALS,
     DAY,
     MONTH,
     MONTHS,
+    PARTITION_TAG,
     SINGLE_RUN,
     ConnectionFailed,
     Partitioning,
@@ -52,11 +54,13 @@ from expensify_exact.defs.partitions import (
     for_each_connection,
     partition_key,
     partition_result,
+    partition_tags,
     partitioning,
-    range_requests,
+    rectangle_tags,
+    rectangles,
     split_key,
 )
-from expensify_exact.defs.replay import CONNECTION_TAG, TRIGGER_TAG
+from expensify_exact.defs.jobs import TRIGGER_TAG
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.notify.mail import mail_digest
 from expensify_exact.store import QuarantineStatus
@@ -70,7 +74,6 @@ DAILY_SENSOR_NAME = "reconcile_closed_days"
 MINIMUM_INTERVAL_SECONDS = 10 * 60
 MONTHLY_JOB_NAME = "reconcile_month"
 MONTHLY_SCHEDULE_NAME = "reconcile_last_month"
-RANGE_START_TAG, RANGE_END_TAG = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 # A month's rollup reads the daily reconciliations of its days, connection by connection.
 DAYS_OF_MONTH = dg.MultiPartitionMapping({
     CONNECTION: dg.DimensionPartitionMapping(CONNECTION, dg.IdentityPartitionMapping()),
@@ -117,17 +120,19 @@ def build(config: ProjectConfig) -> dg.Definitions:
         default_status=dg.DefaultSensorStatus.RUNNING, required_resource_keys={"connector"},
         description="For each connection, once the run of its newest closed day has posted, reconciles the day "
                     "`posting.lookback_days` before it — the newest day no later run re-exports — and writes its "
-                    "digest: one run for each range of consecutive connections with the same day. The cursor keeps "
-                    "each connection's last day asked for, so each day is reconciled once.",
+                    "digest: one run for each range of consecutive connections with the same day (at most "
+                    f"${CONNECTIONS_PER_RUN_ENV} each). The cursor keeps each connection's last day asked for, so "
+                    "each day is reconciled once.",
     )
     def reconcile_closed_days(context: dg.SensorEvaluationContext):
         asked: dict[str, str] = json.loads(context.cursor or "{}")
         wanted, notes = closed_days_to_reconcile(config, context.resources.connector, asked)
-        rects = range_requests(config, wanted)
-        for first, last, day, _end, names in rects:
-            context.log.info(f"{first}..{last} ({len(names)} connection(s)): reconciling {day}")
-        requests = [range_run_request(rect, DAY, "reconcile", "window_closed") for rect in rects]
-        asked |= {name: day for name, (day, _end) in wanted.items()}
+        requests = []
+        for names, day, _day in rectangles(config, wanted):
+            context.log.info(f"{names[0]}..{names[-1]} ({len(names)} connection(s)): reconciling {day}")
+            requests.append(dg.RunRequest(run_key=_run_key(names, "reconcile", day.isoformat()),
+                                          tags={**rectangle_tags(names, day, day), TRIGGER_TAG: "window_closed"}))
+        asked |= {name: day.isoformat() for name, (day, _day) in wanted.items()}
         cursor = json.dumps(asked, sort_keys=True)
         if not requests:
             return dg.SensorResult(skip_reason="; ".join(notes) or "no connections", cursor=cursor)
@@ -142,7 +147,7 @@ def build(config: ProjectConfig) -> dg.Definitions:
         execution_timezone=MONTHS.timezone, default_status=dg.DefaultScheduleStatus.RUNNING,
         description=f"On day {month_day} of the month, once every day of the previous month has been reconciled "
                     f"(after its look-back) and card statements are usually booked, reconciles that month for every "
-                    f"connection in one run.",
+                    f"connection, in runs of at most ${CONNECTIONS_PER_RUN_ENV} connections.",
     )
     def reconcile_last_month(context: dg.ScheduleEvaluationContext):
         when = (context.scheduled_execution_time or datetime.now(ZoneInfo(MONTHS.timezone))).astimezone(
@@ -150,47 +155,40 @@ def build(config: ProjectConfig) -> dg.Definitions:
         month = (when.date().replace(day=1) - timedelta(days=1)).replace(day=1).isoformat()
         if not MONTHS.has_partition_key(month):
             return dg.SkipReason(f"{month[:7]} is not a partition")
-        wanted = {conn.name: (month, month) for conn in config.connections}
-        return [range_run_request(rect, MONTH, "reconcile_month", "month_closed")
-                for rect in range_requests(config, wanted)]
+        requests = []
+        for names, _month, _same in rectangles(config, {conn.name: (month, month) for conn in config.connections}):
+            tags = {PARTITION_TAG: partition_key(names[0], month, MONTH)} if len(names) == 1 \
+                else partition_tags(names[0], names[-1], month, month, MONTH)
+            requests.append(dg.RunRequest(run_key=_run_key(names, "reconcile_month", month),
+                                          tags={**tags, TRIGGER_TAG: "month_closed"}))
+        return requests
 
     return dg.Definitions(assets=reconciliation_assets(config, partitioning(config)), jobs=[daily_job, monthly_job],
                           schedules=[reconcile_last_month], sensors=[reconcile_closed_days])
 
 
 def closed_days_to_reconcile(config: ProjectConfig, connector: ConnectorResource, asked: dict[str, str]
-                             ) -> tuple[dict[str, tuple[str, str]], list[str]]:
+                             ) -> tuple[dict[str, tuple[date, date]], list[str]]:
     """Each connection's day to reconcile now ({name: (day, day)}), leaving out those whose day was `asked` for
     already or is not a partition yet (a zone east of the partitions' own ends its day first); notes on the rest."""
     store = connector.store()
-    wanted: dict[str, tuple[str, str]] = {}
+    wanted: dict[str, tuple[date, date]] = {}
     notes: list[str] = []
     for conn in config.connections:
-        found = reconciliation_day(conn, store)
-        day = found.isoformat() if found else None
-        if day is None or day <= asked.get(conn.name, ""):
+        day = reconciliation_day(conn, store)
+        if day is None or day.isoformat() <= asked.get(conn.name, ""):
             notes.append(f"{conn.name}: nothing new to reconcile")
-        elif not DAILY_APPROVALS.has_partition_key(day):
+        elif not DAILY_APPROVALS.has_partition_key(day.isoformat()):
             notes.append(f"{conn.name}: {day} is not a partition (yet)")
         else:
             wanted[conn.name] = (day, day)
     return wanted, notes
 
 
-def range_run_request(rect: tuple[str, str, str, str, list[str]], dimension: str, what: str,
-                      trigger: str) -> dg.RunRequest:
-    """The run of one rectangle of `range_requests`, keyed `<first>..<last>:<what>:<start>[..<end>]` (just
-    `<connection>:` for one): the cursor never asks for a connection's day twice, so neither is a key repeated."""
-    first, last, start, end, _names = rect
-    tags = {TRIGGER_TAG: trigger}
-    if first == last:
-        tags[CONNECTION_TAG] = first
-    run_key = (first if first == last else f"{first}..{last}") + f":{what}:" + (
-        start if start == end else f"{start}..{end}")
-    if first == last and start == end:
-        return dg.RunRequest(run_key=run_key, partition_key=partition_key(first, start, dimension), tags=tags)
-    return dg.RunRequest(run_key=run_key, tags=tags | {RANGE_START_TAG: partition_key(first, start, dimension),
-                                                       RANGE_END_TAG: partition_key(last, end, dimension)})
+def _run_key(names: list[str], what: str, period: str) -> str:
+    """`<first>..<last>:<what>:<day or month>` (`<connection>:…` for one): the cursors never ask for a connection's
+    day or month twice, so no key repeats."""
+    return f"{names[0] if len(names) == 1 else f'{names[0]}..{names[-1]}'}:{what}:{period}"
 
 
 @dataclass(frozen=True)
@@ -245,7 +243,10 @@ def reconciliation_assets(config: ProjectConfig, partitions: Partitioning) -> li
             return {conn.name: approved_lines_by_day(_SharedExport(split[conn.name]), conn, days_of[conn.name])
                     for conn in conns}
 
-        results = fan_out_groups(context.log, "expensify_approved", config, plan, export_groups(config, plan), export)
+        # Connections of one credential share their timezone and client settings (config validation).
+        groups = {credential: [conn.name for conn in conns]
+                  for credential, conns in by_credential([config.connection(name) for name in plan]).items()}
+        results = fan_out_groups(context.log, "expensify_approved", config, plan, groups, export)
         values = {partition_key(name, day): value for name, by_day in results.items() for day, value in by_day.items()}
         _describe_partitions(context, values, lambda key, normalized: {
             "reports": int(normalized.lines["report_id"].nunique()), "lines": len(normalized.lines),
@@ -379,17 +380,6 @@ def reconciliation_assets(config: ProjectConfig, partitions: Partitioning) -> li
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def export_groups(config: ProjectConfig, names) -> dict[str, list[str]]:
-    """The connections that export together: one Expensify credential, one timezone and timestamp zone (connections
-    in other zones count their days apart, so they export apart)."""
-    groups: dict[str, list[str]] = {}
-    for credential, conns in by_credential([config.connection(name) for name in names]).items():
-        for conn in conns:
-            groups.setdefault(f"{credential}/{conn.timezone}/{conn.expensify.timestamp_timezone}",
-                              []).append(conn.name)
-    return groups
-
 
 def _describe_partitions(context: dg.AssetExecutionContext, values: dict, describe) -> None:
     """Each (connection, period) partition's own metadata: what `describe(key, value)` says, or why its connection

@@ -20,8 +20,8 @@ from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
 from expensify_exact.core.connections import VaultTokenStore
 from expensify_exact.defs import alerts as alert_defs
-from expensify_exact.defs import assets, reconciliation, resources
-from expensify_exact.defs.keys import GROUP
+from expensify_exact.defs import assets, jobs, reconciliation, resources
+from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.partitions import partition_key
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.defs.runs import run_range
@@ -34,7 +34,6 @@ from tests.receivers import SmtpInbox, WebhookReceiver, self_signed_certificate
 CONNECTION = "vermeerhals-nl"
 BELGIAN = "vermeerhals-be"
 GIFTS = S._report_id(101)
-POSTING_JOB = "post_approved_expenses"
 
 
 @pytest.fixture
@@ -74,9 +73,7 @@ def _cli(mappings, state_url, *args) -> int:
 
 def _defs(mappings) -> dg.Definitions:
     config = load_project_config(mappings)
-    posting = dg.define_asset_job(POSTING_JOB, selection=dg.AssetSelection.groups(GROUP))
-    return dg.Definitions.merge(*(m.build(config) for m in (assets, resources, reconciliation, alert_defs)),
-                                dg.Definitions(jobs=[posting]))
+    return dg.Definitions.merge(*(m.build(config) for m in (assets, jobs, resources, reconciliation, alert_defs)))
 
 
 def _execute(defs, job, instance, connector, day, connection=CONNECTION):
@@ -108,7 +105,7 @@ def test_the_demo_days_digest_arrives_once_with_markdown_and_html_parts(notified
     connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
     defs = _defs(notified)
     day = (sandbox.seed.today - timedelta(days=7)).isoformat()  # the day the Gifts report was approved
-    for job in (POSTING_JOB, reconciliation.DAILY_JOB_NAME):
+    for job in (MAIN_JOB_NAME, reconciliation.DAILY_JOB_NAME):
         assert _execute(defs, job, instance, connector, day).success, job
 
     assert len(inbox.messages) == 1
@@ -188,7 +185,7 @@ def test_a_connection_failing_within_a_run_is_alerted_once_through_the_failed_co
     sandbox.exact.set_knobs(accessible_divisions={S.SECOND_DIVISION})  # the app lost access to the division
     defs = _defs(notified)
     day = (sandbox.seed.today - timedelta(days=3)).isoformat()
-    result = _execute(defs, POSTING_JOB, instance, connector, day)
+    result = _execute(defs, MAIN_JOB_NAME, instance, connector, day)
     assert result.success
 
     first = _tick(defs, alert_defs.CONNECTION_FAILED_SENSOR, instance, connector)
@@ -223,7 +220,7 @@ def test_a_failed_run_is_alerted_once_to_each_connection_its_partitions_covered(
     unusable = ConnectorResource(mappings_dir=str(notified),  # a state DB that cannot open fails every step
                                  state_url=f"sqlite:///{tmp_path / 'not_a_directory' / 'state.db'}")
     days = [(sandbox.seed.today - timedelta(days=n)).isoformat() for n in (3, 2)]
-    result = defs.resolve_job_def(POSTING_JOB).execute_in_process(
+    result = defs.resolve_job_def(MAIN_JOB_NAME).execute_in_process(
         instance=instance, resources={"connector": unusable}, raise_on_error=False,
         tags={"dagster/asset_partition_range_start": partition_key(CONNECTION, days[0]),
               "dagster/asset_partition_range_end": partition_key(BELGIAN, days[1])})
@@ -245,17 +242,6 @@ def test_a_failed_run_is_alerted_once_to_each_connection_its_partitions_covered(
     assert len(posts) == 1, "only the Dutch connection has a chat webhook"
     text = posts[0]["json"]["text"]
     assert f"{days[0]}..{days[1]}" in text and result.run_id in text and "unable to open database file" in text
-
-
-def test_the_connections_a_run_covered_come_from_its_partition_tags():
-    names = ["a", "b", "c", "d"]
-    covered = alert_defs.covered_connections
-    assert covered({"dagster/asset_partition_range_start": "b|2026-11-01",
-                    "dagster/asset_partition_range_end": "c|2026-11-03"}, names) == (["b", "c"],
-                                                                                    "2026-11-01..2026-11-03")
-    assert covered({"dagster/partition": "d|2026-11-02"}, names) == (["d"], "2026-11-02")
-    assert covered({"expensify_exact/connection": "c,a"}, names) == (["c", "a"], "")
-    assert covered({}, names) == (names, "")
 
 
 def test_reports_deferred_because_exacts_daily_budget_ran_out_are_alerted_once(notified, sandbox, state_url,
@@ -311,7 +297,7 @@ def test_reconciliation_findings_are_alerted_once_per_reconciliation(notified, s
     connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
     defs = _defs(notified)
     day = (sandbox.seed.today - timedelta(days=2)).isoformat()
-    assert _execute(defs, POSTING_JOB, instance, connector, day).success
+    assert _execute(defs, MAIN_JOB_NAME, instance, connector, day).success
     entry_ids = [r.entry_id for r in StateStore(state_url).ledger_rows(CONNECTION, status="posted")]
     assert entry_ids
     sandbox.exact.delete_entry(entry_ids[0])  # someone deleted a posted entry in Exact
@@ -351,10 +337,10 @@ def test_digest_over_starttls_with_the_vaults_login_and_no_notification_secret_l
         connector = ConnectorResource(mappings_dir=str(mappings), state_url=state_url)
         defs = _defs(mappings)
         day = (sandbox.seed.today - timedelta(days=7)).isoformat()
-        for job in (POSTING_JOB, reconciliation.DAILY_JOB_NAME):
+        for job in (MAIN_JOB_NAME, reconciliation.DAILY_JOB_NAME):
             assert _execute(defs, job, instance, connector, day).success, job
         sandbox.exact.set_knobs(accessible_divisions={S.SECOND_DIVISION})
-        assert _execute(defs, POSTING_JOB, instance, connector, day).success
+        assert _execute(defs, MAIN_JOB_NAME, instance, connector, day).success
         _tick(defs, alert_defs.CONNECTION_FAILED_SENSOR, instance, connector)
 
     assert inbox.logins == ["digest-bot", "digest-bot"]  # the digest and the alert, each after STARTTLS

@@ -19,9 +19,9 @@ import yaml
 
 from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
-from expensify_exact.defs import assets, reconciliation, resources
-from expensify_exact.defs.keys import GROUP
-from expensify_exact.defs.partitions import MONTH, partition_key
+from expensify_exact.defs import assets, jobs, reconciliation, resources
+from expensify_exact.defs.jobs import MAIN_JOB_NAME
+from expensify_exact.defs.partitions import MONTH, PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG, partition_key
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed
@@ -31,7 +31,6 @@ from tests.conftest import write_mappings
 
 CONNECTION = "vermeerhals-nl"
 BELGIAN = "vermeerhals-be"
-POSTING_JOB = "post_approved_expenses"
 
 
 @pytest.fixture
@@ -43,18 +42,16 @@ def last_month_sandbox():
 
 
 def _defs(mappings) -> dg.Definitions:
-    # The chain, its resources and this feature, with a posting job over the chain's group.
+    # The modules this feature plugs into, built as definitions.build_defs builds them.
     config = load_project_config(mappings)
-    posting = dg.define_asset_job(POSTING_JOB, selection=dg.AssetSelection.groups(GROUP))
-    return dg.Definitions.merge(*(m.build(config) for m in (assets, resources, reconciliation)),
-                                dg.Definitions(jobs=[posting]))
+    return dg.Definitions.merge(*(m.build(config) for m in (assets, jobs, resources, reconciliation)))
 
 
 def _run(defs, job_name, instance, connector, first=None, last=None, partition_key=None):
     """A run of `job_name` over one partition, or the rectangle `first`..`last` (partition keys)."""
     job = defs.resolve_job_def(job_name)
     kwargs = ({"partition_key": partition_key} if partition_key else
-              {"tags": {reconciliation.RANGE_START_TAG: first, reconciliation.RANGE_END_TAG: last}})
+              {"tags": {RANGE_START_TAG: first, RANGE_END_TAG: last}})
     return job.execute_in_process(instance=instance, resources={"connector": connector}, raise_on_error=False,
                                   **kwargs)
 
@@ -68,9 +65,12 @@ def _check_metadata(result, name: str) -> dict:
     return {k: v.value for k, v in evaluation.metadata.items()}
 
 
-def _secrets(mappings, state_url, *names, sandbox=None, monkeypatch=None):
-    """The demo credentials for each of `names`; a consent of its own for each after the first (a refresh token
-    belongs to one chain)."""
+def _secrets(mappings, state_url, *names, sandbox=None, monkeypatch=None, credential=None):
+    """The demo credentials for each of `names` (the Expensify login under `credential` when they share one); a
+    consent of its own for each after the first (a refresh token belongs to one chain)."""
+    if credential:
+        assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--credential",
+                     credential, "--from-env"]) == 0
     for name in names:
         assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection", name,
                      "--from-env"]) == 0
@@ -114,7 +114,7 @@ def _days(days, connection=CONNECTION, last=None) -> dict:
 def test_checks_pass_on_clean_books_and_turn_red_when_an_entry_is_deleted_in_exact(three_days, tmp_path, instance):
     sandbox, connector, defs, days = three_days
 
-    posting = _run(defs, POSTING_JOB, instance, connector, **_days(days))
+    posting = _run(defs, MAIN_JOB_NAME, instance, connector, **_days(days))
     assert posting.success
     clean = _run(defs, reconciliation.DAILY_JOB_NAME, instance, connector, **_days(days))
     assert clean.success
@@ -156,7 +156,7 @@ def test_a_report_approved_after_its_day_was_posted_is_found_by_the_reconciliati
     it (an export edge, or a report retracted and approved again with its old date) is a NOT_POSTED finding, and the
     re-read costs one export job for the whole range."""
     sandbox, connector, defs, days = three_days
-    assert _run(defs, POSTING_JOB, instance, connector, **_days(days)).success
+    assert _run(defs, MAIN_JOB_NAME, instance, connector, **_days(days)).success
 
     late_day = days[1]
     late = sandbox.expensify.add_report(
@@ -187,11 +187,12 @@ def test_two_connections_sharing_a_credential_are_reconciled_in_one_run_and_the_
     mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
     _with_belgian(mappings, credential="vermeerhals")
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
-    _secrets(mappings, state_url, CONNECTION, BELGIAN, sandbox=sandbox, monkeypatch=monkeypatch)
+    _secrets(mappings, state_url, CONNECTION, BELGIAN, sandbox=sandbox, monkeypatch=monkeypatch,
+             credential="vermeerhals")
     connector, defs = ConnectorResource(mappings_dir=str(mappings), state_url=state_url), _defs(mappings)
     days = [(sandbox.seed.today - timedelta(days=n)).isoformat() for n in (3, 2, 1)]
     both = _days(days, CONNECTION, last=BELGIAN)
-    assert _run(defs, POSTING_JOB, instance, connector, **both).success
+    assert _run(defs, MAIN_JOB_NAME, instance, connector, **both).success
     victim = connector.store().ledger_rows(CONNECTION, status="posted")[0]
     sandbox.exact.delete_entry(victim.entry_id)
     exports_before = sandbox.expensify.stats["export_jobs"]
@@ -257,8 +258,8 @@ def test_the_sensor_asks_one_run_per_range_of_connections_with_the_same_day_and_
 
     first = _tick(defs, instance, connector)
     [request] = first.run_requests
-    assert request.partition_key is None
-    assert (request.tags[reconciliation.RANGE_START_TAG], request.tags[reconciliation.RANGE_END_TAG]) == (
+    assert PARTITION_TAG not in request.tags
+    assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == (
         f"vermeerhals-nl|{day}", f"vermeerhals-de|{day}")
     assert request.run_key == f"vermeerhals-nl..vermeerhals-de:reconcile:{day}"
     assert json.loads(first.cursor) == {name: day for name in ("vermeerhals-be", "vermeerhals-de", "vermeerhals-nl")}
@@ -269,12 +270,12 @@ def test_the_sensor_asks_one_run_per_range_of_connections_with_the_same_day_and_
     second = _tick(defs, instance, connector, cursor=first.cursor)
     [alone] = second.run_requests
     next_day = (posted + timedelta(days=1 - lookback)).isoformat()
-    assert alone.partition_key == f"vermeerhals-be|{next_day}"
-    assert alone.tags["expensify_exact/connection"] == "vermeerhals-be"
+    assert alone.tags[PARTITION_TAG] == f"vermeerhals-be|{next_day}"
+    assert alone.run_key == f"vermeerhals-be:reconcile:{next_day}"
     for name in ("vermeerhals-nl", "vermeerhals-de"):
         store.day_mark_posted(name, (posted + timedelta(days=1)).isoformat(), "run-2")
     third = _tick(defs, instance, connector, cursor=second.cursor)
-    assert sorted(r.partition_key for r in third.run_requests) == [f"vermeerhals-de|{next_day}",
+    assert sorted(r.tags[PARTITION_TAG] for r in third.run_requests) == [f"vermeerhals-de|{next_day}",
                                                                    f"vermeerhals-nl|{next_day}"]
     assert len({r.run_key for r in [request, alone, *third.run_requests]}) == 4
 
@@ -286,6 +287,6 @@ def test_the_monthly_schedule_asks_one_run_for_every_connections_last_month(tmp_
     when = datetime(2026, 12, 3, 7, 45, tzinfo=ZoneInfo("Europe/Amsterdam"))
     with dg.build_schedule_context(scheduled_execution_time=when) as context:
         [request] = schedule.evaluate_tick(context).run_requests
-    assert (request.tags[reconciliation.RANGE_START_TAG], request.tags[reconciliation.RANGE_END_TAG]) == (
+    assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == (
         "vermeerhals-nl|2026-11-01", "vermeerhals-de|2026-11-01")
     assert request.run_key == "vermeerhals-nl..vermeerhals-de:reconcile_month:2026-11-01"
