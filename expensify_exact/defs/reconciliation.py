@@ -12,7 +12,7 @@ import calendar
 import json
 import os
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -150,8 +150,7 @@ def build(config: ProjectConfig) -> dg.Definitions:
                     f"connection, in runs of at most ${CONNECTIONS_PER_RUN_ENV} connections.",
     )
     def reconcile_last_month(context: dg.ScheduleEvaluationContext):
-        when = (context.scheduled_execution_time or datetime.now(ZoneInfo(MONTHS.timezone))).astimezone(
-            ZoneInfo(MONTHS.timezone))
+        when = context.scheduled_execution_time.astimezone(ZoneInfo(MONTHS.timezone))
         month = (when.date().replace(day=1) - timedelta(days=1)).replace(day=1).isoformat()
         if not MONTHS.has_partition_key(month):
             return dg.SkipReason(f"{month[:7]} is not a partition")
