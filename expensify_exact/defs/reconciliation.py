@@ -185,8 +185,8 @@ def closed_days_to_reconcile(config: ProjectConfig, connector: ConnectorResource
 
 
 def _run_key(names: list[str], what: str, period: str) -> str:
-    """`<first>..<last>:<what>:<day or month>` (`<connection>:…` for one): the cursors never ask for a connection's
-    day or month twice, so no key repeats."""
+    """`<first>..<last>:<what>:<day or month>` (`<connection>:…` for one). The sensor's cursor never asks for a
+    connection's day twice and the schedule asks for a month once, so no key repeats."""
     return f"{names[0] if len(names) == 1 else f'{names[0]}..{names[-1]}'}:{what}:{period}"
 
 
