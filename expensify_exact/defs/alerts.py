@@ -1,9 +1,9 @@
 """Alert sensors: a connector run failed; a report waits in quarantine too long; Exact's refresh token is idle
 for 25 days; reports were deferred (Exact's daily budget ran out, an endpoint's error budget is spent, no certain
 answer) or Exact refused the connection (403); a reconciliation found differences; one connection failed in a run
-that went on for the others. They find and deliver through
-`expensify_exact.notify.alerts`; each alert goes out once per channel (its key in the state database), however
-often the sensor ticks. A delivery that fails fails the tick, and the next tick retries.
+that went on for the others. They find and deliver through `expensify_exact.notify.alerts`; each alert goes out
+once per channel (its key in the state database), however often the sensor ticks. A delivery that fails fails the
+tick, and the next tick retries.
 """
 
 import json
@@ -13,6 +13,7 @@ from datetime import timedelta
 import dagster as dg
 
 from expensify_exact.config import Connection, ProjectConfig
+from expensify_exact.defs.keys import POSTED
 from expensify_exact.defs.partitions import (
     PARTITION_TAG,
     RANGE_END_TAG,
@@ -20,7 +21,6 @@ from expensify_exact.defs.partitions import (
     connections_of_run,
     split_key,
 )
-from expensify_exact.defs.keys import POSTED
 from expensify_exact.defs.reconciliation import DAILY, DIGEST, MONTHLY
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.notify import alerts
