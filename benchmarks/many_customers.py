@@ -66,7 +66,7 @@ def _definitions_load(mappings: Path, home: Path) -> float:
     env = {**os.environ, "EXPENSIFY_EXACT_MAPPINGS": str(mappings), "DAGSTER_HOME": str(home)}
     t0 = time.perf_counter()
     done = subprocess.run([str(BIN / "dagster"), "definitions", "validate", "-m", "expensify_exact.definitions"],
-                          env=env, cwd=REPO, capture_output=True, text=True)
+                          env=env, cwd=REPO, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"definitions validate failed: {done.stderr[-2000:]}")
@@ -107,7 +107,7 @@ def _fresh_postgres_database(name: str) -> str:
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "expensify-exact"), *args], env=env, cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([str(BIN / "expensify-exact"), *args], env=env, cwd=REPO, capture_output=True, text=True, check=False)
 
 
 def _store_secrets(plan: dict, mappings: Path, state_url: str, env: dict) -> None:
@@ -210,3 +210,36 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _morning_rows(row, n: int, reports: int, credentials: int, code: int, out: str, err: str, wall: float,
+                  peak_mb: float, sandbox_mb: float, exact: dict, expensify: dict) -> list:
+    summary = json.loads(out) if out.strip().startswith("{") else {}
+    connections = summary.get("connections", {})
+    posted = sum(len(c.get("posted", {})) for c in connections.values())
+    quarantined = sum(len(c.get("quarantined", {})) for c in connections.values())
+    deferred = sum(len(c.get("deferred", [])) for c in connections.values())
+    busiest = max((int(v) for v in exact.get("max_calls_per_minute", {}).values()), default=0)
+    divisions_used = len(exact.get("posts_by_division", {}))
+    exact_429 = sum(int(v) for v in exact.get("rate_limited", {}).values())
+    expensify_429 = int(expensify.get("rate_limited", 0))
+    jobs = [n for by_day in expensify.get("export_jobs_by_credential", {}).values() for n in by_day.values()]
+    failure = "" if code == 0 else f"; exit {code}: {summary.get('failure') or err.strip()[-400:]}"
+    label = f"{n} connections × {reports} reports"
+    return [
+        row("morning", f"{label}: wall time of `expensify-exact run`", f"{wall / 60:.1f} min", "≤ 15 min",
+            code == 0 and wall <= 15 * 60,
+            f"posted {posted} of {n * reports}, quarantined {quarantined}, deferred {deferred}; {divisions_used} "
+            f"divisions posted to{failure}"),
+        row("morning", f"{label}: peak memory", f"{(peak_mb + sandbox_mb) / 1024:.2f} GB", "≤ 4 GB",
+            peak_mb + sandbox_mb <= 4096,
+            f"connector run {peak_mb:.0f} MB + sandbox {sandbox_mb:.0f} MB (peak resident sets)"),
+        row("morning", f"{label}: Expensify export jobs per credential and day", str(max(jobs, default=0)), "1",
+            bool(jobs) and max(jobs) == 1, f"{credentials} partner logins shared by {n} connections; "
+                                           f"{len(jobs)} (login, day) pairs"),
+        row("morning", f"{label}: 429s (Exact, Expensify)", f"{exact_429}, {expensify_429}", "0, 0",
+            exact_429 == 0 and expensify_429 == 0,
+            f"busiest division minute: {busiest} calls (Exact allows 60)"),
+        row("morning", f"{label}: most calls in one clock minute on one division", str(busiest), "≤ 60",
+            busiest <= 60, ""),
+    ]

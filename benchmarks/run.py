@@ -516,9 +516,15 @@ def bench_definitions(quick: bool) -> list[Row]:
     return measure(quick, Row)
 
 
+def bench_morning(quick: bool) -> list[Row]:
+    from many_customers import bench_morning as measure
+
+    return measure(quick, Row)
+
+
 BENCHMARKS = {"transform": bench_transform, "exact_calls": bench_exact_calls, "expensify_calls": bench_expensify_calls,
               "backlog": bench_backlog, "end_to_end": bench_end_to_end, "dimension_calls": bench_dimension_calls,
-              "definitions": bench_definitions}
+              "definitions": bench_definitions, "morning": bench_morning}
 
 
 def print_table(rows: list[Row]) -> None:
