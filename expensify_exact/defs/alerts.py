@@ -14,6 +14,7 @@ import dagster as dg
 
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.defs.keys import POSTED
+from expensify_exact.defs.overview import JOB_NAME as OVERVIEW_JOB
 from expensify_exact.defs.partitions import (
     PARTITION_TAG,
     RANGE_END_TAG,
@@ -122,6 +123,9 @@ def build(config: ProjectConfig) -> dg.Definitions:
                     "alert channels of each connection the run covered, once per run.")
     def alert_on_failed_run(context: dg.RunFailureSensorContext, connector: ConnectorResource):
         run = context.dagster_run
+        if run.job_name == OVERVIEW_JOB:
+            context.log.info("the overview's refresh is about no one connection: see the run's error")
+            return
         # A run that names no connection (no partitions, no tag) is about all of them.
         covered = [name for name in connections_of_run(run.tags, list(by_name)) if name in by_name] or list(by_name)
         steps = [f"{e.step_key}: {_cause(e.event_specific_data.error)}" for e in context.get_step_failure_events()

@@ -19,6 +19,7 @@ from expensify_exact.defs.partitions import (
     CONNECTIONS_PER_RUN_ENV,
     DAILY_APPROVALS,
     DEFAULT_CONNECTIONS_PER_RUN,
+    TRIGGER_TAG,
     rectangle_tags,
     rectangles,
 )
@@ -28,7 +29,6 @@ MAIN_JOB_NAME = "post_approved_expenses"
 SENSOR_NAME = "post_closed_days"
 DEFERRED_SENSOR_NAME = "post_deferred_after_reset"
 MINIMUM_INTERVAL_SECONDS = 10 * 60
-TRIGGER_TAG = "expensify_exact/trigger"
 FIRST_DAY = DAILY_APPROVALS.start.date()
 def build(config: ProjectConfig) -> dg.Definitions:
     job = dg.define_asset_job(

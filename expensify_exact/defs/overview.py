@@ -8,8 +8,17 @@ import dagster as dg
 import pandas as pd
 
 from expensify_exact.config import ProjectConfig
-from expensify_exact.core.overview import (CONCERN_HEALTH, Concern, Health, Row, Totals, connection_overview,
-                                           display, display_totals, totals)
+from expensify_exact.core.overview import (
+    CONCERN_HEALTH,
+    Concern,
+    Health,
+    Row,
+    Totals,
+    connection_overview,
+    display,
+    display_totals,
+    totals,
+)
 from expensify_exact.defs.keys import OVERVIEW_GROUP
 from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.resources import ConnectorResource

@@ -70,6 +70,8 @@ RANGE_START_TAG, RANGE_END_TAG = "dagster/asset_partition_range_start", "dagster
 PARTITION_TAG = "dagster/partition"
 # A run limited to some connections without partitions (a replay) names them here, comma-separated.
 CONNECTION_TAG = "expensify_exact/connection"
+# What asked for a run: day_closed, deferred, dimensions_changed, exact_webhooks, ...
+TRIGGER_TAG = "expensify_exact/trigger"
 
 
 def partition_tags(first: str, last: str, start: str, end: str, dimension: str = DAY) -> dict[str, str]:

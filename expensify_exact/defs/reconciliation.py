@@ -46,6 +46,7 @@ from expensify_exact.defs.partitions import (
     MONTHS,
     PARTITION_TAG,
     SINGLE_RUN,
+    TRIGGER_TAG,
     ConnectionFailed,
     Partitioning,
     connection_asset,
@@ -60,7 +61,6 @@ from expensify_exact.defs.partitions import (
     rectangles,
     split_key,
 )
-from expensify_exact.defs.jobs import TRIGGER_TAG
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.notify.mail import mail_digest
 from expensify_exact.store import QuarantineStatus

@@ -33,7 +33,14 @@ from expensify_exact.core.posting import Outcome
 from expensify_exact.core.replay import preview_replay, replay_fingerprint, replay_quarantine, replayable
 from expensify_exact.core.snapshots import fetch_dimensions, needed_codes
 from expensify_exact.defs.metadata import markdown_table
-from expensify_exact.defs.partitions import CONNECTION_TAG, ConnectionFailed, connections_of_run, failures, fan_out
+from expensify_exact.defs.partitions import (
+    CONNECTION_TAG,
+    TRIGGER_TAG,
+    ConnectionFailed,
+    connections_of_run,
+    failures,
+    fan_out,
+)
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import QuarantineStatus
 
@@ -41,7 +48,6 @@ REPLAY_JOB_NAME = "replay_quarantine"
 REPLAY_OP = "replay"
 SENSOR_NAME = "replay_when_dimensions_change"
 MINIMUM_INTERVAL_SECONDS = 15 * 60
-TRIGGER_TAG = "expensify_exact/trigger"
 # `fan_out` works on periods of connections; a replay has one, the open items as they are now.
 NOW = "now"
 

@@ -8,8 +8,7 @@ import dagster as dg
 
 from expensify_exact.config import ProjectConfig
 from expensify_exact.core.webhooks import EVENT_DIMENSIONS_CHANGED, EVENT_POSTED_ENTRY_DELETED, webhook_events_after
-from expensify_exact.defs.jobs import TRIGGER_TAG
-from expensify_exact.defs.partitions import CONNECTION_TAG
+from expensify_exact.defs.partitions import CONNECTION_TAG, TRIGGER_TAG
 from expensify_exact.defs.replay import REPLAY_JOB_NAME
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import QuarantineStatus, StateStore
