@@ -66,6 +66,68 @@ def split_key(key: str) -> tuple[str, str]:
     return connection, period
 
 
+RANGE_START_TAG, RANGE_END_TAG = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+PARTITION_TAG = "dagster/partition"
+# A run limited to some connections without partitions (a replay) names them here, comma-separated.
+CONNECTION_TAG = "expensify_exact/connection"
+
+
+def partition_tags(first: str, last: str, start: str, end: str, dimension: str = DAY) -> dict[str, str]:
+    """The run tags for the rectangle of partitions connections `first`..`last` (config order) × `start`..`end`."""
+    return {RANGE_START_TAG: partition_key(first, start, dimension), RANGE_END_TAG: partition_key(last, end, dimension)}
+
+
+def connections_of_run(tags: dict[str, str], names: list[str]) -> list[str]:
+    """The connections a run covers, by its partition tags (a key or a range over `names`, in config order) or its
+    `CONNECTION_TAG`; a connection no longer configured counts only when named by itself."""
+    if "|" in tags.get(PARTITION_TAG, ""):
+        return [split_key(tags[PARTITION_TAG])[0]]
+    if RANGE_START_TAG in tags and "|" in tags[RANGE_START_TAG]:
+        first = split_key(tags[RANGE_START_TAG])[0]
+        last = split_key(tags.get(RANGE_END_TAG, tags[RANGE_START_TAG]))[0]
+        if first in names and last in names:
+            return names[names.index(first):names.index(last) + 1]
+        return [name for name in (first, last) if name]
+    return [name for name in tags.get(CONNECTION_TAG, "").split(",") if name]
+
+
+# At most this many connections in one sensor run: runs of a big morning spread over the run workers (and, with
+# the Celery executor, over its workers), while each run still works on its connections side by side.
+CONNECTIONS_PER_RUN_ENV = "EXPENSIFY_EXACT_CONNECTIONS_PER_RUN"
+DEFAULT_CONNECTIONS_PER_RUN = 100
+
+
+def connections_per_run() -> int:
+    return max(1, int(os.environ.get(CONNECTIONS_PER_RUN_ENV) or DEFAULT_CONNECTIONS_PER_RUN))
+
+
+def rectangles(config: ProjectConfig, wanted: dict[str, tuple[date, date]],
+               limit: int | None = None) -> list[tuple[list[str], date, date]]:
+    """The runs that cover `wanted` (connection -> its first and last day): consecutive connections in config order
+    that want the same days share a run (a rectangle of partitions), at most `limit` connections each."""
+    limit = limit or connections_per_run()
+    runs: list[tuple[list[str], date, date]] = []
+    previous: str | None = None
+    for conn in config.connections:
+        days = wanted.get(conn.name)
+        if days is None:
+            previous = None
+            continue
+        if previous is not None and runs[-1][1:] == days and len(runs[-1][0]) < limit:
+            runs[-1][0].append(conn.name)
+        else:
+            runs.append(([conn.name], *days))
+        previous = conn.name
+    return runs
+
+
+def rectangle_tags(names: list[str], start: date, end: date) -> dict[str, str]:
+    """The partition tags of a run over connections `names` (consecutive in config order) × days start..end."""
+    if len(names) == 1 and start == end:
+        return {PARTITION_TAG: partition_key(names[0], start.isoformat())}
+    return partition_tags(names[0], names[-1], start.isoformat(), end.isoformat())
+
+
 def connection_asset(partitions: Partitioning, **kwargs):
     """`dg.asset` partitioned by connection × approval day, backfilled in single runs."""
     return dg.asset(partitions_def=partitions.days, backfill_policy=SINGLE_RUN, **kwargs)
@@ -142,24 +204,41 @@ def for_each_connection(context: dg.AssetExecutionContext, config: ProjectConfig
 def fan_out(log, step: str, config: ProjectConfig, plan: dict[str, list[str]], work: Callable[..., dict[str, Any]],
             inputs: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
     """Run `work(conn, days, *inputs[name])` for every connection `name` in `plan` (name -> its days), several at
-    once, and return what each gives ({day: value}) by connection. A connection whose work raises, or one of whose
-    inputs is a `ConnectionFailed`, gets a `ConnectionFailed` for each of its days; the error goes to `log` with the
-    connection's name, and the others carry on."""
+    once, and return what each gives ({day: value}) by connection. A connection one of whose inputs is a
+    `ConnectionFailed` is passed over with that failure."""
 
-    def one(name: str) -> dict[str, Any]:
-        days, mine = plan[name], (inputs or {}).get(name, [])
+    def one(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+        (conn,) = conns
+        mine = (inputs or {}).get(conn.name, [])
         failed = next((v for values in mine for v in values.values() if isinstance(v, ConnectionFailed)), None)
-        if failed is None:
-            try:
-                return work(config.connection(name), days, *mine)
-            except Exception as exc:  # one customer's failure must not stop the others (invariant 6)
-                failed = ConnectionFailed(name, step, f"{type(exc).__name__}: {exc}")
-                log.error(f"{name}: {step} failed: {failed.error}\n{traceback.format_exc(limit=8)}")
-        return {day: failed for day in days}
+        if failed is not None:
+            return {conn.name: {day: failed for day in days_of[conn.name]}}
+        return {conn.name: work(conn, days_of[conn.name], *mine)}
 
-    names = list(plan)
-    if not names:
+    return fan_out_groups(log, step, config, plan, {name: [name] for name in plan}, one)
+
+
+def fan_out_groups(log, step: str, config: ProjectConfig, plan: dict[str, list[str]], groups: dict[str, list[str]],
+                   work: Callable[[list[Connection], dict[str, list[str]]], dict[str, dict[str, Any]]]
+                   ) -> dict[str, dict[str, Any]]:
+    """Run `work(connections, days_of)` once per group of connections (e.g. those sharing an Expensify credential),
+    several groups at once; `work` gives {connection: {day: value}}. If it raises, each connection of the group
+    gets a `ConnectionFailed` for each of its days, the error goes to `log` with their names, and the other groups
+    carry on: one customer's failure never stops the others (invariant 6)."""
+
+    def one(names: list[str]) -> dict[str, dict[str, Any]]:
+        try:
+            return work([config.connection(name) for name in names], {name: plan[name] for name in names})
+        except Exception as exc:  # noqa: BLE001 - reported per connection; the other groups go on
+            error = f"{type(exc).__name__}: {exc}"
+            log.error(f"{', '.join(names)}: {step} failed: {error}\n{traceback.format_exc(limit=8)}")
+            return {name: {day: ConnectionFailed(name, step, error) for day in plan[name]} for name in names}
+
+    if not groups:
         return {}
-    with ThreadPoolExecutor(max_workers=min(parallel_connections(), len(names)),
+    results: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=min(parallel_connections(), len(groups)),
                             thread_name_prefix="connection") as pool:
-        return dict(zip(names, pool.map(one, names)))
+        for found in pool.map(one, groups.values()):
+            results.update(found)
+    return results

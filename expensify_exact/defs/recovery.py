@@ -1,5 +1,6 @@
 """Keeps a Dagster instance usable after crashes and concurrent starts, for commands that run jobs in-process:
-one file lock for creating it, repair of what a crashed first start left, dead-run recovery, a cheap pool wait."""
+one file lock for creating it, repair of what a crashed first start left, dead-run recovery, and a cheap wait for
+live runs over the same connections."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from filelock import FileLock, Timeout
 
+from expensify_exact.defs.partitions import connections_of_run
 from expensify_exact.errors import ConnectorError
 from expensify_exact.store import StateStore, process_gone_here, process_stat
 
@@ -35,8 +36,8 @@ POLL_SECONDS = 1.0
 SQLITE_STORAGES = ("history/runs.db", "history/runs/index.db", "schedules/schedules.db")
 
 
-class PoolWaitTimeout(ConnectorError):
-    """A pool stayed held by a live run for longer than the caller would wait."""
+class RunWaitTimeout(ConnectorError):
+    """A live run over the same connections went on for longer than the caller would wait."""
 
 
 class BrokenInstance(ConnectorError):
@@ -48,12 +49,13 @@ def tell(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def before_launch(instance: dg.DagsterInstance, store: StateStore, pools: list[str], *, timeout: float,
-                  say: Callable[[str], None] = tell) -> dict[str, str]:
-    """What every in-process launch does first: fail dead runs and free their slots, wait for `pools` (at most
-    `timeout` s); returns the tags that let a later command tell whether this run's process still lives."""
+def before_launch(instance: dg.DagsterInstance, store: StateStore, connections: list[str], configured: list[str], *,
+                  timeout: float, say: Callable[[str], None] = tell) -> dict[str, str]:
+    """What every in-process launch does first: fail dead runs, wait for live runs over any of `connections` (at
+    most `timeout` s; `configured` are all connection names, in config order); returns the tags that let a later
+    command tell whether this run's process still lives."""
     home = Path(instance.root_directory) if instance.is_persistent else None
-    wait_for_pools(instance, store, pools, home=home, timeout=timeout, say=say)
+    wait_for_runs(instance, store, connections, configured, home=home, timeout=timeout, say=say)
     return process_tag()
 
 
@@ -155,13 +157,13 @@ class Holder:
 
 def _holder(record) -> Holder:
     run = record.dagster_run
-    started = datetime.fromtimestamp(record.start_time, timezone.utc) if record.start_time else None
+    started = datetime.fromtimestamp(record.start_time, UTC) if record.start_time else None
     return Holder(run.run_id, run.status.value, started, run.tags.get(PROCESS_TAG))
 
 
 def recover_dead_runs(instance: dg.DagsterInstance, store: StateStore, say: Callable[[str], None]) -> list[str]:
-    """Marks failed the runs of this instance whose process is gone, and frees the pool slots they and finished runs
-    still hold; says and audits each in one line. Returns the run ids it failed."""
+    """Marks failed the runs of this instance whose process is gone; says and audits each in one line. Returns the
+    run ids it failed."""
     failed = []
     records = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
                                                               dg.DagsterRunStatus.STARTING,
@@ -173,29 +175,13 @@ def recover_dead_runs(instance: dg.DagsterInstance, store: StateStore, say: Call
         holder = _holder(record)
         run = record.dagster_run
         instance.report_run_failed(run, message=f"marked failed by expensify-exact: {why}")
-        _free_slots(instance, run.run_id)
         failed.append(run.run_id)
         line = (f"recovered: {holder.describe()} was left running by a process that is gone ({why}); "
-                f"marked it failed and freed its pool slots. Its posts are settled by the ledger, none is repeated.")
+                f"marked it failed. Its posts are settled by the ledger, none is repeated.")
         say(line)
         store.audit("dead_run_recovered", run_id=run.run_id, detail={"reason": why, "process": holder.process,
                                                                       "job": run.job_name})
-    storage = instance.event_log_storage
-    if storage.supports_global_concurrency_limits:
-        for run_id in sorted(storage.get_concurrency_run_ids() - set(failed)):
-            record = instance.get_run_record_by_id(run_id)
-            if record is not None and record.dagster_run.status not in FINISHED_STATUSES:
-                continue
-            _free_slots(instance, run_id)
-            status = record.dagster_run.status.value.lower() if record else "deleted"
-            say(f"recovered: freed the pool slots still held by run {run_id}, which is {status}")
-            store.audit("pool_slots_freed", run_id=run_id, detail={"status": status})
     return failed
-
-
-def _free_slots(instance: dg.DagsterInstance, run_id: str) -> None:
-    if instance.event_log_storage.supports_global_concurrency_limits:
-        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
 
 
 def _why_dead(instance: dg.DagsterInstance, record) -> str | None:
@@ -229,47 +215,49 @@ def _local_storage(instance: dg.DagsterInstance) -> bool:
     return isinstance(instance.event_log_storage, SqliteEventLogStorage)
 
 
-def wait_for_pools(instance: dg.DagsterInstance, store: StateStore, pools: list[str], *, home: Path | None,
-                   timeout: float, say: Callable[[str], None], sleep: Callable[[float], None] = time.sleep) -> None:
-    """Returns once each of `pools` has a free slot, recovering dead holders on the way (under the home lock when
-    there is a home). While a live run holds one, names it once and sleeps between looks (Dagster's own executor
-    polls a blocked claim without sleeping, dagster-io/dagster#20367); raises PoolWaitTimeout after `timeout` s."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits or not pools:
-        return
+def wait_for_runs(instance: dg.DagsterInstance, store: StateStore, connections: list[str], configured: list[str], *,
+                  home: Path | None, timeout: float, say: Callable[[str], None],
+                  sleep: Callable[[float], None] = time.sleep) -> None:
+    """Returns once no live run covers any of `connections`, recovering dead runs on the way (under the home lock
+    when there is a home): two runs never work on one division at once from here. While a live run does, names it
+    once and sleeps between looks; raises RunWaitTimeout after `timeout` s. A run that is gone is never waited for."""
+    wanted = set(connections)
     deadline = time.monotonic() + timeout
-    named: set[tuple[str, str]] = set()
+    named: set[str] = set()
     while True:
         with home_lock(home) if home is not None else nullcontext():
             recover_dead_runs(instance, store, say)
-        busy = _busy(instance, pools)
+        busy = _busy(instance, wanted, configured)
         if not busy:
             return
-        for pool, holders in busy.items():
-            whys = [f"{h.describe()} holds it" for h in holders] or [
-                f"its limit is 0 (paused; `dagster instance concurrency set {pool} 1` resumes it)"]
-            for why in whys:
-                if (pool, why) not in named:
-                    named.add((pool, why))
-                    say(f"waiting for pool {pool}: {why}; giving up after {timeout:.0f} s (--wait-timeout)")
+        for holder, overlap in busy:
+            if holder.run_id not in named:
+                named.add(holder.run_id)
+                say(f"waiting for {holder.describe()}, which works on {_names(overlap)}; giving up after "
+                    f"{timeout:.0f} s (--wait-timeout)")
         left = deadline - time.monotonic()
         if left <= 0:
-            held = "; ".join(f"{pool} by {', '.join(h.describe() for h in hs) or 'its limit of 0'}"
-                             for pool, hs in busy.items())
-            raise PoolWaitTimeout(f"gave up after waiting {timeout:.0f} s (--wait-timeout) for {held}. A live run "
-                                  f"is never failed: let it finish, or stop it, then run again")
+            held = "; ".join(f"{h.describe()} on {_names(overlap)}" for h, overlap in busy)
+            raise RunWaitTimeout(f"gave up after waiting {timeout:.0f} s (--wait-timeout) for {held}. A live run is "
+                                 f"never failed: let it finish, or stop it, then run again")
         sleep(min(POLL_SECONDS, left))
 
 
-def _busy(instance: dg.DagsterInstance, pools: list[str]) -> dict[str, list[Holder]]:
-    busy = {}
-    for pool, info in instance.event_log_storage.get_concurrency_infos(pools).items():
-        limit = info.limit
-        if limit is None or len(info.claimed_slots) < limit:
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _busy(instance: dg.DagsterInstance, wanted: set[str], configured: list[str]) -> list[tuple[Holder, list[str]]]:
+    """The live runs of other processes that cover some of `wanted`, with those connections."""
+    mine = process_tag()[PROCESS_TAG]
+    busy = []
+    for record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
+                                                                   dg.DagsterRunStatus.STARTING,
+                                                                   dg.DagsterRunStatus.CANCELING])):
+        run = record.dagster_run
+        if run.tags.get(PROCESS_TAG) == mine:
             continue
-        holders = []
-        for run_id in sorted(info.active_run_ids):
-            record = instance.get_run_record_by_id(run_id)
-            holders.append(_holder(record) if record else Holder(run_id, "UNKNOWN", None, None))
-        busy[pool] = holders
+        overlap = [name for name in connections_of_run(run.tags, configured) if name in wanted]
+        if overlap:
+            busy.append((_holder(record), overlap))
     return busy

@@ -16,7 +16,8 @@ from expensify_exact.core.verdicts import Action, shown_lines
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.dry_run import DAYS_OP, DRY_RUN_JOB_NAME, ConnectionPreview, op_names
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
-from expensify_exact.defs.keys import asset_key, connector_pools, ensure_pools
+from expensify_exact.defs.keys import POSTED
+from expensify_exact.defs.partitions import failures, rectangle_tags
 from expensify_exact.defs.recovery import DEFAULT_WAIT_TIMEOUT_SECONDS, before_launch, tell
 from expensify_exact.defs.resources import ConnectorResource
 
@@ -127,26 +128,24 @@ def _int(value) -> int | None:
 
 
 def run_range(start: date, end: date, *, mappings_dir: str = "mappings", state_url: str | None = None,
-              instance: dg.DagsterInstance | None = None, wait_timeout: float | None = None) -> RunSummary:
-    """Materialize the main job for the approval days start..end in one run (a single-run backfill).
+              instance: dg.DagsterInstance | None = None, wait_timeout: float | None = None,
+              connection: str | None = None) -> RunSummary:
+    """Materialize the main job for the approval days start..end of every connection (or only `connection`) in one
+    run (a single-run backfill over connection × day).
 
-    Before it, dead runs that still hold the connector's pools are failed and a pool held by a live run is waited
-    for, at most `wait_timeout` seconds (default 15 minutes; `recovery.before_launch`)."""
+    Before it, dead runs are failed and a live run over the same connections is waited for, at most `wait_timeout`
+    seconds (default 15 minutes; `recovery.before_launch`)."""
     config = load_project_config(mappings_dir)
-    posting_steps = [asset_key(c.name, "exact", "journal_entries_posted").to_python_identifier()
-                     for c in config.connections]
-    kwargs: dict = {"partition_key": start.isoformat()} if start == end else {
-        "tags": {"dagster/asset_partition_range_start": start.isoformat(),
-                 "dagster/asset_partition_range_end": end.isoformat()}}
-    result = _launch(MAIN_JOB_NAME, {}, mappings_dir, state_url, instance, wait_timeout, **kwargs)
-    frames = []
-    for op in posting_steps:
-        if op not in _executed_steps(result):
-            continue  # the step did not run; the failure below says why
-        value = result.output_for_node(op)
-        frames.extend(v for v in (value.values() if isinstance(value, dict) else [value]) if len(v))
+    names = [config.connection(connection).name] if connection else [c.name for c in config.connections]
+    result = _launch(MAIN_JOB_NAME, {}, mappings_dir, state_url, instance, wait_timeout, names,
+                     tags=rectangle_tags(names, start, end))
+    step = POSTED.to_python_identifier()
+    value = result.output_for_node(step) if step in _executed_steps(result) else {}
+    values = value if isinstance(value, dict) else {names[0]: value}
+    frames = [v for v in values.values() if isinstance(v, pd.DataFrame) and len(v)]
     outcomes = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OUTCOME_COLUMNS)
-    notes = []
+    failed = failures(values)
+    notes = [f"{f.connection}: not run, {f.step} failed: {f.error}" for f in failed]
     deferred = outcomes[outcomes["outcome"] == Outcome.DEFERRED] if len(outcomes) else outcomes
     if len(deferred):
         why = sorted({r["message"] for reasons in deferred["reasons"] for r in (reasons or []) if r.get("message")})
@@ -154,7 +153,9 @@ def run_range(start: date, end: date, *, mappings_dir: str = "mappings", state_u
                      "once they may be tried again (Exact's daily reset, else the next clock hour), or rerun the "
                      "range then: " + " | ".join(why[:3])
                      + (f" (and {len(why) - 3} more reasons)" if len(why) > 3 else ""))
-    return RunSummary(start, end, result.success, result.run_id, outcomes, _failure(result), notes)
+    failure = _failure(result) or (f"{len(failed)} connection(s) failed: {', '.join(f.connection for f in failed)}"
+                                   if failed else None)
+    return RunSummary(start, end, result.success and not failed, result.run_id, outcomes, failure, notes)
 
 
 def preview_range(start: date, end: date, *, mappings_dir: str = "mappings", state_url: str | None = None,
@@ -163,7 +164,8 @@ def preview_range(start: date, end: date, *, mappings_dir: str = "mappings", sta
     nothing posted, materialized or written to the state DB. Waits for the same pools as `run_range`."""
     config = load_project_config(mappings_dir)
     run_config = {"ops": {DAYS_OP: {"config": {"start": start.isoformat(), "end": end.isoformat()}}}}
-    result = _launch(DRY_RUN_JOB_NAME, run_config, mappings_dir, state_url, instance, wait_timeout)
+    result = _launch(DRY_RUN_JOB_NAME, run_config, mappings_dir, state_url, instance, wait_timeout,
+                     [c.name for c in config.connections])
     executed = _executed_steps(result)
     previews = [result.output_for_node(op) for op in (op_names(c.name)[2] for c in config.connections)
                 if op in executed]
@@ -171,16 +173,15 @@ def preview_range(start: date, end: date, *, mappings_dir: str = "mappings", sta
 
 
 def _launch(job_name: str, run_config: dict, mappings_dir: str, state_url: str | None,
-            instance: dg.DagsterInstance | None, wait_timeout: float | None, **kwargs):
-    """Execute one of the code location's jobs in this process, once the pools it needs are free."""
+            instance: dg.DagsterInstance | None, wait_timeout: float | None, connections: list[str], **kwargs):
+    """Execute one of the code location's jobs in this process, once no live run works on its `connections`."""
     config = load_project_config(mappings_dir)
     job = build_defs(mappings_dir).resolve_job_def(job_name)
     connector = ConnectorResource(mappings_dir=mappings_dir, state_url=state_url)
     # The per-event DEBUG lines belong in the UI's run view, not on the operator's terminal.
     run_config = run_config | {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     instance = instance or dg.DagsterInstance.get()
-    ensure_pools(instance, config)
-    tags = before_launch(instance, connector.store(), connector_pools(config),
+    tags = before_launch(instance, connector.store(), connections, [c.name for c in config.connections],
                          timeout=DEFAULT_WAIT_TIMEOUT_SECONDS if wait_timeout is None else wait_timeout, say=tell)
     kwargs["tags"] = tags | kwargs.get("tags", {})
     return job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False,

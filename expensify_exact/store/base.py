@@ -44,7 +44,9 @@ class StoreBase:
             # Several processes write the same file: wait for a writer instead of failing with "database is locked".
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs["pool_pre_ping"] = True
+            # A step works on many connections side by side (defs.partitions.parallel_connections), each thread
+            # briefly holding a connection: let the pool grow for them rather than time out.
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=40, pool_timeout=120)
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
         if self.url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run one day or a date range through the Dagster assets")
     p.add_argument("--start", required=True, help="first approval day, YYYY-MM-DD")
     p.add_argument("--end", help="last approval day, YYYY-MM-DD (default: --start)")
+    p.add_argument("--connection", help="only this connection (default: every configured connection)")
     p.add_argument("--dry-run", action="store_true",
                    help="show every draft line and what a run would do with each report; post and store nothing")
     p.add_argument("--json", action="store_true", help="print one JSON summary object")
@@ -42,11 +43,13 @@ def cmd_run(args) -> int:
         return EXIT_USAGE
     connector = connector_from_args(args)
     instance, _ = open_embedded(home, connector.store, tell)
-    days = ((end - start).days + 1) * len(connector.project().connections)
+    connections = [connector.project().connection(args.connection)] if args.connection \
+        else connector.project().connections
+    days = ((end - start).days + 1) * len(connections)
     launch = preview_range if args.dry_run else run_range  # a dry run settles no days: no day count to show
     with showing_progress(json_output=args.json, total_days=None if args.dry_run else days):
         summary = launch(start, end, mappings_dir=args.mappings, state_url=args.state_url, instance=instance,
-                         wait_timeout=args.wait_timeout)
+                         wait_timeout=args.wait_timeout, connection=args.connection)
     if args.json:
         print(json.dumps(summary.as_json(), indent=2, sort_keys=True))
     else:
