@@ -1,8 +1,9 @@
-"""Scale-out on Celery: the main job's steps spread over two worker processes, each started as an operator starts one
-(`scripts/celery-worker.sh`) on this machine's RabbitMQ, the run started with `dagster job execute` on a PostgreSQL
-Dagster instance with EXPENSIFY_EXACT_EXECUTOR=celery. Every step runs in a worker's pool process, both workers take
-steps, every report is posted exactly once, and the division's minute limit holds across the processes (the shared
-rate-limit board in the state DB), with the limit set below what the run needs, so it has to wait.
+"""The executor is the operator's choice (`EXPENSIFY_EXACT_EXECUTOR`), and scale-out on Celery works: the main job's
+steps spread over two worker processes, each started as an operator starts one (`scripts/celery-worker.sh`) on this
+machine's RabbitMQ, the run started with `dagster job execute` on a PostgreSQL Dagster instance with
+EXPENSIFY_EXACT_EXECUTOR=celery. Every step runs in a worker's pool process, both workers take steps, every report is
+posted exactly once, and the division's minute limit holds across the processes (the shared rate-limit board in the
+state DB), with the limit set below what the run needs, so it has to wait.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ import dagster as dg
 import pytest
 import yaml
 
-from expensify_exact.defs.executor import BROKER_ENV, DEFAULT_BROKER, worker_app
+from expensify_exact.config import load_project_config
+from expensify_exact.defs import executor
+from expensify_exact.defs.executor import BROKER_ENV, DEFAULT_BROKER, EXECUTOR_ENV, worker_app
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.partitions import partition_tags
 from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed
-from tests.conftest import REPO
+from tests.conftest import MAPPINGS, REPO
 from tests.crash.driver import report_of_entry
 from tests.factories import run_cli
-
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 CONNECTION = "vermeerhals-nl"  # the shipped mappings' connection, on the sandbox's demo division
@@ -129,6 +130,24 @@ def _wait_ready(workers: dict[str, subprocess.Popen], logs: Path) -> None:
     assert not waiting, f"workers not ready after {DEADLINE} s: {sorted(waiting)}"
 
 
+@pytest.mark.parametrize(("setting", "executor_name"), [
+    (None, "multi_or_in_process_executor"), ("multiprocess", "multi_or_in_process_executor"), (" Celery ", "celery")])
+def test_the_operator_chooses_the_executor_in_the_environment(monkeypatch, setting, executor_name):
+    if setting is None:
+        monkeypatch.delenv(EXECUTOR_ENV, raising=False)
+    else:
+        monkeypatch.setenv(EXECUTOR_ENV, setting)
+    assert executor.build(load_project_config(str(MAPPINGS))).executor.name == executor_name
+
+
+def test_an_unknown_executor_is_refused_when_the_code_location_loads(monkeypatch):
+    monkeypatch.setenv(EXECUTOR_ENV, "k8s")
+    with pytest.raises(ValueError, match=f"{EXECUTOR_ENV}='k8s': expected 'multiprocess' or 'celery'"):
+        executor.build(load_project_config(str(MAPPINGS)))
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_two_celery_workers_share_the_main_jobs_steps_and_post_every_report_once(
         sandbox, sandbox_mappings, pg_database, queue, workers, tmp_path, monkeypatch):
     state_url = pg_database  # Dagster's tables and the connector's share the database, as in production
