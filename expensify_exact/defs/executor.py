@@ -55,12 +55,11 @@ def build(config: ProjectConfig) -> dg.Definitions:
 def worker_app():
     """The Celery app of `scripts/celery-worker.sh` (`celery -A expensify_exact.defs.executor worker`): dagster-celery's
     app and step task, built from the same settings as the executor's, so both meet on one broker and queue."""
-    from dagster._core.execution.retries import RetryMode
     from dagster_celery.executor import CeleryExecutor
     from dagster_celery.make_app import make_app
     from dagster_celery.tasks import create_task
 
-    app = make_app(CeleryExecutor(retries=RetryMode.DISABLED, **celery_settings()).app_args())
+    app = make_app(CeleryExecutor.for_cli(**celery_settings()).app_args())  # as dagster-celery's own CLI builds it
     create_task(app)
     # Consume the queue the executor submits to, declared the way the submitting run declares it (dagster-celery's
     # `dagster` queue, or one Celery creates on first use).
