@@ -21,12 +21,13 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
+import kombu
 import pytest
 import yaml
 
 from expensify_exact.config import load_project_config
 from expensify_exact.defs import executor
-from expensify_exact.defs.executor import BROKER_ENV, DEFAULT_BROKER, EXECUTOR_ENV, worker_app
+from expensify_exact.defs.executor import BROKER_ENV, DEFAULT_BROKER, EXECUTOR_ENV
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.partitions import partition_tags
 from expensify_exact.store import StateStore
@@ -79,10 +80,8 @@ def queue(broker, monkeypatch):
     monkeypatch.setenv("EXPENSIFY_EXACT_CELERY_QUEUE", name)
     monkeypatch.setenv(BROKER_ENV, broker)
     yield name
-    worker_app.cache_clear()
-    with worker_app().connection_for_write() as connection:
+    with kombu.Connection(broker) as connection:
         connection.default_channel.queue_delete(name)
-    worker_app.cache_clear()
 
 
 @pytest.fixture
