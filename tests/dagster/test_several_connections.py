@@ -1,7 +1,6 @@
-"""Two connections (two Exact divisions) in one deployment: each gets its own asset group and pools, the main job
-covers both, and the replay job has one op per connection in that division's pool, limited by the run's tag."""
+"""Two connections (two Exact divisions) in one deployment: each gets its own asset group and pools, and the main job
+covers both. The replay job with several connections: tests/dagster/test_replay_job.py."""
 
-import dagster as dg
 import pytest
 import yaml
 
@@ -9,11 +8,8 @@ from expensify_exact.config import load_project_config
 from expensify_exact.definitions import build_defs
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.keys import asset_key, connector_pools
-from expensify_exact.defs.replay import CONNECTION_TAG, REPLAY_JOB_NAME, replay_op_name
-from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact_sandbox import seed
 from tests.conftest import write_mappings
-from tests.factories import run_cli
 
 NL, BE = "vermeerhals-nl", "vermeerhals-be"
 
@@ -50,29 +46,4 @@ def test_each_connection_has_its_own_group_pools_and_ops(two_connections):
     main_ops = {node.name for node in defs.resolve_job_def(MAIN_JOB_NAME).graph.node_defs}
     posting = {asset_key(c, "exact", "journal_entries_posted").to_python_identifier() for c in (NL, BE)}
     assert posting <= main_ops
-    replay = defs.resolve_job_def(REPLAY_JOB_NAME)
-    pools = {node.name: node.pool for node in replay.graph.node_defs}
-    assert pools == {replay_op_name(NL): f"exact_division_{seed.DIVISION}",
-                     replay_op_name(BE): f"exact_division_{seed.SECOND_DIVISION}"}
 
-
-def test_a_replay_run_tagged_for_one_connection_leaves_the_other_alone(two_connections, state_url, tmp_path):
-    for name in (NL, BE):
-        assert run_cli(two_connections, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
-    connector = ConnectorResource(mappings_dir=str(two_connections), state_url=state_url)
-    store = connector.store()
-    store.quarantine_put(NL, "R00NL0000001", partition_date="2026-11-20",
-                         reasons=[{"code": "UNKNOWN_COST_CENTER", "value": "EHV"}], transaction_ids=["1"],
-                         content_hash="h")
-    job = build_defs(str(two_connections)).resolve_job_def(REPLAY_JOB_NAME)
-    (tmp_path / "home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
-        # Nothing of the Belgian division is quarantined, so its op calls no API; the Dutch op must not run at all
-        # (its open item would need both APIs, and none are reachable from this test).
-        result = job.execute_in_process(instance=instance, resources={"connector": connector},
-                                        tags={CONNECTION_TAG: BE})
-    assert result.success
-    assert result.output_for_node(replay_op_name(NL)) == {}
-    belgian = result.output_for_node(replay_op_name(BE))
-    assert belgian["connection"] == BE and belgian["outcomes"] == [] and not any(belgian["counts"].values())
-    assert store.quarantine_get(NL, "R00NL0000001").status == "open"
