@@ -286,25 +286,6 @@ def test_status_warns_and_exits_1_when_the_refresh_token_nears_exacts_30_day_idl
     assert fresh["connections"][CONNECTION]["tokens"]["idle_warning"] is None
 
 
-def test_status_exits_1_when_the_instance_leaves_the_api_pools_unlimited(tmp_path, state_url):
-    import dagster as dg
-
-    from expensify_exact.defs.resources import ConnectorResource
-
-    connector = ConnectorResource(mappings_dir=str(MAPPINGS), state_url=state_url)
-    conn = connector.project().connection(CONNECTION)
-    now = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc)
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:  # no concurrency.pools.default_limit
-        status = collect_status(connector, [conn], instance, now)
-        assert status["connections"][CONNECTION]["pools"] == {"exact_division_123456": None,
-                                                              "expensify_vermeerhals_nl": None}
-        assert any("exact_division_123456 has no limit" in reason for reason in needs_attention(status))
-        assert "exact_division_123456: NO LIMIT" in render_text(status)
-        instance.event_log_storage.set_concurrency_slots("exact_division_123456", 1)
-        instance.event_log_storage.set_concurrency_slots("expensify_vermeerhals_nl", 1)
-        assert not any("pool" in r for r in needs_attention(collect_status(connector, [conn], instance, now)))
-
-
 def test_status_after_the_seeded_problem_days_shows_quarantine_by_reason_ledger_counts_and_the_run(
         capsys, authorized, sandbox, state_url, tmp_path, monkeypatch):
     import dagster as dg
@@ -337,11 +318,8 @@ def test_status_after_the_seeded_problem_days_shows_quarantine_by_reason_ledger_
     # The run left Exact's daily budget in its metadata, so status knows it without a call.
     assert conn["rate_budget"]["source"] == f"run {summary.run_id}" and conn["rate_budget"]["remaining_daily"] > 0
 
-    assert conn["pools"] == {f"exact_division_{seed.DIVISION}": 1, "expensify_vermeerhals_nl": 1}
-
     code, out, _ = _cli(capsys, authorized, state_url, "status")
     assert "quarantine    2 open report(s): UNKNOWN_COST_CENTER 1, UNMAPPED_CATEGORY 1" in out
-    assert f"pools         exact_division_{seed.DIVISION}: 1 step(s) at a time" in out
     assert f"{summary.run_id[:8]}  SUCCESS" in out
 
     # --live asks Exact (current/Me has no rate headers; system/Divisions does).
