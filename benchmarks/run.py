@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/run.py                 # everything (a few minutes)
     .venv/bin/python benchmarks/run.py --quick         # smaller volumes, same measurements
     .venv/bin/python benchmarks/run.py --only backlog  # one benchmark: transform, exact_calls,
-                                                       # expensify_calls, backlog, end_to_end, dimension_calls
+                                                       # expensify_calls, backlog, end_to_end, dimension_calls,
+                                                       # definitions, morning
 
 Everything runs against the bundled sandbox on 127.0.0.1 with a temporary state database and Dagster home;
 nothing outside a temporary directory is touched. Where the sandbox's clock is handed to a client, the client's
@@ -509,8 +510,21 @@ def bench_dimension_calls(quick: bool) -> list[Row]:
     ]
 
 
+def bench_definitions(quick: bool) -> list[Row]:
+    from many_customers import bench_definitions as measure
+
+    return measure(quick, Row)
+
+
+def bench_morning(quick: bool) -> list[Row]:
+    from many_customers import bench_morning as measure
+
+    return measure(quick, Row)
+
+
 BENCHMARKS = {"transform": bench_transform, "exact_calls": bench_exact_calls, "expensify_calls": bench_expensify_calls,
-              "backlog": bench_backlog, "end_to_end": bench_end_to_end, "dimension_calls": bench_dimension_calls}
+              "backlog": bench_backlog, "end_to_end": bench_end_to_end, "dimension_calls": bench_dimension_calls,
+              "definitions": bench_definitions, "morning": bench_morning}
 
 
 def print_table(rows: list[Row]) -> None:

@@ -159,6 +159,17 @@ class Connection(_Strict):
     def _known_timezone(cls, value: str) -> str:
         return _check_timezone(value)
 
+    @property
+    def expensify_credential(self) -> str:
+        """The name its Expensify partner login is kept under: `expensify.credential`, else its own name."""
+        return self.expensify.credential or self.name
+
+
+# What connections sharing an Expensify credential must agree on: one client and one export job serve them all, and
+# the job selects approval days in one timezone.
+SHARED_CREDENTIAL_SETTINGS = (("timezone",), ("expensify", "endpoint_url"), ("expensify", "timestamp_timezone"),
+                              ("expensify", "poll_interval_seconds"), ("expensify", "poll_timeout_seconds"))
+
 
 class CategoryMapping(_Strict):
     category: str = Field(min_length=1)
@@ -261,8 +272,9 @@ class _LineList(list):
     lines: list[int]
 
 
-class _LineLoader(yaml.SafeLoader):
-    """Remembers the line of every mapping key and list item, so errors can point at them."""
+class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """Remembers the line of every mapping key and list item, so errors can point at them. libyaml's parser where
+    PyYAML has it: five times faster, which counts at hundreds of connections (definitions load at every start)."""
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
@@ -391,6 +403,7 @@ def _parse_project(folder: Path, texts: tuple[str | None, ...]) -> ProjectConfig
 
 
 def _check_cross_references(config: ProjectConfig, sources: dict[str, tuple[Path, Any]]) -> None:
+    _check_shared_credentials(config, *sources["connections"])
     if "categories" in sources:
         path, document = sources["categories"]
         seen: dict[tuple[str, str | None], int] = {}
@@ -410,3 +423,37 @@ def _check_cross_references(config: ProjectConfig, sources: dict[str, tuple[Path
                 raise ConfigError(f"tag level {level.level} is configured twice (first on line {levels[level.level]})",
                                   path=str(path), line=line)
             levels[level.level] = line
+
+
+def _check_shared_credentials(config: ProjectConfig, path: Path, document: Any) -> None:
+    """Connections sharing an Expensify credential are exported together and split by policy ID afterwards, so a
+    policy belongs to one of them, and they use one client and one export job: the same
+    `SHARED_CREDENTIAL_SETTINGS`."""
+    first: dict[str, int] = {}  # credential -> index of its first connection
+    owners: dict[tuple[str, str], int] = {}  # (credential, policy ID) -> index of the connection listing it
+    for index, conn in enumerate(config.connections):
+        credential = conn.expensify_credential
+        node = document["connections"][index]
+        lead = config.connections[first.setdefault(credential, index)]
+        for keys in SHARED_CREDENTIAL_SETTINGS:
+            mine, theirs = _setting(conn, keys), _setting(lead, keys)
+            if mine != theirs:
+                raise ConfigError(
+                    f"connections {lead.name} and {conn.name} share Expensify credential {credential!r} but not "
+                    f"{'.'.join(keys)} ({theirs!r} and {mine!r}): one export job a day serves both; give them the "
+                    f"same, or credentials of their own", path=str(path), line=_line_of(node, keys))
+        for position, policy in enumerate(conn.expensify.policy_ids):
+            other = owners.setdefault((credential, policy), index)
+            if other != index:
+                raise ConfigError(
+                    f"policy {policy} is listed by connections {config.connections[other].name} and {conn.name}, "
+                    f"which share Expensify credential {credential!r}: their reports are told apart by policy, so a "
+                    f"policy belongs to one connection per credential", path=str(path),
+                    line=_line_of(node, ("expensify", "policy_ids", position)))
+
+
+def _setting(conn: Connection, keys: tuple[str, ...]) -> Any:
+    value: Any = conn
+    for key in keys:
+        value = getattr(value, key)
+    return value

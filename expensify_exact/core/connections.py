@@ -19,19 +19,45 @@ from expensify_exact.api.expensify.client import ExpensifyClient
 from expensify_exact.api.http.pacing import RateLimitSnapshot
 from expensify_exact.clock import Clock, SystemClock
 from expensify_exact.config import Connection
+from expensify_exact.core.exports import by_credential, credential_of
 from expensify_exact.core.snapshots import DivisionChecks
+from expensify_exact.errors import VaultError
 from expensify_exact.store import StateStore
 from expensify_exact.store.vault import CredentialVault
 
 logger = logging.getLogger(__name__)
 
-# Names of the secrets kept per connection in the vault.
+# Names of the secrets in the vault: the Expensify partner login's under its credential (`secret_scope`), the rest
+# under the connection.
 EXPENSIFY_USER_ID = "expensify_partner_user_id"
 EXPENSIFY_USER_SECRET = "expensify_partner_user_secret"
+EXPENSIFY_SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET)
 EXACT_CLIENT_ID = "exact_client_id"
 EXACT_CLIENT_SECRET = "exact_client_secret"
 SECRET_NAMES = (EXPENSIFY_USER_ID, EXPENSIFY_USER_SECRET, EXACT_CLIENT_ID, EXACT_CLIENT_SECRET,
                 "exact_webhook_secret")  # expensify_exact.core.webhooks.EXACT_WEBHOOK_SECRET
+
+
+def secret_scope(conn: Connection, name: str) -> str:
+    """Where the vault keeps the connection's secret `name`: the Expensify partner login under its credential
+    (`exports.credential_of`: shared by every connection naming it, else the connection's own name), every other
+    secret under the connection."""
+    return credential_of(conn) if name in EXPENSIFY_SECRET_NAMES else conn.name
+
+
+def store_expensify_login_command(group: list[Connection]) -> str:
+    """The command that stores the Expensify partner login of these connections (one credential's): by its
+    credential once any of them names it in `expensify.credential`, else by the one connection's name."""
+    named = [c for c in group if c.expensify.credential]
+    option = f"--credential {credential_of(named[0])}" if named else f"--connection {group[0].name}"
+    return f"expensify-exact secrets set {option} --from-env"
+
+
+def missing_expensify_credentials(vault: CredentialVault,
+                                  connections: list[Connection]) -> dict[str, list[Connection]]:
+    """The credentials whose partner login is not (fully) stored, each with the connections using it."""
+    return {credential: group for credential, group in by_credential(connections).items()
+            if not all(vault.has(credential, name) for name in EXPENSIFY_SECRET_NAMES)}
 
 
 class ReadOnlyRecords:
@@ -106,10 +132,11 @@ class StoredRateLimitBoard(_Advisory):
 
 
 class StoredRequestLog(_Advisory):
-    """Records one Expensify credential's requests in the state DB, so every step and process counts them."""
+    """Records one Expensify credential's requests in the state DB, so every step, process and connection using
+    the credential counts them in one window (Expensify's limits are per partner login)."""
 
-    def __init__(self, store: StateStore, connection: str):
-        super().__init__(store, f"expensify:{connection}")
+    def __init__(self, store: StateStore, credential: str):
+        super().__init__(store, f"expensify:{credential}")
 
     def since(self, moment: datetime) -> list[datetime]:
         return self._try("read", lambda: self._store.request_log_since(self.scope, moment), fallback=[])
@@ -147,16 +174,24 @@ def exact_base_url(conn: Connection) -> str:
 
 def build_expensify_client(conn: Connection, vault: CredentialVault, clock: Clock | None = None,
                            transport=None, store: StateStore | ReadOnlyRecords | None = None) -> ExpensifyClient:
-    """With `store`, the client counts Expensify's windows over every request of this connection's credential."""
+    """The client of the connection's Expensify credential (`credential_of`); it serves every connection sharing
+    that credential, whose client settings config validation keeps equal. With `store`, it counts Expensify's
+    windows over every request of the credential, from any connection or process."""
+    credential = credential_of(conn)
+    if missing_expensify_credentials(vault, [conn]):
+        whose = f"credential {credential!r} of connection {conn.name}" if conn.expensify.credential else \
+            f"connection {conn.name}"
+        raise VaultError(f"the Expensify partner login of {whose} is not stored; run "
+                         f"`{store_expensify_login_command([conn])}`")
     return ExpensifyClient(
         conn.expensify.endpoint_url,
-        vault.get(conn.name, EXPENSIFY_USER_ID),
-        vault.get(conn.name, EXPENSIFY_USER_SECRET),
+        vault.get(credential, EXPENSIFY_USER_ID),
+        vault.get(credential, EXPENSIFY_USER_SECRET),
         clock or SystemClock(),
         transport=transport,
         poll_interval_seconds=conn.expensify.poll_interval_seconds,
         poll_timeout_seconds=conn.expensify.poll_timeout_seconds,
-        request_log=StoredRequestLog(store, conn.name) if store is not None else None,
+        request_log=StoredRequestLog(store, credential) if store is not None else None,
     )
 
 

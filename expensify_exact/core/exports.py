@@ -7,8 +7,9 @@ from expensify_exact.config import Connection
 
 
 def credential_of(conn: Connection) -> str:
-    """The name an Expensify partner login is kept under: `expensify.credential`, else the connection's own name."""
-    return conn.expensify.credential or conn.name
+    """The name an Expensify partner login is kept under: `expensify.credential`, else the connection's own name
+    (`Connection.expensify_credential`, which config validation also groups by)."""
+    return conn.expensify_credential
 
 
 def by_credential(connections: list[Connection]) -> dict[str, list[Connection]]:

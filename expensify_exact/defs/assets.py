@@ -20,6 +20,7 @@ from expensify_exact.core.draft_checks import DraftLineSchema
 from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day
 from expensify_exact.core.exports import by_credential, split_by_policy
 from expensify_exact.core.journal import DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, Reason
+from expensify_exact.core.overview import record_run
 from expensify_exact.core.pipeline import draft, normalize
 from expensify_exact.core.posting import (
     OUTCOME_COLUMNS,
@@ -121,11 +122,9 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
     )
     def raw_reports(context: dg.AssetExecutionContext, connector: ConnectorResource):
         plan = days_by_connection(context)
-        groups: dict[str, list[str]] = {}
-        for credential, conns in by_credential([config.connection(name) for name in plan]).items():
-            for conn in conns:  # connections in other timezones count their days apart: their own export
-                groups.setdefault(f"{credential}/{conn.timezone}/{conn.expensify.timestamp_timezone}",
-                                  []).append(conn.name)
+        # Connections of one credential share their timezone and client settings (config validation).
+        groups = {credential: [conn.name for conn in conns]
+                  for credential, conns in by_credential([config.connection(name) for name in plan]).items()}
         requests: dict[str, dict[str, int]] = {}
 
         def export(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, list[dict]]]:
@@ -307,6 +306,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
         clock = connector.clock()
         run_id = context.run.run_id
         posted_with: dict[str, dict] = {}
+        stopped_why: dict[str, str] = {}
 
         def post(conn: Connection, days: list[str], drafts_by_day: dict) -> dict[str, pd.DataFrame]:
             client = connector.exact_client(conn)
@@ -340,6 +340,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
                 _mark_exported(context, connector, conn, newly_posted, store)
             posted_with[conn.name] = {"late_approvals": len(late), "exact_calls": client.calls_made,
                                       "exact_daily_calls_left": client.rate_limits.remaining_daily or -1}
+            stopped_why[conn.name] = "; ".join(stopped)
             return results
 
         values = for_each_connection(context, config, post, journal_drafts)
@@ -356,6 +357,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
 
         _describe_partitions(context, values, describe)
         failed = failures(values)
+        _record_runs(store, run_id, days_by_connection(context), values, stopped_why)
         table = pd.DataFrame([{"connection": f.connection, "step": f.step, "error": f.error} for f in failed],
                              columns=["connection", "step", "error"])
         return dg.MaterializeResult(
@@ -416,6 +418,17 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
 
     return [raw_reports, expense_lines, exact_dimensions, journal_drafts, journal_entries_posted, quarantine,
             unreported_card_spend]
+
+
+def _record_runs(store, run_id: str, plan: dict[str, list[str]], values: dict, stopped: dict[str, str]) -> None:
+    """What the run did for each of its connections, for the overview (`core.overview.record_run`)."""
+    for name, days in plan.items():
+        mine = [values[partition_key(name, day)] for day in days]
+        failed = next((v for v in mine if isinstance(v, ConnectionFailed)), None)
+        frames = [v for v in mine if isinstance(v, pd.DataFrame)]
+        counts = concat(frames, OUTCOME_COLUMNS)["outcome"].value_counts().to_dict()
+        record_run(store, name, run_id, days, counts={str(k): int(v) for k, v in counts.items()},
+                   stopped=stopped.get(name) or None, failed=f"{failed.step}: {failed.error}" if failed else None)
 
 
 def _mark_exported(context, connector: ConnectorResource, conn: Connection, report_ids: list[str], store) -> None:

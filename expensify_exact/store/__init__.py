@@ -16,6 +16,7 @@ from expensify_exact.store.limits import LimitStore
 from expensify_exact.store.locks import LockStore, process_gone_here, process_stat
 from expensify_exact.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from expensify_exact.store.notifications import NotificationStore
+from expensify_exact.store.overview import OverviewStore
 from expensify_exact.store.quarantine import QuarantineItem, QuarantineStatus, QuarantineStore
 from expensify_exact.store.schema import audit_log, intents, metadata, quarantine, rate_limits, schema_migrations
 from expensify_exact.store.secrets import SecretStore
@@ -29,5 +30,5 @@ __all__ = [
 
 
 class StateStore(LockStore, SecretStore, LedgerStore, QuarantineStore, AuditStore, LimitStore, FactStore,
-                 SnapshotStore, DayStore, NotificationStore):
+                 SnapshotStore, DayStore, NotificationStore, OverviewStore):
     """All reads and writes of the connector's state. Safe to share across threads and processes."""

@@ -45,8 +45,9 @@ class StoreBase:
             kwargs["connect_args"] = {"timeout": 30}
         else:
             # A step works on many connections side by side (defs.partitions.parallel_connections), each thread
-            # briefly holding a connection: let the pool grow for them rather than time out.
-            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=40, pool_timeout=120)
+            # holding a database connection for a moment at a time: at most 20 per process, so four runs at once
+            # stay well inside PostgreSQL's default 100; a thread that finds none free waits for one.
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=15, pool_timeout=300)
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
         if self.url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)

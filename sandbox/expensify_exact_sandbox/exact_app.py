@@ -17,6 +17,10 @@ Strict by default where the sheet leaves the truth open (§13): Exact assigns it
 (`mandatory_filtering`), query strings over 8 KB are refused, and every error an app earns (4xx except 429, and 5xx
 carrying Exact's message) counts per client, division, endpoint and clock hour; from the 10th the endpoint answers
 403 for the rest of that hour.
+
+Customer divisions (`open_customer_division`, used by scale.ScaleScenario) each have their own Exact user: a
+refresh token of their own, reaching that division only, with the 200 token calls a day counted per user (§2.4).
+Their books are made on first use, so hundreds cost little until used.
 """
 
 from __future__ import annotations
@@ -185,7 +189,8 @@ def _plain(value: Any) -> Any:
 
 
 class ExactSimulator:
-    """WSGI app simulating Exact Online for divisions 123456 and 234567 of the seed firm.
+    """WSGI app simulating Exact Online for divisions 123456 and 234567 of the seed firm, and for any number of
+    customer divisions (`open_customer_division`), each with its own user, books and limits.
 
     Args:
         seed: the shared demo data (only its `today` is used; master data comes from seed module constants).
@@ -206,6 +211,8 @@ class ExactSimulator:
             S.DIVISION: Ledger.from_seed(S.DIVISION, "Vermeer & Hals Accountants B.V.", "NL", True, created),
             S.SECOND_DIVISION: Ledger.from_seed(S.SECOND_DIVISION, "Vermeer & Hals België BV", "BE", False, created),
         }
+        self._customers: dict[int, str] = {}  # customer division -> its name; its ledger is made on first use
+        self._pruned_minute = 0
         self.auth = TokenAuthority(self.clock, self.knobs)
         self._minute_calls: dict[tuple, int] = defaultdict(int)
         self._day_calls: dict[tuple, int] = defaultdict(int)
@@ -221,6 +228,7 @@ class ExactSimulator:
     def _empty_stats() -> dict:
         return {"calls": Counter(), "calls_by_division": Counter(), "statuses": Counter(),
                 "rate_limited": Counter(minutely=0, daily=0), "max_calls_per_minute": {},
+                "rate_limited_by_division": {}, "posts_by_division": Counter(),
                 "token": Counter(calls=0, refreshes=0, codes_exchanged=0, consents=0),
                 "refusals": Counter(), "old_refresh_token_used": 0,
                 "posts": Counter(attempted=0, created=0, rejected=0),
@@ -361,13 +369,13 @@ class ExactSimulator:
 
         fault = self._take("exact.api")
         if fault == "rate_limit":
-            self._stats["rate_limited"]["minutely"] += 1
+            self._count_429(division, "minutely")
             reply = Reply(429, self._minutely_headers(0))
         elif fault == "http_503":
             reply = Reply(503, [("Content-Type", "text/html")], b"<html><body>Service Unavailable</body></html>")
         else:
             try:
-                if division not in self.knobs.accessible_divisions or division not in self.ledgers:
+                if division not in self._reachable(token) or not self._has_division(division):
                     raise ODataError(403, "Forbidden - WrongDivision", reason="NoDivisionAccess")  # §3 [?] body
                 if spec is None:
                     raise ODataError(404, f"Resource not found for the segment '{rest.split('(')[0].split('/')[-1]}'.")
@@ -402,7 +410,8 @@ class ExactSimulator:
             return Reply(429, self._minutely_headers(0))
         if fault == "http_503":
             return Reply(503, [("Content-Type", "text/html")], b"<html><body>Service Unavailable</body></html>")
-        row = {"UserID": _ME_USER_ID, "CurrentDivision": self.knobs.current_division, "FullName": "Finance Team",
+        current = token.chain.division if token.chain.division is not None else self.knobs.current_division
+        row = {"UserID": _ME_USER_ID, "CurrentDivision": current, "FullName": "Finance Team",
                "FirstName": "Finance", "LastName": "Team", "Initials": "F.", "UserName": "finance.vermeerhals",
                "Email": S.APPROVER, "Title": "DHR", "Gender": "O", "Language": "NL", "LanguageCode": "nl-NL",
                "Legislation": "1", "ServerTime": self.clock.now(), "IsClientUser": False, "IsStarterUser": False}
@@ -436,23 +445,60 @@ class ExactSimulator:
         now = self.clock.now()
         minute = int(now.timestamp() // 60)
         mkey, dkey = (client_id, division, minute), (client_id, division, now.date())
+        if minute != self._pruned_minute:  # once a minute, not per call: memory stays flat over many divisions
+            self._pruned_minute = minute
+            for table in (self._minute_calls, self._seen_per_minute):
+                for key in [k for k in table if k[-1] < minute - 2]:
+                    del table[key]
         seen = self._seen_per_minute[(division, minute)] = self._seen_per_minute[(division, minute)] + 1
         best = self._stats["max_calls_per_minute"]
         best[str(division)] = max(best.get(str(division), 0), seen)
-        if len(self._minute_calls) > 5000:  # keep memory flat during long soak runs
-            for key in [k for k in self._minute_calls if k[2] < minute - 2]:
-                del self._minute_calls[key]
         # §6: a 429 carries only the exceeded window's headers and an empty body
         if self._day_calls[dkey] >= self.knobs.daily_limit:
-            self._stats["rate_limited"]["daily"] += 1
+            self._count_429(division, "daily")
             return Reply(429, self._daily_headers(0)), []
         if self._minute_calls[mkey] >= self.knobs.minutely_limit:
-            self._stats["rate_limited"]["minutely"] += 1
+            self._count_429(division, "minutely")
             return Reply(429, self._minutely_headers(0)), []
         self._day_calls[dkey] += 1
         self._minute_calls[mkey] += 1
         return None, (self._daily_headers(self.knobs.daily_limit - self._day_calls[dkey])
                       + self._minutely_headers(self.knobs.minutely_limit - self._minute_calls[mkey]))
+
+    def _count_429(self, division: int, window: str) -> None:
+        self._stats["rate_limited"][window] += 1
+        by_division = self._stats["rate_limited_by_division"].setdefault(str(division), {"minutely": 0, "daily": 0})
+        by_division[window] += 1
+
+    # -- divisions (§3) ------------------------------------------------------------------------------------
+    def open_customer_division(self, division: int, refresh_token: str, name: str) -> None:
+        """A customer of its own: division `division` (seeded like the demo division: same GL accounts, cost
+        centers, cost units, VAT codes, journals and financial years, but its own IDs and entries), reached only
+        through `refresh_token`'s consent. Its books are made on the first call that uses them."""
+        with self._lock:
+            if division in self.ledgers and division not in self._customers:
+                raise ValueError(f"division {division} is a demo division")
+            self._customers[division] = name
+            self.auth.add_customer_consent(refresh_token, division)
+
+    def _has_division(self, division: int) -> bool:
+        return division in self.ledgers or division in self._customers
+
+    def _ledger(self, division: int) -> Ledger:
+        ledger = self.ledgers.get(division)
+        if ledger is None:
+            if division not in self._customers:
+                raise KeyError(f"no division {division}")
+            created = self.clock.now() - timedelta(days=400)
+            ledger = self.ledgers[division] = Ledger.from_seed(division, self._customers[division], "NL", True,
+                                                               created)
+        return ledger
+
+    def _reachable(self, token) -> set[int]:
+        """The divisions a token's user may use: a customer's user its own, the demo user the knob's."""
+        if token.chain.division is not None:
+            return {token.chain.division}
+        return self.knobs.accessible_divisions
 
     # -- error budget (§6 table, §13) ------------------------------------------------------------------
     def _hour(self) -> datetime:
@@ -483,7 +529,7 @@ class ExactSimulator:
 
     # -- dispatch ------------------------------------------------------------------------------------
     def _dispatch(self, method: str, spec: EntitySpec, em: re.Match, division: int, environ: dict, body: bytes):
-        ledger = self.ledgers[division]
+        ledger = self._ledger(division)
         raw_key = em.group("key")
         key = None
         if raw_key is not None:
@@ -511,19 +557,23 @@ class ExactSimulator:
         return self._get(spec, ledger, key, em.group("count") is not None, environ)
 
     def _rows(self, spec: EntitySpec, ledger: Ledger) -> list[dict]:
+        if spec.path in ("system/Divisions", "hrm/Divisions") and ledger.division in self._customers:
+            return [self._division_row(ledger.division, current=True)]  # a customer's user sees its own only
         if spec.path == "system/Divisions":
             return [self._division_row(d, current=(d == self.knobs.current_division))
                     for d in sorted(self.knobs.accessible_divisions) if d in self.ledgers]
         if spec.path == "hrm/Divisions":
-            return [self._division_row(d) for d in sorted(self.ledgers)]
+            return [self._division_row(d) for d in sorted(self.ledgers) if d not in self._customers]
         return ledger.rows(spec)
 
     def _division_row(self, division: int, current: bool = False) -> dict:
         ledger = self.ledgers[division]
+        customer = ("vermeerhals", "1", "Vermeer & Hals") if division not in self._customers else \
+            (f"customer-{division}", str(division), ledger.description)
         return {"Code": division, "Current": current, "Description": ledger.description, "Currency": ledger.currency,
                 "Country": ledger.country, "HID": division // 10, "Main": ledger.main,
-                "Customer": S.stable_guid("customer", "vermeerhals"), "CustomerCode": "1",
-                "CustomerName": "Vermeer & Hals", "Blocked": False, "Created": None, "Modified": None}
+                "Customer": S.stable_guid("customer", customer[0]), "CustomerCode": customer[1],
+                "CustomerName": customer[2], "Blocked": False, "Created": None, "Modified": None}
 
     def _get(self, spec: EntitySpec, ledger: Ledger, key: Any, count: bool, environ: dict,
              rows: list[dict] | None = None) -> Reply:
@@ -666,6 +716,7 @@ class ExactSimulator:
             self._stats["posts"]["rejected"] += 1
             raise
         self._stats["posts"]["created"] += 1
+        self._stats["posts_by_division"][str(ledger.division)] += 1
         header = entry["header"]
         self._queue_webhook(ledger.division, header["EntryID"], "Update", environ)
         if fault == "store_then_http_500":
@@ -805,7 +856,10 @@ class ExactSimulator:
 
     @property
     def stats(self) -> dict:
-        """Counters: calls per 'METHOD endpoint', 429s per window, token refreshes, refusals by reason, posts."""
+        """Counters: calls per 'METHOD endpoint' and per division (`calls_by_division`), calls seen in the busiest
+        clock minute per division (`max_calls_per_minute`, 429s included), 429s per window in all and per division
+        (`rate_limited`, `rate_limited_by_division`), posts in all and created per division (`posts`,
+        `posts_by_division`), token refreshes, refusals by reason, errors per 'division endpoint'."""
         with self._lock:
             return json.loads(json.dumps(self._stats))
 
@@ -821,26 +875,29 @@ class ExactSimulator:
     def entries(self, division: int = S.DIVISION) -> list[dict]:
         """Posted entries of a division: header fields plus `lines` (as posted) and `transaction_lines`."""
         with self._lock:
+            if division in self._customers and division not in self.ledgers:
+                return []  # never used: reading it does not make its books
             out = []
-            for entry in self.ledgers[division].entries.values():
+            for entry in self._ledger(division).entries.values():
                 out.append({**_plain(entry["header"]), "lines": _plain(entry["lines"]),
                             "transaction_lines": _plain(entry["transaction_lines"])})
             return out
 
     def gl_account_id(self, code: str, division: int = S.DIVISION) -> str:
-        return self.ledgers[division].gl_accounts[code]["ID"]
+        with self._lock:
+            return self._ledger(division).gl_accounts[code]["ID"]
 
     def add_cost_center(self, code: str, description: str | None = None, end_date: date | None = None,
                         division: int = S.DIVISION) -> dict:
         """Add a cost center, or update its description and EndDate (None clears it)."""
         with self._lock:
-            return _plain(self.ledgers[division].upsert_dimension("costcenter", code, description, end_date,
+            return _plain(self._ledger(division).upsert_dimension("costcenter", code, description, end_date,
                                                                   self.clock.now()))
 
     def add_cost_unit(self, code: str, description: str | None = None, end_date: date | None = None,
                       division: int = S.DIVISION) -> dict:
         with self._lock:
-            return _plain(self.ledgers[division].upsert_dimension("costunit", code, description, end_date,
+            return _plain(self._ledger(division).upsert_dimension("costunit", code, description, end_date,
                                                                   self.clock.now()))
 
     def add_gl_account(self, code: str, description: str | None = None, type_: int | None = None, *,
@@ -848,7 +905,7 @@ class ExactSimulator:
                        blocked: bool | None = None, division: int = S.DIVISION) -> dict:
         """Add a GL account or change an existing one (e.g. `blocked=True`); returns the row with its ID."""
         with self._lock:
-            return _plain(self.ledgers[division].upsert_gl_account(
+            return _plain(self._ledger(division).upsert_gl_account(
                 code, description, type_, use_costcenter=use_costcenter, use_costunit=use_costunit,
                 blocked=blocked, now=self.clock.now()))
 

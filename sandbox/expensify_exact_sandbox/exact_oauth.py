@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlencode
 
@@ -20,16 +20,22 @@ from expensify_exact_sandbox.seed import (
 )
 
 _FAR_PAST = datetime(2000, 1, 1, tzinfo=timezone.utc)
+DEMO_USER = "finance"  # the demo firm's Exact user: every consent but a customer division's is theirs
 TOO_EARLY = "Rate limit exceeded: access_token not expired"
 
 
-@dataclass
+@dataclass(eq=False)  # a consent is itself: compared by identity, never by its (cyclic) token list
 class Chain:
     """One consent: the refresh tokens it has rotated through share it (the sheet's chainId, §2.5)."""
 
     chain_id: str
     client_id: str
     last_issued_at: datetime  # when this chain last got an access token; the 570 s floor counts from here
+    user: str = DEMO_USER  # the Exact user who consented: the 200 token calls a day count per app and user (§2.4)
+    # a customer's user reaches only its own division, which is also its CurrentDivision; None: the demo user,
+    # whose divisions are the `accessible_divisions` knob
+    division: int | None = None
+    refresh_tokens: list["RefreshToken"] = field(default_factory=list, repr=False)  # every one it rotated through
 
 
 @dataclass
@@ -39,6 +45,9 @@ class RefreshToken:
     issued_at: datetime
     used: bool = False
     successor: str | None = None
+
+    def __post_init__(self):
+        self.chain.refresh_tokens.append(self)
 
 
 @dataclass
@@ -86,7 +95,7 @@ class TokenAuthority:
         self.codes: dict[str, AuthCode] = {}
         self.refresh_tokens: dict[str, RefreshToken] = {}
         self.access_tokens: dict[str, AccessToken] = {}
-        self.daily_calls: dict[tuple[str, str], int] = {}
+        self.daily_calls: dict[tuple[str, str, str], int] = {}  # (client, user, day)
         # the seeded token behaves as if its access token was issued long ago: refreshable immediately
         chain = Chain(secrets.token_hex(8), normalize_client_id(EXACT_CLIENT_ID), _FAR_PAST)
         self.refresh_tokens[EXACT_INITIAL_REFRESH_TOKEN] = RefreshToken(
@@ -121,7 +130,10 @@ class TokenAuthority:
         """Answers one token call. Returns (reply, client_id, rotated) so the caller can count and fault."""
         now = self._clock.now()
         client_id = normalize_client_id(form.get("client_id"))
-        day_key = (client_id, now.date().isoformat())
+        # §2.4: per app and user; a grant that names no known consent is counted against the demo user
+        presented = self.refresh_tokens.get(form.get("refresh_token", "")) if form.get("grant_type") == \
+            "refresh_token" else None
+        day_key = (client_id, presented.chain.user if presented else DEMO_USER, now.date().isoformat())
         self.daily_calls[day_key] = self.daily_calls.get(day_key, 0) + 1
         if client_id not in self.clients or form.get("client_secret") != self.clients[client_id][0]:
             return _json(400, {"error": "invalid_request"}, refusal="invalid_client"), client_id, False
@@ -170,8 +182,8 @@ class TokenAuthority:
                          [("Reason", f"TooEarlyToRefreshTokens: {TOO_EARLY}")],
                          refusal="too_early"), client_id, False
         access, refresh = self._issue(token.chain)
-        for other in self.refresh_tokens.values():
-            if other.chain is token.chain and other is not refresh:
+        for other in token.chain.refresh_tokens:  # the chain's own, not every token of every customer
+            if other is not refresh:
                 other.used = True
         token.successor = refresh.value
         return self._token_reply(access, refresh), client_id, True
@@ -209,6 +221,13 @@ class TokenAuthority:
             chain.last_issued_at = _FAR_PAST
         return {"access_token": access.value, "refresh_token": refresh.value,
                 "expires_in": str(self._knobs.access_token_seconds), "token_type": "bearer"}
+
+    def add_customer_consent(self, refresh_token: str, division: int) -> None:
+        """A customer's own user consented for its one division: `refresh_token` starts a chain refreshable at
+        once (as the seeded demo token is), counted as its own user for the daily token limit."""
+        chain = Chain(secrets.token_hex(8), normalize_client_id(EXACT_CLIENT_ID), _FAR_PAST,
+                      user=f"customer-{division}", division=division)
+        self.refresh_tokens[refresh_token] = RefreshToken(refresh_token, chain, self._clock.now())
 
     def check_access(self, header: str | None) -> AccessToken | None:
         if not header or not header.lower().startswith("bearer "):

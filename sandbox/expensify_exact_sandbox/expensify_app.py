@@ -28,6 +28,11 @@ Fault targets (``FaultSwitches``):
 
 Control API (JSON, same port): GET  /_sandbox/expensify/stats | knobs | reports
                                 POST /_sandbox/expensify/knobs | faults | reports | reports/<reportID>
+
+Partner logins: the demo one, plus any `add_partner` adds (scale.ScaleScenario does). Each administers its own
+policies and sees only their reports (the demo login: every policy no other login owns), and has its own rate-limit
+windows. Stats per login: ``requests_by_credential``, ``rate_limited_by_credential``, and
+``export_jobs_by_credential`` ({login: {UTC day the job ran: jobs}}).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import re
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from email.parser import BytesParser
@@ -57,6 +62,7 @@ CONTROL_PREFIX = "/_sandbox/expensify/"
 RATE_LIMIT_MESSAGE = ("You have been rate-limited. Please try again later or contact help@expensify.com for "
                       "assistance.")
 TEXT_PLAIN = "text/plain;charset=utf-8"  # expensify.md §1: envelopes arrive as text/plain
+RENDER_WAIT_SECONDS = 2.0  # how long a download waits for a render still running before it answers not-ready
 
 DEFAULT_KNOBS: dict[str, object] = {
     "render_delay_seconds": 2.0,
@@ -136,6 +142,8 @@ class _Response:
     status: int
     body: bytes
     content_type: str = TEXT_PLAIN
+    # the real answer, worked out after the simulator's lock is released (a download waiting for its render)
+    finish: Callable[[], "_Response"] | None = None
 
 
 def _envelope(code: int, message: str) -> _Response:
@@ -368,11 +376,18 @@ class _Record(Mapping):
         return hash(tuple(sorted((k, repr(v)) for k, v in self._values.items())))
 
 
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class _File:
     ready_at: datetime
     body: bytes | None = None
     envelope: tuple[int, str] | None = None
+    rendered: threading.Event = field(default_factory=_set_event)  # unset while a background render runs
 
 
 def _numeric_id(text: str, digits: int) -> int:
@@ -450,19 +465,30 @@ class ExpensifySimulator:
         self._rng = random.Random(seed.today.toordinal())
         self._files: dict[tuple[str, str], _File] = {}
         self._reports: dict[str, _Report] = {}
+        self._reports_by_policy: dict[str, list[_Report]] = {}
+        # partnerUserID -> partnerUserSecret; the demo login sees every policy no other login owns
+        self._partners = {seedmod.EXPENSIFY_PARTNER_USER_ID: seedmod.EXPENSIFY_PARTNER_USER_SECRET}
+        self._policy_owner: dict[str, str] = {}  # policy ID -> the partnerUserID that administers it
+        self._policy_names: dict[str, str] = {seedmod.POLICY_ID: seedmod.POLICY_NAME}
+        self._edited_counter = 0
         self._unreported = list(seed.unreported_card_transactions)
         self._accepted: dict[str, deque] = {}
         self._attempts: dict[str, deque] = {}
         self._stats: dict = {"requests": 0, "requests_by_job": {}, "export_jobs": 0, "downloads": 0,
                              "reconciliation_jobs": 0, "rate_limited": 0, "max_in_10s": {}, "max_in_60s": {},
-                             "ignored_onfinish_actions": 0, "faults_fired": 0}
+                             "ignored_onfinish_actions": 0, "faults_fired": 0,
+                             # per partnerUserID: requests, 429s, export jobs by the (UTC) day they ran
+                             "requests_by_credential": {}, "rate_limited_by_credential": {},
+                             "export_jobs_by_credential": {}}
         self._load_seed(seed)
 
     # -- seed -----------------------------------------------------------------------------------------------------
 
     def _load_seed(self, seed: seedmod.Seed) -> None:
-        counter = 0
-        for rep in seed.reports:
+        self._load_reports(seed.reports, seedmod.POLICY_ID)
+
+    def _load_reports(self, reports, policy_id: str) -> None:
+        for rep in reports:
             expenses = []
             for exp in rep.expenses:
                 expense = _Expense(
@@ -474,7 +500,7 @@ class ExpensifySimulator:
                     inserted=datetime.combine(exp.created, datetime.min.time()) + timedelta(hours=19, minutes=5))
                 # Every 7th same-currency expense was edited by its submitter, so the seed's values sit in the
                 # modified* fields and the originals differ: templates must honour the precedence (§3.2, HELP).
-                if counter % 7 == 3 and exp.currency == rep.currency:
+                if self._edited_counter % 7 == 3 and exp.currency == rep.currency:
                     bump = 150 if exp.amount >= 0 else -150
                     expense.amount = exp.amount + bump
                     expense.modified_amount = exp.amount
@@ -482,16 +508,36 @@ class ExpensifySimulator:
                     expense.modified_merchant = exp.merchant
                     expense.created = exp.created - timedelta(days=1)
                     expense.modified_created = exp.created
-                counter += 1
+                self._edited_counter += 1
                 expenses.append(expense)
             reimbursed = rep.approved + timedelta(hours=26) if rep.state == "REIMBURSED" else None
-            self._reports[rep.report_id] = _Report(
+            self._keep(_Report(
                 report_id=rep.report_id, old_id=_numeric_id("old:" + rep.report_id, 16), name=rep.name,
                 employee=rep.employee, currency=rep.currency, created=rep.created, submitted=rep.submitted,
                 approved=rep.approved if rep.state in ("APPROVED", "REIMBURSED", "ARCHIVED") else None,
-                reimbursed=reimbursed, state=rep.state, policy_id=seedmod.POLICY_ID, expenses=expenses)
+                reimbursed=reimbursed, state=rep.state, policy_id=policy_id, expenses=expenses))
+
+    def _keep(self, report: _Report) -> None:
+        self._reports[report.report_id] = report
+        self._reports_by_policy.setdefault(report.policy_id, []).append(report)
 
     # -- public Python API ----------------------------------------------------------------------------------------
+
+    def add_partner(self, user_id: str, secret: str, policies: dict[str, str]) -> None:
+        """Another partner login, administering `policies` (policy ID -> name): it sees their reports and nothing
+        else, and has its own rate limits. The demo login no longer sees these policies."""
+        with self._lock:
+            if user_id == seedmod.EXPENSIFY_PARTNER_USER_ID:
+                raise ValueError("the demo login is there already")
+            self._partners[user_id] = secret
+            for policy_id, name in policies.items():
+                self._policy_owner[policy_id] = user_id
+                self._policy_names[policy_id] = name
+
+    def load_reports(self, reports, policy_id: str) -> None:
+        """Add seed-style reports (`seed.Report`) to one policy, as the demo seed's are added to the demo policy."""
+        with self._lock:
+            self._load_reports(reports, policy_id)
 
     def set_knobs(self, **knobs) -> dict:
         """Change knobs (see the module docstring); unknown names or values raise ValueError."""
@@ -600,7 +646,7 @@ class ExpensifySimulator:
                              employee=employee, currency=currency, created=submitted or now,
                              submitted=submitted if state.upper() != "OPEN" else None, approved=None,
                              reimbursed=None, state="OPEN", policy_id=policy_id, expenses=records)
-            self._reports[report_id] = report
+            self._keep(report)
         if state.upper() != "OPEN":
             self.set_report_state(report_id, state, approved=approved)
         return report_id
@@ -661,19 +707,29 @@ class ExpensifySimulator:
             by_job = self._stats["requests_by_job"]
             by_job[job_type] = by_job.get(job_type, 0) + 1
             creds = job.get("credentials") if isinstance(job.get("credentials"), dict) else {}
-            user = creds.get("partnerUserID")
-            if not self._admit(str(user or "")):
+            user = str(creds.get("partnerUserID") or "")
+            self._bump("requests_by_credential", user or "(none)")
+            if not self._admit(user):
                 self._stats["rate_limited"] += 1
+                self._bump("rate_limited_by_credential", user or "(none)")
                 return _Response(429, RATE_LIMIT_MESSAGE.encode())
             if fault == "envelope_500":
                 return _envelope(500, "Internal error. Please try again later.")
             try:
                 self._authenticate(creds)
-                return self._dispatch(job, job_type, params)
+                response = self._dispatch(job, job_type, params, user)
             except _Reject as exc:
                 return _envelope(exc.code, exc.message)
             except Exception as exc:  # noqa: BLE001 - the servlet answers an HTML 500 rather than dropping the line
                 return _tomcat_page(500, f"{type(exc).__name__}: {exc}")
+        return response.finish() if response.finish else response
+
+    def _bump(self, stat: str, key: str) -> None:
+        self._stats[stat][key] = self._stats[stat].get(key, 0) + 1
+
+    def _sees(self, user: str, policy_id: str) -> bool:
+        """Whether a partner login administers this policy: its own, or for the demo login every other one."""
+        return self._policy_owner.get(policy_id, seedmod.EXPENSIFY_PARTNER_USER_ID) == user
 
     def _read_params(self, environ) -> dict[str, str]:
         # Servlet parameters come from the query string and the body alike (GO client, expensify.md §1)
@@ -724,35 +780,35 @@ class ExpensifySimulator:
         user, secret = creds.get("partnerUserID"), creds.get("partnerUserSecret")
         if not user or not secret:
             raise _Reject(403, "No authentication method specified")  # expensify.md §7 [OBS]
-        if user != seedmod.EXPENSIFY_PARTNER_USER_ID or secret != seedmod.EXPENSIFY_PARTNER_USER_SECRET:
+        if self._partners.get(user) != secret:
             raise _Reject(int(self.knobs["auth_error_code"]), "Authentication error")
 
-    def _dispatch(self, job: dict, job_type: str, params: dict) -> _Response:
+    def _dispatch(self, job: dict, job_type: str, params: dict, user: str) -> _Response:
         settings = job.get("inputSettings") if isinstance(job.get("inputSettings"), dict) else {}
         input_type = settings.get("type")
         if job_type == "file":
-            return self._export(job, settings, params)
+            return self._export(job, settings, params, user)
         if job_type == "download":
             return self._download(job)
         if job_type == "reconciliation":
-            return self._reconciliation(job, settings, params)
+            return self._reconciliation(job, settings, params, user)
         if job_type == "get":
             if input_type == "policyList":
-                return self._policy_list(settings)
+                return self._policy_list(settings, user)
             if input_type == "policy":
-                return self._policy(settings)
+                return self._policy(settings, user)
             if input_type == "domainCardList":
-                return self._domain_cards(settings)
+                return self._domain_cards(settings, user)
             raise _Reject(410, "Argument 'type' is missing or malformed")
         if job_type == "update" and input_type == "reportStatus":
-            return self._report_status(settings)
+            return self._report_status(settings, user)
         if job_type in ("create", "update"):
             raise _Reject(500, f"Job '{job_type}/{input_type}' is not simulated by the sandbox")
         raise _Reject(410, "Argument 'type' is missing or malformed")
 
     # -- Report Exporter (§2.1) -----------------------------------------------------------------------------------
 
-    def _export(self, job: dict, settings: dict, params: dict) -> _Response:
+    def _export(self, job: dict, settings: dict, params: dict, user: str) -> _Response:
         if settings.get("type") != "combinedReportData":
             raise _Reject(410, "Argument 'type' is missing or malformed")
         template_src = params.get("template")
@@ -762,11 +818,13 @@ class ExpensifySimulator:
         ext = str(output.get("fileExtension", "")).lower()
         if ext not in EXPORT_EXTENSIONS:
             raise _Reject(410, "Argument 'fileExtension' is missing or malformed")
-        reports = self._select_reports(settings)
+        reports = self._select_reports(settings, user)
         on_finish = job.get("onFinish", [])
         if not isinstance(on_finish, list):
             raise _Reject(410, "Bad request. Verify the request parameters.")
         self._stats["export_jobs"] += 1
+        by_day = self._stats["export_jobs_by_credential"].setdefault(user, {})
+        by_day[self._now().date().isoformat()] = by_day.get(self._now().date().isoformat(), 0) + 1
         # fileBasename is the documented spelling; fileBaseName is an unknown key and silently ignored (§2.1)
         basename = output.get("fileBasename") if isinstance(output.get("fileBasename"), str) else "export"
         ready_at = self._now_aware() + timedelta(seconds=float(self.knobs["render_delay_seconds"]))
@@ -775,7 +833,7 @@ class ExpensifySimulator:
         names = []
         for group in groups:
             name = f"{basename}{uuid.UUID(int=self._rng.getrandbits(128), version=4)}.{ext}"
-            self._files[("integrationServer", name)] = self._render_export(source, group, ready_at)
+            self._files[("integrationServer", name)] = self._start_render(source, group, ready_at)
             names.append(name)
         if not _truthy_flag(job.get("test")):
             for action in on_finish:
@@ -791,19 +849,30 @@ class ExpensifySimulator:
         # Success is the bare file name, not JSON (expensify.md §2.2 [OBS]); several files are comma-joined
         return _Response(200, ",".join(names).encode())
 
-    def _render_export(self, source: str, reports: list[_Report], ready_at: datetime) -> _File:
+    def _start_render(self, source: str, reports: list[_Report], ready_at: datetime) -> _File:
+        """The job's data as it is now, rendered in the background, as Expensify renders (§2.2): thousands of
+        reports take seconds, during which the job has long answered and the file is not ready."""
         if not reports and self.knobs["empty_result_behaviour"] == "error":
             return _File(ready_at, envelope=(404, "File not found"))
         model = {"reports": [self._report_model(r) for r in reports], "addHeader": bool(self.knobs["add_header"])}
-        try:
-            text = Template(source, name="expensify-export").render(model, now=self._now)
-        except TemplateError as exc:
-            if self.knobs["render_error_behaviour"] == "envelope":
-                return _File(ready_at, envelope=(500, exc.message))
-            return _File(ready_at, body=exc.text.encode())
-        return _File(ready_at, body=text.encode())
+        as_envelope = self.knobs["render_error_behaviour"] == "envelope"
+        file = _File(ready_at, rendered=threading.Event())
 
-    def _select_reports(self, settings: dict) -> list[_Report]:
+        def render() -> None:
+            try:
+                file.body = Template(source, name="expensify-export").render(model, now=self._now).encode()
+            except TemplateError as exc:
+                if as_envelope:
+                    file.envelope = (500, exc.message)
+                else:
+                    file.body = exc.text.encode()
+            finally:
+                file.rendered.set()
+
+        threading.Thread(target=render, name="expensify-render", daemon=True).start()
+        return file
+
+    def _select_reports(self, settings: dict, user: str) -> list[_Report]:
         filters = settings.get("filters")
         if not isinstance(filters, dict) or not any(filters.get(k) for k in ("reportIDList", "startDate",
                                                                                "approvedAfter")):
@@ -833,7 +902,9 @@ class ExpensifySimulator:
         employee = settings.get("employeeEmail")
         exported_label = filters.get("markedAsExported")
         selected = []
-        for report in self._sorted_reports():
+        for report in self._candidates(user, policies):
+            if not self._sees(user, report.policy_id):
+                continue
             if ids and report.report_id not in ids and str(report.old_id) not in ids:
                 continue
             if states:
@@ -862,6 +933,16 @@ class ExpensifySimulator:
             selected.append(report)
         return selected[:limit] if limit else selected
 
+    def _candidates(self, user: str, policies: set[str]) -> list[_Report]:
+        """The reports an export can select from, in report-ID order: those of the named policies, or of every
+        policy the login administers; only the demo login's unnamed export looks at all of them."""
+        if not policies and user != seedmod.EXPENSIFY_PARTNER_USER_ID:
+            policies = {p for p, owner in self._policy_owner.items() if owner == user}
+        if not policies:
+            return self._sorted_reports()
+        pool = [r for p in policies for r in self._reports_by_policy.get(p, ())]
+        return sorted(pool, key=lambda r: r.report_id)
+
     # -- Downloader (§2.2) ----------------------------------------------------------------------------------------
 
     def _download(self, job: dict) -> _Response:
@@ -874,12 +955,28 @@ class ExpensifySimulator:
         if stored is None:
             raise _Reject(404, "File not found")
         if self.faults.take("expensify.download") == "not_ready" or self._now_aware() < stored.ready_at:
-            self._stats["downloads_not_ready"] = self._stats.get("downloads_not_ready", 0) + 1
-            if self.knobs["not_ready_behaviour"] == "error":
-                raise _Reject(404, "File not found")
-            return _Response(200, b"")
+            return self._not_ready()
+        if not stored.rendered.is_set():
+            return _Response(200, b"", finish=lambda: self._when_rendered(stored))
+        return self._file_answer(stored)
+
+    def _when_rendered(self, stored: _File) -> _Response:
+        """Outside the lock: a file whose render delay is over but whose render still runs is waited for a
+        little, so a small export is never a race; a large one answers not-ready until it is done."""
+        done = stored.rendered.wait(RENDER_WAIT_SECONDS)
+        with self._lock:
+            return self._file_answer(stored) if done else self._not_ready()
+
+    def _not_ready(self) -> _Response:
+        self._stats["downloads_not_ready"] = self._stats.get("downloads_not_ready", 0) + 1
+        if self.knobs["not_ready_behaviour"] == "error":
+            return _envelope(404, "File not found")
+        return _Response(200, b"")
+
+    @staticmethod
+    def _file_answer(stored: _File) -> _Response:
         if stored.envelope:
-            raise _Reject(*stored.envelope)
+            return _envelope(*stored.envelope)
         return _Response(200, stored.body or b"", "application/octet-stream")
 
     # -- data model (§3.1, §3.2) ----------------------------------------------------------------------------------
@@ -904,7 +1001,7 @@ class ExpensifySimulator:
             "approved": _ts(report.approved),
             "reimbursed": _ts(report.reimbursed),
             "policyID": report.policy_id,
-            "policyName": seedmod.POLICY_NAME,
+            "policyName": self._policy_names.get(report.policy_id, seedmod.POLICY_NAME),
             "accountEmail": report.employee.email,
             "accountID": _account_id(report.employee.email),
             "managerEmail": approver.email,
@@ -1009,7 +1106,11 @@ class ExpensifySimulator:
 
     # -- policies (§4) --------------------------------------------------------------------------------------------
 
-    def _policies(self) -> list[dict]:
+    def _policies(self, user: str) -> list[dict]:
+        if user != seedmod.EXPENSIFY_PARTNER_USER_ID:
+            return [{"outputCurrency": "EUR", "owner": user, "role": "admin", "name": self._policy_names[policy_id],
+                     "id": policy_id, "type": "corporate"}
+                    for policy_id, owner in self._policy_owner.items() if owner == user]
         return [
             {"outputCurrency": "EUR", "owner": seedmod.APPROVER, "role": "admin", "name": seedmod.POLICY_NAME,
              "id": seedmod.POLICY_ID, "type": "corporate"},
@@ -1017,13 +1118,13 @@ class ExpensifySimulator:
              "id": PERSONAL_POLICY_ID, "type": "personalPolicy"},
         ]
 
-    def _policy_list(self, settings: dict) -> _Response:
-        policies = self._policies()
+    def _policy_list(self, settings: dict, user: str) -> _Response:
+        policies = self._policies(user)
         if settings.get("adminOnly") in (True, "true"):
             policies = [p for p in policies if p["role"] == "admin"]
         return _ok({"policyList": policies, "responseCode": 200})
 
-    def _policy(self, settings: dict) -> _Response:
+    def _policy(self, settings: dict, user: str) -> _Response:
         fields = settings.get("fields")
         # Only the documented sections; what Expensify does with others is unknown, so the strict reading refuses.
         if not isinstance(fields, list) or not fields or any(f not in POLICY_FIELDS for f in fields):
@@ -1032,7 +1133,7 @@ class ExpensifySimulator:
         if ids is None:
             raise _Reject(410, "Required parameter 'policyIDList' is missing")
         ids = _csv_list(ids)
-        known = {p["id"] for p in self._policies()}
+        known = {p["id"] for p in self._policies(user)}
         found = [i for i in ids if i in known]
         if not found:
             raise _Reject(404, "Policy not found")
@@ -1082,22 +1183,23 @@ class ExpensifySimulator:
 
     # -- cards (§6) -----------------------------------------------------------------------------------------------
 
-    def _check_domain(self, settings: dict) -> None:
+    def _check_domain(self, settings: dict, user: str) -> None:
         domain = settings.get("domain")
         if not isinstance(domain, str) or not domain:
             raise _Reject(410, "Argument 'domain' is missing or malformed")
-        if domain.lower() != seedmod.CARD_DOMAIN:
+        # the demo firm's card domain is the only one, and only the demo login administers it
+        if domain.lower() != seedmod.CARD_DOMAIN or user != seedmod.EXPENSIFY_PARTNER_USER_ID:
             raise _Reject(403, f"You are not an admin of the domain '{domain}'")  # wording unknown (§6.1 [INF])
 
-    def _domain_cards(self, settings: dict) -> _Response:
-        self._check_domain(settings)
+    def _domain_cards(self, settings: dict, user: str) -> _Response:
+        self._check_domain(settings, user)
         cards = [{"bank": c.bank, "cardID": c.card_id, "cardName": c.name, "cardNumber": c.masked_number,
                   "email": c.owner, "externalEmployeeID": "", "created": "2025-01-02 03:04:05",
                   "lastImport": _ts(self._now().replace(hour=4, minute=0, second=0, microsecond=0)),
                   "lastImportResult": 200, "reimbursable": False, "scrapeMinDate": ""} for c in seedmod.CARDS]
         return _ok({"responseCode": 200, "domainCardList": cards})
 
-    def _reconciliation(self, job: dict, settings: dict, params: dict) -> _Response:
+    def _reconciliation(self, job: dict, settings: dict, params: dict, user: str) -> _Response:
         self._stats["reconciliation_jobs"] += 1
         kind = settings.get("type")
         if kind not in ("Unreported", "All"):
@@ -1107,7 +1209,7 @@ class ExpensifySimulator:
                 raise _Reject(410, f"Required parameter '{key}' is missing")
         start = _parse_day(settings["startDate"], "startDate")
         end = _parse_day(settings["endDate"], "endDate")
-        self._check_domain(settings)
+        self._check_domain(settings, user)
         feed = settings.get("feed", "export_all_feeds")
         if feed != "export_all_feeds" and feed not in {c.bank for c in seedmod.CARDS}:
             raise _Reject(410, f"Feed '{feed}' not found")
@@ -1138,6 +1240,8 @@ class ExpensifySimulator:
             reports = []
             if kind == "All":
                 for report in self._sorted_reports():
+                    if not self._sees(seedmod.EXPENSIFY_PARTNER_USER_ID, report.policy_id):
+                        continue  # the card domain is the demo login's: other logins' reports are not its
                     txns = [e for e in report.expenses
                             if e.card and e.card.card_id == card.card_id and start <= e.created <= end]
                     if txns:
@@ -1225,7 +1329,7 @@ class ExpensifySimulator:
 
     # -- Report Status Updater (§5.1) -----------------------------------------------------------------------------
 
-    def _report_status(self, settings: dict) -> _Response:
+    def _report_status(self, settings: dict, user: str) -> _Response:
         status = settings.get("status")
         if status != "REIMBURSED":
             raise _Reject(410, f"Status '{status}' is not supported")
@@ -1236,13 +1340,14 @@ class ExpensifySimulator:
         elif filters.get("startDate") and filters.get("endDate"):
             start = _parse_day(filters["startDate"], "startDate")
             end = _parse_day(filters["endDate"], "endDate")
-            targets = [r.report_id for r in self._sorted_reports() if start <= r.filter_day <= end]
+            targets = [r.report_id for r in self._candidates(user, set()) if start <= r.filter_day <= end
+                       and self._sees(user, r.policy_id)]
         else:
             raise _Reject(410, "Bad request. Verify the request parameters.")
         done, skipped = [], []
         for rid in targets:
             report = self._reports.get(rid)
-            if report is None:
+            if report is None or not self._sees(user, report.policy_id):
                 skipped.append({"reason": "Report not found", "reportID": rid})
             elif report.state != "APPROVED":
                 skipped.append({"reason": f"Report is in status '{STATUS_NAMES[report.state]}'", "reportID": rid})

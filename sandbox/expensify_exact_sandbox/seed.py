@@ -239,7 +239,7 @@ def stable_guid(kind: str, key: str) -> str:
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
-def _report_id(n: int) -> str:
+def _report_id(n: int | str) -> str:
     digits = int(hashlib.sha256(f"report:{n}".encode()).hexdigest(), 16)
     out = ""
     for _ in range(10):
@@ -270,56 +270,65 @@ _LINE_PLAN: tuple[tuple, ...] = (
 def build_seed(today: date) -> Seed:
     """The demo data set: about 30 approved reports spread over the 30 days before `today`."""
     seed = Seed(today=today)
-    submitters = [e for e in EMPLOYEES if e.email != APPROVER]
-    cards = {c.card_id: c for c in CARDS}
     for n in range(30):
         days_ago = 30 - n  # one report a day, from today-30 to today-1
         approved_day = today - timedelta(days=days_ago)
         # Approval times spread over the day, some close to midnight to test partition boundaries in Amsterdam time.
         approved = datetime.combine(approved_day, time(hour=[8, 10, 13, 15, 22, 23][n % 6], minute=(7 * n) % 60))
-        employee = submitters[n % len(submitters)]
-        expenses = []
-        for k in range(1 + n % 3):
-            plan = _LINE_PLAN[(n * 3 + k) % len(_LINE_PLAN)]
-            merchant, category, office, project, amount, currency, rate, card_id, comment, tax_name = plan
-            card = cards.get(card_id) if card_id else None
-            converted = round(amount * rate)
-            tax_rate = {"Hoog 21%": 0.21, "Laag 9%": 0.09}.get(tax_name, 0.0)
-            expenses.append(Expense(
-                transaction_id=_transaction_id(n, k),
-                merchant=merchant,
-                category=category,
-                tag=f"{office}:{project}",
-                amount=amount,
-                currency=currency,
-                converted_amount=converted,
-                rate=rate,
-                created=approved_day - timedelta(days=2 + k),
-                reimbursable=card is None,
-                card=card,
-                comment=comment,
-                tax_name=tax_name,
-                tax_amount=round(converted * tax_rate / (1 + tax_rate)) if tax_rate else 0,
-                billable=project != "Internal",
-                receipt_filename=f"w_{_transaction_id(n, k)}.jpg",
-            ))
-        seed.reports.append(Report(
-            report_id=_report_id(n),
-            name=f"Expenses {employee.name.split()[0]} {approved_day:%d %b}",
-            employee=employee,
-            currency="EUR",
-            created=approved - timedelta(days=3, hours=2),
-            submitted=approved - timedelta(days=1, hours=1),
-            approved=approved,
-            expenses=tuple(expenses),
-            state="REIMBURSED" if n < 5 else "APPROVED",
-        ))
+        seed.reports.append(planned_report(n, _report_id(n), approved, [_transaction_id(n, k) for k in range(3)],
+                                           state="REIMBURSED" if n < 5 else "APPROVED"))
     _add_special_reports(seed, today)
     seed.unreported_card_transactions = [
         UnreportedCardTransaction("4056343049279000001", CARDS[0], "Shell Station A10", 7420, "EUR", today - timedelta(days=3), "Travel"),
         UnreportedCardTransaction("4056343049279000002", CARDS[1], "AWS EMEA", 13311, "USD", today - timedelta(days=6), "Software"),
     ]
     return seed
+
+
+def planned_report(n: int, report_id: str, approved: datetime, transaction_ids: list[str],
+                   state: str = "APPROVED") -> Report:
+    """Report number `n` of the line plan, approved at `approved` (naive UTC): 1 + n % 3 expenses, every one of them
+    covered by the demo mappings, so it posts rather than quarantines. `transaction_ids` names its (up to 3) lines."""
+    submitters = [e for e in EMPLOYEES if e.email != APPROVER]
+    cards = {c.card_id: c for c in CARDS}
+    approved_day = approved.date()
+    employee = submitters[n % len(submitters)]
+    expenses = []
+    for k in range(1 + n % 3):
+        plan = _LINE_PLAN[(n * 3 + k) % len(_LINE_PLAN)]
+        merchant, category, office, project, amount, currency, rate, card_id, comment, tax_name = plan
+        card = cards.get(card_id) if card_id else None
+        converted = round(amount * rate)
+        tax_rate = {"Hoog 21%": 0.21, "Laag 9%": 0.09}.get(tax_name, 0.0)
+        expenses.append(Expense(
+            transaction_id=transaction_ids[k],
+            merchant=merchant,
+            category=category,
+            tag=f"{office}:{project}",
+            amount=amount,
+            currency=currency,
+            converted_amount=converted,
+            rate=rate,
+            created=approved_day - timedelta(days=2 + k),
+            reimbursable=card is None,
+            card=card,
+            comment=comment,
+            tax_name=tax_name,
+            tax_amount=round(converted * tax_rate / (1 + tax_rate)) if tax_rate else 0,
+            billable=project != "Internal",
+            receipt_filename=f"w_{transaction_ids[k]}.jpg",
+        ))
+    return Report(
+        report_id=report_id,
+        name=f"Expenses {employee.name.split()[0]} {approved_day:%d %b}",
+        employee=employee,
+        currency="EUR",
+        created=approved - timedelta(days=3, hours=2),
+        submitted=approved - timedelta(days=1, hours=1),
+        approved=approved,
+        expenses=tuple(expenses),
+        state=state,
+    )
 
 
 def _add_special_reports(seed: Seed, today: date) -> None:

@@ -15,12 +15,15 @@ from expensify_exact_sandbox.clock import SandboxClock
 from expensify_exact_sandbox.exact_app import ExactSimulator
 from expensify_exact_sandbox.expensify_app import ExpensifySimulator
 from expensify_exact_sandbox.faults import FaultSwitches
+from expensify_exact_sandbox.scale import ScaleScenario
 from expensify_exact_sandbox.seed import Seed, build_seed
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 resets connections when dozens of client threads connect at once
+    request_queue_size = 1024
 
 
 class _DroppingServerHandler(ServerHandler):
@@ -82,7 +85,8 @@ def _clock_app(clock: SandboxClock, inner):
 
 @dataclass
 class SandboxServer:
-    """Both simulators on 127.0.0.1. Port 0 picks a free port; use as a context manager or start()/stop()."""
+    """Both simulators on 127.0.0.1. Port 0 picks a free port; use as a context manager or start()/stop().
+    `scale` adds its customers (divisions, partner logins, policies and reports) next to the demo firm."""
 
     host: str = "127.0.0.1"
     exact_port: int = 0
@@ -90,12 +94,15 @@ class SandboxServer:
     clock: SandboxClock = field(default_factory=SandboxClock)
     faults: FaultSwitches = field(default_factory=FaultSwitches)
     seed: Seed | None = None
+    scale: ScaleScenario | None = None
 
     def __post_init__(self):
         if self.seed is None:
             self.seed = build_seed(self.clock.now().date())
         self.exact = ExactSimulator(seed=self.seed, clock=self.clock, faults=self.faults)
         self.expensify = ExpensifySimulator(seed=self.seed, clock=self.clock, faults=self.faults)
+        if self.scale is not None:
+            self.scale.install(self.exact, self.expensify)
         self._servers: list[WSGIServer] = []
         self._threads: list[threading.Thread] = []
 

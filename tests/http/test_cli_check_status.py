@@ -313,10 +313,13 @@ def test_status_after_the_seeded_problem_days_shows_quarantine_by_reason_ledger_
     assert conn["quarantine_by_reason"] == {"UNKNOWN_COST_CENTER": 1, "UNMAPPED_CATEGORY": 1}
     assert conn["ledger"] == {"posted": posted, "pending": 0}
     assert [(r["run_id"], r["status"]) for r in status["runs"]["latest"]] == [(summary.run_id, "SUCCESS")]
-    assert conn["last_posting"]["run_id"] == summary.run_id and conn["last_posting"]["quarantined"] == 2
+    assert conn["last_run"]["run_id"] == summary.run_id
     assert conn["tokens"]["age_seconds"] < 600, "the run exchanged the stored refresh token"
-    # The run left Exact's daily budget in its metadata, so status knows it without a call.
-    assert conn["rate_budget"]["source"] == f"run {summary.run_id}" and conn["rate_budget"]["remaining_daily"] > 0
+    # The run's Exact answers left the daily budget on the shared board, so status knows it without a call.
+    assert conn["rate_budget"]["source"] == "the last Exact answer" and conn["rate_budget"]["remaining_daily"] > 0
+    [row] = status["overview"]["rows"]
+    assert (row["connection"], row["quarantine_open"], row["last_run"]["run_id"]) == (CONNECTION, 2, summary.run_id)
+    assert row["quarantine_by_reason"] == conn["quarantine_by_reason"]
 
     code, out, _ = _cli(capsys, authorized, state_url, "status")
     assert "quarantine    2 open report(s): UNKNOWN_COST_CENTER 1, UNMAPPED_CATEGORY 1" in out

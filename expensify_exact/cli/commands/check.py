@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from datetime import date
 
@@ -39,6 +40,7 @@ CHECKED_DIMENSIONS = ("gl_accounts", "cost_centers", "cost_units", "journals", "
 GL_CODE_MISMATCH = "GL_CODE_MISMATCH"
 UNKNOWN_POLICY = "UNKNOWN_POLICY"
 UNREACHABLE = "UNREACHABLE"
+MISSING_EXPENSIFY_LOGIN = "MISSING_EXPENSIFY_LOGIN"  # once per credential, however many connections share it
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
         conn: the connection whose division and policies are checked.
         project: the loaded mappings.
         dims: DataFrames as `snapshots.fetch_dimension` returns them, by name (CHECKED_DIMENSIONS).
-        policies: `ExpensifyClient.get_policies(conn.expensify.policy_ids)`.
+        policies: `ExpensifyClient.get_policies(conn.expensify.policy_ids)`; None when they could not be read
+            (`read_policies`), so the policies' categories and tags are not checked.
         locations: line numbers of the mapping rows.
         today: the day against which end dates count.
 
@@ -148,7 +151,7 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
 
     # Expensify's policies: what employees can pick, before any report uses it.
     levels = {level.level: level for level in project.tags}
-    for policy_id in conn.expensify.policy_ids:
+    for policy_id in conn.expensify.policy_ids if policies is not None else ():
         policy = policies.get(policy_id)
         if policy is None:
             add(ERROR, UNKNOWN_POLICY, locations.connection(conn.name, "expensify", "policy_ids"),
@@ -186,9 +189,11 @@ def find_problems(conn: Connection, project: ProjectConfig, dims: dict[str, pd.D
     return findings
 
 
-def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations) -> list[Finding]:
-    """Reads Exact's dimensions and Expensify's policies for `conn` and checks the mappings against them, as of
-    the connection's day by the connector's clock."""
+def check_connection(connector, conn: Connection, project: ProjectConfig, locations: MappingLocations,
+                     policies: dict | None) -> list[Finding]:
+    """Reads Exact's dimensions for `conn` and checks the mappings against them and against its Expensify
+    `policies` (`read_policies`; None: not read, only Exact's side is checked), as of the connection's day by the
+    connector's clock."""
     from expensify_exact.core.snapshots import fetch_dimension, needed_codes
 
     try:
@@ -200,12 +205,56 @@ def check_connection(connector, conn: Connection, project: ProjectConfig, locati
     except ConnectorError as exc:
         return [Finding(ERROR, UNREACHABLE, conn.name, f"Exact division {conn.exact.division}",
                         f"cannot read the dimensions: {exc}")]
-    try:
-        with connector.expensify_client(conn) as expensify:
-            policies = expensify.get_policies(conn.expensify.policy_ids)
-    except ConnectorError as exc:
-        return [Finding(ERROR, UNREACHABLE, conn.name, "Expensify", f"cannot read the policies: {exc}")]
     return find_problems(conn, project, dims, policies, locations, connection_today(conn.timezone, connector.clock()))
+
+
+def read_policies(connector, connections: list[Connection],
+                  missing: Collection[str]) -> tuple[dict[str, dict | None], list[Finding]]:
+    """Each connection's Expensify policies, read with one policy-getter call per credential (Expensify's limits are
+    per partner login), and one finding per credential Expensify did not answer. A connection whose credential is
+    `missing` or unanswered gets None."""
+    from expensify_exact.core.exports import by_credential
+
+    policies: dict[str, dict | None] = {conn.name: None for conn in connections}
+    findings = []
+    for credential, group in by_credential(connections).items():
+        if credential in missing:
+            continue
+        try:
+            with connector.expensify_client(group[0]) as expensify:
+                found = expensify.get_policies([policy for conn in group for policy in conn.expensify.policy_ids])
+        except ConnectorError as exc:
+            findings.append(Finding(ERROR, UNREACHABLE, ", ".join(c.name for c in group), "Expensify",
+                                    f"cannot read the policies: {exc}"))
+            continue
+        policies |= {conn.name: {p: found[p] for p in conn.expensify.policy_ids if p in found} for conn in group}
+    return policies, findings
+
+
+def missing_logins(connector, project: ProjectConfig, connections: list[Connection]) -> dict[str, list[Connection]]:
+    """The Expensify credentials of `connections` whose partner login is not stored, each with every configured
+    connection sharing it. Empty when the vault cannot be opened: each connection's check then says why."""
+    from expensify_exact.core.connections import missing_expensify_credentials
+
+    checked = {c.name for c in connections}
+    try:
+        missing = missing_expensify_credentials(connector.vault(), list(project.connections))
+    except ConnectorError:
+        return {}
+    return {credential: group for credential, group in missing.items() if any(c.name in checked for c in group)}
+
+
+def missing_login_finding(credential: str, group: list[Connection]) -> Finding:
+    """One finding for a credential whose login is missing, however many connections share it."""
+    from expensify_exact.core.connections import store_expensify_login_command
+
+    names = ", ".join(c.name for c in group)
+    shared = len(group) > 1 or group[0].expensify.credential
+    whose = f"Expensify credential {credential} (connections {names})" if shared else f"connection {credential}"
+    where = f"Expensify credential {credential}" if shared else "Expensify"
+    return Finding(ERROR, MISSING_EXPENSIFY_LOGIN, names, where,
+                   f"the Expensify partner login of {whose} is not stored, so no policy can be read; run "
+                   f"`{store_expensify_login_command(group)}`")
 
 
 def _remember_rate_budget(connector, conn: Connection, client) -> None:
@@ -221,7 +270,8 @@ def cmd_check(args) -> int:
     mappings. One line per problem, with the file:line of the mapping row where there is one.
 
     Exit codes: 0 no problems (warnings allowed), 1 problems found or a service unreachable, 3 the configuration
-    itself is invalid. Uses about 7 Exact calls and 1 Expensify call per connection.
+    itself is invalid. Uses about 7 Exact calls per connection and 1 Expensify call per credential (the
+    connections sharing an Expensify login are read together).
     """
     try:
         connector, project, connections = open_connections(args)
@@ -232,11 +282,14 @@ def cmd_check(args) -> int:
             print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     locations = MappingLocations(args.mappings)
-    findings: list[Finding] = []
+    missing = missing_logins(connector, project, connections)
+    findings = [missing_login_finding(credential, group) for credential, group in missing.items()]
+    policies, unanswered = read_policies(connector, connections, missing)
+    findings.extend(unanswered)
     for conn in connections:
         if not args.json:
             print(f"{conn.name}: {describe_connection(conn)}", flush=True)
-        findings.extend(check_connection(connector, conn, project, locations))
+        findings.extend(check_connection(connector, conn, project, locations, policies[conn.name]))
     summary = _summary(findings, [c.name for c in connections])
     lines = [f.line() for f in findings]
     lines.append(f"{summary['problems']} problem(s), {summary['warnings']} warning(s)" if findings

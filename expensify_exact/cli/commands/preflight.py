@@ -241,16 +241,15 @@ class Preflight:
         try:
             client = self.connector.expensify_client(self.conn)
         except ConnectorError as exc:
-            self.add("expensify_credentials", credentials, FAILED, _error_text(exc),
-                     f"store them: `expensify-exact secrets set --connection {self.conn.name} --from-env`")
+            self.add("expensify_credentials", credentials, FAILED, _error_text(exc), f"store them: {self._login()}")
             return
         with client:
             try:
                 policies = client.get_policies(policy_ids)
             except AuthenticationError as exc:
                 self.add("expensify_credentials", credentials, FAILED, _error_text(exc),
-                         "generate a new partnerUserID/secret at expensify.com/tools/integrations and store them "
-                         f"with `expensify-exact secrets set --connection {self.conn.name} --from-env`")
+                         "generate a new partnerUserID/secret at expensify.com/tools/integrations and store them: "
+                         + self._login())
                 policies = None
             except ConnectorError as exc:
                 self.add("expensify_credentials", credentials, UNKNOWN, f"the policy getter failed: "
@@ -283,6 +282,16 @@ class Preflight:
                 self.add("expensify_template", template, OK,
                          f"export of {EMPTY_EXPORT_DAY} rendered and downloaded: {len(reports)} reports, end trailer "
                          f"present, {client.calls['download']} download poll(s)")
+
+    def _login(self) -> str:
+        """The command that stores the connection's Expensify login, and who else uses it when it is shared."""
+        from expensify_exact.core.connections import store_expensify_login_command
+        from expensify_exact.core.exports import by_credential, credential_of
+
+        group = by_credential(list(self.connector.project().connections))[credential_of(self.conn)]
+        others = [c.name for c in group if c.name != self.conn.name]
+        shared = f" (credential {credential_of(self.conn)}, also used by {', '.join(others)})" if others else ""
+        return f"`{store_expensify_login_command(group)}`{shared}"
 
     # --- write test ------------------------------------------------------------------------------------
 

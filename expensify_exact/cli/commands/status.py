@@ -1,6 +1,6 @@
-"""`expensify-exact status`: per connection, what an operator checks first — credentials, tokens, Exact's rate
-budget, the Dagster pools that keep runs inside it, the open quarantine and the ledger — plus the latest runs of the
-main job on the Dagster instance.
+"""`expensify-exact status`: the overview of every connection, worst first with totals (`core.overview`), and for
+one connection (or with `--details`) what an operator checks first — credentials, tokens, Exact's rate budget, the
+open quarantine and the ledger — plus the latest runs of the main job on the Dagster instance.
 
 Reads only the state database and the Dagster instance; `--live` spends two Exact calls to read the rate budget.
 """
@@ -14,38 +14,71 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 from expensify_exact.cli.support import EXIT_CONFIG, dagster_home_path, open_connections, print_outcome
+from expensify_exact.core.overview import (NEVER_EXCHANGED, Concern, Health, connection_overview, display,
+                                           display_totals, totals)
 from expensify_exact.errors import ConfigError, ConnectorError
 from expensify_exact.store import IntentStatus, QuarantineStatus
 
 RECENT_RUNS = 5
+OVERVIEW_LINES = 40  # the worst connections the text shows; `--all` shows every one
 RATE_BUDGET_EVENT = "exact_rate_budget"  # audit event `check` and `status --live` write
-# Metadata keys on `<connection>/exact/journal_entries_posted` that, when a run records them, carry the budget.
-# -1 means the run did not learn it.
-RATE_METADATA_KEYS = {"exact_daily_calls_left": "remaining_daily", "exact_daily_resets_at": "daily_resets_at",
-                      "exact_minutely_calls_left": "remaining_minutely"}
-# `secrets set --sandbox-demo` / `--from-env` store a refresh token with this issue time: its real age is unknown.
-NEVER_EXCHANGED = datetime(2000, 1, 1, tzinfo=timezone.utc)
+# The overview's findings that make `status` exit 1: they stop, or will soon stop, a connection's runs.
+EXIT_CONCERNS = {Concern.NO_TOKENS, Concern.TOKEN_EXPIRED, Concern.TOKEN_OLD, Concern.RUN_FAILED,
+                 Concern.RUN_OVERDUE, Concern.PENDING_INTENTS}
 
 
-def collect_status(connector, connections, instance, now: datetime, live: bool = False) -> dict:
-    """Everything `status` shows, as one JSON-ready dict; `instance` may be None (no Dagster instance yet)."""
-    from expensify_exact.core.connections import SECRET_NAMES
+class _At:
+    """The clock of one `status`: every "now" and "yesterday" it shows is read at the same moment."""
+
+    def __init__(self, now: datetime):
+        self._now = now
+
+    def now(self) -> datetime:
+        return self._now
+
+    def sleep(self, seconds: float) -> None:
+        raise RuntimeError("status never waits")
+
+
+def collect_status(connector, connections, instance, now: datetime, live: bool = False,
+                   details: bool = True) -> dict:
+    """Everything `status` shows, as one JSON-ready dict; `instance` may be None (no Dagster instance yet).
+
+    `overview` has a row per connection, worst first, and the totals; `connections` the details of each connection
+    when `details` is set, else nothing: at hundreds of connections the details are the per-connection reads the
+    overview avoids (`status` shows them for one connection, or with `--details`).
+    """
+    store = connector.store()
+    config = connector.project().model_copy(update={"connections": list(connections)})
+    rows = connection_overview(config, store, _At(now))
+    out: dict = {"checked_at": now.isoformat(),
+                 "overview": {"rows": [row.as_dict() for row in rows], "totals": totals(rows).as_dict()},
+                 "connections": {}, "runs": _recent_runs(instance)}
+    if details:
+        by_name = {row.connection: row for row in rows}
+        out["connections"] = _details(connector, connections, by_name, now, live)
+    return out
+
+
+def _details(connector, connections, rows: dict, now: datetime, live: bool) -> dict:
+    from expensify_exact.core.connections import SECRET_NAMES, secret_scope
 
     required = _required_secrets()
     store = connector.store()
     stored = {(scope, name) for scope, name, _ in store.list_secrets()}
     token_ages = store.token_ages()
-    out: dict = {"checked_at": now.isoformat(), "connections": {}, "runs": _recent_runs(instance)}
+    audited_budgets = store.latest_audit_events(RATE_BUDGET_EVENT)
+    out = {}
     for conn in connections:
         issued = token_ages.get(conn.name)
-        credentials = {name: (conn.name, name) in stored for name in SECRET_NAMES}
+        credentials = {name: (secret_scope(conn, name), name) in stored for name in SECRET_NAMES}
         credentials["exact_tokens"] = issued is not None
         notify_needs = _notify_secrets(conn, stored)
         credentials |= {name: (conn.name, name) in stored for name in notify_needs}
         quarantine = store.quarantine_items(connection=conn.name, status=QuarantineStatus.OPEN)
         by_reason = Counter(code for item in quarantine for code in {r.get("code", "?") for r in item.reasons})
         ledger = Counter(row.status for row in store.ledger_rows(connection=conn.name))
-        out["connections"][conn.name] = {
+        out[conn.name] = {
             "exact_division": conn.exact.division,
             "credentials": credentials,
             # Optional ones (a webhook secret, say) are listed but never reported as missing.
@@ -54,13 +87,12 @@ def collect_status(connector, connections, instance, now: datetime, live: bool =
             "notify": _notify(store, conn),
             "tokens": _tokens(connector, conn, issued, now),
             "rate_budget": (_live_budget(connector, conn) if live else None)
-                           or _recorded_budget(store, instance, conn),
-            "pools": _pools(instance, conn),
+                           or _recorded_budget(store, conn, audited_budgets.get(conn.name)),
             "quarantine_open": len(quarantine),
             "quarantine_by_reason": dict(sorted(by_reason.items())),
             "ledger": {"posted": ledger.get(IntentStatus.POSTED, 0), "pending": ledger.get(IntentStatus.PENDING, 0)},
             "error_budget": _error_budget(store, conn, now),
-            "last_posting": _last_posting(instance, conn),
+            "last_run": rows[conn.name].as_dict()["last_run"],
             "last_complete_day": _last_complete_day(store, conn),
         }
     return out
@@ -110,26 +142,21 @@ def _required_secrets() -> set[str]:
 
 
 def needs_attention(status: dict) -> list[str]:
-    """What makes `status` exit 1: things that stop or will soon stop the next run. Open quarantine does not."""
+    """What makes `status` exit 1: things that stop or will soon stop the next run — the overview's findings of that
+    kind for every connection, and what the details show for the connections they cover. Open quarantine does not."""
     reasons = []
+    for row in status["overview"]["rows"]:
+        reasons += [f"{row['connection']}: {finding['text']}" for finding in row["findings"]
+                    if finding["concern"] in EXIT_CONCERNS]
     for name, conn in status["connections"].items():
         if conn["missing_credentials"]:
             reasons.append(f"{name}: missing {', '.join(conn['missing_credentials'])}")
-        if conn["tokens"].get("idle_warning"):
-            reasons.append(f"{name}: {conn['tokens']['idle_warning']}")
         if conn["tokens"].get("error"):
             reasons.append(f"{name}: {conn['tokens']['error']}")
-        for pool, limit in (conn["pools"] or {}).items():
-            if limit is None:
-                reasons.append(f"{name}: Dagster pool {pool} has no limit, so concurrent runs can exceed the API's "
-                               f"rate limit; set concurrency.pools.default_limit: 1 in dagster.yaml")
         for spent in conn.get("error_budget") or []:
             if spent["stopped"]:
                 reasons.append(f"{name}: Exact answered {spent['errors']} errors on {spent['endpoint']} this hour; "
                                f"the connector does not call it again before the next hour (Exact blocks at 10)")
-        if conn["ledger"]["pending"]:
-            reasons.append(f"{name}: {conn['ledger']['pending']} posting intent(s) unsettled; the next run settles "
-                           f"them by asking Exact")
     runs = status["runs"].get("latest") or []
     if runs and runs[0]["status"] == "FAILURE":
         reasons.append(f"the latest run {runs[0]['run_id']} failed")
@@ -172,20 +199,9 @@ def _live_budget(connector, conn) -> dict | None:
     return {"source": "live", "as_of": now.isoformat(), **_budget_fields(status)}
 
 
-def _pools(instance, conn) -> dict[str, int | None] | None:
-    """Pool -> the limit a step claiming it will get (an existing row's, else the instance default); None: no limit."""
-    from expensify_exact.defs.keys import exact_pool, expensify_pool
-
-    if instance is None or not instance.event_log_storage.supports_global_concurrency_limits:
-        return None
-    storage = instance.event_log_storage
-    limits = {pool.name: pool.limit for pool in storage.get_pool_limits()}
-    default = storage.get_pool_config().default_pool_limit
-    return {pool: limits.get(pool, default) for pool in (exact_pool(conn), expensify_pool(conn))}
-
-
-def _recorded_budget(store, instance, conn) -> dict | None:
-    """The newest budget known without calling Exact: the last answer any run got, a run's metadata, the audit log."""
+def _recorded_budget(store, conn, audited) -> dict | None:
+    """The newest budget known without calling Exact: the last answer any run got (the shared rate-limit board), or
+    the last `check` / `status --live` (`audited`, its audit row)."""
     from expensify_exact.core.connections import StoredRateLimitBoard
 
     candidates = []
@@ -195,53 +211,14 @@ def _recorded_budget(store, instance, conn) -> dict | None:
                            "remaining_daily": shared.remaining_daily,
                            "daily_resets_at": shared.daily_resets_at.isoformat() if shared.daily_resets_at else None,
                            "remaining_minutely": shared.remaining_minutely})
-    for row in reversed(store.audit_rows(connection=conn.name)):
-        if row["event"] == RATE_BUDGET_EVENT and row.get("detail"):
-            detail = json.loads(row["detail"])
-            candidates.append({"source": f"audit ({detail.get('source', '?')})", "as_of": row["at"].isoformat(),
-                               **_budget_fields(detail)})
-            break
-    event = _latest_posted_materialization(instance, conn)
-    if event is not None:
-        metadata = event.asset_materialization.metadata
-        fields = {ours: getattr(metadata[key], "value", metadata[key])
-                  for key, ours in RATE_METADATA_KEYS.items() if key in metadata}
-        fields = {key: value for key, value in fields.items() if value not in (None, -1)}
-        if fields.get("remaining_daily") is not None:
-            as_of = datetime.fromtimestamp(event.timestamp, timezone.utc).isoformat()
-            candidates.append({"source": f"run {event.run_id}", "as_of": as_of, **_budget_fields(fields)})
+    if audited is not None and audited.detail:
+        candidates.append({"source": f"audit ({audited.detail.get('source', '?')})", "as_of": audited.at.isoformat(),
+                           **_budget_fields(audited.detail)})
     return max(candidates, key=lambda c: c["as_of"]) if candidates else None
 
 
 def _budget_fields(status: dict) -> dict:
     return {key: status.get(key) for key in ("remaining_daily", "daily_resets_at", "remaining_minutely")}
-
-
-def _posted_keys(conn):
-    import dagster as dg
-
-    from expensify_exact.defs.keys import asset_key
-
-    # Per-connection key first; the single-group layout of earlier versions second.
-    return [asset_key(conn.name, "exact", "journal_entries_posted"), dg.AssetKey(["exact", "journal_entries_posted"])]
-
-
-def _latest_posted_materialization(instance, conn):
-    if instance is None:
-        return None
-    events = [e for e in (instance.get_latest_materialization_event(k) for k in _posted_keys(conn)) if e is not None]
-    return max(events, key=lambda e: e.timestamp) if events else None
-
-
-def _last_posting(instance, conn) -> dict | None:
-    event = _latest_posted_materialization(instance, conn)
-    if event is None:
-        return None
-    materialization = event.asset_materialization
-    metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()
-                if k in ("posted", "already_posted", "quarantined", "deferred")}
-    return {"run_id": event.run_id, "at": datetime.fromtimestamp(event.timestamp, timezone.utc).isoformat(),
-            "partition": materialization.partition, **metadata}
 
 
 def _recent_runs(instance) -> dict:
@@ -271,10 +248,32 @@ def _ts(value: float | None) -> str | None:
     return datetime.fromtimestamp(value, timezone.utc).isoformat() if value else None
 
 
-def render_text(status: dict) -> str:
+def render_overview(overview: dict, show_all: bool = False) -> list[str]:
+    """The overview as a fixed-width table: the `OVERVIEW_LINES` worst connections (all with `show_all`), what is
+    left out counted by health, and the totals."""
+    rows = overview["rows"]
+    shown = rows if show_all else rows[:OVERVIEW_LINES]
+    table = [display(row) for row in shown]
+    left_out = Counter(row["health"] for row in rows[len(shown):])
+    total = display_totals(overview["totals"])
+    columns = list(total)
+    widths = {c: max([len(c)] + [len(line[c]) for line in [*table, total]]) for c in columns[:-1]}
+
+    def line(values: dict[str, str]) -> str:
+        return "  ".join([values[c].ljust(widths[c]) for c in columns[:-1]] + [values[columns[-1]]]).rstrip()
+
+    out = [line({c: c.upper() for c in columns}), *(line(values) for values in table)]
+    if left_out:
+        out.append(f"… {sum(left_out.values())} more: "
+                   + ", ".join(f"{left_out[str(h)]} {h}" for h in Health if left_out[str(h)])
+                   + " (`status --all` lists them, `--json` gives every row)")
+    return [*out, line(total)]
+
+
+def render_text(status: dict, show_all: bool = False) -> str:
     from expensify_exact.core.digest import age_text
 
-    lines = []
+    lines = render_overview(status["overview"], show_all)
     for name, conn in status["connections"].items():
         lines.append(f"{name} (Exact division {conn['exact_division']})")
         present = [n for n, ok in conn["credentials"].items() if ok]
@@ -309,10 +308,6 @@ def render_text(status: dict) -> str:
                       else "")
             lines.append(f"  rate budget   {budget['remaining_daily']} calls left today{resets}{minute}; "
                          f"as of {budget['as_of'][:16]}Z from {budget['source']}")
-        if conn["pools"]:
-            lines.append("  pools         " + ", ".join(
-                f"{pool}: {'NO LIMIT' if limit is None else f'{limit} step(s) at a time'}"
-                for pool, limit in conn["pools"].items()))
         reasons = ", ".join(f"{code} {n}" for code, n in conn["quarantine_by_reason"].items())
         lines.append(f"  quarantine    {conn['quarantine_open']} open report(s)" + (f": {reasons}" if reasons else ""))
         lines.append(f"  ledger        {conn['ledger']['posted']} posted, {conn['ledger']['pending']} pending")
@@ -326,10 +321,14 @@ def render_text(status: dict) -> str:
             state = "STOPPED until the next hour" if spent["stopped"] else "calls go on"
             lines.append(f"  exact errors  {spent['endpoint']}: {spent['errors']}/{spent['limit']} this hour, {state} "
                          f"(last: HTTP {spent['last_status']} {spent['last_message']})")
-        if conn["last_posting"]:
-            p = conn["last_posting"]
-            lines.append(f"  last posting  run {p['run_id'][:8]} at {p['at'][:16]}Z: posted {p.get('posted', 0)}, "
-                         f"already posted {p.get('already_posted', 0)}, quarantined {p.get('quarantined', 0)}")
+        run = conn["last_run"]
+        if run:
+            counts = ", ".join(f"{what} {n}" for what, n in run["counts"].items())
+            lines.append(f"  last run      {(run['run_id'] or '-')[:8]} at {run['at'][:16]}Z: {run['outcome']}"
+                         + (f" ({run['days']})" if run["days"] else "") + (f"; {counts}" if counts else "")
+                         + (f": {run['error']}" if run["error"] else ""))
+        else:
+            lines.append("  last run      none recorded yet")
     runs = status["runs"]
     lines.append(f"latest runs of {runs.get('job', 'the main job')} (DAGSTER_HOME={runs['dagster_home']})")
     if not runs["latest"]:
@@ -359,31 +358,41 @@ def cmd_status(args) -> int:
         return EXIT_CONFIG
     instance = _instance()
     try:
-        status = collect_status(connector, connections, instance, connector.clock().now(), live=args.live)
+        status = collect_status(connector, connections, instance, connector.clock().now(), live=args.live,
+                                details=args.details or len(connections) == 1)
     finally:
         if instance is not None:
             instance.dispose()
     attention = needs_attention(status)
     status["attention"] = attention
-    return print_outcome(args, status, [render_text(status), *(f"attention: {reason}" for reason in attention)],
+    shown = attention if args.all else attention[:OVERVIEW_LINES]
+    more = [f"… and {len(attention) - len(shown)} more (`status --all`)"] if len(shown) < len(attention) else []
+    return print_outcome(args, status, [render_text(status, args.all), *(f"attention: {r}" for r in shown), *more],
                          failed=bool(attention))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "status", help="credentials, tokens, rate budget, quarantine, ledger and latest runs per connection",
-        description="Per connection: which credentials are stored (names only, never values), the age of the "
-                    "Exact tokens and a warning when the refresh token nears Exact's 30-day idle expiry, Exact's "
-                    "rate budget as last recorded, open quarantine by reason code, ledger counts, and the latest "
+        "status", help="every connection's health worst first, with totals; details per connection",
+        description="A table of every connection, worst first, with totals: health (ok, attention, failing) and why, "
+                    "reports posted for yesterday in the connection's zone, open quarantine by reason code, the age "
+                    "of the Exact refresh token, Exact's calls left today and the last run. For one connection (or "
+                    "with --details): which credentials are stored (names only, never values), the Exact tokens and "
+                    "a warning when the refresh token nears Exact's 30-day idle expiry, the rate budget as last "
+                    "recorded, ledger counts and Exact's errors this hour. Then the latest "
                     f"{RECENT_RUNS} runs of the main job on the Dagster instance at $DAGSTER_HOME.",
-        epilog="The rate budget comes from the newest of: the last `check` or `status --live` (audit log), or the "
-               "last run's `exact_daily_calls_left` metadata on <connection>/exact/journal_entries_posted. "
-               "`--live` asks Exact with two calls "
+        epilog="Everything comes from the state database (and the Dagster instance for the latest runs), in a few "
+               "queries for all connections. The rate budget is the newest of: the last Exact answer any run got, "
+               "or the last `check` or `status --live` (audit log). `--live` asks Exact with two calls "
                "(current/Me carries no rate headers, system/Divisions does). Exit codes: 0 nothing needs "
-               "attention (open quarantine does not count), 1 something does (missing credentials, refresh "
-               "token near expiry, unsettled posting intents, latest run failed), 3 invalid configuration.",
+               "attention (open quarantine does not count), 1 something does (missing credentials, no or old "
+               "refresh token, a connection's last run failed or is overdue, unsettled posting intents, the latest "
+               "run failed), 3 invalid configuration.",
     )
     p.add_argument("--connection", help="only this connection (default: all)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--live", action="store_true", help="ask Exact for the current rate budget (2 API calls)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (every overview row, and the details)")
+    p.add_argument("--live", action="store_true", help="ask Exact for the current rate budget (2 API calls each)")
+    p.add_argument("--all", action="store_true", help=f"list every connection, not only the {OVERVIEW_LINES} worst")
+    p.add_argument("--details", action="store_true",
+                   help="the details of every connection shown (default: only when there is one)")
     p.set_defaults(func=cmd_status)
