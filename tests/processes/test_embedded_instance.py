@@ -4,7 +4,7 @@
   has more than one head" for every later command). Creating the instance is now serialized by a file lock in the
   home: all three exit 0, a fourth works, and every report is in the sandbox once.
 - A home that an earlier race left with two alembic heads is repaired by the next command, which says so.
-- A run (or `quarantine replay`) over a connection a live run works on names that run, waits without burning CPU,
+- A run over a connection a live run works on names that run, waits without burning CPU,
   and gives up after `--wait-timeout` with a clear message and exit 1. The holder is a real run, paused with SIGSTOP
   while it posts (alive, so it must not be recovered).
 """
@@ -117,12 +117,6 @@ def test_a_run_waiting_for_a_live_run_on_its_connection_names_it_waits_cheaply_a
         assert "recovered" not in output, "a paused run is alive: it must not be failed"
         # Behaviour, not speed: Dagster's own wait polls without sleeping (~100 % of a core); this one sleeps.
         assert cpu_waiting < 0.2 * wall_waiting, f"{cpu_waiting:.2f} s CPU in {wall_waiting:.2f} s of waiting"
-
-        # `quarantine replay` posts for the same connection: it waits for the same run, the same way.
-        replay_log = tmp_path / "replay.log"
-        assert run_cli_process(env, mappings, "quarantine", "replay", "--wait-timeout", "1", log=replay_log) == 1
-        assert f"waiting for run {holder_run} " in replay_log.read_text()
-        assert "gave up after waiting 1 s (--wait-timeout)" in replay_log.read_text()
     finally:
         holder.send_signal(signal.SIGCONT)
     assert holder.wait(300) == 0, (tmp_path / "holder.log").read_text()
