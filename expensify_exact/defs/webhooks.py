@@ -1,5 +1,6 @@
 """The `refresh_on_exact_webhooks` sensor: Exact said a GL account, cost center or cost unit changed, so the
-quarantine is replayed against fresh dimensions. `expensify-exact webhooks serve` records the notifications."""
+quarantine is replayed against fresh dimensions, in one run for every connection concerned. `expensify-exact webhooks
+serve` records the notifications."""
 
 from dataclasses import dataclass, field
 
@@ -7,7 +8,9 @@ import dagster as dg
 
 from expensify_exact.config import ProjectConfig
 from expensify_exact.core.webhooks import EVENT_DIMENSIONS_CHANGED, EVENT_POSTED_ENTRY_DELETED, webhook_events_after
-from expensify_exact.defs.replay import CONNECTION_TAG, REPLAY_JOB_NAME, TRIGGER_TAG
+from expensify_exact.defs.jobs import TRIGGER_TAG
+from expensify_exact.defs.partitions import CONNECTION_TAG
+from expensify_exact.defs.replay import REPLAY_JOB_NAME
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import QuarantineStatus, StateStore
 
@@ -28,9 +31,10 @@ class WebhookPlan:
 def plan_runs(store: StateStore, cursor: int, connections: list[str]) -> WebhookPlan:
     """Read the webhook audit events after `cursor` and decide which runs to request.
 
-    One run per connection whose dimensions changed and that has open quarantine items (fresh dimensions can
-    only help reports that were held back). The run key is the newest event's id, so a re-evaluation after a
-    crash never asks twice. Deleted posted entries request nothing: a person decides (they are noted).
+    One replay run for the connections whose dimensions changed and that have open quarantine items (fresh
+    dimensions can only help reports that were held back), named comma-separated in its `CONNECTION_TAG`, in config
+    order. The run key is the newest of their events' ids, so a re-evaluation after a crash never asks twice.
+    Deleted posted entries request nothing: a person decides (they are noted).
     """
     events = webhook_events_after(store, cursor, limit=EVENTS_PER_EVALUATION)
     plan = WebhookPlan(cursor=max([cursor, *(e["id"] for e in events)]))
@@ -44,17 +48,22 @@ def plan_runs(store: StateStore, cursor: int, connections: list[str]) -> Webhook
             plan.deleted_entries.append(event)
             plan.notes.append(f"{event['connection']}: entry {event['entry_number']} ({event['entry_id']}) of report "
                               f"{event['report_id']} was deleted in Exact; the ledger still counts it as posted")
-    for connection, found in changed.items():
+    replayed: list[str] = []
+    for connection in (name for name in connections if name in changed):
+        found = changed[connection]
         open_items = store.quarantine_items(connection, status=QuarantineStatus.OPEN)
         what = ", ".join(sorted({f"{e['detail'].get('topic')} {e['detail'].get('key', '')}".strip() for e in found}))
         if not open_items:
             plan.notes.append(f"{connection}: dimensions changed ({what}); nothing is quarantined, so nothing to replay")
             continue
-        plan.run_requests.append(dg.RunRequest(
-            run_key=f"exact_webhooks:{connection}:{found[-1]['id']}", job_name=REPLAY_JOB_NAME,
-            tags={CONNECTION_TAG: connection, TRIGGER_TAG: "exact_webhooks"}))
+        replayed.append(connection)
         plan.notes.append(f"{connection}: dimensions changed ({what}); replaying {len(open_items)} quarantined "
                           f"report(s) with {REPLAY_JOB_NAME}")
+    if replayed:
+        newest = max(e["id"] for name in replayed for e in changed[name])
+        plan.run_requests.append(dg.RunRequest(
+            run_key=f"exact_webhooks:{newest}", job_name=REPLAY_JOB_NAME,
+            tags={CONNECTION_TAG: ",".join(replayed), TRIGGER_TAG: "exact_webhooks"}))
     return plan
 
 
@@ -65,8 +74,8 @@ def build(config: ProjectConfig) -> dg.Definitions:
         name=SENSOR_NAME, job_name=REPLAY_JOB_NAME, default_status=dg.DefaultSensorStatus.STOPPED,
         minimum_interval_seconds=60,
         description="Reads the Exact webhook events that `expensify-exact webhooks serve` recorded. When a GL "
-                    "account, cost center or cost unit changed in a connection's division and that connection has "
-                    f"quarantined reports, requests a run of `{REPLAY_JOB_NAME}` to re-validate them against fresh "
+                    "account, cost center or cost unit changed in connections' divisions and they have quarantined "
+                    f"reports, requests one run of `{REPLAY_JOB_NAME}` for them to re-validate those against fresh "
                     "dimensions. A deleted entry the connector posted is logged for a person; it requests nothing. "
                     "Off by default: turn it on once Exact's webhooks point at the receiver.",
     )

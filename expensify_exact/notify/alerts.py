@@ -186,5 +186,5 @@ def reconciliation_findings(conn: Connection, run_id: str, days: list[str], coun
                  f"[expensify-exact] reconciliation found {total} difference(s) for {span} ({conn.name})",
                  f"The reconciliation of {span} (run {run_id}) found: "
                  + ", ".join(f"{code} × {n}" for code, n in sorted(counts.items())) + ".\n"
-                 f"The day's digest and the asset {conn.name.replace('-', '_')}/reconciliation/daily list each "
+                 f"The day's digest and the asset reconciliation/daily (partitions {conn.name}|<day>) list each "
                  f"finding with what to do.")

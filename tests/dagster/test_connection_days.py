@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -20,7 +20,8 @@ from expensify_exact.cli.commands.status import collect_status, render_text
 from expensify_exact.core import connections
 from expensify_exact.core.digest import read_digest
 from expensify_exact.definitions import build_defs
-from expensify_exact.defs.jobs import DEFERRED_SENSOR_NAME, MAIN_JOB_NAME, SENSOR_NAME
+from expensify_exact.defs.jobs import DEFERRED_SENSOR_NAME, MAIN_JOB_NAME, SENSOR_NAME, TRIGGER_TAG
+from expensify_exact.defs.partitions import RANGE_END_TAG, connections_of_run, split_key
 from expensify_exact.defs.reconciliation import DAILY_JOB_NAME, DAILY_SENSOR_NAME
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.defs.runs import run_range
@@ -35,7 +36,7 @@ NL, LA = "vermeerhals-nl", "vermeerhals-us"
 AMSTERDAM, LOS_ANGELES = ZoneInfo("Europe/Amsterdam"), ZoneInfo("America/Los_Angeles")
 US_POLICY = "US00000000000001"
 # The simulated days lie a week or more in the past, so every one of them is already a Dagster partition.
-START = datetime.combine(datetime.now(timezone.utc).date() - timedelta(days=12), time(6), timezone.utc)
+START = datetime.combine(datetime.now(UTC).date() - timedelta(days=12), time(6), UTC)
 S0 = START.date()  # the sandbox's "today" when the test begins; its seed's reports lie on the 30 days before
 
 
@@ -80,7 +81,8 @@ def _authorize(mappings, state_url, sandbox, monkeypatch, names):
 
 
 class Daemon:
-    """Evaluates sensors at chosen times and executes what they ask for, each run key once, like the daemon."""
+    """Evaluates sensors at chosen times, keeping each one's cursor, and executes what they ask for, each run key
+    once, like the daemon. `runs` names each run by what it covers: `<connection>:<last day>` per connection."""
 
     def __init__(self, sandbox, mappings, state_url, instance):
         self.sandbox, self.instance = sandbox, instance
@@ -88,7 +90,9 @@ class Daemon:
         # The code location's own `connector` resource reads the state URL from the environment (see `sandbox`).
         self.connector = ConnectorResource(mappings_dir=str(mappings))
         self.run_keys: list[str] = []
-        self.runs: dict[str, str] = {}  # run key -> run ID
+        self.labels: list[str] = []  # `<connection>:<last day>` of each connection of each run, in order
+        self.runs: dict[str, str] = {}  # label -> run ID
+        self.cursors: dict[str, str | None] = {}
 
     def move_to(self, moment: datetime) -> None:
         self.sandbox.clock.advance((moment - self.sandbox.clock.now()).total_seconds())
@@ -96,8 +100,10 @@ class Daemon:
     def tick(self, sensor_name: str) -> list[dg.RunRequest]:
         sensor = self.defs.get_repository_def().get_sensor_def(sensor_name)
         with dg.build_sensor_context(instance=self.instance, resources={"connector": self.connector},
-                                     repository_def=self.defs.get_repository_def()) as context:
+                                     repository_def=self.defs.get_repository_def(),
+                                     cursor=self.cursors.get(sensor_name)) as context:
             result = sensor.evaluate_tick(context)
+        self.cursors[sensor_name] = result.cursor
         job_name = DAILY_JOB_NAME if sensor_name == DAILY_SENSOR_NAME else MAIN_JOB_NAME
         for request in result.run_requests:
             self.execute(job_name, request)
@@ -112,7 +118,12 @@ class Daemon:
             tags={**request.tags, "dagster/run_key": request.run_key}, **partition)
         assert result.success, request.run_key
         self.run_keys.append(request.run_key)
-        self.runs[request.run_key] = result.run_id
+        last = split_key(request.tags.get(RANGE_END_TAG) or request.partition_key or request.tags["dagster/partition"])[1]
+        names = [c.name for c in self.connector.project().connections]
+        for name in connections_of_run(request.tags, names):
+            label = f"{name}:{last}" + (":reconcile" if job_name == DAILY_JOB_NAME else "")
+            self.labels.append(label)
+            self.runs[label] = result.run_id
 
 
 def _add_report(sandbox, when: datetime, policy: str, merchant: str) -> str:
@@ -160,8 +171,8 @@ def test_two_timezones_each_day_posted_once_after_it_ended_there(sandbox, tmp_pa
 
     # One run per connection and day, in the order the days ended in each zone. The first tick, 00:00 of d1 in
     # Los Angeles, is 09:00 in Amsterdam: there S0 is over, in Los Angeles only the day before it.
-    assert daemon.run_keys == [f"{NL}:{S0}", f"{LA}:{S0 - timedelta(days=1)}", f"{LA}:{S0}", f"{NL}:{d1}",
-                               f"{LA}:{d1}", f"{NL}:{d2}", f"{LA}:{d2}"]
+    assert daemon.labels == [f"{NL}:{S0}", f"{LA}:{S0 - timedelta(days=1)}", f"{LA}:{S0}", f"{NL}:{d1}",
+                             f"{LA}:{d1}", f"{NL}:{d2}", f"{LA}:{d2}"]
     la_reports = {rid: day for rid, (merchant, day) in added.items() if rid not in posted_nl}
     assert {rid: date.fromisoformat(day) for rid, day in posted_la.items()} == la_reports
     assert len(la_reports) == 3
@@ -198,7 +209,7 @@ def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approv
             daemon.move_to(moment)
             daemon.tick(SENSOR_NAME)
             if posted_by is None and store.ledger_get(NL, lagging) is not None:
-                posted_by = daemon.run_keys[-1]
+                posted_by = daemon.labels[-1]
             moment += timedelta(hours=1)
         ledger = store.ledger_get(NL, lagging)
         events = store.audit_rows(connection=NL, report_id=lagging)
@@ -208,7 +219,7 @@ def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approv
         assert daemon.tick(DAILY_SENSOR_NAME) == []
         digest = read_digest(NL, S0.isoformat(), Path(instance.root_directory) / "digests")
 
-    assert daemon.run_keys == [f"{NL}:{S0 + timedelta(days=n)}" for n in range(4)] + [f"{NL}:reconcile:{S0}"]
+    assert daemon.labels == [f"{NL}:{S0 + timedelta(days=n)}" for n in range(4)] + [f"{NL}:{S0}:reconcile"]
     # Posted by the run of the day it appeared in the export (d1 + 2), whose look-back covers d1: under its own day.
     assert posted_by == f"{NL}:{d1 + timedelta(days=2)}"
     assert ledger.status == "posted" and ledger.partition_date == d1.isoformat()
@@ -218,7 +229,8 @@ def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approv
     assert late[0]["run_id"] == daemon.runs[posted_by]
     assert [e["event"] for e in events if e["event"] in ("late_approval", "posted")] == ["late_approval", "posted"]
     assert _entries_per_report(sandbox, S.DIVISION)[lagging] == 1
-    assert (reconcile.partition_key, reconcile.run_key) == (S0.isoformat(), f"{NL}:reconcile:{S0}")
+    assert connections_of_run(reconcile.tags, [NL]) == [NL]
+    assert split_key(reconcile.partition_key or reconcile.tags["dagster/partition"]) == (NL, S0.isoformat())
     posted_line = f"Last complete day posted: {d1 + timedelta(days=2)}, at "
     assert any(b.startswith(posted_line) for section in digest.sections for b in section.bullets)
 
@@ -243,19 +255,20 @@ def test_a_backfill_deferred_by_the_daily_budget_finishes_by_itself_after_the_re
         resets = 0
         moment = START
         while store.deferred(NL) and resets < 5:
-            moment = datetime.combine(moment.date() + timedelta(days=1), time(0, 30), timezone.utc)
+            moment = datetime.combine(moment.date() + timedelta(days=1), time(0, 30), UTC)
             daemon.move_to(moment)  # past Exact's daily reset (midnight UTC in the sandbox)
             requests = daemon.tick(DEFERRED_SENSOR_NAME)
-            assert len(requests) == 1 and requests[0].tags["expensify_exact/connection"] == NL
+            assert len(requests) == 1 and connections_of_run(requests[0].tags, [NL]) == [NL]
+            assert requests[0].tags[TRIGGER_TAG] == "deferred"
             assert daemon.tick(DEFERRED_SENSOR_NAME) == []  # one run per reset
             resets += 1
         ledger = {r.report_id: r for r in store.ledger_rows(NL)}
         quarantined = {i.report_id for i in store.quarantine_items(NL, status="open")}
 
     assert store.deferred(NL) == {}
-    assert resets >= 1 and all(":deferred:" in key for key in daemon.run_keys)
+    assert resets >= 1 and len(daemon.run_keys) == resets
     expected = {r.report_id for r in sandbox.seed.approved_reports
-                if start <= r.approved.replace(tzinfo=timezone.utc).astimezone(AMSTERDAM).date() <= end}
+                if start <= r.approved.replace(tzinfo=UTC).astimezone(AMSTERDAM).date() <= end}
     assert deferred_first <= {rid for rid, row in ledger.items() if row.status == "posted"}
     assert {rid for rid, row in ledger.items() if row.status == "posted"} | quarantined == expected
     assert [r for r, n in _entries_per_report(sandbox, S.DIVISION).items() if n > 1] == []

@@ -1,6 +1,7 @@
 """The digest by e-mail and the alert sensors, delivered for real: mail to an SMTP server on 127.0.0.1 (aiosmtpd),
 chat messages to a webhook receiver on 127.0.0.1. Each problem is staged in the sandbox or the state database, the
-sensor is evaluated through Dagster, and the alert must arrive once — a second tick sends nothing."""
+sensor is evaluated through Dagster, and the alert must arrive once — a second tick sends nothing. Runs cover
+connection × day partitions: an alert goes to the connections a run covered, or to the one that failed in it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import pytest
+import yaml
 
 from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.cli.main import main
@@ -19,6 +21,8 @@ from expensify_exact.config import load_project_config
 from expensify_exact.core.connections import VaultTokenStore
 from expensify_exact.defs import alerts as alert_defs
 from expensify_exact.defs import assets, jobs, reconciliation, resources
+from expensify_exact.defs.jobs import MAIN_JOB_NAME
+from expensify_exact.defs.partitions import partition_key
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.defs.runs import run_range
 from expensify_exact.store import StateStore, quarantine
@@ -28,6 +32,7 @@ from tests.conftest import write_mappings
 from tests.receivers import SmtpInbox, WebhookReceiver, self_signed_certificate
 
 CONNECTION = "vermeerhals-nl"
+BELGIAN = "vermeerhals-be"
 GIFTS = S._report_id(101)
 
 
@@ -71,6 +76,12 @@ def _defs(mappings) -> dg.Definitions:
     return dg.Definitions.merge(*(m.build(config) for m in (assets, jobs, resources, reconciliation, alert_defs)))
 
 
+def _execute(defs, job, instance, connector, day, connection=CONNECTION):
+    return defs.resolve_job_def(job).execute_in_process(
+        instance=instance, resources={"connector": connector}, partition_key=partition_key(connection, day),
+        raise_on_error=False)
+
+
 def _sensor(defs: dg.Definitions, name: str):
     return next(s for s in defs.sensors if s.name == name)
 
@@ -94,10 +105,8 @@ def test_the_demo_days_digest_arrives_once_with_markdown_and_html_parts(notified
     connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
     defs = _defs(notified)
     day = (sandbox.seed.today - timedelta(days=7)).isoformat()  # the day the Gifts report was approved
-    for job in ("post_approved_expenses", reconciliation.DAILY_JOB_NAME):
-        result = defs.resolve_job_def(job).execute_in_process(
-            instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
-        assert result.success, job
+    for job in (MAIN_JOB_NAME, reconciliation.DAILY_JOB_NAME):
+        assert _execute(defs, job, instance, connector, day).success, job
 
     assert len(inbox.messages) == 1
     mail = inbox.messages[0]
@@ -113,9 +122,7 @@ def test_the_demo_days_digest_arrives_once_with_markdown_and_html_parts(notified
     assert GIFTS in html and "UNMAPPED_CATEGORY" in html
 
     # The digest job again, and the CLI: the day was mailed, so nothing more goes out unless asked.
-    rerun = defs.resolve_job_def(reconciliation.DAILY_JOB_NAME).execute_in_process(
-        instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
-    assert rerun.success
+    assert _execute(defs, reconciliation.DAILY_JOB_NAME, instance, connector, day).success
     assert _cli(notified, state_url, "digest", "--date", day, "--send") == 0
     assert f"{CONNECTION} {day}: digest already sent" in capsys.readouterr().err
     assert len(inbox.messages) == 1
@@ -171,20 +178,59 @@ def test_an_idle_refresh_token_is_alerted_once(notified, state_url, instance, in
     assert _alerts(inbox, webhook, "refresh token idle") == (mails, posts)
 
 
-def test_a_failed_daily_run_is_alerted_once_through_the_run_failure_sensor(notified, sandbox, state_url, instance,
-                                                                            inbox, webhook):
+def test_a_connection_failing_within_a_run_is_alerted_once_through_the_failed_connection_sensor(
+        notified, sandbox, state_url, instance, inbox, webhook):
+    """The run goes on for the other connections and succeeds; the one Exact refused is told, with its day."""
     connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
     sandbox.exact.set_knobs(accessible_divisions={S.SECOND_DIVISION})  # the app lost access to the division
     defs = _defs(notified)
     day = (sandbox.seed.today - timedelta(days=3)).isoformat()
-    result = defs.resolve_job_def("post_approved_expenses").execute_in_process(
-        instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
+    result = _execute(defs, MAIN_JOB_NAME, instance, connector, day)
+    assert result.success
+
+    first = _tick(defs, alert_defs.CONNECTION_FAILED_SENSOR, instance, connector)
+    _tick(defs, alert_defs.CONNECTION_FAILED_SENSOR, instance, connector, cursor=first.cursor)
+    _tick(defs, alert_defs.CONNECTION_FAILED_SENSOR, instance, connector)  # even without the cursor: sent before
+
+    mails, posts = _alerts(inbox, webhook, "post_approved_expenses failed")
+    assert len(mails) == 1 and len(posts) == 1
+    text = posts[0]["json"]["text"]
+    assert day in text and result.run_id in text and "123456" in text  # the division it could not reach
+    assert mails[0]["To"] == "ops@vermeerhals.nl" and CONNECTION in mails[0]["Subject"]
+
+
+def _with_belgian(mappings) -> None:
+    """A second connection after the Dutch one, with the same alert e-mail and no alert webhook."""
+    path = mappings / "connections.yaml"
+    document = yaml.safe_load(path.read_text())
+    belgian = yaml.safe_load(yaml.safe_dump(document["connections"][0]))
+    belgian["name"] = BELGIAN
+    belgian["expensify"]["policy_ids"] = ["BE00000000000001"]
+    belgian["exact"]["division"] = S.SECOND_DIVISION
+    del belgian["notify"]["alerts"]["webhook_format"]
+    document["connections"].append(belgian)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def test_a_failed_run_is_alerted_once_to_each_connection_its_partitions_covered(notified, sandbox, state_url,
+                                                                               instance, inbox, webhook, tmp_path):
+    _with_belgian(notified)
+    defs = _defs(notified)
+    (tmp_path / "not_a_directory").write_text("")
+    unusable = ConnectorResource(mappings_dir=str(notified),  # a state DB that cannot open fails every step
+                                 state_url=f"sqlite:///{tmp_path / 'not_a_directory' / 'state.db'}")
+    days = [(sandbox.seed.today - timedelta(days=n)).isoformat() for n in (3, 2)]
+    result = defs.resolve_job_def(MAIN_JOB_NAME).execute_in_process(
+        instance=instance, resources={"connector": unusable}, raise_on_error=False,
+        tags={"dagster/asset_partition_range_start": partition_key(CONNECTION, days[0]),
+              "dagster/asset_partition_range_end": partition_key(BELGIAN, days[1])})
     assert not result.success
     failure = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
     assert len(failure) == 1
+    connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
     sensor = _sensor(defs, alert_defs.RUN_FAILED_SENSOR)
 
-    for _ in range(2):  # the sensor sees the same failure twice (e.g. a daemon restart): one alert
+    for _ in range(2):  # the sensor sees the same failure twice (e.g. a daemon restart): one alert each
         with dg.build_run_status_sensor_context(
                 sensor_name=sensor.name, dagster_event=failure[0].event_log_entry.dagster_event,
                 dagster_instance=instance, dagster_run=instance.get_run_by_id(result.run_id),
@@ -192,10 +238,10 @@ def test_a_failed_daily_run_is_alerted_once_through_the_run_failure_sensor(notif
             sensor(context)
 
     mails, posts = _alerts(inbox, webhook, "post_approved_expenses failed")
-    assert len(mails) == 1 and len(posts) == 1
+    assert sorted(m["Subject"].rsplit("(", 1)[1] for m in mails) == [f"{BELGIAN})", f"{CONNECTION})"]
+    assert len(posts) == 1, "only the Dutch connection has a chat webhook"
     text = posts[0]["json"]["text"]
-    assert day in text and result.run_id in text and "123456" in text  # the division it could not reach
-    assert mails[0]["To"] == "ops@vermeerhals.nl"
+    assert f"{days[0]}..{days[1]}" in text and result.run_id in text and "unable to open database file" in text
 
 
 def test_reports_deferred_because_exacts_daily_budget_ran_out_are_alerted_once(notified, sandbox, state_url,
@@ -251,15 +297,11 @@ def test_reconciliation_findings_are_alerted_once_per_reconciliation(notified, s
     connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
     defs = _defs(notified)
     day = (sandbox.seed.today - timedelta(days=2)).isoformat()
-    posted = defs.resolve_job_def("post_approved_expenses").execute_in_process(
-        instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
-    assert posted.success
+    assert _execute(defs, MAIN_JOB_NAME, instance, connector, day).success
     entry_ids = [r.entry_id for r in StateStore(state_url).ledger_rows(CONNECTION, status="posted")]
     assert entry_ids
     sandbox.exact.delete_entry(entry_ids[0])  # someone deleted a posted entry in Exact
-    reconciled = defs.resolve_job_def(reconciliation.DAILY_JOB_NAME).execute_in_process(
-        instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
-    assert reconciled.success
+    assert _execute(defs, reconciliation.DAILY_JOB_NAME, instance, connector, day).success
 
     first = _tick(defs, alert_defs.RECONCILIATION_SENSOR, instance, connector)
     mails, posts = _alerts(inbox, webhook, "reconciliation found")
@@ -295,20 +337,11 @@ def test_digest_over_starttls_with_the_vaults_login_and_no_notification_secret_l
         connector = ConnectorResource(mappings_dir=str(mappings), state_url=state_url)
         defs = _defs(mappings)
         day = (sandbox.seed.today - timedelta(days=7)).isoformat()
-        for job in ("post_approved_expenses", reconciliation.DAILY_JOB_NAME):
-            result = defs.resolve_job_def(job).execute_in_process(
-                instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
-            assert result.success, job
+        for job in (MAIN_JOB_NAME, reconciliation.DAILY_JOB_NAME):
+            assert _execute(defs, job, instance, connector, day).success, job
         sandbox.exact.set_knobs(accessible_divisions={S.SECOND_DIVISION})
-        failed = defs.resolve_job_def("post_approved_expenses").execute_in_process(
-            instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
-        event = instance.get_records_for_run(failed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records[0]
-        sensor = _sensor(defs, alert_defs.RUN_FAILED_SENSOR)
-        with dg.build_run_status_sensor_context(
-                sensor_name=sensor.name, dagster_event=event.event_log_entry.dagster_event, dagster_instance=instance,
-                dagster_run=instance.get_run_by_id(failed.run_id),
-                resources={"connector": connector}).for_run_failure() as context:
-            sensor(context)
+        assert _execute(defs, MAIN_JOB_NAME, instance, connector, day).success
+        _tick(defs, alert_defs.CONNECTION_FAILED_SENSOR, instance, connector)
 
     assert inbox.logins == ["digest-bot", "digest-bot"]  # the digest and the alert, each after STARTTLS
     assert [m["To"] for m in inbox.messages] == ["accountant@vermeerhals.nl", "ops@vermeerhals.nl"]
@@ -330,6 +363,6 @@ def test_the_code_location_loads_with_the_alert_sensors_running_by_default(notif
     defs = build_defs(str(notified))
     dg.Definitions.validate_loadable(defs)  # every sensor's `connector` resource is provided
     names = {alert_defs.RUN_FAILED_SENSOR, alert_defs.QUARANTINE_SENSOR, alert_defs.TOKEN_SENSOR,
-             alert_defs.DEFERRED_SENSOR, alert_defs.RECONCILIATION_SENSOR}
+             alert_defs.DEFERRED_SENSOR, alert_defs.RECONCILIATION_SENSOR, alert_defs.CONNECTION_FAILED_SENSOR}
     statuses = {s.name: s.default_status for s in defs.sensors if s.name in names}
     assert statuses == {name: dg.DefaultSensorStatus.RUNNING for name in names}

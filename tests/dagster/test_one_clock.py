@@ -21,15 +21,8 @@ import yaml
 
 from expensify_exact.core import connections, pipeline
 from expensify_exact.definitions import build_defs
-from expensify_exact.defs.reconciliation import (
-    DAILY_CHECKS,
-    DAILY_JOB_NAME,
-    MONTHLY_JOB_NAME,
-    approved_key,
-    daily_key,
-    monthly_key,
-)
-from expensify_exact.defs.resources import ConnectorResource
+from expensify_exact.defs.partitions import MONTH, partition_key
+from expensify_exact.defs.reconciliation import APPROVED, DAILY, DAILY_CHECKS, DAILY_JOB_NAME, MONTHLY, MONTHLY_JOB_NAME
 from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
 from expensify_exact_sandbox.clock import SandboxClock
@@ -128,12 +121,10 @@ def test_run_replay_reconciliation_and_check_all_use_the_connections_day_by_the_
     assert _entry_dates(sandbox, {GIFTS}) == {connection_day.isoformat()}
 
     # The daily reconciliation drafts what the reports should have become on that same day, and finds them so.
-    connector = ConnectorResource(mappings_dir=str(mappings), state_url=state_url)
-    conn = connector.project().connection(CONNECTION)
     monkeypatch.setenv("EXPENSIFY_EXACT_STATE_URL", state_url)  # read by the code location's own `connector`
     job = build_defs(str(mappings)).resolve_job_def(DAILY_JOB_NAME)
-    result = job.execute_in_process(instance=instance, partition_key=day,
-                                    asset_selection=[approved_key(conn), daily_key(conn)])
+    result = job.execute_in_process(instance=instance, partition_key=partition_key(CONNECTION, day),
+                                    asset_selection=[APPROVED, DAILY])
     assert result.success
     assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == dict.fromkeys(DAILY_CHECKS, True)
     assert len(drafted_on) == 3, "run, replay and reconciliation each drafted once, through the one pipeline"
@@ -141,9 +132,10 @@ def test_run_replay_reconciliation_and_check_all_use_the_connections_day_by_the_
 
     # The monthly rollup of D's month misses every day before today that was not reconciled: D is one of them.
     month = build_defs(str(mappings)).resolve_job_def(MONTHLY_JOB_NAME).execute_in_process(
-        instance=instance, partition_key=D.replace(day=1).isoformat(), asset_selection=[monthly_key(conn)])
+        instance=instance, partition_key=partition_key(CONNECTION, D.replace(day=1).isoformat(), MONTH),
+        asset_selection=[MONTHLY])
     assert month.success
-    missing = month.output_for_node(monthly_key(conn).to_python_identifier()).stats["days_missing"]
+    missing = month.output_for_node(MONTHLY.to_python_identifier()).stats["days_missing"]
     assert D.isoformat() in missing and day not in missing
 
     # `check`: a cost center that ended on D has ended today; one that ends on D+1 still runs today.
