@@ -25,6 +25,10 @@ class StateStoreError(ConnectorError):
     """The connector's own state database is unusable (locked too long, wrong schema version)."""
 
 
+class LockBusy(StateStoreError):
+    """A lock stayed held by a live holder for longer than the caller would wait."""
+
+
 class ApiError(ConnectorError):
     """An answer from Expensify or Exact Online that is not a success."""
 

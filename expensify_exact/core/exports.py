@@ -3,7 +3,18 @@ each connection's reports (Expensify's 5 requests per 10 s and its export jobs c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import date
+from typing import Protocol
+
 from expensify_exact.config import Connection
+
+
+class ReportExporter(Protocol):
+    """What one shared export needs from the Expensify client."""
+
+    def export_reports(self, start: date, end: date, policy_ids: Sequence[str], *, timezone: str = ...,
+                       source_timezone: str = ...) -> list[dict]: ...
 
 
 def credential_of(conn: Connection) -> str:
@@ -18,6 +29,16 @@ def by_credential(connections: list[Connection]) -> dict[str, list[Connection]]:
     for conn in connections:
         groups.setdefault(credential_of(conn), []).append(conn)
     return groups
+
+
+def export_together(client: ReportExporter, connections: list[Connection], start: date, end: date
+                    ) -> dict[str, list[dict]]:
+    """Each connection's approved reports of start..end from one export over all their policies (`connections`
+    share one credential, hence one timezone by config validation; `client` is logged in with it)."""
+    first = connections[0]
+    reports = client.export_reports(start, end, [p for c in connections for p in c.expensify.policy_ids],
+                                    timezone=first.timezone, source_timezone=first.expensify.timestamp_timezone)
+    return split_by_policy(reports, connections)
 
 
 def split_by_policy(reports: list[dict], connections: list[Connection]) -> dict[str, list[dict]]:

@@ -66,6 +66,8 @@ NOT_REPLAYABLE = frozenset({Reason.CHANGED_AFTER_POSTING.value})
 # filters whole UTC days: export_windows already widens by a day each side; one more costs nothing).
 EXPORT_MARGIN_DAYS = 1
 FALLBACK_LOOKBACK_DAYS = 365
+# How long a replay or approve waits by default while another one of the same connection holds its lock.
+REPLAY_LOCK_WAIT_SECONDS = 600.0
 
 
 class QuarantineActionError(ConnectorError):
@@ -166,6 +168,11 @@ def replay_fingerprint(dims: Dimensions, config: ProjectConfig, conn: Connection
     return hashlib.sha256((dimensions_fingerprint(dims) + mappings).encode()).hexdigest()[:32]
 
 
+def replay_lock(connection: str) -> str:
+    """The lock that keeps replays and approvals of one connection one at a time."""
+    return f"replay:{connection}"
+
+
 def replayable(item: QuarantineItem) -> bool:
     """True if a fresh snapshot or new mappings could let this item pass (it is not only awaiting an approval)."""
     codes = {r.get("code") for r in item.reasons}
@@ -176,7 +183,8 @@ def replayable(item: QuarantineItem) -> bool:
 
 def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateStore, expensify: ReportSource,
                       exact: ExactGateway, clock: Clock, report_ids: Sequence[str] | None = None,
-                      run_id: str | None = None) -> ReplayResult:
+                      run_id: str | None = None, lock_wait_seconds: float = REPLAY_LOCK_WAIT_SECONDS
+                      ) -> ReplayResult:
     """Re-validate the open quarantine items of one connection and post those that now pass, exactly once.
 
     Args:
@@ -189,6 +197,7 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
             posting-date policy.
         report_ids: only these items (default: every open, replayable item of the connection).
         run_id: for the audit log (a Dagster run ID, or a CLI-made one).
+        lock_wait_seconds: how long to wait while another replay or approve of the connection holds its lock.
 
     Returns:
         One outcome per selected item.
@@ -198,7 +207,7 @@ def replay_quarantine(conn: Connection, config: ProjectConfig, *, store: StateSt
         StateStoreError: another replay of this connection held the lock for too long.
     """
     run_id = run_id or f"replay-{uuid.uuid4().hex[:12]}"
-    with store.lock(f"replay:{conn.name}", ttl_seconds=900, wait_seconds=600):
+    with store.lock(replay_lock(conn.name), ttl_seconds=900, wait_seconds=lock_wait_seconds):
         items, outcomes = _open_items(conn, store, report_ids)
         if not items:
             return ReplayResult(conn.name, False, None, outcomes)
@@ -407,7 +416,7 @@ def approve_correction(conn: Connection, *, store: StateStore, exact: ExactGatew
         TransientApiError: Exact could not be reached reliably; the intents stay, run approve again.
     """
     run_id = run_id or f"approve-{uuid.uuid4().hex[:12]}"
-    with store.lock(f"replay:{conn.name}", ttl_seconds=300, wait_seconds=600):
+    with store.lock(replay_lock(conn.name), ttl_seconds=300, wait_seconds=REPLAY_LOCK_WAIT_SECONDS):
         item = store.quarantine_get(conn.name, report_id)
         if item is None:
             raise QuarantineActionError(f"no quarantine item for report {report_id} in {conn.name}")

@@ -18,7 +18,7 @@ from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import closed_day
 from expensify_exact.core.draft_checks import DraftLineSchema
 from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day
-from expensify_exact.core.exports import by_credential, split_by_policy
+from expensify_exact.core.exports import by_credential, export_together
 from expensify_exact.core.journal import DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, Reason
 from expensify_exact.core.overview import record_run
 from expensify_exact.core.pipeline import draft, normalize
@@ -128,19 +128,15 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
         requests: dict[str, dict[str, int]] = {}
 
         def export(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, list[dict]]]:
-            first = conns[0]
             start = min(day_range(days)[0] for days in days_of.values())
             end = max(day_range(days)[1] for days in days_of.values())
             for conn in conns:
                 progress.publish(progress.Phase(conn.name, f"exporting {len(days_of[conn.name])} day(s) of approved "
                                                            f"reports from Expensify"))
-            with connector.expensify_client(first) as client:
-                reports = client.export_reports(start, end, [p for c in conns for p in c.expensify.policy_ids],
-                                                timezone=first.timezone,
-                                                source_timezone=first.expensify.timestamp_timezone)
+            with connector.expensify_client(conns[0]) as client:
+                split = export_together(client, conns, start, end)
                 calls = dict(client.calls)
             out: dict[str, dict[str, list[dict]]] = {}
-            split = split_by_policy(reports, conns)
             for conn in conns:
                 days = days_of[conn.name]
                 by_day: dict[str, list[dict]] = {day: [] for day in days}

@@ -14,7 +14,7 @@ from expensify_exact.config import load_project_config
 from expensify_exact.core.posting import OUTCOME_COLUMNS, Outcome
 from expensify_exact.core.verdicts import Action, shown_lines
 from expensify_exact.definitions import build_defs
-from expensify_exact.defs.dry_run import DAYS_OP, DRY_RUN_JOB_NAME, ConnectionPreview, op_names
+from expensify_exact.defs.dry_run import DAYS_OP, DRY_RUN_JOB_NAME, PREVIEW_OP, ConnectionPreview
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.keys import POSTED
 from expensify_exact.defs.partitions import failures, rectangle_tags
@@ -159,16 +159,21 @@ def run_range(start: date, end: date, *, mappings_dir: str = "mappings", state_u
 
 
 def preview_range(start: date, end: date, *, mappings_dir: str = "mappings", state_url: str | None = None,
-                  instance: dg.DagsterInstance | None = None, wait_timeout: float | None = None) -> DryRunSummary:
-    """Run the `dry_run` job for the approval days start..end: every draft and every report's verdict, with
-    nothing posted, materialized or written to the state DB. Waits for the same pools as `run_range`."""
+                  instance: dg.DagsterInstance | None = None, wait_timeout: float | None = None,
+                  connection: str | None = None) -> DryRunSummary:
+    """Run the `dry_run` job for the approval days start..end of every connection (or only `connection`): every
+    draft and every report's verdict, with nothing posted, materialized or written to the state DB. Waits for live
+    runs over the same connections, as `run_range` does.
+
+    The preview step hands over the previews of every connection that got through even when it then fails for
+    the others (their names and errors are in the summary's failure)."""
     config = load_project_config(mappings_dir)
-    run_config = {"ops": {DAYS_OP: {"config": {"start": start.isoformat(), "end": end.isoformat()}}}}
-    result = _launch(DRY_RUN_JOB_NAME, run_config, mappings_dir, state_url, instance, wait_timeout,
-                     [c.name for c in config.connections])
-    executed = _executed_steps(result)
-    previews = [result.output_for_node(op) for op in (op_names(c.name)[2] for c in config.connections)
-                if op in executed]
+    names = [config.connection(connection).name] if connection else [c.name for c in config.connections]
+    days = {"start": start.isoformat(), "end": end.isoformat(), "connections": [connection] if connection else []}
+    result = _launch(DRY_RUN_JOB_NAME, {"ops": {DAYS_OP: {"config": days}}}, mappings_dir, state_url, instance,
+                     wait_timeout, names)
+    previewed = any(e.event_type_value == "STEP_OUTPUT" and e.step_key == PREVIEW_OP for e in result.all_events)
+    previews = result.output_for_node(PREVIEW_OP) if previewed else []
     return DryRunSummary(start, end, result.success, result.run_id, previews, _failure(result))
 
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from expensify_exact.errors import StateStoreError
+from expensify_exact.errors import LockBusy
 from expensify_exact.store.base import StoreBase, utcnow
 from expensify_exact.store.schema import locks
 
@@ -26,7 +26,7 @@ class LockStore(StoreBase):
         delay = 0.02
         while not self._try_lock(name, owner, ttl_seconds):
             if time.monotonic() > deadline:
-                raise StateStoreError(f"could not take the lock {name!r} within {wait_seconds:.0f} s")
+                raise LockBusy(f"could not take the lock {name!r} within {wait_seconds:.0f} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         try:
@@ -35,6 +35,12 @@ class LockStore(StoreBase):
             with self.engine.begin() as conn:
                 conn.execute(locks.update().where(locks.c.name == name, locks.c.owner == owner)
                              .values(owner=None, expires_at=None))
+
+    def lock_holder(self, name: str) -> str | None:
+        """Who holds the lock `name` now ("host:pid:nonce"), or None when it is free or its lease ran out."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(locks.c.owner).where(locks.c.name == name, locks.c.owner.is_not(None),
+                                                               locks.c.expires_at >= utcnow())).scalar_one_or_none()
 
     def _try_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
         now = utcnow()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
 from datetime import timedelta
 
 import pytest
 
+from expensify_exact.core.replay import replay_lock
 from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
 from tests.crash.driver import post_window, report_of_entry
@@ -122,6 +125,28 @@ def test_dry_run_replay_shows_each_verdict_and_writes_nothing_anywhere(
     assert _cli(sandbox_mappings, state_url, "quarantine", "replay") == 5
     assert store.ledger_get(CONNECTION, EINDHOVEN).status == "posted"
     assert store.quarantine_get(CONNECTION, GIFTS).status == "open"
+
+
+def test_a_replay_waits_for_another_replay_of_its_connection_names_it_and_gives_up(
+        sandbox, sandbox_mappings, state_url, quarantined, capsys):
+    store = quarantined
+    sandbox.exact.add_cost_center("EHV", "Kantoor Eindhoven")
+    capsys.readouterr()
+    with store.lock(replay_lock(CONNECTION), ttl_seconds=60, wait_seconds=1):  # another replay, alive, under way
+        assert _cli(sandbox_mappings, state_url, "quarantine", "replay", "--wait-timeout", "1") == 1
+    err = capsys.readouterr().err
+    assert (f"waiting for the replay lock of {CONNECTION}: pid {os.getpid()} on {socket.gethostname()} holds it "
+            f"(another `quarantine replay` or `approve`, or a replay_quarantine run); giving up after 1 s "
+            f"(--wait-timeout)") in err
+    assert f"{CONNECTION}: not replayed: another replay or approve of it held the replay lock for more than 1 s" in err
+    assert _entries_of(sandbox, EINDHOVEN) == [] and store.quarantine_get(CONNECTION, EINDHOVEN).status == "open"
+
+    # Once the other one is done, the replay goes ahead; a dry run never waits (it takes no lock).
+    with store.lock(replay_lock(CONNECTION), ttl_seconds=60, wait_seconds=1):
+        assert _cli(sandbox_mappings, state_url, "quarantine", "replay", "--dry-run", "--wait-timeout", "1") == 0
+    assert "waiting" not in capsys.readouterr().err
+    assert _cli(sandbox_mappings, state_url, "quarantine", "replay") == 5  # Gifts still has no mapping
+    assert len(_entries_of(sandbox, EINDHOVEN)) == 1
 
 
 def test_resolving_and_ignoring_need_a_reason_and_are_audited(sandbox_mappings, state_url, quarantined, capsys):

@@ -1,7 +1,8 @@
 """`expensify-exact quarantine`: list, show, replay, resolve, ignore and approve held-back reports.
 
-Exit codes: 0 done; 1 failed (an API or state error, or Exact refused an approved entry); 2 usage; 3 config;
-4 no such quarantine item, or it is not in a state the action applies to; 5 replay ran but reports stay quarantined.
+Exit codes: 0 done; 1 failed (an API or state error, Exact refused an approved entry, or a replay gave up waiting
+for another replay of its connection); 2 usage; 3 config; 4 no such quarantine item, or it is not in a state the
+action applies to; 5 replay ran but reports stay quarantined.
 """
 
 from __future__ import annotations
@@ -11,16 +12,9 @@ import getpass
 import json
 import sys
 
-from expensify_exact.cli.support import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    add_wait_timeout,
-    connector_from_args,
-    dagster_home_path,
-    open_connections,
-)
+from expensify_exact.cli.support import EXIT_FAILED, EXIT_OK, EXIT_USAGE, connector_from_args, open_connections
 from expensify_exact.core.posting import Outcome
+from expensify_exact.errors import LockBusy
 from expensify_exact.store import IntentKind, QuarantineStatus
 
 EXIT_NO_ITEM = 4
@@ -52,15 +46,20 @@ def register(subparsers) -> None:
         description="Re-exports the quarantined reports from Expensify by report ID, validates them against a "
                     "fresh snapshot of Exact's dimensions and the current mappings, and posts those that pass "
                     "through the exactly-once ledger. The rest stay quarantined with refreshed reasons. "
-                    "CHANGED_AFTER_POSTING items are left for `approve`. Exit 0 when nothing stays quarantined, "
-                    "5 when some do.")
+                    "CHANGED_AFTER_POSTING items are left for `approve`. It may run while a run posts: the "
+                    "per-report locks and the ledger keep every report exactly once; two replays of one "
+                    "connection take turns. Exit 0 when nothing stays quarantined, 5 when some do, 1 when a "
+                    "connection was not replayed.")
     p.add_argument("--connection", help="only this connection (default: all)")
     p.add_argument("--report", dest="reports", action="append", metavar="REPORT_ID",
                    help="only this report (repeatable; default: every open item)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate and show what a replay would do with each item; write nothing anywhere")
     p.add_argument("--json", action="store_true", help="print one JSON object per connection")
-    add_wait_timeout(p)
+    p.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait while another replay or approve of the same connection is under way "
+                        "(it holds the connection's replay lock); then that connection is not replayed and the "
+                        "exit code is 1 (default: 600, i.e. 10 minutes; replay.REPLAY_LOCK_WAIT_SECONDS)")
     p.set_defaults(func=cmd_replay)
 
     for status, verb, meaning in ((QuarantineStatus.RESOLVED, "resolve", "the cause was dealt with outside the "
@@ -201,22 +200,38 @@ def cmd_show(args) -> int:
 
 def cmd_replay(args) -> int:
     from expensify_exact.cli.progress_view import showing_progress
-    from expensify_exact.core.replay import preview_replay, replay_quarantine
+    from expensify_exact.core.replay import REPLAY_LOCK_WAIT_SECONDS, preview_replay, replay_lock, replay_quarantine
 
     connector, project, connections = open_connections(args)
+    timeout = REPLAY_LOCK_WAIT_SECONDS if args.wait_timeout is None else args.wait_timeout
     store = connector.store()
     if args.reports and not args.connection:
         holding = {i.connection for i in store.quarantine_items(None, status=None, report_ids=args.reports)}
         connections = [c for c in connections if c.name in holding]
-    if not args.dry_run:
-        _wait_for_runs_on(connections, connector, args.wait_timeout)
-    remaining = 0
+    remaining, not_replayed = 0, 0
     for conn in connections:
-        with (connector.expensify_client(conn, read_only=args.dry_run) as expensify,
-              connector.exact_client(conn, read_only=args.dry_run) as exact, showing_progress(json_output=args.json)):
-            replay = preview_replay if args.dry_run else replay_quarantine
-            result = replay(conn, project, store=store, expensify=expensify, exact=exact, clock=connector.clock(),
-                            report_ids=args.reports)
+        holder = None if args.dry_run else store.lock_holder(replay_lock(conn.name))
+        if holder:
+            print(f"waiting for the replay lock of {conn.name}: {_describe_holder(holder)} holds it (another "
+                  f"`quarantine replay` or `approve`, or a replay_quarantine run); giving up after "
+                  f"{timeout:.0f} s (--wait-timeout)", file=sys.stderr, flush=True)
+        try:
+            with (connector.expensify_client(conn, read_only=args.dry_run) as expensify,
+                  connector.exact_client(conn, read_only=args.dry_run) as exact,
+                  showing_progress(json_output=args.json)):
+                if args.dry_run:  # takes no lock: it changes nothing
+                    result = preview_replay(conn, project, store=store, expensify=expensify, exact=exact,
+                                            clock=connector.clock(), report_ids=args.reports)
+                else:
+                    result = replay_quarantine(conn, project, store=store, expensify=expensify, exact=exact,
+                                               clock=connector.clock(), report_ids=args.reports,
+                                               lock_wait_seconds=timeout)
+        except LockBusy:
+            not_replayed += 1
+            print(f"{conn.name}: not replayed: another replay or approve of it held the replay lock for more than "
+                  f"{timeout:.0f} s (--wait-timeout); nothing of it changed, run again once that one is "
+                  f"done", file=sys.stderr, flush=True)
+            continue
         remaining += len(result.still_quarantined)
         if args.json:
             print(json.dumps(result.as_json(), indent=2, sort_keys=True, default=str))
@@ -235,27 +250,17 @@ def cmd_replay(args) -> int:
             print(f"  {o.outcome:<14} {o.report_id} {what}")
         if result.stopped_reason:
             print(f"  {result.stopped_reason}")
+    if not_replayed:
+        return EXIT_FAILED
     if args.dry_run:
         return EXIT_OK
     return EXIT_STILL_QUARANTINED if remaining else EXIT_OK
 
 
-def _wait_for_runs_on(connections, connector, wait_timeout: float | None) -> None:
-    """A replay posts to the connections' divisions: first fail dead runs of the Dagster instance and wait while a
-    live run holds one of those divisions' pools, as `run` does (`recovery.before_launch`). Without an instance
-    (no dagster.yaml in $DAGSTER_HOME, e.g. replay before any run) no run can hold a pool: nothing to do."""
-    import os
-
-    from expensify_exact.defs.keys import exact_pool
-    from expensify_exact.defs.recovery import DEFAULT_WAIT_TIMEOUT_SECONDS, before_launch, open_embedded, tell
-
-    home = dagster_home_path()
-    if not (home / "dagster.yaml").exists():
-        return
-    os.environ["DAGSTER_HOME"] = str(home)
-    instance, store = open_embedded(home, connector.store, tell)
-    before_launch(instance, store, sorted({exact_pool(c) for c in connections}),
-                  timeout=DEFAULT_WAIT_TIMEOUT_SECONDS if wait_timeout is None else wait_timeout)
+def _describe_holder(owner: str) -> str:
+    """A lock owner ("host:pid:nonce") as the operator looks for it."""
+    host, _, rest = owner.partition(":")
+    return f"pid {rest.partition(':')[0]} on {host}"
 
 
 def cmd_close(args) -> int:
