@@ -30,6 +30,8 @@ SENSOR_NAME = "post_closed_days"
 DEFERRED_SENSOR_NAME = "post_deferred_after_reset"
 MINIMUM_INTERVAL_SECONDS = 10 * 60
 FIRST_DAY = DAILY_APPROVALS.start.date()
+
+
 def build(config: ProjectConfig) -> dg.Definitions:
     job = dg.define_asset_job(
         MAIN_JOB_NAME,

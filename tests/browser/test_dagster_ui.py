@@ -3,7 +3,8 @@ Chromium through Playwright (no browser download; shared/reference/browser-tests
 
 The instance is filled the way the demo fills it: the demo window through `run_range` against the sandbox. The
 webserver then loads the code location for the same mappings, and the test reads what a person would see: the
-connection's asset graph, the daily partitions of the journal drafts, and the quarantine count. Screenshots are
+asset graph of the chain (one asset per stage, partitioned by connection × day), the connection's days of the
+journal drafts, and a quarantined day's reports. Screenshots are
 kept under artifacts/ for a human to look at.
 """
 
@@ -33,7 +34,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = REPO / "artifacts"
 CONNECTION = "vermeerhals-nl"
-GROUP = "vermeerhals_nl"
+GROUP = "expenses"  # keys.GROUP: one group for the chain of every connection
 LOCATION = "expensify_exact.definitions"  # the code location's name under `-m expensify_exact.definitions`
 STARTUP_TIMEOUT = 90.0
 UI_TIMEOUT_MS = 30_000
@@ -139,8 +140,10 @@ def demo_ui(tmp_path_factory):
             assert quarantined == 2, "the demo seeds two problems"
             _wait_for_location(base, process, log)
             _dismiss_community_dialog(base)
+            held = summary.outcomes[summary.outcomes["outcome"] == "quarantined"]
             yield {"base": base, "start": start, "end": end, "days": (end - start).days + 1,
-                   "quarantined": quarantined}
+                   "quarantined": {day: sorted(c for codes in rows["reason_codes"] for c in codes)
+                                   for day, rows in held.groupby("partition_date")}}
         finally:
             process.terminate()
             try:
@@ -180,12 +183,13 @@ def _open(page, url: str, ready_text: str) -> None:
 
 
 def _metadata_value(page, key: str) -> str:
-    """The Value cell of a row of an asset's metadata table (Key | Timestamp | Value)."""
+    """The value of a row of a metadata table: the last non-empty cell after the key (the asset's overview has Key |
+    Timestamp | Value, a partition's Key | Value and an empty cell)."""
     from playwright.sync_api import expect
 
     row = page.locator("tr").filter(has=page.get_by_text(key, exact=True)).first
     expect(row).to_be_visible(timeout=UI_TIMEOUT_MS)
-    return row.locator("td").last.inner_text().strip()
+    return next((t.strip() for t in reversed(row.locator("td").all_inner_texts()[1:]) if t.strip()), "")
 
 
 # The daily-partitioned chain; the dimension snapshots beside it (exact/gl_accounts, …) are shown but not counted.
@@ -208,35 +212,43 @@ def test_asset_graph_shows_the_connections_asset_chain_materialized_for_every_de
 
     # The list view of the same group counts each asset's materialized days: the demo window, none failed.
     _open(page, f"{demo_ui['base']}/locations/{LOCATION}/asset-groups/{GROUP}/list",
-          f"{GROUP} / exact / journal_drafts")
+          "exact / journal_drafts")
     for key in CHAIN + SNAPSHOTS:
-        expect(page.locator(f'a[href="/assets/{GROUP}/{key}"]').first).to_be_visible()
+        expect(page.locator(f'a[href="/assets/{key}"]').first).to_be_visible()
     # The counts arrive after the rows: each partitioned asset shows the window's days as materialized.
     expect(page.get_by_text(str(demo_ui["days"]), exact=True).nth(len(CHAIN) - 1)).to_be_visible(
         timeout=UI_TIMEOUT_MS)
     page.screenshot(path=str(ARTIFACTS / "dagster-asset-list.png"))
 
 
-def test_journal_drafts_page_shows_the_demo_partitions_and_the_two_quarantined_reports(demo_ui, page):
+def test_journal_drafts_partitions_show_the_demo_days_and_each_quarantined_days_reports(demo_ui, page):
     from playwright.sync_api import expect
 
-    drafts = f"{demo_ui['base']}/assets/{GROUP}/exact/journal_drafts"
-    _open(page, drafts, "rejected_reports")
-    assert _metadata_value(page, "rejected_reports") == str(demo_ui["quarantined"])
-    expect(page.get_by_text("UNMAPPED_CATEGORY", exact=True).first).to_be_visible()
-    expect(page.get_by_text("UNKNOWN_COST_CENTER", exact=True).first).to_be_visible()
-    page.screenshot(path=str(ARTIFACTS / "dagster-journal-drafts.png"), full_page=True)
-
+    drafts = f"{demo_ui['base']}/assets/exact/journal_drafts"
+    # One asset for every connection: its partitions are connection × day, the demo connection's days materialized.
     _open(page, f"{drafts}?view=partitions", f"Materialized ({demo_ui['days']})")
     expect(page.get_by_text("Failed (0)", exact=True)).to_be_visible()
+    expect(page.get_by_placeholder("Filter by connection…")).to_be_visible()
+    expect(page.get_by_text(CONNECTION, exact=True).first).to_be_visible()
     expect(page.get_by_text(demo_ui["end"].isoformat(), exact=True).first).to_be_visible()
     # The list is virtualized: the window's first day shows once the list is filtered to it.
-    page.get_by_placeholder("Filter by name").fill(demo_ui["start"].isoformat())
+    page.get_by_placeholder("Filter by day…").fill(demo_ui["start"].isoformat())
     expect(page.get_by_text(demo_ui["start"].isoformat(), exact=True).first).to_be_visible()
     page.screenshot(path=str(ARTIFACTS / "dagster-journal-drafts-partitions.png"))
 
-    _open(page, f"{demo_ui['base']}/assets/{GROUP}/quarantine", "quarantined_reports")
-    assert _metadata_value(page, "quarantined_reports") == str(demo_ui["quarantined"])
-    assert _metadata_value(page, "reason_UNMAPPED_CATEGORY") == "1"
-    assert _metadata_value(page, "reason_UNKNOWN_COST_CENTER") == "1"
-    page.screenshot(path=str(ARTIFACTS / "dagster-quarantine.png"), full_page=True)
+    # Each (connection, day) keeps its own metadata: a quarantined day shows its rejected reports and why.
+    assert sum(len(codes) for codes in demo_ui["quarantined"].values()) == 2, "the demo seeds two problems"
+
+    for day, codes in sorted(demo_ui["quarantined"].items()):
+        partition = f"{CONNECTION}|{day}"
+        _open(page, f"{drafts}?view=partitions&partition={partition}", partition)
+        assert _metadata_value(page, "rejected_reports") == str(len(codes))
+        for code in codes:
+            expect(page.get_by_text(code, exact=True).first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / f"dagster-journal-drafts-{day}.png"), full_page=True)
+
+        _open(page, f"{demo_ui['base']}/assets/quarantine?view=partitions&partition={partition}", partition)
+        assert _metadata_value(page, "quarantined_reports") == str(len(codes))
+        for code in codes:
+            assert _metadata_value(page, f"reason_{code}") == "1"
+        page.screenshot(path=str(ARTIFACTS / f"dagster-quarantine-{day}.png"), full_page=True)

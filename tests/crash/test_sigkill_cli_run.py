@@ -1,9 +1,10 @@
 """`kill -9` of the real `expensify-exact run` while it posts never wedges the embedded instance.
 
 What a user runs: the CLI as its own process, on a SQLite Dagster instance in a fresh $DAGSTER_HOME, against the
-sandbox over HTTP, with the shipped pool limit of 1. The test SIGKILLs the run five times at a random moment
-after it began posting (seen in the state DB's ledger). Before issue 14 the killed run stayed STARTED holding the
-division's pool, and the next run spun a CPU core waiting for it forever. Now each next run must say it recovered
+sandbox over HTTP. The test SIGKILLs the run five times at a random moment after it began posting (seen in the
+state DB's ledger). Before issue 14 the killed run stayed STARTED holding the division's pool, and the next run spun
+a CPU core waiting for it forever; a run still waits for a live run over its connections, so a dead one left
+STARTED would block it the same way. Now each next run must say it recovered
 the killed run, start posting within 30 s of the kill (by the ledger's own timestamps), and at the end every
 report must be in the sandbox exactly once.
 

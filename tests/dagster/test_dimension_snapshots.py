@@ -15,7 +15,7 @@ from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
 from expensify_exact.core.webhooks import WebhookProcessor, WebhookServer, sign, vault_secrets, webhook_app
 from expensify_exact.defs import assets, jobs, resources
-from expensify_exact.defs.keys import slug
+from expensify_exact.defs.partitions import partition_key
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact_sandbox import seed
 
@@ -37,13 +37,14 @@ def _run(connector, instance, day: str) -> dg.ExecuteInProcessResult:
     config = load_project_config(connector.mappings_dir)
     defs = dg.Definitions.merge(*(m.build(config) for m in (assets, jobs, resources)))
     result = defs.resolve_job_def(jobs.MAIN_JOB_NAME).execute_in_process(
-        instance=instance, resources={"connector": connector}, partition_key=day, raise_on_error=False)
+        instance=instance, resources={"connector": connector}, partition_key=partition_key(CONNECTION, day),
+        raise_on_error=False)
     assert result.success
     return result
 
 
 def _table(result, name: str):
-    return result.output_for_node(f"{slug(CONNECTION)}__exact_dimensions", name)
+    return result.output_for_node("exact_dimensions", name)
 
 
 def _dimension_calls(sandbox) -> dict[str, int]:

@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from expensify_exact.core import connections
-from expensify_exact.defs.keys import asset_key
+from expensify_exact.defs.keys import JOURNAL_DRAFTS, QUARANTINE, RAW_REPORTS, UNREPORTED_CARD_SPEND
 from expensify_exact.defs.runs import preview_range, run_range
 from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed
@@ -109,10 +109,9 @@ def test_demo_window_posts_every_approved_report_once_and_quarantines_the_two_se
 
     # Every asset of the chain was materialized for the window's days, and the checks ran and passed.
     days = [start + timedelta(days=n) for n in range((end - start).days + 1)]
-    for parts in (["expensify", "raw_reports"], ["exact", "journal_drafts"], ["quarantine"],
-                  ["expensify", "unreported_card_spend"]):
-        materialized = instance.get_materialized_partitions(asset_key(CONNECTION, *parts))
-        assert {d.isoformat() for d in days} <= materialized, parts
+    for key in (RAW_REPORTS, JOURNAL_DRAFTS, QUARANTINE, UNREPORTED_CARD_SPEND):
+        materialized = instance.get_materialized_partitions(key)
+        assert {f"{CONNECTION}|{d.isoformat()}" for d in days} <= materialized, key
 
 
 @pytest.fixture

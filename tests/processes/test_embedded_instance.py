@@ -4,9 +4,9 @@
   has more than one head" for every later command). Creating the instance is now serialized by a file lock in the
   home: all three exit 0, a fourth works, and every report is in the sandbox once.
 - A home that an earlier race left with two alembic heads is repaired by the next command, which says so.
-- A run that needs a pool a live run holds names that run, waits without burning CPU, and gives up after
-  `--wait-timeout` with a clear message and exit 1. The holder is a real run, paused with SIGSTOP while it posts
-  (alive, so it must not be recovered).
+- A run over a connection a live run works on names that run, waits without burning CPU,
+  and gives up after `--wait-timeout` with a clear message and exit 1. The holder is a real run, paused with SIGSTOP
+  while it posts (alive, so it must not be recovered).
 """
 
 from __future__ import annotations
@@ -86,12 +86,12 @@ def test_a_home_left_with_two_alembic_heads_is_repaired_and_said(setup, tmp_path
     _posted_once(sandbox, window)
 
 
-def test_a_run_waiting_for_a_live_runs_pool_names_it_waits_cheaply_and_gives_up(setup, tmp_path):
+def test_a_run_waiting_for_a_live_run_on_its_connection_names_it_waits_cheaply_and_gives_up(setup, tmp_path):
     sandbox, mappings, home, env, window = setup
     holder = start_cli(env, mappings, *window, log=tmp_path / "holder.log")
     try:
         deadline = time.monotonic() + 180
-        while not ledger(home):  # posting: the holder has the division's pool
+        while not ledger(home):  # posting
             assert holder.poll() is None, (tmp_path / "holder.log").read_text()
             assert time.monotonic() < deadline, "the holder never started posting"
             time.sleep(0.01)
@@ -101,7 +101,7 @@ def test_a_run_waiting_for_a_live_runs_pool_names_it_waits_cheaply_and_gives_up(
         log = tmp_path / "waiter.log"
         waiter = start_cli(env, mappings, *window, "--wait-timeout", str(WAIT_TIMEOUT), log=log)
         deadline = time.monotonic() + 180
-        while "waiting for pool" not in log.read_text():
+        while "waiting for run" not in log.read_text():
             assert waiter.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the waiter never said it waits"
             time.sleep(0.05)
@@ -110,7 +110,8 @@ def test_a_run_waiting_for_a_live_runs_pool_names_it_waits_cheaply_and_gives_up(
         cpu_waiting, wall_waiting = cpu_seconds(waiter.pid) - cpu_before, time.monotonic() - wall_before
         assert waiter.wait() == 1
         output = log.read_text()
-        assert f"waiting for pool exact_division_{S.DIVISION}: run {holder_run} (STARTED since " in output
+        assert f"waiting for run {holder_run} (STARTED since " in output
+        assert f"which works on {CONNECTION}; giving up after {WAIT_TIMEOUT:.0f} s" in output
         assert f"pid {holder.pid} on " in output
         assert f"gave up after waiting {WAIT_TIMEOUT:.0f} s (--wait-timeout)" in output
         assert "recovered" not in output, "a paused run is alive: it must not be failed"
