@@ -1,4 +1,5 @@
-"""What a user sees of the code location, per connection: asset keys and groups, checks, jobs, schedules and sensors.
+"""What a user sees of the code location for two connections: asset keys, groups and partitions, checks, jobs,
+schedules and sensors.
 
 `tests/dagster/test_definitions_snapshot.py` compares it with `golden/definitions.json`, so a restructuring that changes
 what users see fails loudly. Regenerate on purpose with `python -m tests.dagster.definitions_snapshot`.
@@ -42,7 +43,7 @@ def snapshot(mappings_dir: Path) -> dict:
         node = graph.get(key)
         assets[key.to_user_string()] = {
             "group": node.group_name,
-            "partitioned": node.partitions_def is not None,
+            "partitions": _partitions(node.partitions_def),
             "deps": sorted(d.to_user_string() for d in node.parent_keys),
         }
     checks = sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in graph.asset_check_keys)
@@ -51,6 +52,18 @@ def snapshot(mappings_dir: Path) -> dict:
     schedules = sorted(s.name for s in repo.schedule_defs)
     sensors = sorted(s.name for s in repo.sensor_defs)
     return {"assets": assets, "checks": checks, "jobs": jobs, "schedules": schedules, "sensors": sensors}
+
+
+def _partitions(partitions_def) -> dict | None:
+    """Each dimension: its static keys (the connections), else the kind of time window."""
+    import dagster as dg
+
+    if partitions_def is None:
+        return None
+    dims = partitions_def.partitions_defs if isinstance(partitions_def, dg.MultiPartitionsDefinition) else [
+        dg.PartitionDimensionDefinition("", partitions_def)]
+    return {d.name: d.partitions_def.get_partition_keys() if isinstance(d.partitions_def, dg.StaticPartitionsDefinition)
+            else type(d.partitions_def).__name__ for d in dims}
 
 
 def main() -> None:

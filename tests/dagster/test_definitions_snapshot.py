@@ -1,4 +1,4 @@
-"""The code location's asset keys, checks, jobs, schedules and sensors per connection match the recorded snapshot."""
+"""The code location's asset keys and partitions, checks, jobs, schedules and sensors match the recorded snapshot."""
 
 import json
 
