@@ -116,7 +116,8 @@ def _start(processes: dict, name: str, args: list[str], env: dict, logs: Path) -
 
 @pytest.fixture
 def deployment(sandbox, sandbox_mappings, pg_database, tmp_path, processes, monkeypatch):
-    """Code server and daemon on one PostgreSQL-backed instance, connector credentials stored, schedules off."""
+    """Code server and daemon on one PostgreSQL-backed instance, connector credentials stored, schedules and
+    sensors off."""
     state_url = pg_database  # Dagster's tables and the connector's `ee_` tables share the database, as in production
     assert run_cli(sandbox_mappings, state_url, "secrets", "set", "--connection", CONNECTION, "--from-env") == 0
     # Exact's and Expensify's rate limits are not on trial here (tests/processes/test_concurrent_runs.py).
@@ -152,14 +153,18 @@ def deployment(sandbox, sandbox_mappings, pg_database, tmp_path, processes, monk
     _until("the code server to listen", serving, processes)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with dg.DagsterInstance.get() as instance:
-        _stop_schedules(instance, workspace)  # they tick at fixed clock times; a tick would add unexpected runs
+        # Schedules tick at fixed clock times and the posting sensor asks for yesterday at once: either would add a
+        # run beside the test's own over the same days (no pool keeps them apart), and the killed run could find its
+        # reports posted already.
+        _stop_automation(instance, workspace)
         _start(processes, "daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, logs)
         yield {"instance": instance, "workspace": workspace, "env": env, "state_url": state_url,
                "mappings": sandbox_mappings}
 
 
-def _stop_schedules(instance: dg.DagsterInstance, workspace: Path) -> None:
-    """What `dagster schedule stop NAME -w workspace.yaml` does, for every schedule, in this process."""
+def _stop_automation(instance: dg.DagsterInstance, workspace: Path) -> None:
+    """What `dagster schedule stop` and `dagster sensor stop` (`-w workspace.yaml`) do, for every schedule and
+    sensor, in this process."""
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import WorkspaceFileTarget
 
@@ -168,6 +173,8 @@ def _stop_schedules(instance: dg.DagsterInstance, workspace: Path) -> None:
         for repository in location.get_repositories().values():
             for schedule in repository.get_schedules():
                 instance.stop_schedule(schedule.get_remote_origin_id(), schedule.selector_id, schedule)
+            for sensor in repository.get_sensors():
+                instance.stop_sensor(sensor.get_remote_origin_id(), sensor.selector_id, sensor)
 
 
 def _launch(deployment: dict, *windows) -> list[str]:
