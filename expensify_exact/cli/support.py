@@ -19,12 +19,9 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
-# SQLite storage (Dagster's default); one step per pool at a time, as in the production dagster.yaml, so runs
-# launched side by side from the UI stay inside the APIs' limits; no telemetry from a ledger connector.
+# SQLite storage (Dagster's default) and no telemetry from a ledger connector. No pools: the clients' shared
+# rate-limit board keeps each division inside its limits (README, "Many customers").
 EMBEDDED_INSTANCE_CONFIG = """\
-concurrency:
-  pools:
-    default_limit: 1
 telemetry:
   enabled: false
 """
