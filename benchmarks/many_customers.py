@@ -171,7 +171,7 @@ def _morning(n: int, reports: int, row) -> list:
                       for c in plan["connections"]]
             mappings = write_mappings(Path(tmp) / "mappings", people, exact_url,
                                       expensify_url + "/Integration-Server/ExpensifyIntegrations")
-            state_url = _fresh_postgres_database(f"ee_bench_morning_{os.getpid()}")
+            state_url = _fresh_postgres_database(f"ee_bench_morning_{os.getpid()}_{n}")
             from cryptography.fernet import Fernet
 
             env = {**os.environ, "EXPENSIFY_EXACT_KEY": Fernet.generate_key().decode(),
@@ -195,7 +195,7 @@ def _morning(n: int, reports: int, row) -> list:
     finally:
         os.killpg(sandbox.pid, signal.SIGTERM)
         sandbox.wait(timeout=30)
-        _drop_postgres_database(f"ee_bench_morning_{os.getpid()}")
+        _drop_postgres_database(f"ee_bench_morning_{os.getpid()}_{n}")
     return _morning_rows(row, n, reports, credentials, code, out, err, wall, peak_mb, sandbox_mb, exact,
                          expensify)
 
