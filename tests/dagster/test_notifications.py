@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -21,6 +21,7 @@ from expensify_exact.config import load_project_config
 from expensify_exact.core.connections import VaultTokenStore
 from expensify_exact.defs import alerts as alert_defs
 from expensify_exact.defs import assets, jobs, reconciliation, resources
+from expensify_exact.defs import overview as overview_defs
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.partitions import partition_key
 from expensify_exact.defs.resources import ConnectorResource
@@ -147,7 +148,7 @@ def test_a_report_waiting_in_quarantine_too_long_is_alerted_once(notified, state
                          transaction_ids=["t2"], reasons=[{"code": "UNKNOWN_COST_CENTER", "message": "EHV"}])
     with store.engine.begin() as conn:  # the Gifts item has waited 4 days, longer than the configured 3
         conn.execute(quarantine.update().where(quarantine.c.report_id == GIFTS)
-                     .values(first_seen_at=datetime.now(timezone.utc) - timedelta(days=4)))
+                     .values(first_seen_at=datetime.now(UTC) - timedelta(days=4)))
     defs = _defs(notified)
 
     _tick(defs, alert_defs.QUARANTINE_SENSOR, instance, connector)
@@ -164,7 +165,7 @@ def test_an_idle_refresh_token_is_alerted_once(notified, state_url, instance, in
     connector = ConnectorResource(mappings_dir=str(notified), state_url=state_url)
     store = StateStore(state_url)
     tokens = VaultTokenStore(store, CredentialVault(store))
-    renewed = datetime.now(timezone.utc) - timedelta(days=26)
+    renewed = datetime.now(UTC) - timedelta(days=26)
     tokens.save(CONNECTION, ExactTokens(access_token="a", refresh_token="r", issued_at=renewed,
                                         access_expires_at=renewed + timedelta(minutes=10)))
     defs = _defs(notified)
@@ -242,6 +243,30 @@ def test_a_failed_run_is_alerted_once_to_each_connection_its_partitions_covered(
     assert len(posts) == 1, "only the Dutch connection has a chat webhook"
     text = posts[0]["json"]["text"]
     assert f"{days[0]}..{days[1]}" in text and result.run_id in text and "unable to open database file" in text
+
+
+def test_a_failed_overview_refresh_alerts_no_customer(notified, state_url, instance, inbox, webhook, tmp_path):
+    """The overview is about every connection at once and none in particular: its failure is the operator's, seen in
+    the run, not 500 customers' alert channels."""
+    config = load_project_config(notified)
+    defs = dg.Definitions.merge(*(m.build(config) for m in (overview_defs, resources, alert_defs)))
+    (tmp_path / "not_a_directory").write_text("")
+    unusable = ConnectorResource(mappings_dir=str(notified),
+                                 state_url=f"sqlite:///{tmp_path / 'not_a_directory' / 'state.db'}")
+    result = defs.resolve_job_def(overview_defs.JOB_NAME).execute_in_process(
+        instance=instance, resources={"connector": unusable}, raise_on_error=False)
+    assert not result.success
+    [failure] = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+    sensor = _sensor(defs, alert_defs.RUN_FAILED_SENSOR)
+    with dg.build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_event=failure.event_log_entry.dagster_event,
+            dagster_instance=instance, dagster_run=instance.get_run_by_id(result.run_id),
+            resources={"connector": ConnectorResource(mappings_dir=str(notified), state_url=state_url)},
+    ).for_run_failure() as context:
+        sensor(context)
+
+    assert _alerts(inbox, webhook, overview_defs.JOB_NAME) == ([], [])
+    assert inbox.messages == [] and webhook.posts == []
 
 
 def test_reports_deferred_because_exacts_daily_budget_ran_out_are_alerted_once(notified, sandbox, state_url,
