@@ -41,6 +41,11 @@ def export_together(client: ReportExporter, connections: list[Connection], start
     return split_by_policy(reports, connections)
 
 
+def names_by_credential(connections: list[Connection]) -> dict[str, list[str]]:
+    """`by_credential`, naming the connections: the groups a step exports for together."""
+    return {credential: [conn.name for conn in group] for credential, group in by_credential(connections).items()}
+
+
 def split_by_policy(reports: list[dict], connections: list[Connection]) -> dict[str, list[dict]]:
     """Each connection's share of one export over all their policies, by the report's policy ID. A policy listed by
     two connections of one credential goes to the first (config validation refuses that case)."""

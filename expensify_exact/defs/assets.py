@@ -18,7 +18,7 @@ from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import closed_day
 from expensify_exact.core.draft_checks import DraftLineSchema
 from expensify_exact.core.expense_lines import ExpenseLineSchema, approval_day
-from expensify_exact.core.exports import by_credential, export_together
+from expensify_exact.core.exports import export_together, names_by_credential
 from expensify_exact.core.journal import DRAFT_COLUMNS, REASON_FIXES, REJECTION_COLUMNS, Dimensions, Reason
 from expensify_exact.core.overview import record_run
 from expensify_exact.core.pipeline import draft, normalize
@@ -45,16 +45,19 @@ from expensify_exact.defs.metadata import markdown_table
 from expensify_exact.defs.partitions import (
     ConnectionFailed,
     Partitioning,
+    by_partition,
     concat,
     connection_asset,
     day_range,
     days_by_connection,
+    describe_partitions,
     failures,
     fan_out_groups,
     for_each_connection,
     partition_key,
     partition_result,
     partitioning,
+    split_key,
 )
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.errors import ConnectorError
@@ -102,14 +105,6 @@ def _ok(values: dict) -> dict:
     return {key: value for key, value in values.items() if not isinstance(value, ConnectionFailed)}
 
 
-def _describe_partitions(context: dg.AssetExecutionContext, values: dict, describe, asset_key=None) -> None:
-    """Each (connection, day) partition's own metadata: what `describe(value)` says, or why its connection failed."""
-    for key, value in values.items():
-        metadata = {"failed": value.error, "failed_step": value.step} if isinstance(value, ConnectionFailed) \
-            else describe(key, value)
-        context.add_asset_metadata(metadata, asset_key=asset_key, partition_key=key)
-
-
 def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
     """Every asset of the chain, keyed as in `defs.keys`, for all connections of `config`."""
 
@@ -123,8 +118,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
     def raw_reports(context: dg.AssetExecutionContext, connector: ConnectorResource):
         plan = days_by_connection(context)
         # Connections of one credential share their timezone and client settings (config validation).
-        groups = {credential: [conn.name for conn in conns]
-                  for credential, conns in by_credential([config.connection(name) for name in plan]).items()}
+        groups = names_by_credential([config.connection(name) for name in plan])
         requests: dict[str, dict[str, int]] = {}
 
         def export(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, list[dict]]]:
@@ -150,10 +144,10 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
             return out
 
         results = fan_out_groups(context.log, "raw_reports", config, plan, groups, export)
-        values = {partition_key(name, day): value for name, by_day in results.items() for day, value in by_day.items()}
-        _describe_partitions(context, values, lambda key, reports: {
+        values = by_partition(results)
+        describe_partitions(context, values, lambda key, reports: {
             "reports": len(reports), "dagster/row_count": len(reports),
-            **{f"{name}_of_shared_export": n for name, n in requests.get(key.split("|")[0], {}).items()}})
+            **{f"{name}_of_shared_export": n for name, n in requests.get(split_key(key)[0], {}).items()}})
         exported = sum(len(v) for v in _ok(values).values())
         context.log.info(f"exported {exported} report(s) for {len(plan)} connection(s) in {len(groups)} export(s)")
         return dg.MaterializeResult(value=partition_result(context, values))
@@ -182,7 +176,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
                     "malformed_lines": len(result.malformed), "dagster/row_count": len(frame),
                     **{f"total_{cur}": float(v) / 100 for cur, v in dict(totals).items()}}
 
-        _describe_partitions(context, values, describe)
+        describe_partitions(context, values, describe)
         return dg.MaterializeResult(
             value=partition_result(context, values),
             check_results=[dg.AssetCheckResult(
@@ -222,13 +216,13 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
         values = for_each_connection(context, config, refresh)
         for name in dimension_names:
             def describe(key, dims, name=name):
-                done, calls = refreshes[key.split("|")[0]]
+                done, calls = refreshes[split_key(key)[0]]
                 frame = getattr(dims, name)
                 return {"rows": len(frame), "dagster/row_count": len(frame), "refreshed": done.how[name],
                         "rows_changed": done.changed[name], "exact_calls_for_dimensions": calls,
                         "preview": markdown_table(frame, limit=30)}
 
-            _describe_partitions(context, values, describe, asset_key=dimension_key(name))
+            describe_partitions(context, values, describe, asset_key=dimension_key(name))
             by_key = {key: dims if isinstance(dims, ConnectionFailed) else getattr(dims, name)
                       for key, dims in values.items()}
             yield dg.Output(partition_result(context, by_key), output_name=name)
@@ -276,7 +270,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
                     else dg.MetadataValue.md("_none_"),
                     "dagster/row_count": len(frame)}
 
-        _describe_partitions(context, values, describe)
+        describe_partitions(context, values, describe)
         rejections = concat([d.rejections for d in ok.values()], REJECTION_COLUMNS)
         return dg.MaterializeResult(
             value=partition_result(context, values),
@@ -345,13 +339,13 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
             counts = outcomes["outcome"].value_counts().to_dict()
             return {**{str(o): counts.get(o, 0) for o in (Outcome.POSTED, Outcome.ALREADY_POSTED,
                                                           Outcome.QUARANTINED, Outcome.DEFERRED)},
-                    **posted_with.get(key.split("|")[0], {}),
+                    **posted_with.get(split_key(key)[0], {}),
                     "posted_total": float(outcomes.loc[outcomes["outcome"] == Outcome.POSTED,
                                                        "total_cents"].sum()) / 100,
                     "outcomes": markdown_table(outcomes[["partition_date", "report_id", "outcome", "entry_number",
                                                          "reason_codes"]], limit=100)}
 
-        _describe_partitions(context, values, describe)
+        describe_partitions(context, values, describe)
         failed = failures(values)
         _record_runs(store, run_id, days_by_connection(context), values, stopped_why)
         table = pd.DataFrame([{"connection": f.connection, "step": f.step, "error": f.error} for f in failed],
@@ -383,7 +377,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
                                             100),
                     "dagster/row_count": len(rows)}
 
-        _describe_partitions(context, values, describe)
+        describe_partitions(context, values, describe)
         return dg.MaterializeResult(value=partition_result(context, values))
 
     @connection_asset(
@@ -409,7 +403,7 @@ def chain_assets(config: ProjectConfig, partitions: Partitioning) -> list:
             return {"transactions": len(frame), "dagster/row_count": len(frame),
                     **{f"total_{cur}": float(v) / 100 for cur, v in totals.items()}, "items": markdown_table(frame)}
 
-        _describe_partitions(context, values, describe)
+        describe_partitions(context, values, describe)
         return dg.MaterializeResult(value=partition_result(context, values))
 
     return [raw_reports, expense_lines, exact_dimensions, journal_drafts, journal_entries_posted, quarantine,

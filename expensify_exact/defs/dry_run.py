@@ -13,7 +13,7 @@ import pandas as pd
 from expensify_exact import progress
 from expensify_exact.clock import connection_today
 from expensify_exact.config import Connection, ProjectConfig
-from expensify_exact.core.exports import by_credential, export_together
+from expensify_exact.core.exports import export_together, names_by_credential
 from expensify_exact.core.journal import Dimensions, JournalDrafts
 from expensify_exact.core.pipeline import drafts_for_reports
 from expensify_exact.core.snapshots import fetch_dimensions, needed_codes
@@ -101,7 +101,7 @@ def _export_op(config: ProjectConfig) -> dg.OpDefinition:
                        plan: DryRunPlan) -> dict:
         """Each connection's reports (or its `ConnectionFailed`)."""
         selected = [config.connection(name) for name in plan.connections]
-        groups = {credential: [conn.name for conn in conns] for credential, conns in by_credential(selected).items()}
+        groups = names_by_credential(selected)
 
         def export(conns: list[Connection], days_of: dict[str, list[str]]) -> dict[str, dict[str, list[dict]]]:
             for conn in conns:

@@ -190,6 +190,22 @@ def parallel_connections() -> int:
     return max(1, int(os.environ.get(PARALLEL_CONNECTIONS_ENV) or DEFAULT_PARALLEL_CONNECTIONS))
 
 
+def by_partition(results: dict[str, dict[str, Any]], dimension: str = DAY) -> dict[str, Any]:
+    """{connection: {day: value}} as {partition key: value}."""
+    return {partition_key(name, day, dimension): value for name, by_day in results.items()
+            for day, value in by_day.items()}
+
+
+def describe_partitions(context: dg.AssetExecutionContext, values: dict[str, Any], describe,
+                        asset_key: dg.AssetKey | None = None) -> None:
+    """Each (connection, period) partition's own metadata: what `describe(key, value)` says, or why its connection
+    failed."""
+    for key, value in values.items():
+        metadata = {"failed": value.error, "failed_step": value.step} if isinstance(value, ConnectionFailed) \
+            else describe(key, value)
+        context.add_asset_metadata(metadata, asset_key=asset_key, partition_key=key)
+
+
 def for_each_connection(context: dg.AssetExecutionContext, config: ProjectConfig,
                         work: Callable[..., dict[str, Any]], *upstream: Any, dimension: str = DAY) -> dict[str, Any]:
     """`fan_out` over the connections and days of an asset's run, its values keyed by partition. `upstream` are
@@ -198,9 +214,7 @@ def for_each_connection(context: dg.AssetExecutionContext, config: ProjectConfig
     plan = days_by_connection(context)
     mine = {name: [{day: values[partition_key(name, day, dimension)] for day in days} for values in inputs]
             for name, days in plan.items()}
-    results = fan_out(context.log, context.op_def.name, config, plan, work, mine)
-    return {partition_key(name, day, dimension): value
-            for name, by_day in results.items() for day, value in by_day.items()}
+    return by_partition(fan_out(context.log, context.op_def.name, config, plan, work, mine), dimension)
 
 
 def fan_out(log, step: str, config: ProjectConfig, plan: dict[str, list[str]], work: Callable[..., dict[str, Any]],

@@ -24,7 +24,7 @@ from expensify_exact.clock import connection_today
 from expensify_exact.config import Connection, ProjectConfig
 from expensify_exact.core.days import reconciliation_day
 from expensify_exact.core.digest import DIGEST_DIR_ENV, Digest, build_digest, digest_dir, write_digest
-from expensify_exact.core.exports import by_credential, split_by_policy
+from expensify_exact.core.exports import names_by_credential, split_by_policy
 from expensify_exact.core.posting import OUTCOME_COLUMNS
 from expensify_exact.core.reconcile import (
     FINDING_COLUMNS,
@@ -49,8 +49,10 @@ from expensify_exact.defs.partitions import (
     TRIGGER_TAG,
     ConnectionFailed,
     Partitioning,
+    by_partition,
     connection_asset,
     days_by_connection,
+    describe_partitions,
     fan_out_groups,
     for_each_connection,
     partition_key,
@@ -243,11 +245,10 @@ def reconciliation_assets(config: ProjectConfig, partitions: Partitioning) -> li
                     for conn in conns}
 
         # Connections of one credential share their timezone and client settings (config validation).
-        groups = {credential: [conn.name for conn in conns]
-                  for credential, conns in by_credential([config.connection(name) for name in plan]).items()}
+        groups = names_by_credential([config.connection(name) for name in plan])
         results = fan_out_groups(context.log, "expensify_approved", config, plan, groups, export)
-        values = {partition_key(name, day): value for name, by_day in results.items() for day, value in by_day.items()}
-        _describe_partitions(context, values, lambda key, normalized: {
+        values = by_partition(results)
+        describe_partitions(context, values, lambda key, normalized: {
             "reports": int(normalized.lines["report_id"].nunique()), "lines": len(normalized.lines),
             "malformed_lines": len(normalized.malformed), "dagster/row_count": len(normalized.lines),
             **calls_of.get(split_key(key)[0], {})})
@@ -280,7 +281,7 @@ def reconciliation_assets(config: ProjectConfig, partitions: Partitioning) -> li
             return results
 
         values = for_each_connection(context, config, reconcile, expense_lines)
-        _describe_partitions(context, values, lambda key, result: {
+        describe_partitions(context, values, lambda key, result: {
             **_finding_metadata(result.findings), "reports_approved": result.stats["reports_approved"],
             "entries_checked": result.stats["entries_checked"], **calls_of.get(split_key(key)[0], {})})
         return dg.MaterializeResult(value=partition_result(context, values),
@@ -319,7 +320,7 @@ def reconciliation_assets(config: ProjectConfig, partitions: Partitioning) -> li
             return written
 
         values = for_each_connection(context, config, digests, reconciliation, journal_entries_posted)
-        _describe_partitions(context, values, lambda _key, written: {
+        describe_partitions(context, values, lambda _key, written: {
             "digest": dg.MetadataValue.md(written.digest.render("md")),
             "path_md": dg.MetadataValue.path(f"{written.path}.md"), "headline": written.digest.headline,
             "mail": written.mailed})
@@ -366,7 +367,7 @@ def reconciliation_assets(config: ProjectConfig, partitions: Partitioning) -> li
                     "totals": markdown_table(_money_frame(result.totals, ["expected_cents", "actual_cents",
                                                                           "difference_cents"]), limit=200)}
 
-        _describe_partitions(context, values, describe)
+        describe_partitions(context, values, describe)
         missing = {value.connection: len(value.stats["days_missing"]) for value in values.values()
                    if isinstance(value, Reconciliation) and value.stats["days_missing"]}
         return dg.MaterializeResult(
@@ -379,15 +380,6 @@ def reconciliation_assets(config: ProjectConfig, partitions: Partitioning) -> li
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def _describe_partitions(context: dg.AssetExecutionContext, values: dict, describe) -> None:
-    """Each (connection, period) partition's own metadata: what `describe(key, value)` says, or why its connection
-    failed."""
-    for key, value in values.items():
-        metadata = {"failed": value.error, "failed_step": value.step} if isinstance(value, ConnectionFailed) \
-            else describe(key, value)
-        context.add_asset_metadata(metadata, partition_key=key)
-
 
 def _reconciled_days(daily: Any) -> dict[str, dict[str, Reconciliation]]:
     """The daily reconciliations a month's run read, by connection and day (one alone comes bare, not in a dict)."""
