@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from datetime import date, datetime, time, timedelta
 
 from expensify_exact.api.exact.auth import ExactAuth
@@ -132,3 +133,20 @@ def report_of_entry(entry: dict) -> str:
     return ids.pop()
 
 
+def assert_exactly_once_and_ledger_matches(sandbox, state_url: str, expected: set[str], connection: str,
+                                           division: int = S.DIVISION) -> None:
+    """Every expected report is in the division exactly once, no intent is left open, and the ledger records for
+    each report the entry Exact holds."""
+    entries = sandbox.exact.entries(division)
+    per_report = Counter(report_of_entry(e) for e in entries)
+    duplicates = {r: n for r, n in per_report.items() if n > 1}
+    assert duplicates == {}, f"reports posted more than once: {duplicates}"
+    assert set(per_report) == expected
+    store = StateStore(state_url)
+    try:
+        ledger = store.ledger_rows(connection)
+    finally:
+        store.dispose()
+    assert [r.report_id for r in ledger if r.status != "posted"] == [], "an intent was left unsettled"
+    assert {(r.report_id, r.entry_id.lower(), r.entry_number) for r in ledger} == \
+        {(report_of_entry(e), e["EntryID"].lower(), e["EntryNumber"]) for e in entries}

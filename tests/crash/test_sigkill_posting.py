@@ -27,7 +27,7 @@ from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
 from expensify_exact_sandbox.server import SandboxServer
 from tests.conftest import write_mappings
-from tests.crash.driver import many_reports_seed, poster_process, report_of_entry
+from tests.crash.driver import assert_exactly_once_and_ledger_matches, many_reports_seed, poster_process
 
 CONNECTION = "vermeerhals-nl"
 REPORTS = 200
@@ -102,22 +102,6 @@ def _run_until_done(sandbox, forkserver, args: tuple, rng: random.Random, min_ki
         failures += process.exitcode != 0  # an injected fault outlasted the retries: start again
 
 
-def _assert_exactly_once_and_ledger_matches(sandbox, state_url: str, expected: set[str]) -> None:
-    entries = sandbox.exact.entries(S.DIVISION)
-    per_report = Counter(report_of_entry(e) for e in entries)
-    duplicates = {r: n for r, n in per_report.items() if n > 1}
-    assert duplicates == {}, f"reports posted more than once: {duplicates}"
-    assert set(per_report) == expected
-    store = StateStore(state_url)
-    try:
-        ledger = store.ledger_rows(CONNECTION)
-    finally:
-        store.dispose()
-    assert [r.report_id for r in ledger if r.status != "posted"] == [], "an intent was left unsettled"
-    assert {(r.report_id, r.entry_id.lower(), r.entry_number) for r in ledger} == \
-        {(report_of_entry(e), e["EntryID"].lower(), e["EntryNumber"]) for e in entries}
-
-
 def _prepare(tmp_path: Path, sandbox, state_url: str) -> tuple[str, date, date]:
     sandbox.expensify.set_knobs(render_delay_seconds=0.05, rate_limiting=False)  # Expensify pacing is not on trial
     sandbox.exact.set_knobs(minutely_limit=1_000_000, daily_limit=10_000_000)
@@ -180,4 +164,5 @@ def test_poster_killed_at_random_points_posts_every_report_exactly_once(tmp_path
         if faults:
             fired = Counter(f for _, f in sandbox.faults.fired)
             assert {"store_then_drop", "store_then_timeout", "rate_limit"} <= set(fired), fired
-        _assert_exactly_once_and_ledger_matches(sandbox, crash_state_url, {r.report_id for r in seed.reports})
+        assert_exactly_once_and_ledger_matches(sandbox, crash_state_url, {r.report_id for r in seed.reports},
+                                               CONNECTION)

@@ -30,10 +30,9 @@ from expensify_exact.defs import executor
 from expensify_exact.defs.executor import BROKER_ENV, DEFAULT_BROKER, EXECUTOR_ENV
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.partitions import partition_tags
-from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed
 from tests.conftest import MAPPINGS, REPO
-from tests.crash.driver import report_of_entry
+from tests.crash.driver import assert_exactly_once_and_ledger_matches
 from tests.factories import run_cli
 
 BIN = Path(sys.executable).parent
@@ -202,19 +201,7 @@ def test_two_celery_workers_share_the_main_jobs_steps_and_post_every_report_once
         assert pid in pool_of[worker_of_step[step]], f"{step} ran in pid {pid}, not in {worker_of_step[step]}'s pool"
 
     # Every report once in Exact, the ledger entry for entry the same, no intent left open.
-    entries: dict[str, list[dict]] = {}
-    for entry in sandbox.exact.entries(seed.DIVISION):
-        entries.setdefault(report_of_entry(entry), []).append(entry)
-    assert {r: len(e) for r, e in entries.items() if len(e) > 1} == {}, "reports posted more than once"
-    assert set(entries) == expected
-    store = StateStore(state_url)
-    try:
-        ledger = store.ledger_rows(CONNECTION)
-    finally:
-        store.dispose()
-    assert [r.report_id for r in ledger if r.status != "posted"] == [], "an intent was left unsettled"
-    assert {(r.report_id, r.entry_id.lower(), r.entry_number) for r in ledger} == \
-        {(r, e[0]["EntryID"].lower(), e[0]["EntryNumber"]) for r, e in entries.items()}
+    assert_exactly_once_and_ledger_matches(sandbox, state_url, expected, CONNECTION, seed.DIVISION)
 
     # The division's limit held across both workers' processes: the run needed more than a minute's calls, and waited.
     stats = sandbox.exact.stats
