@@ -34,6 +34,9 @@ REPORTS = 200
 DAYS = 10
 MIN_KILLS = 20
 MAX_ATTEMPTS = 200  # a poster that never finishes fails the test instead of hanging it
+# Exact answers each stored entry this late: POSTs then come at most ~50 a second however busy this process is, so
+# a kill aimed a few POSTs in lands there even when the polling below is starved of the GIL by the sandbox's threads.
+POST_ANSWER_DELAY = 0.02
 POST_FAULTS = ("http_503_before_store", "drop_before_store", "store_then_http_500", "store_then_timeout",
                "store_then_drop")
 API_FAULTS = ("rate_limit", "http_503")
@@ -64,29 +67,35 @@ def _posts_attempted(sandbox) -> int:
 
 
 def _run_until_done(sandbox, forkserver, args: tuple, rng: random.Random, min_kills: int = MIN_KILLS) -> dict:
-    """Start the poster again and again, SIGKILLing it at least `min_kills` times, until a run completes."""
+    """Start the poster again and again, SIGKILLing it at least `min_kills` times (half of them mid-POST), until a
+    run completes."""
     kills = mid_post_kills = failures = attempts = 0
+    min_mid_post = min_kills // 2
     while True:
         attempts += 1
         assert attempts <= MAX_ATTEMPTS, f"the poster did not finish after {MAX_ATTEMPTS} starts ({kills} kills)"
+        remaining = REPORTS - len(sandbox.exact.entries(S.DIVISION))
+        killing = kills < min_kills or mid_post_kills < min_mid_post
+        assert remaining or not killing, (
+            f"every report was posted after {kills} kills ({mid_post_kills} mid-POST): the kills were paced too "
+            f"slowly for this machine")
         before = _posts_attempted(sandbox)
         process = forkserver.Process(target=poster_process, args=args, daemon=True)
         process.start()
-        if kills < min_kills:
-            mid_post = False
-            if rng.random() < 0.25:
-                # A random moment of its life: export, snapshot, settling intents or posting.
+        if killing:
+            kills_due, mid_post_due = min_kills - kills, min_mid_post - mid_post_kills
+            mid_post = rng.random() >= 0.25 or mid_post_due >= kills_due
+            if not mid_post:
+                # A random moment before its first POST: export, snapshot or settling intents.
                 deadline = time.monotonic() + rng.uniform(0.0, 1.5)
-                while process.is_alive() and time.monotonic() < deadline:
+                while process.is_alive() and time.monotonic() < deadline and _posts_attempted(sandbox) == before:
                     time.sleep(0.002)
             else:
-                # A few POSTs into the run, paced so that ~MIN_KILLS kills fit before the last report is posted.
-                remaining = REPORTS - len(sandbox.exact.entries(S.DIVISION))
-                posts = rng.randint(1, max(1, remaining // (min_kills - kills + 1)))
+                # A few POSTs into the run, paced so that the kills still due fit before the last report is posted.
+                posts = rng.randint(1, max(1, remaining // (max(kills_due, mid_post_due, 1) + 1)))
                 while process.is_alive() and _posts_attempted(sandbox) < before + posts:
                     time.sleep(0.001)
-                time.sleep(rng.uniform(0.0, 0.01))
-                mid_post = True
+                time.sleep(rng.uniform(0.0, POST_ANSWER_DELAY))
             if process.is_alive():
                 process.kill()  # SIGKILL: no finally blocks, no flushing, no goodbye
                 process.join()
@@ -97,14 +106,15 @@ def _run_until_done(sandbox, forkserver, args: tuple, rng: random.Random, min_ki
                 # It ended on its own in the same instant: handled below like any other exit.
         process.join(timeout=120)
         assert process.exitcode is not None, "a poster hung"
-        if process.exitcode == 0 and kills >= min_kills:
+        if process.exitcode == 0 and not killing:
             return {"attempts": attempts, "kills": kills, "mid_post_kills": mid_post_kills, "failures": failures}
         failures += process.exitcode != 0  # an injected fault outlasted the retries: start again
 
 
 def _prepare(tmp_path: Path, sandbox, state_url: str) -> tuple[str, date, date]:
     sandbox.expensify.set_knobs(render_delay_seconds=0.05, rate_limiting=False)  # Expensify pacing is not on trial
-    sandbox.exact.set_knobs(minutely_limit=1_000_000, daily_limit=10_000_000)
+    sandbox.exact.set_knobs(minutely_limit=1_000_000, daily_limit=10_000_000,
+                            post_answer_delay_seconds=POST_ANSWER_DELAY)
     mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.05)
     assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection",
                  CONNECTION, "--from-env"]) == 0
@@ -160,7 +170,6 @@ def test_poster_killed_at_random_points_posts_every_report_exactly_once(tmp_path
               f"pending intents found in Exact {settled}, "
               f"not found {sum(1 for r in audit if r['event'] == 'intent_not_found')}, "
               f"faults fired {dict(Counter(f for _, f in sandbox.faults.fired))}")
-        assert stats["kills"] >= min_kills and stats["mid_post_kills"] >= min_kills // 2
         if faults:
             fired = Counter(f for _, f in sandbox.faults.fired)
             assert {"store_then_drop", "store_then_timeout", "rate_limit"} <= set(fired), fired
