@@ -18,6 +18,7 @@ import pytest
 from expensify_exact.core.replay import replay_lock
 from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
+from tests.conftest import write_mappings
 from tests.crash.driver import post_window, report_of_entry
 from tests.factories import run_cli as _cli
 from tests.factories import state_rows
@@ -147,6 +148,27 @@ def test_a_replay_waits_for_another_replay_of_its_connection_names_it_and_gives_
     assert "waiting" not in capsys.readouterr().err
     assert _cli(sandbox_mappings, state_url, "quarantine", "replay") == 5  # Gifts still has no mapping
     assert len(_entries_of(sandbox, EINDHOVEN)) == 1
+
+
+def test_replaying_a_report_no_configured_connection_holds_says_why_and_replays_the_others(
+        sandbox, sandbox_mappings, state_url, quarantined, tmp_path, capsys):
+    store = quarantined
+    sandbox.exact.add_cost_center("EHV", "Kantoor Eindhoven")
+    capsys.readouterr()
+    assert _cli(sandbox_mappings, state_url, "quarantine", "replay", "--report", "R00NOSUCHONE",
+                "--report", EINDHOVEN) == 4
+    assert f"no quarantine item for report R00NOSUCHONE in {CONNECTION}: nothing to replay" in capsys.readouterr().err
+    assert len(_entries_of(sandbox, EINDHOVEN)) == 1  # the report that is quarantined was replayed all the same
+
+    # The connection renamed in the mappings: its quarantine is still in the state DB, but nothing can replay it.
+    renamed = write_mappings(tmp_path / "renamed", sandbox, name="vermeerhals-nl-2")
+    assert _cli(renamed, state_url, "quarantine", "replay", "--report", GIFTS) == 4
+    assert (f"report {GIFTS} is quarantined in {CONNECTION}, which the mappings no longer configure: add the "
+            f"connection back to replay it, or close it with `expensify-exact quarantine resolve {GIFTS} "
+            f"--connection {CONNECTION} --reason ...`") in capsys.readouterr().err
+    assert store.quarantine_get(CONNECTION, GIFTS).status == "open"
+    assert _cli(renamed, state_url, "quarantine", "resolve", GIFTS, "--connection", CONNECTION, "--reason",
+                "booked by hand") == 0
 
 
 def test_resolving_and_ignoring_need_a_reason_and_are_audited(sandbox_mappings, state_url, quarantined, capsys):

@@ -1,8 +1,9 @@
 """`expensify-exact quarantine`: list, show, replay, resolve, ignore and approve held-back reports.
 
 Exit codes: 0 done; 1 failed (an API or state error, Exact refused an approved entry, or a replay gave up waiting
-for another replay of its connection); 2 usage; 3 config; 4 no such quarantine item, or it is not in a state the
-action applies to; 5 replay ran but reports stay quarantined.
+for another replay of its connection); 2 usage; 3 config; 4 no such quarantine item (for replay: a `--report` no
+configured connection has in its quarantine; the others are still replayed), or it is not in a state the action applies
+to; 5 replay ran but reports stay quarantined.
 """
 
 from __future__ import annotations
@@ -205,8 +206,11 @@ def cmd_replay(args) -> int:
     connector, project, connections = open_connections(args)
     timeout = REPLAY_LOCK_WAIT_SECONDS if args.wait_timeout is None else args.wait_timeout
     store = connector.store()
-    if args.reports and not args.connection:
-        holding = {i.connection for i in store.quarantine_items(None, status=None, report_ids=args.reports)}
+    unknown = 0
+    if args.reports:
+        items = store.quarantine_items(args.connection, status=None, report_ids=args.reports)
+        unknown = _say_which_reports_no_connection_holds(args.reports, items, {c.name for c in connections})
+        holding = {i.connection for i in items}
         connections = [c for c in connections if c.name in holding]
     remaining, not_replayed = 0, 0
     for conn in connections:
@@ -252,9 +256,30 @@ def cmd_replay(args) -> int:
             print(f"  {result.stopped_reason}")
     if not_replayed:
         return EXIT_FAILED
+    if unknown:
+        return EXIT_NO_ITEM
     if args.dry_run:
         return EXIT_OK
     return EXIT_STILL_QUARANTINED if remaining else EXIT_OK
+
+
+def _say_which_reports_no_connection_holds(report_ids: list[str], items, configured: set[str]) -> int:
+    """Print why each asked-for report that no configured connection has in its quarantine cannot be replayed; the
+    number of such reports."""
+    unknown = 0
+    for report_id in dict.fromkeys(report_ids):
+        holders = sorted({i.connection for i in items if i.report_id == report_id})
+        if any(h in configured for h in holders):
+            continue
+        unknown += 1
+        if not holders:
+            where = f" in {next(iter(configured))}" if len(configured) == 1 else ""
+            print(f"no quarantine item for report {report_id}{where}: nothing to replay", file=sys.stderr)
+            continue
+        print(f"report {report_id} is quarantined in {', '.join(holders)}, which the mappings no longer configure: "
+              f"add the connection back to replay it, or close it with `expensify-exact quarantine resolve "
+              f"{report_id} --connection {holders[0]} --reason ...`", file=sys.stderr)
+    return unknown
 
 
 def _describe_holder(owner: str) -> str:
