@@ -75,6 +75,27 @@ def write_mappings(target: Path, sandbox=None, **connection_overrides) -> Path:
     return target
 
 
+def add_belgian_connection(mappings: Path, name: str, *, alert_webhook: bool = True, **expensify) -> None:
+    """A second connection `name` after the Dutch one: the sandbox's Belgian division and a policy with no reports;
+    `expensify` keys are set on every connection (e.g. a shared `credential`)."""
+    import yaml
+
+    from expensify_exact_sandbox import seed
+
+    path = mappings / "connections.yaml"
+    document = yaml.safe_load(path.read_text())
+    belgian = yaml.safe_load(yaml.safe_dump(document["connections"][0]))
+    belgian["name"] = name
+    belgian["expensify"]["policy_ids"] = ["BE00000000000001"]
+    belgian["exact"]["division"] = seed.SECOND_DIVISION
+    if not alert_webhook:
+        del belgian["notify"]["alerts"]["webhook_format"]
+    document["connections"].append(belgian)
+    for conn in document["connections"]:
+        conn["expensify"].update(expensify)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
 @pytest.fixture
 def sandbox_mappings(tmp_path, sandbox) -> Path:
     return write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)

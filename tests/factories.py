@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from datetime import date, datetime, timedelta, timezone
 
@@ -82,6 +83,22 @@ def run_cli(mappings, state_url: str, *args: str) -> int:
     from expensify_exact.cli.main import main
 
     return main(["--mappings", str(mappings), "--state-url", state_url, *args])
+
+
+def store_demo_secrets(mappings, state_url: str, names, *, sandbox=None, monkeypatch=None,
+                       credential: str | None = None) -> None:
+    """`secrets set --from-env` for each connection of `names` (and once for the shared Expensify login
+    `credential`); each connection after the first gets an Exact consent of its own, a refresh token being one
+    chain's."""
+    if credential:
+        assert run_cli(mappings, state_url, "secrets", "set", "--credential", credential, "--from-env") == 0
+    for name in names:
+        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
+    for name in names[1:]:
+        token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
+        monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
+        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--stdin",
+                       "exact_refresh_token") == 0
 
 
 def state_rows(state_url: str) -> dict[str, list[tuple]]:

@@ -5,7 +5,6 @@ that reaches Expensify's export two days late, and a backfill that runs out of E
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from datetime import UTC, date, datetime, time, timedelta
@@ -30,7 +29,7 @@ from expensify_exact_sandbox.clock import SandboxClock
 from expensify_exact_sandbox.server import SandboxServer
 from tests.conftest import write_mappings
 from tests.crash.driver import report_of_entry
-from tests.factories import run_cli
+from tests.factories import store_demo_secrets
 
 NL, LA = "vermeerhals-nl", "vermeerhals-us"
 AMSTERDAM, LOS_ANGELES = ZoneInfo("Europe/Amsterdam"), ZoneInfo("America/Los_Angeles")
@@ -68,16 +67,6 @@ def _mappings(tmp_path, sandbox, *, with_la: bool):
         document["connections"].append(us)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return mappings
-
-
-def _authorize(mappings, state_url, sandbox, monkeypatch, names):
-    for name in names:
-        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
-    for name in names[1:]:  # one consent per connection: a refresh token belongs to one chain
-        token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
-        monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
-        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--stdin",
-                       "exact_refresh_token") == 0
 
 
 class Daemon:
@@ -139,7 +128,7 @@ def _entries_per_report(sandbox, division: int) -> Counter:
 
 def test_two_timezones_each_day_posted_once_after_it_ended_there(sandbox, tmp_path, state_url, monkeypatch):
     mappings = _mappings(tmp_path, sandbox, with_la=True)
-    _authorize(mappings, state_url, sandbox, monkeypatch, [NL, LA])
+    store_demo_secrets(mappings, state_url, [NL, LA], sandbox=sandbox, monkeypatch=monkeypatch)
     d1, d2 = S0 + timedelta(days=1), S0 + timedelta(days=2)
     planned = [  # (approval time, connection's policy, merchant)
         (datetime.combine(d1, time(10), LOS_ANGELES), US_POLICY, "Lyft"),
@@ -190,10 +179,9 @@ def test_two_timezones_each_day_posted_once_after_it_ended_there(sandbox, tmp_pa
     assert f"last day      {d2} (Europe/Amsterdam) posted at " in status
 
 
-def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approval(sandbox, tmp_path, state_url,
-                                                                                     monkeypatch):
+def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approval(sandbox, tmp_path, state_url):
     mappings = _mappings(tmp_path, sandbox, with_la=False)
-    _authorize(mappings, state_url, sandbox, monkeypatch, [NL])
+    store_demo_secrets(mappings, state_url, [NL])
     d1 = S0 + timedelta(days=1)
     (tmp_path / "home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
@@ -235,10 +223,9 @@ def test_a_report_exported_two_days_late_is_posted_next_morning_as_a_late_approv
     assert any(b.startswith(posted_line) for section in digest.sections for b in section.bullets)
 
 
-def test_a_backfill_deferred_by_the_daily_budget_finishes_by_itself_after_the_reset(sandbox, tmp_path, state_url,
-                                                                                      monkeypatch):
+def test_a_backfill_deferred_by_the_daily_budget_finishes_by_itself_after_the_reset(sandbox, tmp_path, state_url):
     mappings = _mappings(tmp_path, sandbox, with_la=False)
-    _authorize(mappings, state_url, sandbox, monkeypatch, [NL])
+    store_demo_secrets(mappings, state_url, [NL])
     # The connector keeps 50 calls of the budget for people; 80 leaves it about 20 posts a day.
     sandbox.exact.set_knobs(daily_limit=80)
     start, end = S0 - timedelta(days=30), S0 - timedelta(days=1)

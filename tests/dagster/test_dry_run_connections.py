@@ -5,7 +5,6 @@ and nothing written anywhere."""
 
 from __future__ import annotations
 
-import io
 import json
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -21,7 +20,7 @@ from expensify_exact.defs.dry_run import DAYS_OP, DRY_RUN_JOB_NAME, PREVIEW_OP
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact_sandbox import seed as S
 from tests.conftest import write_mappings
-from tests.factories import run_cli, state_rows
+from tests.factories import run_cli, state_rows, store_demo_secrets
 
 NL, BE, DE = "vermeerhals-nl", "vermeerhals-be", "vermeerhals-de"
 BE_POLICY, DE_POLICY = "BE00000000000001", "DE00000000000001"
@@ -74,12 +73,8 @@ def setup(sandbox, tmp_path, state_url, monkeypatch):
     sandbox.exact.set_knobs(minutely_limit=100_000)
     monkeypatch.setattr(connections, "SystemClock", lambda: sandbox.clock)
     mappings = _mappings(tmp_path, sandbox)
-    assert run_cli(mappings, state_url, "secrets", "set", "--credential", "vermeerhals", "--from-env") == 0
-    for name in (NL, BE):
-        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
-    token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
-    monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
-    assert run_cli(mappings, state_url, "secrets", "set", "--connection", BE, "--stdin", "exact_refresh_token") == 0
+    store_demo_secrets(mappings, state_url, [NL, BE], sandbox=sandbox, monkeypatch=monkeypatch,
+                       credential="vermeerhals")
     return mappings
 
 

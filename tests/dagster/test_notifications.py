@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
-import yaml
 
 from expensify_exact.api.exact.tokens import ExactTokens
 from expensify_exact.cli.main import main
@@ -29,7 +28,7 @@ from expensify_exact.defs.runs import run_range
 from expensify_exact.store import StateStore, quarantine
 from expensify_exact.store.vault import CredentialVault
 from expensify_exact_sandbox import seed as S
-from tests.conftest import write_mappings
+from tests.conftest import add_belgian_connection, write_mappings
 from tests.receivers import SmtpInbox, WebhookReceiver, self_signed_certificate
 
 CONNECTION = "vermeerhals-nl"
@@ -200,22 +199,9 @@ def test_a_connection_failing_within_a_run_is_alerted_once_through_the_failed_co
     assert mails[0]["To"] == "ops@vermeerhals.nl" and CONNECTION in mails[0]["Subject"]
 
 
-def _with_belgian(mappings) -> None:
-    """A second connection after the Dutch one, with the same alert e-mail and no alert webhook."""
-    path = mappings / "connections.yaml"
-    document = yaml.safe_load(path.read_text())
-    belgian = yaml.safe_load(yaml.safe_dump(document["connections"][0]))
-    belgian["name"] = BELGIAN
-    belgian["expensify"]["policy_ids"] = ["BE00000000000001"]
-    belgian["exact"]["division"] = S.SECOND_DIVISION
-    del belgian["notify"]["alerts"]["webhook_format"]
-    document["connections"].append(belgian)
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-
-
 def test_a_failed_run_is_alerted_once_to_each_connection_its_partitions_covered(notified, sandbox, state_url,
                                                                                instance, inbox, webhook, tmp_path):
-    _with_belgian(notified)
+    add_belgian_connection(notified, BELGIAN, alert_webhook=False)  # the same alert e-mail, no alert webhook
     defs = _defs(notified)
     (tmp_path / "not_a_directory").write_text("")
     unusable = ConnectorResource(mappings_dir=str(notified),  # a state DB that cannot open fails every step

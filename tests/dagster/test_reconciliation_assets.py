@@ -8,7 +8,6 @@ for one run per range of consecutive connections with the same day, and never tw
 The sandbox's demo data is placed in the last days of the previous month, so the month's partition exists.
 """
 
-import io
 import json
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -17,17 +16,16 @@ import dagster as dg
 import pytest
 import yaml
 
-from expensify_exact.cli.main import main
 from expensify_exact.config import load_project_config
 from expensify_exact.defs import assets, jobs, reconciliation, resources
 from expensify_exact.defs.jobs import MAIN_JOB_NAME
 from expensify_exact.defs.partitions import MONTH, PARTITION_TAG, RANGE_END_TAG, RANGE_START_TAG, partition_key
 from expensify_exact.defs.resources import ConnectorResource
 from expensify_exact.store import StateStore
-from expensify_exact_sandbox import seed
 from expensify_exact_sandbox.seed import build_seed
 from expensify_exact_sandbox.server import SandboxServer
-from tests.conftest import write_mappings
+from tests.conftest import add_belgian_connection, write_mappings
+from tests.factories import store_demo_secrets
 
 CONNECTION = "vermeerhals-nl"
 BELGIAN = "vermeerhals-be"
@@ -65,43 +63,13 @@ def _check_metadata(result, name: str) -> dict:
     return {k: v.value for k, v in evaluation.metadata.items()}
 
 
-def _secrets(mappings, state_url, *names, sandbox=None, monkeypatch=None, credential=None):
-    """The demo credentials for each of `names` (the Expensify login under `credential` when they share one); a
-    consent of its own for each after the first (a refresh token belongs to one chain)."""
-    if credential:
-        assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--credential",
-                     credential, "--from-env"]) == 0
-    for name in names:
-        assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection", name,
-                     "--from-env"]) == 0
-    for name in names[1:]:
-        token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
-        monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
-        assert main(["--mappings", str(mappings), "--state-url", state_url, "secrets", "set", "--connection", name,
-                     "--stdin", "exact_refresh_token"]) == 0
-
-
-def _with_belgian(mappings, **shared) -> None:
-    """A second connection after the Dutch one: the sandbox's Belgian division, a policy with no reports."""
-    path = mappings / "connections.yaml"
-    document = yaml.safe_load(path.read_text())
-    belgian = yaml.safe_load(yaml.safe_dump(document["connections"][0]))
-    belgian["name"] = BELGIAN
-    belgian["expensify"]["policy_ids"] = ["BE00000000000001"]
-    belgian["exact"]["division"] = seed.SECOND_DIVISION
-    document["connections"].append(belgian)
-    for conn in document["connections"]:
-        conn["expensify"].update(shared)
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-
-
 @pytest.fixture
 def three_days(last_month_sandbox, tmp_path, monkeypatch):
     """(sandbox, connector, defs, the three days before the seed's today), demo credentials stored."""
     monkeypatch.delenv("EXPENSIFY_EXACT_DIGEST_DIR", raising=False)
     mappings = write_mappings(tmp_path / "mappings", last_month_sandbox, expensify__poll_interval_seconds=0.2)
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
-    _secrets(mappings, state_url, CONNECTION)
+    store_demo_secrets(mappings, state_url, [CONNECTION])
     today = last_month_sandbox.seed.today
     return (last_month_sandbox, ConnectorResource(mappings_dir=str(mappings), state_url=state_url), _defs(mappings),
             [(today - timedelta(days=n)).isoformat() for n in (3, 2, 1)])
@@ -185,10 +153,10 @@ def test_two_connections_sharing_a_credential_are_reconciled_in_one_run_and_the_
     monkeypatch.delenv("EXPENSIFY_EXACT_DIGEST_DIR", raising=False)
     sandbox = last_month_sandbox
     mappings = write_mappings(tmp_path / "mappings", sandbox, expensify__poll_interval_seconds=0.2)
-    _with_belgian(mappings, credential="vermeerhals")
+    add_belgian_connection(mappings, BELGIAN, credential="vermeerhals")
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
-    _secrets(mappings, state_url, CONNECTION, BELGIAN, sandbox=sandbox, monkeypatch=monkeypatch,
-             credential="vermeerhals")
+    store_demo_secrets(mappings, state_url, [CONNECTION, BELGIAN], sandbox=sandbox, monkeypatch=monkeypatch,
+                       credential="vermeerhals")
     connector, defs = ConnectorResource(mappings_dir=str(mappings), state_url=state_url), _defs(mappings)
     days = [(sandbox.seed.today - timedelta(days=n)).isoformat() for n in (3, 2, 1)]
     both = _days(days, CONNECTION, last=BELGIAN)
@@ -225,7 +193,7 @@ def test_two_connections_sharing_a_credential_are_reconciled_in_one_run_and_the_
 def _three_connections(tmp_path):
     """Mappings with three connections in this order: vermeerhals-nl, vermeerhals-be, vermeerhals-de."""
     mappings = write_mappings(tmp_path / "mappings")
-    _with_belgian(mappings)
+    add_belgian_connection(mappings, BELGIAN)
     path = mappings / "connections.yaml"
     document = yaml.safe_load(path.read_text())
     german = yaml.safe_load(yaml.safe_dump(document["connections"][0]))

@@ -23,7 +23,7 @@ from expensify_exact.store import StateStore
 from expensify_exact_sandbox import seed as S
 from tests.conftest import write_mappings
 from tests.crash.driver import report_of_entry
-from tests.factories import run_cli
+from tests.factories import run_cli, store_demo_secrets
 
 NL, BE = "vermeerhals-nl", "vermeerhals-be"
 BE_POLICY = "BE00000000000001"
@@ -66,11 +66,7 @@ def quarantined(sandbox, tmp_path, state_url, monkeypatch):
     sandbox.exact.set_knobs(minutely_limit=100_000)
     monkeypatch.setattr(connections, "SystemClock", lambda: sandbox.clock)
     mappings = _mappings(tmp_path, sandbox)
-    for name in (NL, BE):
-        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
-    token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
-    monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
-    assert run_cli(mappings, state_url, "secrets", "set", "--connection", BE, "--stdin", "exact_refresh_token") == 0
+    store_demo_secrets(mappings, state_url, [NL, BE], sandbox=sandbox, monkeypatch=monkeypatch)
 
     day = sandbox.seed.today - timedelta(days=3)
     brussels = sandbox.expensify.add_report(

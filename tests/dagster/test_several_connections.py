@@ -4,7 +4,6 @@ reached does not stop the others, and `run --connection` posts one customer's ra
 
 from __future__ import annotations
 
-import io
 import re
 from collections import Counter
 from datetime import datetime, time, timedelta, timezone
@@ -25,7 +24,7 @@ from expensify_exact_sandbox import seed
 from tests.conftest import write_mappings
 from tests.crash.driver import report_of_entry
 from tests.dagster.test_end_to_end import _expected_report_ids
-from tests.factories import run_cli
+from tests.factories import run_cli, store_demo_secrets
 
 NL, BROKEN, BE = "vermeerhals-nl", "vermeerhals-de", "vermeerhals-be"
 UNREACHABLE_DIVISION = 345678  # not one of the sandbox's divisions: Exact answers 403 WrongDivision
@@ -80,13 +79,7 @@ def three(sandbox, tmp_path, state_url, monkeypatch):
     mappings = write_connections(tmp_path / "mappings", sandbox, [
         (NL, "Europe/Amsterdam"), (BROKEN, "Europe/Berlin", UNREACHABLE_DIVISION, DE_POLICY),
         (BE, "Europe/Brussels", seed.SECOND_DIVISION, BE_POLICY)])
-    for n, name in enumerate((NL, BROKEN, BE)):
-        assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--from-env") == 0
-        if n:  # one consent per connection: a refresh token belongs to one chain
-            token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
-            monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
-            assert run_cli(mappings, state_url, "secrets", "set", "--connection", name, "--stdin",
-                           "exact_refresh_token") == 0
+    store_demo_secrets(mappings, state_url, [NL, BROKEN, BE], sandbox=sandbox, monkeypatch=monkeypatch)
     return mappings
 
 

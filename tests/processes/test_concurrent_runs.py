@@ -5,7 +5,6 @@ twice."""
 
 from __future__ import annotations
 
-import io
 import signal
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from expensify_exact_sandbox import seed
 from tests.crash.driver import report_of_entry
 from tests.dagster.test_end_to_end import _expected_report_ids
 from tests.dagster.test_several_connections import BE_POLICY, _add_reports, write_connections
-from tests.factories import run_cli
+from tests.factories import store_demo_secrets
 from tests.processes.embedded import cli_env, ledger, start_cli, state_url
 
 pytestmark = pytest.mark.slow
@@ -46,11 +45,7 @@ def test_a_second_run_over_an_overlapping_connection_waits_for_the_first_and_pos
     home = tmp_path / "dagster_home"
     state = state_url(home)
     home.mkdir()
-    for name in (NL, BE):
-        assert run_cli(mappings, state, "secrets", "set", "--connection", name, "--from-env") == 0
-    token = sandbox.exact.auth.issue_consent(refreshable_now=True)["refresh_token"]
-    monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
-    assert run_cli(mappings, state, "secrets", "set", "--connection", BE, "--stdin", "exact_refresh_token") == 0
+    store_demo_secrets(mappings, state, [NL, BE], sandbox=sandbox, monkeypatch=monkeypatch)
     end = sandbox.seed.today - timedelta(days=1)
     start = end - timedelta(days=6)
     belgian = set().union(*(_add_reports(sandbox, BE_POLICY, start + timedelta(days=n), 1) for n in range(0, 7, 2)))
